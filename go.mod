@@ -1,0 +1,3 @@
+module github.com/pspd/pspd
+
+go 1.26

@@ -1,0 +1,125 @@
+package kdf
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+)
+
+// SPI is a PSP security parameter index as pspd lays it out for derived-key
+// associations:
+//
+//	bit 31      master-key selector (PSP key phase)
+//	bit 30      role of the allocating (receiving) side
+//	bits 29..0  key id, never zero
+//
+// The role bit partitions the SPI space between the two peers of a session,
+// so the SPI one side receives on can never equal the SPI the other side
+// receives on, and the two directions never derive the same key.
+type SPI uint32
+
+const (
+	masterBit = 1 << 31
+	roleBit   = 1 << 30
+	idMask    = roleBit - 1
+
+	// MaxKeyID is the largest key id an allocator hands out.
+	MaxKeyID = idMask
+)
+
+// Role is the side of a session that allocated an SPI.
+type Role uint8
+
+const (
+	Initiator Role = 0
+	Responder Role = 1
+)
+
+func (r Role) String() string {
+	if r == Initiator {
+		return "initiator"
+	}
+	return "responder"
+}
+
+// MakeSPI builds an SPI. It returns an error for a zero or too-large key id.
+func MakeSPI(master int, role Role, id uint32) (SPI, error) {
+	if master != 0 && master != 1 {
+		return 0, fmt.Errorf("kdf: master key index %d (want 0 or 1)", master)
+	}
+	if role > Responder {
+		return 0, fmt.Errorf("kdf: role %d", role)
+	}
+	if id == 0 || id > MaxKeyID {
+		return 0, fmt.Errorf("kdf: key id %d out of range 1..%d", id, MaxKeyID)
+	}
+	s := SPI(id)
+	if master == 1 {
+		s |= masterBit
+	}
+	if role == Responder {
+		s |= roleBit
+	}
+	return s, nil
+}
+
+// MasterKeyIndex is 0 or 1 (bit 31).
+func (s SPI) MasterKeyIndex() int { return int(s >> 31) }
+
+// Role is the role bit (bit 30).
+func (s SPI) Role() Role { return Role(s >> 30 & 1) }
+
+// KeyID is the low 31 bits as PSP defines them (role bit included); PSP
+// requires it to be non-zero.
+func (s SPI) KeyID() uint32 { return uint32(s) &^ masterBit }
+
+// Counter is bits 29..0, the allocator's counter.
+func (s SPI) Counter() uint32 { return uint32(s) & idMask }
+
+func (s SPI) String() string { return fmt.Sprintf("%#08x", uint32(s)) }
+
+// ErrSPIExhausted means an allocator has handed out every key id for its
+// master key and role; the session must be re-established (fresh master
+// keys) before another association can be made.
+var ErrSPIExhausted = errors.New("kdf: SPI space exhausted")
+
+// Allocator hands out receive SPIs for one role under one master key,
+// strictly increasing, never reusing one within a session. It is safe for
+// concurrent use.
+type Allocator struct {
+	mu     sync.Mutex
+	master int
+	role   Role
+	next   uint32
+	limit  uint32
+}
+
+// NewAllocator returns an allocator for role under master key index master.
+func NewAllocator(master int, role Role) (*Allocator, error) {
+	if _, err := MakeSPI(master, role, 1); err != nil {
+		return nil, err
+	}
+	return &Allocator{master: master, role: role, next: 1, limit: MaxKeyID}, nil
+}
+
+// Next returns a fresh SPI or ErrSPIExhausted.
+func (a *Allocator) Next() (SPI, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.next == 0 || a.next > a.limit {
+		return 0, fmt.Errorf("%w (master key %d, role %s, %d SPIs used)", ErrSPIExhausted, a.master, a.role, a.limit)
+	}
+	id := a.next
+	a.next++
+	return MakeSPI(a.master, a.role, id)
+}
+
+// Remaining reports how many SPIs are left.
+func (a *Allocator) Remaining() uint32 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.next > a.limit {
+		return 0
+	}
+	return a.limit - a.next + 1
+}
