@@ -1,0 +1,345 @@
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/pspd/pspd/keyexchange/kdf"
+)
+
+// FieldError locates a problem in the configuration file.
+type FieldError struct {
+	File  string
+	Line  int
+	Field string // dotted path, e.g. peers[1].public_key
+	Err   error
+}
+
+func (e *FieldError) Error() string {
+	if e.Field == "" {
+		return fmt.Sprintf("%s:%d: %v", e.File, e.Line, e.Err)
+	}
+	return fmt.Sprintf("%s:%d: %s: %v", e.File, e.Line, e.Field, e.Err)
+}
+
+func (e *FieldError) Unwrap() error { return e.Err }
+
+type parser struct{ file string }
+
+func (p parser) fail(n *yaml.Node, field, format string, args ...any) error {
+	line := 1
+	if n != nil {
+		line = n.Line
+	}
+	return &FieldError{File: p.file, Line: line, Field: field, Err: fmt.Errorf(format, args...)}
+}
+
+// fields walks a mapping node, refusing duplicate and unknown keys; set is
+// called for each key in file order.
+func (p parser) fields(n *yaml.Node, path string, known []string, set func(key string, v *yaml.Node) error) error {
+	if n.Kind != yaml.MappingNode {
+		return p.fail(n, strings.TrimSuffix(path, "."), "expected a mapping of fields")
+	}
+	seen := map[string]bool{}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		field := path + k.Value
+		if seen[k.Value] {
+			return p.fail(k, field, "set twice")
+		}
+		seen[k.Value] = true
+		if !contains(known, k.Value) {
+			return p.fail(k, field, "unknown field (known: %s)", strings.Join(known, ", "))
+		}
+		if err := set(k.Value, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func (p parser) str(n *yaml.Node, field string) (string, error) {
+	if n.Kind != yaml.ScalarNode || n.Tag == "!!null" {
+		return "", p.fail(n, field, "expected a string")
+	}
+	if n.Value == "" {
+		return "", p.fail(n, field, "must not be empty")
+	}
+	return n.Value, nil
+}
+
+func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time.Duration, error) {
+	s, err := p.str(n, field)
+	if err != nil {
+		return 0, err
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, p.fail(n, field, "%q is not a duration like 90s, 10m or 24h", s)
+	}
+	if d < lo || d > hi {
+		return 0, p.fail(n, field, "%v is outside %v..%v", d, lo, hi)
+	}
+	return d, nil
+}
+
+func (p parser) uint(n *yaml.Node, field string, lo uint64) (uint64, error) {
+	if n.Kind != yaml.ScalarNode || n.Tag != "!!int" {
+		return 0, p.fail(n, field, "expected an integer")
+	}
+	v, err := strconv.ParseUint(strings.ReplaceAll(n.Value, "_", ""), 0, 64)
+	if err != nil {
+		return 0, p.fail(n, field, "%q is not a non-negative integer", n.Value)
+	}
+	if v < lo {
+		return 0, p.fail(n, field, "%d is below the minimum %d", v, lo)
+	}
+	return v, nil
+}
+
+func (p parser) boolean(n *yaml.Node, field string) (bool, error) {
+	if n.Kind != yaml.ScalarNode || n.Tag != "!!bool" {
+		return false, p.fail(n, field, "expected true or false")
+	}
+	return n.Value == "true", nil
+}
+
+func (p parser) addrPort(n *yaml.Node, field string, defaultPort uint16) (netip.AddrPort, error) {
+	s, err := p.str(n, field)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		if ap.Port() == 0 {
+			return netip.AddrPort{}, p.fail(n, field, "port 0 in %q", s)
+		}
+		return ap, nil
+	}
+	bare := strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
+	if a, err := netip.ParseAddr(bare); err == nil && defaultPort != 0 {
+		return netip.AddrPortFrom(a, defaultPort), nil
+	}
+	return netip.AddrPort{}, p.fail(n, field, "%q is not an IP address with optional :port (host names are not resolved)", s)
+}
+
+// Parse validates data, read from file, into a Config.
+func Parse(file string, data []byte) (*Config, error) {
+	p := parser{file: file}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("policy: %s: %w", file, err)
+	}
+	if len(doc.Content) == 0 {
+		return nil, p.fail(nil, "", "empty configuration: at least identity must be set")
+	}
+	root := doc.Content[0]
+	c := &Config{
+		File:              file,
+		Listen:            netip.AddrPortFrom(netip.IPv6Unspecified(), DefaultListenPort),
+		Socket:            DefaultSocket,
+		Metrics:           DefaultMetrics,
+		Backend:           BackendAuto,
+		Offload:           OffloadAuto,
+		Suite:             DefaultSuite,
+		RekeyInterval:     DefaultRekeyInterval,
+		PacketBudget:      DefaultPacketBudget,
+		PSPRotation:       DefaultPSPRotation,
+		RequireEncryption: true,
+	}
+	var peersNode *yaml.Node
+	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "suite",
+		"rekey_interval", "packet_budget", "psp_rotation_interval", "require_encryption", "peers"}
+	err := p.fields(root, "", known, func(k string, v *yaml.Node) (err error) {
+		switch k {
+		case "identity":
+			c.Identity, err = p.str(v, k)
+		case "listen":
+			c.Listen, err = p.addrPort(v, k, DefaultListenPort)
+		case "socket":
+			c.Socket, err = p.str(v, k)
+			if err == nil && !strings.HasPrefix(c.Socket, "/") {
+				err = p.fail(v, k, "%q must be an absolute path", c.Socket)
+			}
+		case "metrics":
+			if v.Tag == "!!null" || v.Value == "" || v.Value == "off" {
+				c.Metrics = ""
+				return nil
+			}
+			var ap netip.AddrPort
+			ap, err = p.addrPort(v, k, 0)
+			c.Metrics = ap.String()
+		case "backend":
+			err = p.enum(v, k, func(s string) (e error) { c.Backend, e = parseBackend(s); return })
+		case "offload":
+			err = p.enum(v, k, func(s string) (e error) { c.Offload, e = parseOffload(s); return })
+		case "suite":
+			err = p.enum(v, k, func(s string) (e error) { c.Suite, e = kdf.ParseSuite(s); return })
+		case "rekey_interval":
+			c.RekeyInterval, err = p.duration(v, k, minRekeyInterval, maxRekeyInterval)
+		case "packet_budget":
+			c.PacketBudget, err = p.uint(v, k, minPacketBudget)
+		case "psp_rotation_interval":
+			c.PSPRotation, err = p.duration(v, k, minPSPRotation, 30*24*time.Hour)
+		case "require_encryption":
+			c.RequireEncryption, err = p.boolean(v, k)
+		case "peers":
+			peersNode = v
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if c.Identity == "" {
+		return nil, p.fail(root, "identity", "required: the path of this host's key (create it with `pspd genkey`)")
+	}
+	if c.PSPRotation <= c.RekeyInterval {
+		// An association survives exactly one device-key rotation, so every
+		// association must be replaced well within one rotation period.
+		return nil, p.fail(root, "psp_rotation_interval", "%v must be longer than rekey_interval %v", c.PSPRotation, c.RekeyInterval)
+	}
+	if peersNode != nil {
+		if err := p.peers(c, peersNode); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+func (p parser) enum(n *yaml.Node, field string, set func(string) error) error {
+	s, err := p.str(n, field)
+	if err != nil {
+		return err
+	}
+	if err := set(s); err != nil {
+		var fe *FieldError
+		if errors.As(err, &fe) {
+			return err
+		}
+		return p.fail(n, field, "%v", err)
+	}
+	return nil
+}
+
+func (p parser) peers(c *Config, n *yaml.Node) error {
+	if n.Kind != yaml.SequenceNode {
+		return p.fail(n, "peers", "expected a list of peers")
+	}
+	if len(n.Content) > maxPeers {
+		return p.fail(n, "peers", "%d peers is more than the limit of %d", len(n.Content), maxPeers)
+	}
+	names := map[string]int{}
+	keys := map[string]string{}
+	type owned struct {
+		prefix netip.Prefix
+		peer   string
+	}
+	var allPrefixes []owned
+	for i, pn := range n.Content {
+		path := fmt.Sprintf("peers[%d].", i)
+		pr := Peer{Backend: BackendAuto, Suite: c.Suite}
+		var keyNode *yaml.Node
+		known := []string{"name", "endpoint", "public_key", "prefixes", "backend", "suite"}
+		err := p.fields(pn, path, known, func(k string, v *yaml.Node) (err error) {
+			f := path + k
+			switch k {
+			case "name":
+				pr.Name, err = p.str(v, f)
+				if err == nil && !peerName.MatchString(pr.Name) {
+					err = p.fail(v, f, "%q must be lower-case letters, digits, '.' and '-' (at most 63)", pr.Name)
+				}
+			case "endpoint":
+				pr.Endpoint, err = p.addrPort(v, f, DefaultListenPort)
+			case "public_key":
+				keyNode = v
+				var s string
+				if s, err = p.str(v, f); err == nil {
+					if pr.PublicKey, err = ParsePublicKey(s); err != nil {
+						err = p.fail(v, f, "%v", err)
+					}
+				}
+			case "prefixes":
+				pr.Prefixes, err = p.prefixes(v, f)
+			case "backend":
+				err = p.enum(v, f, func(s string) (e error) { pr.Backend, e = parseBackend(s); return })
+			case "suite":
+				err = p.enum(v, f, func(s string) (e error) { pr.Suite, e = kdf.ParseSuite(s); return })
+			}
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		for _, req := range []struct {
+			name  string
+			unset bool
+		}{{"name", pr.Name == ""}, {"endpoint", !pr.Endpoint.IsValid()}, {"public_key", pr.PublicKey == nil}} {
+			if req.unset {
+				return p.fail(pn, path+req.name, "required")
+			}
+		}
+		if j, dup := names[pr.Name]; dup {
+			return p.fail(pn, path+"name", "%q is already the name of peers[%d]", pr.Name, j)
+		}
+		names[pr.Name] = i
+		if other, dup := keys[string(pr.PublicKey)]; dup {
+			return p.fail(keyNode, path+"public_key", "the same key is pinned for peer %q", other)
+		}
+		keys[string(pr.PublicKey)] = pr.Name
+		for _, pf := range pr.Prefixes {
+			for _, o := range allPrefixes {
+				if o.prefix.Overlaps(pf) {
+					return p.fail(pn, path+"prefixes", "%v overlaps %v of peer %q: traffic must map to one peer", pf, o.prefix, o.peer)
+				}
+			}
+			allPrefixes = append(allPrefixes, owned{pf, pr.Name})
+		}
+		c.Peers = append(c.Peers, pr)
+	}
+	return nil
+}
+
+func (p parser) prefixes(n *yaml.Node, field string) ([]netip.Prefix, error) {
+	if n.Kind != yaml.SequenceNode {
+		return nil, p.fail(n, field, "expected a list of prefixes like 10.0.0.0/24")
+	}
+	if len(n.Content) > maxPrefixesPerPeer {
+		return nil, p.fail(n, field, "%d prefixes is more than the limit of %d", len(n.Content), maxPrefixesPerPeer)
+	}
+	var out []netip.Prefix
+	for i, e := range n.Content {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		s, err := p.str(e, f)
+		if err != nil {
+			return nil, err
+		}
+		pf, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				return nil, p.fail(e, f, "%q is not an address or prefix", s)
+			}
+			pf = netip.PrefixFrom(a, a.BitLen())
+		}
+		if pf != pf.Masked() {
+			return nil, p.fail(e, f, "%v has host bits set; did you mean %v?", pf, pf.Masked())
+		}
+		out = append(out, pf)
+	}
+	return out, nil
+}

@@ -1,0 +1,155 @@
+// Package policy owns pspd's configuration file: its schema, its defaults,
+// and the validation that refuses a bad file before anything is touched.
+//
+// A Config is only ever produced by Parse or Load, which check every field
+// and report the first problem as "file:line: field: what is wrong", so an
+// operator can go straight to the line. Reload compares two Configs and
+// either yields the set of peer changes to apply or refuses the new file
+// whole.
+package policy
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/x509"
+	"encoding/base64"
+	"fmt"
+	"net/netip"
+	"os"
+	"regexp"
+	"slices"
+	"time"
+
+	"github.com/pspd/pspd/keyexchange/kdf"
+)
+
+// Backend is the data path a peer's traffic takes.
+type Backend string
+
+const (
+	BackendAuto      Backend = "auto"
+	BackendPSP       Backend = "psp"
+	BackendXFRM      Backend = "xfrm"
+	BackendUserspace Backend = "userspace"
+)
+
+// Offload is how the XFRM backend uses NIC crypto offload.
+type Offload string
+
+const (
+	OffloadAuto   Offload = "auto"   // use it when the device has it, fall back to software otherwise
+	OffloadCrypto Offload = "crypto" // require it; refuse to install without it
+	OffloadNone   Offload = "none"
+)
+
+// Defaults applied to fields the file leaves out.
+const (
+	DefaultListenPort     = 6082
+	DefaultSocket         = "/run/pspd/pspd.sock"
+	DefaultMetrics        = "127.0.0.1:9472"
+	DefaultRekeyInterval  = 10 * time.Minute
+	DefaultPacketBudget   = 1 << 31
+	DefaultPSPRotation    = 24 * time.Hour
+	DefaultSuite          = kdf.AESGCM256
+	minRekeyInterval      = 10 * time.Second
+	maxRekeyInterval      = 24 * time.Hour
+	minPacketBudget       = 1 << 10
+	minPSPRotation        = time.Minute
+	maxPeers              = 4096
+	maxPrefixesPerPeer    = 256
+	maxConfigFileBytes    = 1 << 20
+	publicKeyFieldExample = "the one-line output of `pspd pubkey` on that peer"
+)
+
+// Config is a validated pspd configuration.
+type Config struct {
+	File              string // where it was read from, for messages
+	Identity          string // path of the PEM identity key
+	Listen            netip.AddrPort
+	Socket            string
+	Metrics           string // host:port, or "" for none
+	Backend           Backend
+	Offload           Offload
+	Suite             kdf.Suite
+	RekeyInterval     time.Duration
+	PacketBudget      uint64
+	PSPRotation       time.Duration
+	RequireEncryption bool
+	Peers             []Peer
+}
+
+// Peer is one remote pspd.
+type Peer struct {
+	Name      string
+	Endpoint  netip.AddrPort
+	PublicKey []byte // DER SubjectPublicKeyInfo of an ECDSA P-256 key
+	Prefixes  []netip.Prefix
+	Backend   Backend // BackendAuto unless the peer overrides the global choice
+	Suite     kdf.Suite
+}
+
+// Peer returns the peer with the given name.
+func (c *Config) Peer(name string) (Peer, bool) {
+	i := slices.IndexFunc(c.Peers, func(p Peer) bool { return p.Name == name })
+	if i < 0 {
+		return Peer{}, false
+	}
+	return c.Peers[i], true
+}
+
+// Load reads and validates the file at path.
+func Load(path string) (*Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	if st.Size() > maxConfigFileBytes {
+		return nil, fmt.Errorf("policy: %s: %d bytes is larger than the %d-byte limit", path, st.Size(), maxConfigFileBytes)
+	}
+	buf := make([]byte, st.Size())
+	if _, err := f.ReadAt(buf, 0); err != nil && st.Size() > 0 {
+		return nil, fmt.Errorf("policy: read %s: %w", path, err)
+	}
+	return Parse(path, buf)
+}
+
+var peerName = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$`)
+
+func parseBackend(s string) (Backend, error) {
+	switch b := Backend(s); b {
+	case BackendAuto, BackendPSP, BackendXFRM, BackendUserspace:
+		return b, nil
+	}
+	return "", fmt.Errorf("%q is not one of auto, psp, xfrm, userspace", s)
+}
+
+func parseOffload(s string) (Offload, error) {
+	switch o := Offload(s); o {
+	case OffloadAuto, OffloadCrypto, OffloadNone:
+		return o, nil
+	}
+	return "", fmt.Errorf("%q is not one of auto, crypto, none", s)
+}
+
+// ParsePublicKey decodes a pinned peer key: base64 (standard encoding) of a
+// DER SubjectPublicKeyInfo holding an ECDSA P-256 key.
+func ParsePublicKey(s string) ([]byte, error) {
+	der, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("not base64 (%v); expected %s", err, publicKeyFieldExample)
+	}
+	pub, err := x509.ParsePKIXPublicKey(der)
+	if err != nil {
+		return nil, fmt.Errorf("not a public key (%v); expected %s", err, publicKeyFieldExample)
+	}
+	ec, ok := pub.(*ecdsa.PublicKey)
+	if !ok || ec.Curve != elliptic.P256() {
+		return nil, fmt.Errorf("not an ECDSA P-256 key; expected %s", publicKeyFieldExample)
+	}
+	return der, nil
+}

@@ -1,0 +1,184 @@
+package policy
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pspd/pspd/keyexchange/kdf"
+)
+
+func pubkey(t *testing.T, c elliptic.Curve) string {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(c, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&k.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return base64.StdEncoding.EncodeToString(der)
+}
+
+func TestParseGood(t *testing.T) {
+	kb, kc := pubkey(t, elliptic.P256()), pubkey(t, elliptic.P256())
+	src := `identity: /etc/pspd/id.pem
+listen: 192.0.2.1
+backend: userspace
+suite: aes-gcm-128
+rekey_interval: 2m
+packet_budget: 1_000_000
+require_encryption: false
+metrics: off
+peers:
+  - name: b
+    endpoint: 192.0.2.2:7000
+    public_key: ` + kb + `
+    prefixes: [10.1.0.0/16, 2001:db8::/64]
+  - name: c
+    endpoint: "[2001:db8::3]"
+    public_key: ` + kc + `
+    prefixes: [192.0.2.3]
+    backend: xfrm
+    suite: aes-gcm-256
+`
+	c, err := Parse("pspd.yaml", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen.String() != "192.0.2.1:6082" || c.Backend != BackendUserspace || c.Suite != kdf.AESGCM128 ||
+		c.RekeyInterval != 2*time.Minute || c.PacketBudget != 1_000_000 || c.RequireEncryption || c.Metrics != "" ||
+		c.Offload != OffloadAuto || c.Socket != DefaultSocket {
+		t.Fatalf("globals wrong: %+v", c)
+	}
+	b, _ := c.Peer("b")
+	if b.Endpoint.String() != "192.0.2.2:7000" || len(b.Prefixes) != 2 || b.Suite != kdf.AESGCM128 || b.Backend != BackendAuto {
+		t.Fatalf("peer b wrong: %+v", b)
+	}
+	cc, _ := c.Peer("c")
+	if cc.Endpoint.String() != "[2001:db8::3]:6082" || cc.Prefixes[0].String() != "192.0.2.3/32" || cc.Backend != BackendXFRM || cc.Suite != kdf.AESGCM256 {
+		t.Fatalf("peer c wrong: %+v", cc)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse("x", []byte("identity: /k.pem\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.RequireEncryption || c.Suite != DefaultSuite || c.RekeyInterval != DefaultRekeyInterval || c.Metrics != DefaultMetrics {
+		t.Fatalf("defaults wrong: %+v", c)
+	}
+}
+
+// Every refusal names the file, the line and the field.
+func TestParseRefuses(t *testing.T) {
+	good := pubkey(t, elliptic.P256())
+	p384 := pubkey(t, elliptic.P384())
+	for _, tc := range []struct {
+		name, src, want string
+	}{
+		{"empty", ``, "f.yaml:1: empty configuration"},
+		{"no identity", "listen: 192.0.2.1\n", "f.yaml:1: identity: required"},
+		{"unknown field", "identity: /k\nrekey: 5m\n", "f.yaml:2: rekey: unknown field"},
+		{"twice", "identity: /k\nidentity: /j\n", "f.yaml:2: identity: set twice"},
+		{"bad backend", "identity: /k\nbackend: ipsec\n", `f.yaml:2: backend: "ipsec" is not one of auto, psp, xfrm, userspace`},
+		{"bad offload", "identity: /k\noffload: packet\n", `f.yaml:2: offload: "packet" is not one of`},
+		{"bad suite", "identity: /k\nsuite: chacha\n", `f.yaml:2: suite: kdf: unknown suite "chacha"`},
+		{"bad duration", "identity: /k\nrekey_interval: soon\n", `f.yaml:2: rekey_interval: "soon" is not a duration`},
+		{"short rekey", "identity: /k\nrekey_interval: 1s\n", "f.yaml:2: rekey_interval: 1s is outside"},
+		{"rotation below rekey", "identity: /k\nrekey_interval: 2h\npsp_rotation_interval: 1h\n", "psp_rotation_interval: 1h0m0s must be longer"},
+		{"budget string", "identity: /k\npacket_budget: lots\n", "f.yaml:2: packet_budget: expected an integer"},
+		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is below"},
+		{"bool", "identity: /k\nrequire_encryption: maybe\n", "f.yaml:2: require_encryption: expected true or false"},
+		{"relative socket", "identity: /k\nsocket: pspd.sock\n", "f.yaml:2: socket: \"pspd.sock\" must be an absolute path"},
+		{"hostname listen", "identity: /k\nlisten: example:1\n", "f.yaml:2: listen: \"example:1\" is not an IP address"},
+		{"peers not list", "identity: /k\npeers: {}\n", "f.yaml:2: peers: expected a list"},
+		{"peer missing key", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n", "f.yaml:3: peers[0].public_key: required"},
+		{"peer bad key", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: AAAA\n", "f.yaml:5: peers[0].public_key: not a public key"},
+		{"peer p384", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: " + p384 + "\n", "f.yaml:5: peers[0].public_key: not an ECDSA P-256 key"},
+		{"peer bad name", "identity: /k\npeers:\n  - name: B_1\n", `f.yaml:3: peers[0].name: "B_1" must be lower-case`},
+		{"peer unknown", "identity: /k\npeers:\n  - name: b\n    key: x\n", "f.yaml:4: peers[0].key: unknown field"},
+		{"host bits", "identity: /k\npeers:\n  - name: b\n    prefixes: [10.0.0.1/8]\n", "f.yaml:4: peers[0].prefixes[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?"},
+		{"dup name", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: b, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + "}\n", `f.yaml:4: peers[1].name: "b" is already the name of peers[0]`},
+		{"dup key", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + good + "}\n", `f.yaml:4: peers[1].public_key: the same key is pinned for peer "b"`},
+		{"overlap", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + ", prefixes: [10.0.0.0/8]}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + ", prefixes: [10.1.0.0/16]}\n", "peers[1].prefixes: 10.1.0.0/16 overlaps 10.0.0.0/8 of peer \"b\""},
+		{"yaml syntax", "identity: [\n", "policy: f.yaml: yaml: line"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("f.yaml", []byte(tc.src))
+			if err == nil {
+				t.Fatalf("accepted; want error containing %q", tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestFieldErrorUnwraps(t *testing.T) {
+	_, err := Parse("f", []byte("identity: /k\nbackend: nope\n"))
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Line != 2 || fe.Field != "backend" {
+		t.Fatalf("got %#v", err)
+	}
+}
+
+func TestLoad(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "pspd.yaml")
+	if err := os.WriteFile(p, []byte("identity: /k\nbogus: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(p)
+	if err == nil || !strings.Contains(err.Error(), p+":2: bogus: unknown field") {
+		t.Fatalf("got %v", err)
+	}
+	if _, err := Load(filepath.Join(dir, "missing.yaml")); err == nil {
+		t.Fatal("missing file accepted")
+	}
+}
+
+func TestReload(t *testing.T) {
+	kb, kc, kd := pubkey(t, elliptic.P256()), pubkey(t, elliptic.P256()), pubkey(t, elliptic.P256())
+	cur, err := Parse("f", []byte("identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: "+kb+"}\n  - {name: c, endpoint: 192.0.2.3, public_key: "+kc+"}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := Parse("f", []byte("identity: /k\nrekey_interval: 1m\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: "+kb+"}\n  - {name: c, endpoint: 192.0.2.9, public_key: "+kc+"}\n  - {name: d, endpoint: 192.0.2.4, public_key: "+kd+"}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := Reload(cur, next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(d.Added) != 1 || d.Added[0].Name != "d" || len(d.Changed) != 1 || d.Changed[0].Name != "c" || len(d.Removed) != 0 || d.Settings.RekeyInterval != time.Minute {
+		t.Fatalf("diff wrong: %+v", d)
+	}
+	back, err := Reload(next, cur)
+	if err != nil || len(back.Removed) != 1 || back.Removed[0].Name != "d" {
+		t.Fatalf("reverse diff wrong: %+v %v", back, err)
+	}
+	if same, _ := Reload(cur, cur); !same.Empty() {
+		t.Fatal("identical configs differ")
+	}
+
+	moved, err := Parse("f", []byte("identity: /other\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Reload(cur, moved); err == nil || !strings.Contains(err.Error(), "identity changed") || !strings.Contains(err.Error(), "nothing was applied") {
+		t.Fatalf("identity change not refused whole: %v", err)
+	}
+}

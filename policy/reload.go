@@ -1,0 +1,61 @@
+package policy
+
+import (
+	"bytes"
+	"fmt"
+	"slices"
+)
+
+// Diff is what a reload changes. Peers in Changed carry their new settings;
+// the daemon replaces their associations. Settings is the new global
+// configuration (rekey interval, budgets, encryption requirement) to adopt.
+type Diff struct {
+	Added, Removed, Changed []Peer
+	Settings                *Config
+}
+
+// Empty reports whether applying the diff would change nothing.
+func (d *Diff) Empty() bool {
+	return len(d.Added) == 0 && len(d.Removed) == 0 && len(d.Changed) == 0
+}
+
+// Reload computes the changes from cur to next. Settings that only take
+// effect at start (identity, listen address, sockets) make the whole reload
+// fail: applying part of a file would leave the daemon running a
+// configuration that is in no file.
+func Reload(cur, next *Config) (*Diff, error) {
+	for _, f := range []struct {
+		name      string
+		old, new_ string
+	}{
+		{"identity", cur.Identity, next.Identity},
+		{"listen", cur.Listen.String(), next.Listen.String()},
+		{"socket", cur.Socket, next.Socket},
+		{"metrics", cur.Metrics, next.Metrics},
+	} {
+		if f.old != f.new_ {
+			return nil, fmt.Errorf("policy: reload %s refused: %s changed from %q to %q, which needs a restart of pspd; nothing was applied", next.File, f.name, f.old, f.new_)
+		}
+	}
+	d := &Diff{Settings: next}
+	for _, np := range next.Peers {
+		op, ok := cur.Peer(np.Name)
+		switch {
+		case !ok:
+			d.Added = append(d.Added, np)
+		case !peerEqual(op, np):
+			d.Changed = append(d.Changed, np)
+		}
+	}
+	for _, op := range cur.Peers {
+		if _, ok := next.Peer(op.Name); !ok {
+			d.Removed = append(d.Removed, op)
+		}
+	}
+	return d, nil
+}
+
+func peerEqual(a, b Peer) bool {
+	return a.Endpoint == b.Endpoint && bytes.Equal(a.PublicKey, b.PublicKey) &&
+		slices.Equal(a.Prefixes, b.Prefixes) && a.Backend == b.Backend && a.Suite == b.Suite
+}
