@@ -1,0 +1,334 @@
+package client_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/localapi/client"
+)
+
+// fakeService is an in-memory Service: it stands in for the daemon so the
+// API, its authorisation and the fd passing are tested on real unix
+// sockets. The daemon's own tests run the same client against the real
+// service.
+type fakeService struct {
+	mu       sync.Mutex
+	rotated  []localapi.RotateRequest
+	upgraded []string // local address of each received socket
+	events   chan localapi.Event
+}
+
+func (f *fakeService) Status(context.Context) (localapi.Status, error) {
+	return localapi.Status{Version: "test", Peers: 1}, nil
+}
+func (f *fakeService) Peers(context.Context) ([]localapi.Peer, error) {
+	return []localapi.Peer{{Name: "b", State: "up"}}, nil
+}
+func (f *fakeService) Assocs(context.Context) ([]localapi.Assoc, error) {
+	return []localapi.Assoc{{ID: "b/1", Peer: "b", RxSPI: 1, TxSPI: 0x40000001}}, nil
+}
+func (f *fakeService) Rotate(_ context.Context, r localapi.RotateRequest) ([]localapi.Rotated, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if r.Peer == "nobody" {
+		return nil, fmt.Errorf("peer %q: %w", r.Peer, localapi.ErrNotFound)
+	}
+	f.rotated = append(f.rotated, r)
+	return []localapi.Rotated{{ID: "b/1", RxSPI: 2}}, nil
+}
+func (f *fakeService) Devices(context.Context) ([]localapi.Device, error) { return nil, nil }
+func (f *fakeService) RotateDevice(_ context.Context, id uint32) (localapi.Device, error) {
+	return localapi.Device{ID: id}, nil
+}
+func (f *fakeService) Events(ctx context.Context) (<-chan localapi.Event, error) { return f.events, nil }
+func (f *fakeService) UpgradePSP(_ context.Context, sock *os.File, peer string) (localapi.UpgradeResult, error) {
+	defer sock.Close()
+	sa, err := unix.Getsockname(int(sock.Fd()))
+	if err != nil {
+		return localapi.UpgradeResult{}, err
+	}
+	f.mu.Lock()
+	f.upgraded = append(f.upgraded, fmt.Sprint(sa.(*unix.SockaddrInet4).Port))
+	f.mu.Unlock()
+	return localapi.UpgradeResult{Peer: peer, RxSPI: 7}, nil
+}
+
+func serve(t *testing.T, auth localapi.Authorizer) (string, *fakeService) {
+	t.Helper()
+	dir := openTempDir(t)
+	path := filepath.Join(dir, "pspd.sock")
+	ln, err := localapi.Listen(path, auth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := &fakeService{events: make(chan localapi.Event, 4)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		localapi.NewServer(svc, auth, slog.New(slog.NewTextHandler(io.Discard, nil))).Serve(ctx, ln)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return path, svc
+}
+
+func TestReadWriteAsRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the API grants write access to uid 0 only")
+	}
+	path, svc := serve(t, localapi.NewAuthorizer("pspd-test-nonexistent"))
+	c := client.New(path)
+	ctx := context.Background()
+	st, err := c.Status(ctx)
+	if err != nil || st.Version != "test" {
+		t.Fatalf("status: %+v %v", st, err)
+	}
+	if _, err := c.Rotate(ctx, localapi.RotateRequest{Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if len(svc.rotated) != 1 || svc.rotated[0].Peer != "b" {
+		t.Fatalf("rotate not delivered: %+v", svc.rotated)
+	}
+	_, err = c.Rotate(ctx, localapi.RotateRequest{Peer: "nobody"})
+	var ae *client.APIError
+	if !errors.As(err, &ae) || ae.Status != 404 || !strings.Contains(ae.Message, `peer "nobody"`) {
+		t.Fatalf("unknown peer: %v", err)
+	}
+	if _, err := c.Rotate(ctx, localapi.RotateRequest{Peer: "b", All: true}); err == nil {
+		t.Fatal("ambiguous rotate accepted")
+	}
+}
+
+func TestEvents(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to read state without a pspd group")
+	}
+	path, svc := serve(t, localapi.NewAuthorizer("pspd-test-nonexistent"))
+	svc.events <- localapi.Event{Kind: "assoc-up", Peer: "b"}
+	svc.events <- localapi.Event{Kind: "rekey", Peer: "b"}
+	close(svc.events)
+	var got []string
+	err := client.New(path).Events(context.Background(), func(e localapi.Event) error {
+		got = append(got, e.Kind)
+		return nil
+	})
+	if err != nil || strings.Join(got, ",") != "assoc-up,rekey" {
+		t.Fatalf("events %v err %v", got, err)
+	}
+}
+
+func TestNotRunning(t *testing.T) {
+	c := client.New(filepath.Join(t.TempDir(), "none.sock"))
+	_, err := c.Status(context.Background())
+	if !errors.Is(err, client.ErrDaemonNotRunning) || !strings.Contains(err.Error(), "start it") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestListenRefusesLiveAndReplacesStale(t *testing.T) {
+	path, _ := serve(t, localapi.Authorizer{})
+	if _, err := localapi.Listen(path, localapi.Authorizer{}); err == nil || !strings.Contains(err.Error(), "another pspd is already serving") {
+		t.Fatalf("live socket not refused: %v", err)
+	}
+
+	stale := filepath.Join(t.TempDir(), "stale.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: stale, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	ln.Close() // the file stays, nobody answers
+	ln2, err := localapi.Listen(stale, localapi.Authorizer{})
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	fi, _ := os.Stat(stale)
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, want 0600 without a group", fi.Mode().Perm())
+	}
+	ln2.Close()
+
+	plain := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(plain, nil, 0o600)
+	if _, err := localapi.Listen(plain, localapi.Authorizer{}); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+		t.Fatalf("regular file not refused: %v", err)
+	}
+}
+
+// helperEnv makes the test binary act as an unprivileged API caller.
+const helperEnv = "PSPD_LOCALAPI_HELPER"
+
+func TestMain(m *testing.M) {
+	if op := os.Getenv(helperEnv); op != "" {
+		c := client.New(os.Getenv("PSPD_SOCK"))
+		var err error
+		switch op {
+		case "read":
+			_, err = c.Status(context.Background())
+		case "write":
+			_, err = c.Rotate(context.Background(), localapi.RotateRequest{All: true})
+		}
+		if err != nil {
+			fmt.Print(err)
+			os.Exit(3)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestAuthorization runs real unprivileged processes against the socket:
+// the kernel's SO_PEERCRED / SO_PEERGROUPS decide, not a test flag.
+func TestAuthorization(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start callers with other uids")
+	}
+	const group = 54321 // a gid no account uses; the authorizer is told it is the pspd group
+	path, _ := serve(t, localapi.Authorizer{GroupName: "pspd", GID: group, HasGroup: true})
+	if err := os.Chmod(path, 0o666); err != nil { // so the refusal comes from the API, not the file mode
+		t.Fatal(err)
+	}
+	exe := worldExecutableCopy(t)
+	run := func(op string, cred *syscall.Credential) (string, error) {
+		cmd := exec.Command(exe)
+		cmd.Env = []string{helperEnv + "=" + op, "PSPD_SOCK=" + path}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534, NoSetGroups: false, Groups: []uint32{}}
+	member := &syscall.Credential{Uid: 65534, Gid: group, Groups: []uint32{}}
+	supplementary := &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{group}}
+	for _, tc := range []struct {
+		name    string
+		op      string
+		cred    *syscall.Credential
+		wantErr string
+	}{
+		{"stranger read", "read", nobody, "reading pspd state needs root or membership in group pspd"},
+		{"stranger write", "write", nobody, "changing pspd state needs root"},
+		{"primary group read", "read", member, ""},
+		{"primary group write", "write", member, "changing pspd state needs root"},
+		{"supplementary group read", "read", supplementary, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := run(tc.op, tc.cred)
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("refused: %s (%v)", out, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(out, tc.wantErr) {
+				t.Fatalf("got %q (%v), want refusal %q", out, err, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestUpgradePassesSocket(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to read state without a pspd group")
+	}
+	path, svc := serve(t, localapi.NewAuthorizer("pspd-test-nonexistent"))
+	c := client.New(path)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if s, err := ln.Accept(); err == nil {
+			defer s.Close()
+			io.Copy(io.Discard, s)
+		}
+	}()
+	conn, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	res, err := c.UpgradePSP(ctx, conn.(*net.TCPConn), "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Peer != "b" || res.RxSPI != 7 {
+		t.Fatalf("result %+v", res)
+	}
+	_, port, _ := net.SplitHostPort(conn.LocalAddr().String())
+	if len(svc.upgraded) != 1 || svc.upgraded[0] != port {
+		t.Fatalf("service saw %v, want the socket with local port %s", svc.upgraded, port)
+	}
+
+	udp, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udp.Close()
+	if _, err := c.UpgradePSP(ctx, udp.(*net.UDPConn), "b"); err == nil || !strings.Contains(err.Error(), "not a TCP socket") {
+		t.Fatalf("UDP socket: %v", err)
+	}
+
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, unix.IPPROTO_TCP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "unconnected")
+	defer f.Close()
+	if _, err := c.UpgradePSP(ctx, f, "b"); err == nil || !strings.Contains(err.Error(), "not connected") {
+		t.Fatalf("unconnected socket: %v", err)
+	}
+	if len(svc.upgraded) != 1 {
+		t.Fatalf("refused sockets reached the service: %v", svc.upgraded)
+	}
+}
+
+// worldExecutableCopy copies the test binary where an unprivileged uid can
+// run it (go test builds it in a directory only root can enter).
+func worldExecutableCopy(t *testing.T) string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := openTempDir(t)
+	exe := filepath.Join(dir, "caller")
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return exe
+}
+
+// openTempDir is a temporary directory that unprivileged helper processes
+// can enter (t.TempDir and its parent are 0700).
+func openTempDir(t *testing.T) string {
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}

@@ -1,0 +1,446 @@
+package localapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Access is what a caller may do.
+type Access uint8
+
+const (
+	AccessNone  Access = iota
+	AccessRead         // root or member of the API group
+	AccessWrite        // root
+)
+
+// Cred is the kernel's word on who is at the other end of a connection.
+type Cred struct {
+	PID    int32
+	UID    uint32
+	GID    uint32
+	Groups []uint32 // supplementary groups (SO_PEERGROUPS)
+}
+
+// Authorizer decides access from credentials.
+type Authorizer struct {
+	GroupName string
+	GID       uint32 // valid when HasGroup
+	HasGroup  bool
+}
+
+// NewAuthorizer looks up the read group; a missing group leaves reading to
+// root alone.
+func NewAuthorizer(group string) Authorizer {
+	a := Authorizer{GroupName: group}
+	if g, err := user.LookupGroup(group); err == nil {
+		if gid, err := strconv.ParseUint(g.Gid, 10, 32); err == nil {
+			a.GID, a.HasGroup = uint32(gid), true
+		}
+	}
+	return a
+}
+
+// Access returns what c may do.
+func (a Authorizer) Access(c Cred) Access {
+	if c.UID == 0 {
+		return AccessWrite
+	}
+	if a.HasGroup && (c.GID == a.GID || contains32(c.Groups, a.GID)) {
+		return AccessRead
+	}
+	return AccessNone
+}
+
+func contains32(s []uint32, v uint32) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// PeerCred reads SO_PEERCRED and SO_PEERGROUPS of a unix connection.
+func PeerCred(c *net.UnixConn) (Cred, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return Cred{}, err
+	}
+	var cred Cred
+	var opErr error
+	err = rc.Control(func(fd uintptr) {
+		uc, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		if err != nil {
+			opErr = fmt.Errorf("SO_PEERCRED: %w", err)
+			return
+		}
+		cred = Cred{PID: uc.Pid, UID: uc.Uid, GID: uc.Gid}
+		groups := make([]uint32, 64)
+		for {
+			n := uint32(len(groups) * 4)
+			_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+				uintptr(unsafe.Pointer(&groups[0])), uintptr(unsafe.Pointer(&n)), 0)
+			if e == unix.ERANGE && int(n/4) > len(groups) {
+				groups = make([]uint32, n/4)
+				continue
+			}
+			if e != 0 {
+				opErr = fmt.Errorf("SO_PEERGROUPS: %w", e)
+				return
+			}
+			cred.Groups = groups[:n/4]
+			return
+		}
+	})
+	if err != nil {
+		return Cred{}, err
+	}
+	return cred, opErr
+}
+
+// Listen creates the API socket at path. A socket file that nobody answers
+// on is stale and replaced; one a live process answers on is an error, so
+// a second daemon cannot steal the first one's socket. The socket is made
+// accessible to root and the read group only.
+func Listen(path string, auth Authorizer) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("localapi: create socket directory: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("localapi: %s exists and is not a socket; remove it or choose another socket path", path)
+		}
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("localapi: another pspd is already serving %s; stop it first (pspctl status shows it)", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("localapi: remove stale socket %s: %w", path, err)
+		}
+	}
+	// Create the socket with no access for others, then widen to the group:
+	// there is no window in which anyone but root can connect.
+	old := syscall.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("localapi: listen on %s: %w", path, err)
+	}
+	ln.SetUnlinkOnClose(true)
+	if auth.HasGroup {
+		if err := os.Chown(path, 0, int(auth.GID)); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("localapi: chown %s to group %s: %w", path, auth.GroupName, err)
+		}
+		if err := os.Chmod(path, 0o660); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("localapi: chmod %s: %w", path, err)
+		}
+	}
+	return ln, nil
+}
+
+type credKey struct{}
+
+// Server serves the API for one Service.
+type Server struct {
+	svc  Service
+	auth Authorizer
+	log  *slog.Logger
+	mux  *http.ServeMux
+}
+
+// NewServer returns a server for svc.
+func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
+	s := &Server{svc: svc, auth: auth, log: log, mux: http.NewServeMux()}
+	s.route("GET /v1/status", AccessRead, s.status)
+	s.route("GET /v1/peers", AccessRead, s.peers)
+	s.route("GET /v1/assocs", AccessRead, s.assocs)
+	s.route("POST /v1/assocs/rotate", AccessWrite, s.rotate)
+	s.route("GET /v1/devices", AccessRead, s.devices)
+	s.route("POST /v1/devices/{id}/rotate", AccessWrite, s.rotateDevice)
+	s.route("GET /v1/events", AccessRead, s.events)
+	s.route("POST /v1/psp/upgrade", AccessRead, s.upgrade)
+	return s
+}
+
+// Serve answers on ln until ctx ends.
+func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
+	hs := &http.Server{
+		Handler:           s.mux,
+		ReadHeaderTimeout: 5 * time.Second,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			uc, ok := c.(*net.UnixConn)
+			if !ok {
+				return ctx
+			}
+			cred, err := PeerCred(uc)
+			if err != nil {
+				s.log.Warn("local API: cannot read peer credentials", "err", err)
+				return ctx
+			}
+			return context.WithValue(ctx, credKey{}, cred)
+		},
+		BaseContext: func(net.Listener) context.Context { return ctx },
+	}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		hs.Shutdown(sctx)
+	}()
+	err := hs.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+func (s *Server) route(pattern string, need Access, h func(http.ResponseWriter, *http.Request) error) {
+	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		cred, ok := r.Context().Value(credKey{}).(Cred)
+		if !ok {
+			writeError(w, http.StatusForbidden, "permission denied: peer credentials unavailable")
+			return
+		}
+		if got := s.auth.Access(cred); got < need {
+			writeError(w, http.StatusForbidden, s.denied(need))
+			return
+		}
+		if err := h(w, r); err != nil {
+			code := http.StatusInternalServerError
+			switch {
+			case errors.Is(err, ErrNotFound):
+				code = http.StatusNotFound
+			case errors.Is(err, ErrInvalid):
+				code = http.StatusBadRequest
+			}
+			writeError(w, code, err.Error())
+		}
+	})
+}
+
+func (s *Server) denied(need Access) string {
+	if need == AccessWrite {
+		return "permission denied: changing pspd state needs root"
+	}
+	if s.auth.HasGroup {
+		return fmt.Sprintf("permission denied: reading pspd state needs root or membership in group %s", s.auth.GroupName)
+	}
+	return fmt.Sprintf("permission denied: reading pspd state needs root (create group %s to grant read access)", s.auth.GroupName)
+}
+
+func writeError(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(ErrorBody{Error: msg})
+}
+
+func writeJSON(w http.ResponseWriter, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	return json.NewEncoder(w).Encode(v)
+}
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.svc.Status(r.Context())
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
+}
+
+func (s *Server) peers(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.svc.Peers(r.Context())
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
+}
+
+func (s *Server) assocs(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.svc.Assocs(r.Context())
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
+}
+
+func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {
+	var req RotateRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return fmt.Errorf("%w: rotate body: %v", ErrInvalid, err)
+	}
+	if err := req.Validate(); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	v, err := s.svc.Rotate(r.Context(), req)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
+}
+
+func (s *Server) devices(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.svc.Devices(r.Context())
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
+}
+
+func (s *Server) rotateDevice(w http.ResponseWriter, r *http.Request) error {
+	id, err := strconv.ParseUint(r.PathValue("id"), 10, 32)
+	if err != nil || id == 0 {
+		return fmt.Errorf("%w: device id %q is not a positive number", ErrInvalid, r.PathValue("id"))
+	}
+	v, err := s.svc.RotateDevice(r.Context(), uint32(id))
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
+}
+
+func (s *Server) events(w http.ResponseWriter, r *http.Request) error {
+	ch, err := s.svc.Events(r.Context())
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	rc.Flush()
+	enc := json.NewEncoder(w)
+	for {
+		select {
+		case <-r.Context().Done():
+			return nil
+		case ev, ok := <-ch:
+			if !ok {
+				return nil
+			}
+			if err := enc.Encode(ev); err != nil {
+				return nil // client went away
+			}
+			rc.Flush()
+		}
+	}
+}
+
+// UpgradeProtocol is the HTTP Upgrade token for passing a socket.
+const UpgradeProtocol = "pspd-fd/1"
+
+// upgrade switches the connection to fd passing: after "101 Switching
+// Protocols" the client sends one byte carrying exactly one descriptor in
+// SCM_RIGHTS, and the server answers with one JSON line.
+func (s *Server) upgrade(w http.ResponseWriter, r *http.Request) error {
+	peer := r.URL.Query().Get("peer")
+	if peer == "" {
+		return fmt.Errorf("%w: the peer query parameter names the pspd peer the socket is connected to", ErrInvalid)
+	}
+	if r.Header.Get("Upgrade") != UpgradeProtocol {
+		return fmt.Errorf("%w: expected Upgrade: %s", ErrInvalid, UpgradeProtocol)
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	uc, ok := conn.(*net.UnixConn)
+	if !ok || brw.Reader.Buffered() > 0 {
+		return nil // not a unix socket, or the client did not wait for 101
+	}
+	fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n", UpgradeProtocol)
+	if err := brw.Flush(); err != nil {
+		return nil
+	}
+	reply := func(res any) {
+		line, _ := json.Marshal(res)
+		brw.Write(append(line, '\n'))
+		brw.Flush()
+	}
+	uc.SetDeadline(time.Now().Add(10 * time.Second))
+	f, err := receiveFD(uc)
+	if err != nil {
+		reply(ErrorBody{Error: err.Error()})
+		return nil
+	}
+	if err := CheckConnectedTCP(f); err != nil {
+		f.Close()
+		reply(ErrorBody{Error: err.Error()})
+		return nil
+	}
+	uc.SetDeadline(time.Time{})
+	res, err := s.svc.UpgradePSP(r.Context(), f, peer)
+	if err != nil {
+		reply(ErrorBody{Error: err.Error()})
+		return nil
+	}
+	reply(res)
+	return nil
+}
+
+func receiveFD(uc *net.UnixConn) (*os.File, error) {
+	buf := make([]byte, 1)
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	_, oobn, flags, _, err := uc.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return nil, fmt.Errorf("receive socket: %w", err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil {
+		return nil, fmt.Errorf("receive socket: %w", err)
+	}
+	var fds []int
+	for _, m := range msgs {
+		rights, err := unix.ParseUnixRights(&m)
+		if err == nil {
+			fds = append(fds, rights...)
+		}
+	}
+	if flags&unix.MSG_CTRUNC != 0 || len(fds) != 1 {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		return nil, fmt.Errorf("pass exactly one socket descriptor (got %d)", len(fds))
+	}
+	return os.NewFile(uintptr(fds[0]), "psp-upgrade"), nil
+}
+
+// CheckConnectedTCP refuses anything but a connected TCP socket, with an
+// error that says which it is.
+func CheckConnectedTCP(f *os.File) error {
+	fd := int(f.Fd())
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return fmt.Errorf("the passed descriptor is not a socket: %w", err)
+	}
+	proto, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	if err != nil {
+		return fmt.Errorf("the passed socket's protocol: %w", err)
+	}
+	if typ != unix.SOCK_STREAM || proto != unix.IPPROTO_TCP {
+		return errors.New("the passed socket is not a TCP socket; PSP protects TCP connections only")
+	}
+	if _, err := unix.Getpeername(fd); err != nil {
+		return errors.New("the passed TCP socket is not connected; upgrade after connect() or accept()")
+	}
+	return nil
+}

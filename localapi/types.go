@@ -1,0 +1,166 @@
+// Package localapi is pspd's local control API: HTTP/JSON over a unix
+// socket, authorised per connection from the peer's kernel credentials.
+//
+// It owns the wire types (none of which has a field that could hold key
+// material), the server that maps requests onto a Service implemented by
+// the daemon, and the socket lifecycle (refusing to start beside a live
+// daemon, replacing a stale socket file). Package localapi/client is the Go
+// client that pspctl, applications and tests use.
+//
+// Reading state needs root or membership in the pspd group; changing it
+// needs root. Passing a TCP socket for a PSP upgrade is an application's
+// act and needs the same as reading.
+package localapi
+
+import (
+	"context"
+	"errors"
+	"os"
+	"time"
+)
+
+// DefaultSocket is where pspd listens unless configured otherwise.
+const DefaultSocket = "/run/pspd/pspd.sock"
+
+// DefaultGroup is the group whose members may read state.
+const DefaultGroup = "pspd"
+
+// Status describes the daemon.
+type Status struct {
+	Version     string    `json:"version"`
+	BootID      string    `json:"boot_id"`
+	Started     time.Time `json:"started"`
+	PublicKey   string    `json:"public_key"` // base64 SPKI, what peers pin
+	Fingerprint string    `json:"fingerprint"`
+	Listen      string    `json:"listen"`
+	Backends    []string  `json:"backends"` // what this host can run, best first
+	FIPS        bool      `json:"fips"`
+	Peers       int       `json:"peers"`
+	PeersUp     int       `json:"peers_up"`
+	Assocs      int       `json:"assocs"`
+}
+
+// Peer is one configured remote pspd.
+type Peer struct {
+	Name          string    `json:"name"`
+	Endpoint      string    `json:"endpoint"`
+	Fingerprint   string    `json:"fingerprint"`
+	State         string    `json:"state"` // connecting, up, backoff
+	Backend       string    `json:"backend,omitempty"`
+	PeerBootID    string    `json:"peer_boot_id,omitempty"`
+	LastHandshake time.Time `json:"last_handshake,omitzero"`
+	LastError     string    `json:"last_error,omitempty"`
+	Assocs        int       `json:"assocs"`
+}
+
+// Assoc is one association: an SA pair on one backend.
+type Assoc struct {
+	ID         string    `json:"id"`
+	Peer       string    `json:"peer"`
+	Backend    string    `json:"backend"`
+	Suite      string    `json:"suite"`
+	RxSPI      uint32    `json:"rx_spi"`
+	TxSPI      uint32    `json:"tx_spi"`
+	Generation uint32    `json:"generation"`
+	Created    time.Time `json:"created"`
+	NextRekey  time.Time `json:"next_rekey,omitzero"`
+	BytesIn    uint64    `json:"bytes_in"`
+	BytesOut   uint64    `json:"bytes_out"`
+	PacketsIn  uint64    `json:"packets_in"`
+	PacketsOut uint64    `json:"packets_out"`
+	Drops      uint64    `json:"drops"`
+}
+
+// RotateRequest selects associations to rekey: exactly one of ID, Peer or
+// All.
+type RotateRequest struct {
+	ID   string `json:"id,omitempty"`
+	Peer string `json:"peer,omitempty"`
+	All  bool   `json:"all,omitempty"`
+}
+
+// Validate reports a request that selects nothing or more than one way.
+func (r RotateRequest) Validate() error {
+	n := 0
+	for _, set := range []bool{r.ID != "", r.Peer != "", r.All} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return errors.New("select exactly one of an association id, a peer, or all")
+	}
+	return nil
+}
+
+// Rotated reports one rekeyed association.
+type Rotated struct {
+	ID         string `json:"id"`
+	Peer       string `json:"peer"`
+	OldRxSPI   uint32 `json:"old_rx_spi"`
+	OldTxSPI   uint32 `json:"old_tx_spi"`
+	RxSPI      uint32 `json:"rx_spi"`
+	TxSPI      uint32 `json:"tx_spi"`
+	Generation uint32 `json:"generation"`
+	Error      string `json:"error,omitempty"`
+}
+
+// Device is a kernel PSP device.
+type Device struct {
+	ID           uint32    `json:"id"`
+	Ifindex      uint32    `json:"ifindex"`
+	Ifname       string    `json:"ifname"`
+	Capable      []string  `json:"capable"`
+	Enabled      []string  `json:"enabled"`
+	Rotations    uint64    `json:"rotations"`
+	StaleEvents  uint64    `json:"stale_events"`
+	LastRotation time.Time `json:"last_rotation,omitzero"`
+	NextRotation time.Time `json:"next_rotation,omitzero"`
+}
+
+// Event is one entry of the event stream.
+type Event struct {
+	Time   time.Time `json:"time"`
+	Kind   string    `json:"kind"` // assoc-up, assoc-down, rekey, device-rotated, peer-up, peer-down, peer-restarted
+	Peer   string    `json:"peer,omitempty"`
+	Assoc  string    `json:"assoc,omitempty"`
+	Device uint32    `json:"device,omitempty"`
+	Detail string    `json:"detail,omitempty"`
+}
+
+// UpgradeResult reports a completed PSP socket upgrade.
+type UpgradeResult struct {
+	Peer    string `json:"peer"`
+	Device  uint32 `json:"device"`
+	Version string `json:"version"`
+	RxSPI   uint32 `json:"rx_spi"`
+	TxSPI   uint32 `json:"tx_spi"`
+}
+
+// Service is what the daemon provides to the API. Implementations return
+// errors wrapping ErrNotFound or ErrInvalid where those apply, so the
+// server can answer 404 or 400.
+type Service interface {
+	Status(ctx context.Context) (Status, error)
+	Peers(ctx context.Context) ([]Peer, error)
+	Assocs(ctx context.Context) ([]Assoc, error)
+	Rotate(ctx context.Context, req RotateRequest) ([]Rotated, error)
+	Devices(ctx context.Context) ([]Device, error)
+	RotateDevice(ctx context.Context, id uint32) (Device, error)
+	// Events streams events until ctx ends.
+	Events(ctx context.Context) (<-chan Event, error)
+	// UpgradePSP takes ownership of sock, a connected TCP socket of the
+	// calling application, and upgrades it to PSP with the named peer.
+	UpgradePSP(ctx context.Context, sock *os.File, peer string) (UpgradeResult, error)
+}
+
+// Errors a Service wraps to choose the HTTP status.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrInvalid  = errors.New("invalid request")
+)
+
+// ErrorBody is the JSON body of every non-2xx answer.
+type ErrorBody struct {
+	Error string `json:"error"`
+}
