@@ -169,11 +169,11 @@ type Server struct {
 // NewServer returns a server for svc.
 func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 	s := &Server{svc: svc, auth: auth, log: log, mux: http.NewServeMux()}
-	s.route("GET /v1/status", AccessRead, s.status)
-	s.route("GET /v1/peers", AccessRead, s.peers)
-	s.route("GET /v1/assocs", AccessRead, s.assocs)
+	s.route("GET /v1/status", AccessRead, read(svc.Status))
+	s.route("GET /v1/peers", AccessRead, read(svc.Peers))
+	s.route("GET /v1/assocs", AccessRead, read(svc.Assocs))
 	s.route("POST /v1/assocs/rotate", AccessWrite, s.rotate)
-	s.route("GET /v1/devices", AccessRead, s.devices)
+	s.route("GET /v1/devices", AccessRead, read(svc.Devices))
 	s.route("POST /v1/devices/{id}/rotate", AccessWrite, s.rotateDevice)
 	s.route("GET /v1/events", AccessRead, s.events)
 	s.route("POST /v1/psp/upgrade", AccessRead, s.upgrade)
@@ -257,28 +257,15 @@ func writeJSON(w http.ResponseWriter, v any) error {
 	return json.NewEncoder(w).Encode(v)
 }
 
-func (s *Server) status(w http.ResponseWriter, r *http.Request) error {
-	v, err := s.svc.Status(r.Context())
-	if err != nil {
-		return err
+// read adapts a Service getter to a handler.
+func read[T any](get func(context.Context) (T, error)) func(http.ResponseWriter, *http.Request) error {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		v, err := get(r.Context())
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, v)
 	}
-	return writeJSON(w, v)
-}
-
-func (s *Server) peers(w http.ResponseWriter, r *http.Request) error {
-	v, err := s.svc.Peers(r.Context())
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, v)
-}
-
-func (s *Server) assocs(w http.ResponseWriter, r *http.Request) error {
-	v, err := s.svc.Assocs(r.Context())
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, v)
 }
 
 func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {
@@ -292,14 +279,6 @@ func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	v, err := s.svc.Rotate(r.Context(), req)
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, v)
-}
-
-func (s *Server) devices(w http.ResponseWriter, r *http.Request) error {
-	v, err := s.svc.Devices(r.Context())
 	if err != nil {
 		return err
 	}

@@ -55,7 +55,9 @@ func (f *fakeService) Devices(context.Context) ([]localapi.Device, error) { retu
 func (f *fakeService) RotateDevice(_ context.Context, id uint32) (localapi.Device, error) {
 	return localapi.Device{ID: id}, nil
 }
-func (f *fakeService) Events(ctx context.Context) (<-chan localapi.Event, error) { return f.events, nil }
+func (f *fakeService) Events(ctx context.Context) (<-chan localapi.Event, error) {
+	return f.events, nil
+}
 func (f *fakeService) UpgradePSP(_ context.Context, sock *os.File, peer string) (localapi.UpgradeResult, error) {
 	defer sock.Close()
 	sa, err := unix.Getsockname(int(sock.Fd()))
