@@ -5,13 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,74 +17,18 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/localapi/apitest"
 	"github.com/pspd/pspd/localapi/client"
 )
 
-// fakeService is an in-memory Service: it stands in for the daemon so the
-// API, its authorisation and the fd passing are tested on real unix
-// sockets. The daemon's own tests run the same client against the real
-// service.
-type fakeService struct {
-	mu       sync.Mutex
-	rotated  []localapi.RotateRequest
-	upgraded []string // local address of each received socket
-	events   chan localapi.Event
-}
-
-func (f *fakeService) Status(context.Context) (localapi.Status, error) {
-	return localapi.Status{Version: "test", Peers: 1}, nil
-}
-func (f *fakeService) Peers(context.Context) ([]localapi.Peer, error) {
-	return []localapi.Peer{{Name: "b", State: "up"}}, nil
-}
-func (f *fakeService) Assocs(context.Context) ([]localapi.Assoc, error) {
-	return []localapi.Assoc{{ID: "b/1", Peer: "b", RxSPI: 1, TxSPI: 0x40000001}}, nil
-}
-func (f *fakeService) Rotate(_ context.Context, r localapi.RotateRequest) ([]localapi.Rotated, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if r.Peer == "nobody" {
-		return nil, fmt.Errorf("peer %q: %w", r.Peer, localapi.ErrNotFound)
-	}
-	f.rotated = append(f.rotated, r)
-	return []localapi.Rotated{{ID: "b/1", RxSPI: 2}}, nil
-}
-func (f *fakeService) Devices(context.Context) ([]localapi.Device, error) { return nil, nil }
-func (f *fakeService) RotateDevice(_ context.Context, id uint32) (localapi.Device, error) {
-	return localapi.Device{ID: id}, nil
-}
-func (f *fakeService) Events(ctx context.Context) (<-chan localapi.Event, error) {
-	return f.events, nil
-}
-func (f *fakeService) UpgradePSP(_ context.Context, sock *os.File, peer string) (localapi.UpgradeResult, error) {
-	defer sock.Close()
-	sa, err := unix.Getsockname(int(sock.Fd()))
-	if err != nil {
-		return localapi.UpgradeResult{}, err
-	}
-	f.mu.Lock()
-	f.upgraded = append(f.upgraded, fmt.Sprint(sa.(*unix.SockaddrInet4).Port))
-	f.mu.Unlock()
-	return localapi.UpgradeResult{Peer: peer, RxSPI: 7}, nil
-}
-
-func serve(t *testing.T, auth localapi.Authorizer) (string, *fakeService) {
+func serve(t *testing.T, auth localapi.Authorizer) (string, *apitest.Service) {
 	t.Helper()
-	dir := openTempDir(t)
-	path := filepath.Join(dir, "pspd.sock")
-	ln, err := localapi.Listen(path, auth)
-	if err != nil {
-		t.Fatal(err)
+	svc := &apitest.Service{
+		StatusV: localapi.Status{Version: "test", Peers: 1},
+		AssocsV: []localapi.Assoc{{ID: "b/1", Peer: "b", RxSPI: 1, TxSPI: 0x40000001}},
+		EventsC: make(chan localapi.Event, 4),
 	}
-	svc := &fakeService{events: make(chan localapi.Event, 4)}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		localapi.NewServer(svc, auth, slog.New(slog.NewTextHandler(io.Discard, nil))).Serve(ctx, ln)
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	return path, svc
+	return apitest.Serve(t, svc, auth), svc
 }
 
 func TestReadWriteAsRoot(t *testing.T) {
@@ -103,12 +45,12 @@ func TestReadWriteAsRoot(t *testing.T) {
 	if _, err := c.Rotate(ctx, localapi.RotateRequest{Peer: "b"}); err != nil {
 		t.Fatal(err)
 	}
-	if len(svc.rotated) != 1 || svc.rotated[0].Peer != "b" {
-		t.Fatalf("rotate not delivered: %+v", svc.rotated)
+	if len(svc.Rotated) != 1 || svc.Rotated[0].Peer != "b" {
+		t.Fatalf("rotate not delivered: %+v", svc.Rotated)
 	}
 	_, err = c.Rotate(ctx, localapi.RotateRequest{Peer: "nobody"})
 	var ae *client.APIError
-	if !errors.As(err, &ae) || ae.Status != 404 || !strings.Contains(ae.Message, `peer "nobody"`) {
+	if !errors.As(err, &ae) || ae.Status != 404 || !strings.Contains(ae.Message, "no association matches") {
 		t.Fatalf("unknown peer: %v", err)
 	}
 	if _, err := c.Rotate(ctx, localapi.RotateRequest{Peer: "b", All: true}); err == nil {
@@ -121,9 +63,9 @@ func TestEvents(t *testing.T) {
 		t.Skip("needs root to read state without a pspd group")
 	}
 	path, svc := serve(t, localapi.NewAuthorizer("pspd-test-nonexistent"))
-	svc.events <- localapi.Event{Kind: "assoc-up", Peer: "b"}
-	svc.events <- localapi.Event{Kind: "rekey", Peer: "b"}
-	close(svc.events)
+	svc.EventsC <- localapi.Event{Kind: "assoc-up", Peer: "b"}
+	svc.EventsC <- localapi.Event{Kind: "rekey", Peer: "b"}
+	close(svc.EventsC)
 	var got []string
 	err := client.New(path).Events(context.Background(), func(e localapi.Event) error {
 		got = append(got, e.Kind)
@@ -275,9 +217,9 @@ func TestUpgradePassesSocket(t *testing.T) {
 	if res.Peer != "b" || res.RxSPI != 7 {
 		t.Fatalf("result %+v", res)
 	}
-	_, port, _ := net.SplitHostPort(conn.LocalAddr().String())
-	if len(svc.upgraded) != 1 || svc.upgraded[0] != port {
-		t.Fatalf("service saw %v, want the socket with local port %s", svc.upgraded, port)
+	port := conn.LocalAddr().(*net.TCPAddr).Port
+	if len(svc.Upgraded) != 1 || svc.Upgraded[0] != port {
+		t.Fatalf("service saw %v, want the socket with local port %d", svc.Upgraded, port)
 	}
 
 	udp, err := net.ListenPacket("udp4", "127.0.0.1:0")
@@ -298,8 +240,8 @@ func TestUpgradePassesSocket(t *testing.T) {
 	if _, err := c.UpgradePSP(ctx, f, "b"); err == nil || !strings.Contains(err.Error(), "not connected") {
 		t.Fatalf("unconnected socket: %v", err)
 	}
-	if len(svc.upgraded) != 1 {
-		t.Fatalf("refused sockets reached the service: %v", svc.upgraded)
+	if len(svc.Upgraded) != 1 {
+		t.Fatalf("refused sockets reached the service: %v", svc.Upgraded)
 	}
 }
 
@@ -315,22 +257,9 @@ func worldExecutableCopy(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := openTempDir(t)
-	exe := filepath.Join(dir, "caller")
+	exe := filepath.Join(apitest.OpenTempDir(t), "caller")
 	if err := os.WriteFile(exe, b, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	return exe
-}
-
-// openTempDir is a temporary directory that unprivileged helper processes
-// can enter (t.TempDir and its parent are 0700).
-func openTempDir(t *testing.T) string {
-	dir := t.TempDir()
-	for _, d := range []string{dir, filepath.Dir(dir)} {
-		if err := os.Chmod(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return dir
 }

@@ -1,0 +1,285 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/localapi/client"
+)
+
+type cli struct {
+	out    io.Writer
+	now    func() time.Time
+	socket string
+	json   bool
+}
+
+func (c *cli) client() *client.Client { return client.New(c.socket) }
+
+func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
+	c := &cli{out: out, now: now}
+	root := &cobra.Command{
+		Use:           "pspctl",
+		Short:         "Inspect and control a running pspd",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(out)
+	root.PersistentFlags().StringVar(&c.socket, "socket", localapi.DefaultSocket, "pspd's local API socket")
+	root.PersistentFlags().BoolVar(&c.json, "json", false, "print JSON instead of a table")
+
+	root.AddCommand(&cobra.Command{
+		Use:   "status",
+		Short: "Show the daemon's status",
+		Args:  cobra.NoArgs,
+		RunE:  c.status,
+	})
+
+	peer := &cobra.Command{Use: "peer", Short: "Configured peers"}
+	peer.AddCommand(&cobra.Command{Use: "list", Short: "List peers and their session state", Args: cobra.NoArgs, RunE: c.peerList})
+	root.AddCommand(peer)
+
+	assoc := &cobra.Command{Use: "assoc", Short: "Associations (SA pairs)"}
+	assoc.AddCommand(&cobra.Command{Use: "list", Short: "List associations; keys are never shown", Args: cobra.NoArgs, RunE: c.assocList})
+	var rotPeer string
+	var rotAll bool
+	rotate := &cobra.Command{
+		Use:   "rotate [ID | --peer NAME | --all]",
+		Short: "Rekey associations make-before-break and report the new SPIs",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := localapi.RotateRequest{Peer: rotPeer, All: rotAll}
+			if len(args) == 1 {
+				req.ID = args[0]
+			}
+			if err := req.Validate(); err != nil {
+				return fmt.Errorf("assoc rotate: give an association ID, --peer NAME or --all")
+			}
+			return c.assocRotate(cmd, req)
+		},
+	}
+	rotate.Flags().StringVar(&rotPeer, "peer", "", "rekey every association with this peer")
+	rotate.Flags().BoolVar(&rotAll, "all", false, "rekey every association")
+	assoc.AddCommand(rotate)
+	root.AddCommand(assoc)
+
+	dev := &cobra.Command{Use: "dev", Short: "Kernel PSP devices"}
+	dev.AddCommand(&cobra.Command{Use: "list", Short: "List PSP devices", Args: cobra.NoArgs, RunE: c.devList})
+	dev.AddCommand(&cobra.Command{Use: "rotate ID", Short: "Rotate a PSP device key now", Args: cobra.ExactArgs(1), RunE: c.devRotate})
+	root.AddCommand(dev)
+	return root
+}
+
+// explain turns transport and permission failures into what to do next.
+func explain(err error) error {
+	if client.IsAccessDenied(err) {
+		return fmt.Errorf("%w (try sudo)", err)
+	}
+	return err
+}
+
+func (c *cli) emitJSON(v any) error {
+	enc := json.NewEncoder(c.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (c *cli) table(header string, rows [][]string) error {
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	return tw.Flush()
+}
+
+func (c *cli) status(cmd *cobra.Command, _ []string) error {
+	st, err := c.client().Status(cmd.Context())
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(st)
+	}
+	fips := "off"
+	if st.FIPS {
+		fips = "on"
+	}
+	rows := [][]string{
+		{"version", st.Version},
+		{"public key", st.PublicKey},
+		{"fingerprint", st.Fingerprint},
+		{"listen", st.Listen},
+		{"backends", strings.Join(st.Backends, ", ")},
+		{"fips 140-3", fips},
+		{"up since", fmt.Sprintf("%s (%s)", st.Started.UTC().Format(time.RFC3339), age(c.now(), st.Started))},
+		{"peers", fmt.Sprintf("%d configured, %d up", st.Peers, st.PeersUp)},
+		{"associations", strconv.Itoa(st.Assocs)},
+	}
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])
+	}
+	return tw.Flush()
+}
+
+func (c *cli) peerList(cmd *cobra.Command, _ []string) error {
+	ps, err := c.client().Peers(cmd.Context())
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(ps)
+	}
+	sort.Slice(ps, func(i, j int) bool { return ps[i].Name < ps[j].Name })
+	var rows [][]string
+	for _, p := range ps {
+		hs := "-"
+		if !p.LastHandshake.IsZero() {
+			hs = age(c.now(), p.LastHandshake) + " ago"
+		}
+		rows = append(rows, []string{p.Name, p.Endpoint, p.Fingerprint, p.State, dash(p.Backend), strconv.Itoa(p.Assocs), hs, dash(p.LastError)})
+	}
+	return c.table("PEER\tENDPOINT\tFINGERPRINT\tSTATE\tBACKEND\tASSOCS\tHANDSHAKE\tLAST ERROR", rows)
+}
+
+func (c *cli) assocList(cmd *cobra.Command, _ []string) error {
+	as, err := c.client().Assocs(cmd.Context())
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(as)
+	}
+	sort.Slice(as, func(i, j int) bool { return as[i].ID < as[j].ID })
+	var rows [][]string
+	for _, a := range as {
+		next := "-"
+		if !a.NextRekey.IsZero() {
+			next = "in " + age(a.NextRekey, c.now())
+		}
+		rows = append(rows, []string{a.ID, a.Peer, a.Backend, a.Suite, spi(a.RxSPI), spi(a.TxSPI),
+			strconv.FormatUint(uint64(a.Generation), 10), age(c.now(), a.Created), next,
+			traffic(a.BytesIn, a.PacketsIn), traffic(a.BytesOut, a.PacketsOut), strconv.FormatUint(a.Drops, 10)})
+	}
+	return c.table("ID\tPEER\tBACKEND\tSUITE\tRX SPI\tTX SPI\tGEN\tAGE\tNEXT REKEY\tIN\tOUT\tDROPS", rows)
+}
+
+func (c *cli) assocRotate(cmd *cobra.Command, req localapi.RotateRequest) error {
+	rs, err := c.client().Rotate(cmd.Context(), req)
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(rs)
+	}
+	var rows [][]string
+	var failed int
+	for _, r := range rs {
+		res := "ok"
+		if r.Error != "" {
+			res, failed = r.Error, failed+1
+		}
+		rows = append(rows, []string{r.ID, r.Peer, spi(r.OldRxSPI) + " -> " + spi(r.RxSPI), spi(r.OldTxSPI) + " -> " + spi(r.TxSPI),
+			strconv.FormatUint(uint64(r.Generation), 10), res})
+	}
+	if err := c.table("ID\tPEER\tRX SPI\tTX SPI\tGEN\tRESULT", rows); err != nil {
+		return err
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d rotations failed; the old associations stay in use", failed, len(rs))
+	}
+	if len(rs) == 0 {
+		return errors.New("no association matched")
+	}
+	return nil
+}
+
+func (c *cli) devList(cmd *cobra.Command, _ []string) error {
+	ds, err := c.client().Devices(cmd.Context())
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(ds)
+	}
+	var rows [][]string
+	for _, d := range ds {
+		last := "-"
+		if !d.LastRotation.IsZero() {
+			last = age(c.now(), d.LastRotation) + " ago"
+		}
+		rows = append(rows, []string{strconv.FormatUint(uint64(d.ID), 10), d.Ifname, strings.Join(d.Capable, ","),
+			dash(strings.Join(d.Enabled, ",")), strconv.FormatUint(d.Rotations, 10), last})
+	}
+	return c.table("ID\tIFACE\tCAPABLE\tENABLED\tROTATIONS\tLAST ROTATION", rows)
+}
+
+func (c *cli) devRotate(cmd *cobra.Command, args []string) error {
+	id, err := strconv.ParseUint(args[0], 10, 32)
+	if err != nil || id == 0 {
+		return fmt.Errorf("dev rotate: %q is not a device id (see pspctl dev list)", args[0])
+	}
+	d, err := c.client().RotateDevice(cmd.Context(), uint32(id))
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(d)
+	}
+	fmt.Fprintf(c.out, "device %d (%s) rotated; %d rotations so far\n", d.ID, d.Ifname, d.Rotations)
+	return nil
+}
+
+func spi(v uint32) string { return fmt.Sprintf("%#08x", v) }
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// age formats the time from t to now the way `wg show` does, coarsely.
+func age(now, t time.Time) string {
+	d := now.Sub(t).Round(time.Second)
+	if d < 0 {
+		d = 0
+	}
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm%02ds", int(d.Minutes()), int(d.Seconds())%60)
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh%02dm", int(d.Hours()), int(d.Minutes())%60)
+	}
+	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}
+
+func traffic(bytes, packets uint64) string {
+	return humanBytes(bytes) + "/" + strconv.FormatUint(packets, 10) + "p"
+}
+
+func humanBytes(b uint64) string {
+	const unit = 1024
+	if b < unit {
+		return fmt.Sprintf("%dB", b)
+	}
+	div, exp := uint64(unit), 0
+	for n := b / unit; n >= unit; n /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f%ciB", float64(b)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,123 @@
+// Package apitest serves the local API from an in-memory Service for tests
+// of the client and of pspctl. It is a fake of the daemon, not of the API:
+// requests go over a real unix socket through the real server and its
+// authorisation. The daemon's own tests drive the same client against the
+// real service.
+package apitest
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pspd/pspd/localapi"
+)
+
+// Service is an in-memory localapi.Service with fixed answers.
+type Service struct {
+	StatusV  localapi.Status
+	PeersV   []localapi.Peer
+	AssocsV  []localapi.Assoc
+	DevicesV []localapi.Device
+	EventsC  chan localapi.Event
+
+	mu       sync.Mutex
+	Rotated  []localapi.RotateRequest
+	Upgraded []int // local port of each socket received
+}
+
+func (s *Service) Status(context.Context) (localapi.Status, error)    { return s.StatusV, nil }
+func (s *Service) Peers(context.Context) ([]localapi.Peer, error)     { return s.PeersV, nil }
+func (s *Service) Assocs(context.Context) ([]localapi.Assoc, error)   { return s.AssocsV, nil }
+func (s *Service) Devices(context.Context) ([]localapi.Device, error) { return s.DevicesV, nil }
+
+func (s *Service) Events(context.Context) (<-chan localapi.Event, error) { return s.EventsC, nil }
+
+// Rotate answers for the associations the request selects, giving each a
+// new SPI pair one above its old one.
+func (s *Service) Rotate(_ context.Context, r localapi.RotateRequest) ([]localapi.Rotated, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.Rotated = append(s.Rotated, r)
+	var out []localapi.Rotated
+	for _, a := range s.AssocsV {
+		if r.All || r.ID == a.ID || r.Peer == a.Peer {
+			out = append(out, localapi.Rotated{ID: a.ID, Peer: a.Peer, OldRxSPI: a.RxSPI, OldTxSPI: a.TxSPI,
+				RxSPI: a.RxSPI + 1, TxSPI: a.TxSPI + 1, Generation: a.Generation + 1})
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no association matches %+v: %w", r, localapi.ErrNotFound)
+	}
+	return out, nil
+}
+
+func (s *Service) RotateDevice(_ context.Context, id uint32) (localapi.Device, error) {
+	for _, d := range s.DevicesV {
+		if d.ID == id {
+			d.Rotations++
+			return d, nil
+		}
+	}
+	return localapi.Device{}, fmt.Errorf("device %d: %w", id, localapi.ErrNotFound)
+}
+
+// UpgradePSP records the local port of the socket it was handed.
+func (s *Service) UpgradePSP(_ context.Context, sock *os.File, peer string) (localapi.UpgradeResult, error) {
+	defer sock.Close()
+	sa, err := unix.Getsockname(int(sock.Fd()))
+	if err != nil {
+		return localapi.UpgradeResult{}, err
+	}
+	port := 0
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		port = a.Port
+	case *unix.SockaddrInet6:
+		port = a.Port
+	}
+	s.mu.Lock()
+	s.Upgraded = append(s.Upgraded, port)
+	s.mu.Unlock()
+	return localapi.UpgradeResult{Peer: peer, RxSPI: 7}, nil
+}
+
+// Serve runs the API for svc on a socket in a directory unprivileged test
+// processes can enter, and returns the socket path.
+func Serve(t testing.TB, svc localapi.Service, auth localapi.Authorizer) string {
+	t.Helper()
+	dir := OpenTempDir(t)
+	path := filepath.Join(dir, "pspd.sock")
+	ln, err := localapi.Listen(path, auth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		localapi.NewServer(svc, auth, slog.New(slog.NewTextHandler(io.Discard, nil))).Serve(ctx, ln)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return path
+}
+
+// OpenTempDir is a temporary directory that unprivileged helper processes
+// can enter (t.TempDir and its parent are 0700).
+func OpenTempDir(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
