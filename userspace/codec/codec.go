@@ -42,7 +42,9 @@
 // Each TX SA has a packet budget and a lifetime. Past SoftPackets or
 // SoftLifetime the codec sends one RekeyEvent on RekeyWanted(); at
 // HardPackets or HardLifetime Seal fails closed. RX SAs expire at
-// HardLifetime too. Keys are wiped when their SA is removed or replaced.
+// HardLifetime too. Time limits are enforced by timers that run Maintain
+// at each deadline, so the packet path reads an atomic flag instead of
+// the clock. Keys are wiped when their SA is removed or replaced.
 // (The AES key schedule inside crypto/aes cannot be wiped from outside the
 // standard library; it becomes garbage with the SA.)
 package codec
@@ -173,8 +175,11 @@ type Codec struct {
 	grace    time.Duration
 	now      func() time.Time
 	epoch    time.Time // clock readings become durations since epoch
-	log      *slog.Logger
-	rekey    chan RekeyEvent
+	// afterFunc arms the timers that enforce lifetimes without a clock
+	// read per packet; tests replace it with their fake clock's.
+	afterFunc func(time.Duration, func()) (stop func() bool)
+	log       *slog.Logger
+	rekey     chan RekeyEvent
 
 	mu     sync.Mutex // serialises writers of tab
 	closed bool
@@ -186,8 +191,9 @@ type Codec struct {
 // table is an immutable snapshot of the SAs; writers replace it whole so
 // the packet path reads it with one atomic load and no lock.
 type table struct {
-	tx *txSA
-	rx []*rxSA // oldest first
+	tx        *txSA
+	rx        []*rxSA // oldest first
+	txExpired bool    // tx is nil because the last one expired
 }
 
 type txSA struct {
@@ -201,6 +207,8 @@ type txSA struct {
 	bytes    atomic.Uint64
 	askedPkt atomic.Bool
 	askedAge atomic.Bool
+	off      atomic.Bool   // expired or removed: Seal refuses
+	stops    []func() bool // its timers; written under Codec.mu
 }
 
 type rxSA struct {
@@ -210,8 +218,9 @@ type rxSA struct {
 	key     secret.Key
 	hardAt  time.Duration
 	graceAt atomic.Int64 // time.Duration; 0 = no grace deadline
-	dead    atomic.Bool  // removed: packets in flight under it are dropped
-	seen    atomic.Bool  // a packet authenticated under it
+	off     atomic.Bool  // expired or removed: Open drops
+	stops   []func() bool
+	seen    atomic.Bool // a packet authenticated under it
 	packets atomic.Uint64
 	bytes   atomic.Uint64
 
@@ -270,6 +279,7 @@ func New(cfg Config) (*Codec, error) {
 		c.log = slog.New(slog.DiscardHandler)
 	}
 	c.epoch = c.now()
+	c.afterFunc = func(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }
 	c.tab.Store(&table{})
 	return c, nil
 }

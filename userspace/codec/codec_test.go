@@ -406,6 +406,7 @@ func TestKeysNeverPrinted(t *testing.T) {
 	clk := newClock()
 	cfg := Config{Framing: Geneve, Now: clk.Now, Logger: slog.New(slog.NewTextHandler(&logs, nil))}
 	c := mustNew(t, cfg)
+	clk.use(c)
 	k1, k2, k3 := testKey(kdf.AESGCM256, 0x51), testKey(kdf.AESGCM256, 0x52), testKey(kdf.AESGCM256, 0x53)
 	must(t, c.InstallTX(SA{SPI: 1, Suite: kdf.AESGCM256, Key: k1}))
 	must(t, c.InstallRX(SA{SPI: 0x40000001, Suite: kdf.AESGCM256, Key: k2}))

@@ -12,11 +12,36 @@ import (
 	"github.com/pspd/pspd/userspace/wire"
 )
 
-// fakeClock is a test clock; the real clock is exercised by every test
-// that leaves Config.Now nil.
+// fakeClock is a test clock with timers that fire when Advance passes
+// their deadline. The real clock and timers are exercised by every test
+// that leaves Config.Now nil, and by TestRealTimers.
 type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
+	mu     sync.Mutex
+	t      time.Time
+	timers []*fakeTimer
+}
+
+type fakeTimer struct {
+	at      time.Time
+	f       func()
+	stopped bool
+}
+
+// use makes c run on the fake clock's timers.
+func (c *fakeClock) use(cd *Codec) { cd.afterFunc = c.AfterFunc }
+
+func (c *fakeClock) AfterFunc(d time.Duration, f func()) func() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ft := &fakeTimer{at: c.t.Add(d), f: f}
+	c.timers = append(c.timers, ft)
+	return func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		was := !ft.stopped
+		ft.stopped = true
+		return was
+	}
 }
 
 func newClock() *fakeClock { return &fakeClock{t: time.Unix(1_800_000_000, 0)} }
@@ -30,7 +55,23 @@ func (c *fakeClock) Now() time.Time {
 func (c *fakeClock) Advance(d time.Duration) {
 	c.mu.Lock()
 	c.t = c.t.Add(d)
+	var due []func()
+	keep := c.timers[:0]
+	for _, ft := range c.timers {
+		switch {
+		case ft.stopped:
+		case !ft.at.After(c.t):
+			ft.stopped = true
+			due = append(due, ft.f)
+		default:
+			keep = append(keep, ft)
+		}
+	}
+	c.timers = keep
 	c.mu.Unlock()
+	for _, f := range due {
+		f()
+	}
 }
 
 // testKey is a deterministic non-zero key for suite s.
@@ -55,6 +96,10 @@ func pair(t testing.TB, f Framing, s kdf.Suite, clk *fakeClock) (a, b *Codec) {
 		cfg.Now = clk.Now
 	}
 	a, b = mustNew(t, cfg), mustNew(t, cfg)
+	if clk != nil {
+		clk.use(a)
+		clk.use(b)
+	}
 	kab, kba := testKey(s, 1), testKey(s, 2)
 	must(t, a.InstallTX(SA{SPI: spiAtoB, Suite: s, Key: kab}))
 	must(t, b.InstallRX(SA{SPI: spiAtoB, Suite: s, Key: kab}))

@@ -62,10 +62,13 @@ func (c *Codec) InstallRX(sa SA) error {
 	}
 	now := c.clock()
 	r := &rxSA{spi: sa.SPI, suite: sa.Suite, aead: aead, key: sa.Key.Clone(), hardAt: now + c.hardLife}
-	deadline := int64(now + c.grace)
+	r.stops = append(r.stops, c.afterFunc(c.hardLife, c.Maintain))
+	// Deadlines only grow, so an SA keeps the grace of the first SA that
+	// superseded it.
 	for _, o := range old.rx {
-		if g := o.graceAt.Load(); g == 0 || g > deadline {
-			o.graceAt.Store(deadline)
+		if o.graceAt.Load() == 0 {
+			o.graceAt.Store(int64(now + c.grace))
+			o.stops = append(o.stops, c.afterFunc(c.grace, c.Maintain))
 		}
 	}
 	c.tab.Store(&table{tx: old.tx, rx: append(append([]*rxSA(nil), old.rx...), r)})
@@ -99,9 +102,10 @@ func (c *Codec) InstallTX(sa SA) error {
 	}
 	now := c.clock()
 	t := &txSA{spi: sa.SPI, suite: sa.Suite, aead: aead, key: sa.Key.Clone(), softAt: now + c.softLife, hardAt: now + c.hardLife}
+	t.stops = append(t.stops, c.afterFunc(c.softLife, c.Maintain), c.afterFunc(c.hardLife, c.Maintain))
 	c.tab.Store(&table{tx: t, rx: old.rx})
 	if old.tx != nil {
-		old.tx.key.Wipe()
+		old.tx.retire()
 		c.log.Info("codec: TX SA replaced", "old_spi", old.tx.spi, "packets", old.tx.sent(c.hardPkts))
 	}
 	c.log.Info("codec: TX SA installed", "spi", sa.SPI, "suite", sa.Suite, "framing", c.framing)
@@ -132,9 +136,10 @@ func (c *Codec) removeRXLocked(gone func(*rxSA) bool, why string) int {
 	if len(removed) == 0 {
 		return 0
 	}
-	c.tab.Store(&table{tx: old.tx, rx: keep})
+	c.tab.Store(&table{tx: old.tx, rx: keep, txExpired: old.txExpired})
 	for _, r := range removed {
-		r.dead.Store(true)
+		r.off.Store(true)
+		stopAll(r.stops)
 		r.key.Wipe()
 		c.log.Info("codec: RX SA "+why, "spi", r.spi, "packets", r.packets.Load())
 	}
@@ -159,9 +164,8 @@ func (c *Codec) peerSeen(r *rxSA) {
 
 // Maintain enforces the time limits: it removes RX SAs past their grace
 // deadline or lifetime, removes an expired TX SA, and asks for a rekey
-// when the TX SA reaches SoftLifetime. Call it periodically (every second
-// or so); the packet path enforces expiry on its own, Maintain frees the
-// keys.
+// when the TX SA reaches SoftLifetime. The codec's timers call it at each
+// deadline; calling it more often is harmless.
 func (c *Codec) Maintain() {
 	now := c.clock()
 	c.mu.Lock()
@@ -172,8 +176,8 @@ func (c *Codec) Maintain() {
 		return
 	}
 	if now >= t.tx.hardAt {
-		c.tab.Store(&table{rx: t.rx})
-		t.tx.key.Wipe()
+		c.tab.Store(&table{rx: t.rx, txExpired: true})
+		t.tx.retire()
 		c.log.Warn("codec: TX SA expired without a rekey; TX stops until a new SA is installed", "spi", t.tx.spi)
 		return
 	}
@@ -190,7 +194,7 @@ func (c *Codec) Close() {
 	c.closed = true
 	c.removeRXLocked(func(*rxSA) bool { return true }, "removed on close")
 	if t := c.tab.Load(); t.tx != nil {
-		t.tx.key.Wipe()
+		t.tx.retire()
 	}
 	c.tab.Store(&table{})
 }
@@ -201,6 +205,21 @@ func (r *rxSA) expiredAt(now time.Duration) bool {
 	}
 	g := r.graceAt.Load()
 	return g != 0 && int64(now) >= g
+}
+
+// retire makes t unusable and wipes its key. The caller has already
+// unpublished t; a Seal that loaded it before sees off or, if it raced
+// past that check, uses the AEAD, which does not read the key bytes.
+func (t *txSA) retire() {
+	t.off.Store(true)
+	stopAll(t.stops)
+	t.key.Wipe()
+}
+
+func stopAll(stops []func() bool) {
+	for _, s := range stops {
+		s()
+	}
 }
 
 // sent is the number of packets sealed under t.

@@ -59,8 +59,12 @@ func (c *Codec) txFail(err error) error {
 
 // txPrepare does every check that does not consume a counter.
 func (c *Codec) txPrepare(inner []byte) (*txSA, wire.Inner, error) {
-	sa := c.tab.Load().tx
+	t := c.tab.Load()
+	sa := t.tx
 	if sa == nil {
+		if t.txExpired {
+			return nil, 0, ErrKeyExpired
+		}
 		return nil, 0, ErrNoTXSA
 	}
 	proto, err := wire.CheckInner(inner)
@@ -70,7 +74,7 @@ func (c *Codec) txPrepare(inner []byte) (*txSA, wire.Inner, error) {
 	case err != nil:
 		return nil, 0, ErrInnerPacket
 	}
-	if c.clock() >= sa.hardAt {
+	if sa.off.Load() {
 		return nil, 0, ErrKeyExpired
 	}
 	return sa, proto, nil
@@ -189,7 +193,7 @@ func (c *Codec) rxLookup(f Framing, p []byte) (*rxSA, wire.Header, DropReason) {
 	if h.Version != wire.NoVersion && h.Version != uint8(sa.suite) {
 		return nil, h, DropVersion
 	}
-	if sa.dead.Load() || sa.expiredAt(c.clock()) {
+	if sa.off.Load() {
 		return nil, h, DropExpired
 	}
 	return sa, h, Pass
