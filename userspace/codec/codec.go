@@ -4,8 +4,10 @@
 // payload back into the inner packet or a counted drop.
 //
 // The codec works on UDP payloads only; the I/O layer adds and strips the
-// outer Ethernet/IP/UDP headers and picks the UDP port from
-// Codec.Framing().Port(). The byte layouts live in package wire and in
+// outer Ethernet/IP/UDP headers, sends to Codec.Framing().Port(), finds
+// the peer of a received payload by wire.PeekSPI (or by outer address),
+// and sets the inner MTU to the underlay's UDP payload size minus
+// Overhead(). The byte layouts live in package wire and in
 // docs/wire-format.md.
 //
 // # Packet API
@@ -15,6 +17,7 @@
 // the result in the same buffer. SealTo and OpenTo write into a separate
 // buffer and produce byte-identical results. All four are safe for
 // concurrent use from any number of queue goroutines and do not allocate.
+// Stats returns per-reason drop counters and per-SA packet/byte counts.
 //
 // Open checks, in this order: header parse → SPI lookup → nonce prefix
 // equals the SPI → PSP version equals the SA's suite → SA not expired →
@@ -91,14 +94,13 @@ const (
 // Errors returned by Seal and SealTo. They carry no per-packet context so
 // that returning them does not allocate.
 var (
-	ErrNoTXSA       = errors.New("codec: no TX SA installed")
-	ErrKeyExpired   = errors.New("codec: TX key expired")
-	ErrBudget       = errors.New("codec: TX key packet budget exhausted")
-	ErrEmptyPacket  = errors.New("codec: empty inner packet")
-	ErrInnerPacket  = errors.New("codec: inner packet is not one well-formed IPv4/IPv6 packet")
-	ErrShortBuffer  = errors.New("codec: buffer too small for header, packet and tag")
-	ErrClosed       = errors.New("codec: closed")
-	errInstallLimit = fmt.Errorf("codec: install RX: %d RX SAs live; wait for the peer to use the newest or for the grace to pass", MaxRXSAs)
+	ErrNoTXSA      = errors.New("codec: no TX SA installed")
+	ErrKeyExpired  = errors.New("codec: TX key expired")
+	ErrBudget      = errors.New("codec: TX key packet budget exhausted")
+	ErrEmptyPacket = errors.New("codec: empty inner packet")
+	ErrInnerPacket = errors.New("codec: inner packet is not one well-formed IPv4/IPv6 packet")
+	ErrShortBuffer = errors.New("codec: buffer too small for header, packet and tag")
+	ErrClosed      = errors.New("codec: closed")
 )
 
 // Config configures a Codec. Zero fields take the defaults documented on
@@ -123,8 +125,9 @@ type Config struct {
 	// installed if the peer is not seen on the newer one. Default
 	// DefaultRXGrace.
 	RXGrace time.Duration
-	// Now is the clock; default time.Now. Only differences between its
-	// readings are used.
+	// Now is the clock Maintain and Stats read; default time.Now. Only
+	// differences between its readings are used. The deadline timers
+	// that call Maintain run on real time.
 	Now func() time.Time
 	// Logger receives install/remove events (never key bytes). Default:
 	// discard.

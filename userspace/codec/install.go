@@ -54,7 +54,7 @@ func (c *Codec) InstallRX(sa SA) error {
 		return fmt.Errorf("codec: install RX spi=%v: key equals the TX key (spi=%v); directions need distinct keys", sa.SPI, old.tx.spi)
 	}
 	if len(old.rx) >= MaxRXSAs {
-		return fmt.Errorf("codec: install RX spi=%v: %w", sa.SPI, errInstallLimit)
+		return fmt.Errorf("codec: install RX spi=%v: %d RX SAs live; wait for the peer to use the newest or for the grace to pass", sa.SPI, MaxRXSAs)
 	}
 	aead, err := newAEAD(sa)
 	if err != nil {
