@@ -101,6 +101,7 @@ var (
 	ErrInnerPacket = errors.New("codec: inner packet is not one well-formed IPv4/IPv6 packet")
 	ErrShortBuffer = errors.New("codec: buffer too small for header, packet and tag")
 	ErrClosed      = errors.New("codec: closed")
+	ErrOverlap     = errors.New("codec: SealTo destination overlaps the inner packet")
 )
 
 // Config configures a Codec. Zero fields take the defaults documented on

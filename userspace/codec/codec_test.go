@@ -257,6 +257,8 @@ func TestHeaderDrops(t *testing.T) {
 					want DropReason
 				}{"nonce spi mismatch", f, forge(t, f, kdf.AESGCM128, key, uint32(spiAtoB), 0x40000009, 1, wire.IPv4, ipv4(8, 0)), DropSPIMismatch})
 			} else {
+				// PSP's nonce is header bytes 4..15, so its prefix is the
+				// SPI by construction: no mismatch case exists. Instead:
 				// PSP version 1 under an AES-GCM-128 SA.
 				v1 := append([]byte(nil), good...)
 				v1[3] = 1<<2 | 1
@@ -305,11 +307,21 @@ func TestBadBuffers(t *testing.T) {
 	if _, r := b.OpenTo(Geneve, make([]byte, len(inner)-1), p); r != DropBadBuffer {
 		t.Errorf("OpenTo short dst: %v", r)
 	}
+	// Partly overlapping buffers would make crypto/cipher panic.
+	both := make([]byte, 200)
+	copy(both[10:], inner)
+	if _, err := a.SealTo(both[20:], both[10:10+len(inner)]); !errors.Is(err, ErrOverlap) {
+		t.Errorf("SealTo overlapping: %v", err)
+	}
+	copy(both, p)
+	if _, r := b.OpenTo(Geneve, both[5:], both[:len(p)]); r != DropBadBuffer {
+		t.Errorf("OpenTo overlapping: %v", r)
+	}
 	// The refusals above used no counter: the next packet still carries 1.
 	if h, _ := wire.Parse(Geneve, p); h.Counter != 1 {
 		t.Errorf("counter %d after refused seals", h.Counter)
 	}
-	if st := a.Stats(); st.Drops[DropTXBadBuffer] != 7 {
+	if st := a.Stats(); st.Drops[DropTXBadBuffer] != 8 {
 		t.Errorf("tx bad-buffer drops %d", st.Drops[DropTXBadBuffer])
 	}
 }

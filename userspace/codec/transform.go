@@ -30,12 +30,15 @@ func (c *Codec) Seal(buf []byte, off, n int) (start, length int, err error) {
 }
 
 // SealTo encrypts inner into dst and returns the UDP payload length
-// written to dst[:length]. dst must not overlap inner. The bytes are those
-// Seal would produce for the same counter.
+// written to dst[:length]. The bytes are those Seal would produce for the
+// same counter. A dst that overlaps inner is refused with ErrOverlap.
 func (c *Codec) SealTo(dst, inner []byte) (length int, err error) {
 	need := c.hdrLen + len(inner) + wire.TagLen
 	if len(dst) < need {
 		return 0, c.txFail(ErrShortBuffer)
+	}
+	if anyOverlap(dst[:need], inner) {
+		return 0, c.txFail(ErrOverlap)
 	}
 	sa, proto, err := c.txPrepare(inner)
 	if err != nil {
@@ -135,8 +138,9 @@ func (c *Codec) Open(f Framing, buf []byte, off, n int) (start, length int, reas
 }
 
 // OpenTo authenticates and decrypts the UDP payload pkt into dst and
-// returns the inner packet length written to dst[:length]. dst must not
-// overlap pkt and needs room for len(pkt) minus the header and tag.
+// returns the inner packet length written to dst[:length]. dst needs room
+// for len(pkt) minus the header and tag and must not overlap pkt
+// (DropBadBuffer otherwise).
 func (c *Codec) OpenTo(f Framing, dst, pkt []byte) (length int, reason DropReason) {
 	sa, h, r := c.rxLookup(f, pkt)
 	if r != Pass {
@@ -147,7 +151,7 @@ func (c *Codec) OpenTo(f Framing, dst, pkt []byte) (length int, reason DropReaso
 	// plaintext, OpenTo copies them there.
 	inClear := h.AADLen - h.HeaderLen
 	ct := pkt[h.AADLen:]
-	if len(dst) < inClear+len(ct)-wire.TagLen {
+	if len(dst) < inClear+len(ct)-wire.TagLen || anyOverlap(dst[:inClear+len(ct)-wire.TagLen], pkt) {
 		return 0, c.rxDrop(DropBadBuffer)
 	}
 	copy(dst, pkt[h.HeaderLen:h.AADLen])
