@@ -126,6 +126,11 @@ type Config struct {
 	// installed if the peer is not seen on the newer one. Default
 	// DefaultRXGrace.
 	RXGrace time.Duration
+	// ReorderGrace is how long older RX SAs still accept packets once the
+	// peer has been seen on a newer one, for packets sealed before the
+	// peer switched that arrive late (several TX queues, reordering
+	// underlay). Default 0: retire them at once.
+	ReorderGrace time.Duration
 	// Now is the clock Maintain and Stats read; default time.Now. Only
 	// differences between its readings are used. The deadline timers
 	// that call Maintain run on real time.
@@ -177,6 +182,7 @@ type Codec struct {
 	hardLife time.Duration
 	softLife time.Duration
 	grace    time.Duration
+	reorder  time.Duration
 	now      func() time.Time
 	epoch    time.Time // clock readings become durations since epoch
 	// afterFunc arms the timers that enforce lifetimes without a clock
@@ -245,6 +251,7 @@ func New(cfg Config) (*Codec, error) {
 		hardLife: cfg.HardLifetime,
 		softLife: cfg.SoftLifetime,
 		grace:    cfg.RXGrace,
+		reorder:  cfg.ReorderGrace,
 		now:      cfg.Now,
 		log:      cfg.Logger,
 		rekey:    make(chan RekeyEvent, 1),
@@ -275,6 +282,9 @@ func New(cfg Config) (*Codec, error) {
 	}
 	if c.grace < 0 {
 		return nil, fmt.Errorf("codec: config: RXGrace %v is negative", c.grace)
+	}
+	if c.reorder < 0 || c.reorder > c.grace {
+		return nil, fmt.Errorf("codec: config: want 0 <= ReorderGrace (%v) <= RXGrace (%v)", c.reorder, c.grace)
 	}
 	if c.now == nil {
 		c.now = time.Now

@@ -153,6 +153,19 @@ func (c *Codec) peerSeen(r *rxSA) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.reorder > 0 {
+		deadline := int64(c.clock() + c.reorder)
+		for _, o := range c.tab.Load().rx {
+			if o == r {
+				break
+			}
+			if o.graceAt.Load() > deadline {
+				o.graceAt.Store(deadline)
+				o.stops = append(o.stops, c.afterFunc(c.reorder, c.Maintain))
+			}
+		}
+		return
+	}
 	older := true
 	c.removeRXLocked(func(o *rxSA) bool {
 		if o == r {
