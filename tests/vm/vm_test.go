@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// defaultPkgs are the packages whose tests TestVM runs inside the VM when PSPD_VM_PKGS is unset.
+var defaultPkgs = []string{"./tests/vm/kernelcheck"}
+
+// TestVM builds the in-VM test binaries, boots the kernel once and reports every in-VM test
+// as a subtest with the same outcome. It runs only with PSPD_VM=auto|required (make vmtest),
+// so `go test ./...` does not boot a VM a second time.
+func TestVM(t *testing.T) {
+	mode := os.Getenv("PSPD_VM")
+	switch mode {
+	case "":
+		t.Skip("set PSPD_VM=auto|required (make vmtest)")
+	case "auto", "required":
+	default:
+		t.Fatalf("PSPD_VM=%q: want auto or required", mode)
+	}
+	if os.Getenv("PSPD_IN_VM") == "1" {
+		t.Skip("already inside the test VM")
+	}
+	// cannot ends the test when the VM cannot be had: a skip under auto, a failure under
+	// required. Anything else wrong (kernel config, boot, tests) always fails.
+	cannot := func(err error) {
+		t.Helper()
+		var u *unavailableError
+		if mode == "auto" && errors.As(err, &u) {
+			t.Skipf("PSPD_VM=auto: %v", err)
+		}
+		t.Fatal(err)
+	}
+	h, err := harnessFromEnv(t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := t.Deadline(); ok && time.Until(d) < h.timeout+time.Minute {
+		h.timeout = time.Until(d) - time.Minute
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	pkgs := defaultPkgs
+	if s := os.Getenv("PSPD_VM_PKGS"); s != "" {
+		pkgs = strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' })
+	}
+	tests, err := buildTestBinaries(ctx, t.TempDir(), pkgs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, res, err := h.runGroup(ctx, tests, os.Getenv("PSPD_VM_RUN"), nil)
+	if err != nil {
+		if r == nil {
+			cannot(err)
+		}
+		t.Error(err)
+	}
+	if res != nil {
+		t.Logf("VM run (boot + %d binaries) took %s", len(tests), res.duration.Round(time.Millisecond))
+	}
+	if r == nil {
+		return
+	}
+	got := map[string]*binaryResult{}
+	for _, b := range r.binaries {
+		got[b.name] = b
+	}
+	for _, tb := range tests {
+		t.Run(tb.name, func(t *testing.T) {
+			b := got[tb.name]
+			if b == nil {
+				t.Fatal("binary never started in the VM")
+			}
+			for _, tr := range b.tests {
+				report(t, tr)
+			}
+			for _, p := range b.problems() {
+				t.Error(p)
+			}
+		})
+	}
+}
+
+// report mirrors one in-VM test (and its subtests) as a subtest with the same outcome.
+func report(t *testing.T, tr *testResult) {
+	t.Run(tr.name, func(t *testing.T) {
+		childFailed := false
+		for _, c := range tr.children {
+			report(t, c)
+			childFailed = childFailed || c.outcome == fail
+		}
+		out := strings.TrimSpace(strings.Join(tr.output, "\n"))
+		switch tr.outcome {
+		case pass:
+			if out != "" {
+				t.Log(out)
+			}
+		case skip:
+			t.Skip(out)
+		case fail:
+			if out != "" || !childFailed {
+				t.Errorf("failed in the VM:\n%s", out)
+			}
+		default:
+			t.Errorf("no outcome reported (the binary died during this test):\n%s", out)
+		}
+	})
+}
+
+// buildTestBinaries compiles each package's tests into a static binary named after the package
+// path, so one boot can hold binaries from several packages.
+func buildTestBinaries(ctx context.Context, dir string, pkgs []string) ([]testBinary, error) {
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var tests []testBinary
+	for _, pkg := range pkgs {
+		name := strings.ReplaceAll(strings.Trim(strings.TrimPrefix(pkg, "./"), "/"), "/", "-") + ".test"
+		out := filepath.Join(dir, name)
+		cmd := exec.CommandContext(ctx, "go", "test", "-c", "-o", out, pkg)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("build test binary for %s: %v\n%s", pkg, err, b)
+		}
+		if _, err := os.Stat(out); err != nil {
+			return nil, fmt.Errorf("build test binary for %s: no binary written (does the package have tests?)", pkg)
+		}
+		tests = append(tests, testBinary{name: name, path: out})
+	}
+	return tests, nil
+}
+
+func moduleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("not inside the pspd module (go env GOMOD is empty)")
+	}
+	return filepath.Dir(mod), nil
+}
