@@ -52,7 +52,7 @@ func shellQuote(s string) string {
 }
 
 // initScript renders /init: mount the usual filesystems, bring up lo, run each binary with its
-// start and exit markers on ttyS1, and power off.
+// start and exit markers on ttyS1, and end the VM.
 func initScript(tests []testBinary, run string, tools map[string]string, perBinary time.Duration) []byte {
 	var b strings.Builder
 	b.WriteString(`#!/bin/sh
@@ -85,7 +85,9 @@ exec 3>/dev/ttyS1
 		q := shellQuote(t.name)
 		fmt.Fprintf(&b, "echo %sSTART %s >&3\n/tests/%s %s >&3 2>&1\necho %sEXIT %s $? >&3\n", marker, q, q, args, marker, q)
 	}
-	fmt.Fprintf(&b, "echo %sDONE >&3\npoweroff -f\n", marker)
+	// The kernel has no ACPI, so a power-off would only halt the CPUs; a reboot makes qemu
+	// (-no-reboot) exit instead.
+	fmt.Fprintf(&b, "echo %sDONE >&3\nreboot -f\n", marker)
 	return []byte(b.String())
 }
 

@@ -240,7 +240,7 @@ func TestInitramfsExtracts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"export PSPD_VM_IP='" + ip + "'", "/tests/'x.test' -test.v -test.count=1 -test.timeout=1m0s -test.run='TestA|TestB'", "poweroff -f"} {
+	for _, want := range []string{"export PSPD_VM_IP='" + ip + "'", "/tests/'x.test' -test.v -test.count=1 -test.timeout=1m0s -test.run='TestA|TestB'", "reboot -f"} {
 		if !strings.Contains(string(init), want) {
 			t.Errorf("/init lacks %q:\n%s", want, init)
 		}
