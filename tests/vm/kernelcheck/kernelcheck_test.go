@@ -176,7 +176,7 @@ func inNewNetns(t *testing.T, fn func(ns netns.NsHandle)) {
 func TestESPStateInNetns(t *testing.T) {
 	inVM(t)
 	inNewNetns(t, func(ns netns.NsHandle) {
-		h, err := netlink.NewHandleAt(ns)
+		h, err := netlink.NewHandleAt(ns, unix.NETLINK_XFRM)
 		if err != nil {
 			t.Errorf("netlink handle in netns: %v", err)
 			return
