@@ -19,37 +19,8 @@ var defaultPkgs = []string{"./tests/vm/kernelcheck"}
 // as a subtest with the same outcome. It runs only with PSPD_VM=auto|required (make vmtest),
 // so `go test ./...` does not boot a VM a second time.
 func TestVM(t *testing.T) {
-	mode := os.Getenv("PSPD_VM")
-	switch mode {
-	case "":
-		t.Skip("set PSPD_VM=auto|required (make vmtest)")
-	case "auto", "required":
-	default:
-		t.Fatalf("PSPD_VM=%q: want auto or required", mode)
-	}
-	if os.Getenv("PSPD_IN_VM") == "1" {
-		t.Skip("already inside the test VM")
-	}
-	// cannot ends the test when the VM cannot be had: a skip under auto, a failure under
-	// required. Anything else wrong (kernel config, boot, tests) always fails.
-	cannot := func(err error) {
-		t.Helper()
-		var u *unavailableError
-		if mode == "auto" && errors.As(err, &u) {
-			t.Skipf("PSPD_VM=auto: %v", err)
-		}
-		t.Fatal(err)
-	}
-	h, err := harnessFromEnv(t.Logf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d, ok := t.Deadline(); ok && time.Until(d) < h.timeout+time.Minute {
-		h.timeout = time.Until(d) - time.Minute
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-
+	h, cannot := vmHarness(t)
+	ctx := t.Context()
 	pkgs := defaultPkgs
 	if s := os.Getenv("PSPD_VM_PKGS"); s != "" {
 		pkgs = strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' })
@@ -88,6 +59,75 @@ func TestVM(t *testing.T) {
 				t.Error(p)
 			}
 		})
+	}
+}
+
+// vmHarness applies the PSPD_VM gate and returns the harness and a function that ends the test
+// when the VM cannot be had: a skip under auto, a failure under required. Anything else wrong
+// (kernel config, boot, tests) always fails.
+func vmHarness(t *testing.T) (harness, func(error)) {
+	t.Helper()
+	mode := os.Getenv("PSPD_VM")
+	switch mode {
+	case "":
+		t.Skip("set PSPD_VM=auto|required (make vmtest)")
+	case "auto", "required":
+	default:
+		t.Fatalf("PSPD_VM=%q: want auto or required", mode)
+	}
+	if os.Getenv("PSPD_IN_VM") == "1" {
+		t.Skip("already inside the test VM")
+	}
+	h, err := harnessFromEnv(t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := t.Deadline(); ok && time.Until(d) < h.timeout+time.Minute {
+		h.timeout = time.Until(d) - time.Minute
+	}
+	cannot := func(err error) {
+		t.Helper()
+		var u *unavailableError
+		if mode == "auto" && errors.As(err, &u) {
+			t.Skipf("PSPD_VM=auto: %v", err)
+		}
+		t.Fatal(err)
+	}
+	return h, cannot
+}
+
+// TestVMReportsOutcomes boots the fixture in testdata/outcomes, which has a test of every
+// outcome and then crashes, and checks that the harness sees each as it happened in the VM.
+func TestVMReportsOutcomes(t *testing.T) {
+	h, cannot := vmHarness(t)
+	tests, err := buildTestBinaries(t.Context(), t.TempDir(), []string{"./tests/vm/testdata/outcomes"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, _, err := h.runGroup(t.Context(), tests, "", nil)
+	if err != nil {
+		if r == nil {
+			cannot(err)
+		}
+		t.Fatal(err)
+	}
+	if len(r.binaries) != 1 {
+		t.Fatalf("%d binaries ran, want 1", len(r.binaries))
+	}
+	b := r.binaries[0]
+	if b.exit != 3 {
+		t.Errorf("exit %d, want 3 from os.Exit in TestCrash", b.exit)
+	}
+	if c := b.counts(); c[pass] != 2 || c[fail] != 2 || c[skip] != 1 || c[""] != 1 {
+		t.Errorf("counts %v, want pass 2 (TestPass, TestFail/ok), fail 2 (TestFail, TestFail/bad), skip 1, no result 1 (TestCrash)", c)
+	}
+	for name, want := range map[string]string{"TestSkip": "fixture skip reason", "TestFail/bad": "fixture failure message"} {
+		if tr := b.byName[name]; tr == nil || !strings.Contains(strings.Join(tr.output, "\n"), want) {
+			t.Errorf("%s: output lacks %q: %+v", name, want, tr)
+		}
+	}
+	if p := b.problems(); len(p) != 1 || !strings.Contains(p[0], "never reported an outcome") {
+		t.Errorf("problems %q, want only the crashed test without outcome", p)
 	}
 }
 
