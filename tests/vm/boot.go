@@ -30,7 +30,7 @@ var hostTools = map[string]string{
 type bootConfig struct {
 	kernel  string
 	tests   []testBinary
-	run     string        // -test.run for every binary, "" for all
+	flags   []string      // extra flags for every binary, such as -test.run=REGEX
 	timeout time.Duration // whole boot, including every binary
 	workDir string        // initramfs and serial logs go here
 	console io.Writer     // if set, receives the kernel console as it arrives
@@ -53,7 +53,7 @@ func shellQuote(s string) string {
 
 // initScript renders /init: mount the usual filesystems, bring up lo, run each binary with its
 // start and exit markers on ttyS1, and end the VM.
-func initScript(tests []testBinary, run string, tools map[string]string, perBinary time.Duration) []byte {
+func initScript(tests []testBinary, flags []string, tools map[string]string, perBinary time.Duration) []byte {
 	var b strings.Builder
 	b.WriteString(`#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp PSPD_IN_VM=1
@@ -78,8 +78,8 @@ exec 3>/dev/ttyS1
 	}
 	fmt.Fprintf(&b, "echo %sBOOTED >&3\ncd /tmp\n", marker)
 	args := fmt.Sprintf("-test.v -test.count=1 -test.timeout=%s", perBinary)
-	if run != "" {
-		args += " -test.run=" + shellQuote(run)
+	for _, f := range flags {
+		args += " " + shellQuote(f)
 	}
 	for _, t := range tests {
 		q := shellQuote(t.name)
@@ -124,7 +124,7 @@ func boot(ctx context.Context, cfg bootConfig) (*bootResult, error) {
 		applets: applets,
 		tools:   tools,
 		tests:   cfg.tests,
-		init:    initScript(cfg.tests, cfg.run, tools, perBinary),
+		init:    initScript(cfg.tests, cfg.flags, tools, perBinary),
 	}
 	initrd := filepath.Join(cfg.workDir, "initrd.cpio.gz")
 	f, err := os.Create(initrd)

@@ -192,7 +192,7 @@ func TestInitramfsExtracts(t *testing.T) {
 		applets: applets,
 		tools:   map[string]string{"PSPD_VM_IP": ip},
 		tests:   []testBinary{{name: "x.test", path: bin}},
-		init:    initScript([]testBinary{{name: "x.test", path: bin}}, "TestA|TestB", map[string]string{"PSPD_VM_IP": ip}, time.Minute),
+		init:    initScript([]testBinary{{name: "x.test", path: bin}}, []string{"-test.run=TestA|TestB"}, map[string]string{"PSPD_VM_IP": ip}, time.Minute),
 	}
 	var buf bytes.Buffer
 	if err := im.write(&buf); err != nil {
@@ -240,7 +240,7 @@ func TestInitramfsExtracts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"export PSPD_VM_IP='" + ip + "'", "/tests/'x.test' -test.v -test.count=1 -test.timeout=1m0s -test.run='TestA|TestB'", "reboot -f"} {
+	for _, want := range []string{"export PSPD_VM_IP='" + ip + "'", "/tests/'x.test' -test.v -test.count=1 -test.timeout=1m0s '-test.run=TestA|TestB'", "reboot -f"} {
 		if !strings.Contains(string(init), want) {
 			t.Errorf("/init lacks %q:\n%s", want, init)
 		}

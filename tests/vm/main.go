@@ -7,7 +7,7 @@
 // drives it through TestVM; engineers run their own prebuilt binaries with
 //
 //	CGO_ENABLED=0 go test -c -o /tmp/x.test ./genl
-//	go run ./tests/vm -bin /tmp/x.test [-run REGEX]
+//	go run ./tests/vm -bin /tmp/x.test [-run REGEX] [-flags "-test.bench=. -test.benchtime=1s"]
 package main
 
 import (
@@ -65,7 +65,7 @@ func harnessFromEnv(log func(string, ...any)) (harness, error) {
 // runGroup builds or finds the kernel, boots once with all tests, and parses the result. The
 // error covers the VM as a whole (no kernel, no boot, timeout); per-binary and per-test
 // outcomes are in the returned runResult.
-func (h harness) runGroup(ctx context.Context, tests []testBinary, run string, console io.Writer) (*runResult, *bootResult, error) {
+func (h harness) runGroup(ctx context.Context, tests []testBinary, flags []string, console io.Writer) (*runResult, *bootResult, error) {
 	k := kernel{dir: h.cacheDir, pkg: sourcePackage, fragment: fragment, refresh: h.refresh, jobs: runtime.NumCPU(), log: h.log}
 	start := time.Now()
 	img, err := k.ensure(ctx)
@@ -78,7 +78,7 @@ func (h harness) runGroup(ctx context.Context, tests []testBinary, run string, c
 		return nil, nil, err
 	}
 	defer os.RemoveAll(work)
-	res, err := boot(ctx, bootConfig{kernel: img, tests: tests, run: run, timeout: h.timeout, workDir: work, console: console})
+	res, err := boot(ctx, bootConfig{kernel: img, tests: tests, flags: flags, timeout: h.timeout, workDir: work, console: console})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -100,12 +100,13 @@ func (h harness) runGroup(ctx context.Context, tests []testBinary, run string, c
 func main() {
 	bins := flag.String("bin", "", "comma-separated test binaries to run in one boot (build with CGO_ENABLED=0 go test -c)")
 	run := flag.String("run", "", "passed to every binary as -test.run")
+	extra := flag.String("flags", "", "more space-separated flags for every binary, e.g. \"-test.bench=. -test.benchtime=100x\"")
 	verbose := flag.Bool("v", false, "stream the kernel console while the VM runs")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	logf := func(format string, args ...any) { log.Info(fmt.Sprintf(format, args...)) }
 	if *bins == "" {
-		fmt.Fprintln(os.Stderr, "usage: go run ./tests/vm -bin a.test,b.test [-run REGEX] [-v]")
+		fmt.Fprintln(os.Stderr, "usage: go run ./tests/vm -bin a.test,b.test [-run REGEX] [-flags FLAGS] [-v]")
 		os.Exit(2)
 	}
 	tests, err := binariesFromPaths(strings.Split(*bins, ","))
@@ -124,7 +125,7 @@ func main() {
 	if *verbose {
 		console = os.Stderr
 	}
-	r, res, err := h.runGroup(ctx, tests, *run, console)
+	r, res, err := h.runGroup(ctx, tests, testFlags(*run, *extra), console)
 	if res != nil {
 		fmt.Printf("===== kernel console (ttyS0)\n%s\n===== tests (ttyS1)\n%s\n", res.console, res.tests)
 	}
@@ -138,6 +139,15 @@ func main() {
 	if !ok {
 		os.Exit(1)
 	}
+}
+
+// testFlags turns a -test.run filter and a space-separated list of flags into arguments.
+func testFlags(run, extra string) []string {
+	var flags []string
+	if run != "" {
+		flags = append(flags, "-test.run="+run)
+	}
+	return append(flags, strings.Fields(extra)...)
 }
 
 // binariesFromPaths names each binary after its file, which must be unique in one boot.
