@@ -2,10 +2,15 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -254,5 +259,79 @@ func TestShellQuote(t *testing.T) {
 	got, err := exec.Command("sh", "-c", "printf %s "+shellQuote(`a'b $x "c"`)).Output()
 	if err != nil || string(got) != `a'b $x "c"` {
 		t.Errorf("shellQuote round trip: %q %v", got, err)
+	}
+}
+
+// Two holders of the cache lock must not overlap: the second waits for the first to release.
+func TestLockFileSerialises(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	unlock, err := lockFile(t.Context(), path, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		unlock2, err := lockFile(t.Context(), path, t.Logf)
+		if err == nil {
+			unlock2()
+		}
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		t.Fatalf("second lock taken while the first is held (err %v)", err)
+	case <-time.After(700 * time.Millisecond):
+	}
+	unlock()
+	if err := <-got; err != nil {
+		t.Fatalf("second lock after release: %v", err)
+	}
+
+	unlock, err = lockFile(t.Context(), path, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := lockFile(ctx, path, t.Logf); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("lock wait with an expiring context: %v, want context.DeadlineExceeded", err)
+	}
+}
+
+func TestRunKillsProcessGroup(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	// The shell starts a grandchild that does not hold the output pipe (so run returns as soon as
+	// the shell dies) and waits; cancelling must kill both.
+	_, err := run(ctx, nil, "", "sh", "-c", `sleep 30 >/dev/null 2>&1 & echo $! > "$1"; wait`, "sh", pidFile)
+	if err == nil {
+		t.Fatal("run returned no error after its context expired")
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A killed grandchild is reparented and may stay a zombie until reaped; that counts as dead.
+	alive := func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return false
+		}
+		_, after, _ := strings.Cut(string(b), ") ")
+		return !strings.HasPrefix(after, "Z")
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for alive() {
+		if time.Now().After(deadline) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("grandchild %d still running after cancel", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
