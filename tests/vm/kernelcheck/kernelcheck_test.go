@@ -249,3 +249,52 @@ func TestTUN(t *testing.T) {
 		t.Errorf("tun device not visible: %v", err)
 	}
 }
+
+// TestVethNetem checks the pieces the XFRM and data-plane tests build their links from: a veth
+// pair in a fresh network namespace, and a netem qdisc for delay and loss (the host kernel has
+// no netem, which is why the fragment asks for it).
+func TestVethNetem(t *testing.T) {
+	inVM(t)
+	inNewNetns(t, func(ns netns.NsHandle) {
+		h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+		if err != nil {
+			t.Errorf("netlink handle in netns: %v", err)
+			return
+		}
+		defer h.Close()
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "pspdvm-a"}, PeerName: "pspdvm-b"}
+		if err := h.LinkAdd(veth); err != nil {
+			t.Errorf("add veth pair (CONFIG_VETH): %v", err)
+			return
+		}
+		link, err := h.LinkByName("pspdvm-a")
+		if err != nil {
+			t.Errorf("veth end: %v", err)
+			return
+		}
+		if err := h.LinkSetUp(link); err != nil {
+			t.Errorf("set veth up: %v", err)
+			return
+		}
+		netem := netlink.NewNetem(netlink.QdiscAttrs{
+			LinkIndex: link.Attrs().Index,
+			Handle:    netlink.MakeHandle(1, 0),
+			Parent:    netlink.HANDLE_ROOT,
+		}, netlink.NetemQdiscAttrs{Latency: 1000, Loss: 5})
+		if err := h.QdiscAdd(netem); err != nil {
+			t.Errorf("add netem qdisc (CONFIG_NET_SCH_NETEM): %v", err)
+			return
+		}
+		qdiscs, err := h.QdiscList(link)
+		if err != nil {
+			t.Errorf("list qdiscs: %v", err)
+			return
+		}
+		for _, q := range qdiscs {
+			if q.Type() == "netem" {
+				return
+			}
+		}
+		t.Errorf("no netem qdisc on pspdvm-a after adding one: %v", qdiscs)
+	})
+}
