@@ -74,6 +74,10 @@ func TestVM(t *testing.T) {
 			for _, p := range b.problems() {
 				t.Error(p)
 			}
+			// A kernel warning or oops explains many in-VM failures; it went to the console.
+			if t.Failed() && res != nil {
+				t.Logf("kernel console (ttyS0), last lines:\n%s", tail(res.console, 60))
+			}
 		})
 	}
 }
