@@ -85,8 +85,8 @@ exec 3>/dev/ttyS1
 		q := shellQuote(t.name)
 		fmt.Fprintf(&b, "echo %sSTART %s >&3\n/tests/%s %s >&3 2>&1\necho %sEXIT %s $? >&3\n", marker, q, q, args, marker, q)
 	}
-	// The kernel has no ACPI, so a power-off would only halt the CPUs; a reboot makes qemu
-	// (-no-reboot) exit instead.
+	// The kernel has no ACPI, so "poweroff -f" only halts ("Power off not available: System
+	// halted instead") and qemu would sit until the timeout; a reboot makes qemu (-no-reboot) exit.
 	fmt.Fprintf(&b, "echo %sDONE >&3\nreboot -f\n", marker)
 	return []byte(b.String())
 }
