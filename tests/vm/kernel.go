@@ -244,6 +244,7 @@ func (k kernel) build(ctx context.Context, src, version, imgDir string) error {
 		return err
 	}
 	if err := verifyConfig(k.fragment, config); err != nil {
+		os.RemoveAll(imgDir) // nothing was built for this fragment; leave no half entry
 		return fmt.Errorf("kernel %s: %w", version, err)
 	}
 	k.log("vm: building bzImage for %s with -j%d (first build takes several minutes)", version, k.jobs)
