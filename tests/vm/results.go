@@ -39,7 +39,6 @@ type runResult struct {
 	booted   bool
 	done     bool
 	binaries []*binaryResult
-	stray    []string // lines outside any binary (from /init itself)
 }
 
 func parseRun(text string) *runResult {
@@ -57,8 +56,6 @@ func parseRun(text string) *runResult {
 		if !isMarker {
 			if cur != nil {
 				cur.line(line)
-			} else if line != "" {
-				r.stray = append(r.stray, line)
 			}
 			continue
 		}
