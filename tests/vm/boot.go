@@ -24,6 +24,7 @@ var hostTools = map[string]string{
 	"PSPD_VM_TC":      "tc",
 	"PSPD_VM_ETHTOOL": "ethtool",
 	"PSPD_VM_TCPDUMP": "tcpdump",
+	"PSPD_VM_SS":      "ss",
 }
 
 // bootConfig is one VM run: a kernel, a group of test binaries and their filter.

@@ -335,3 +335,33 @@ func TestRunKillsProcessGroup(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// The serial stream is whatever the VM printed, including a dying binary's half-written
+// lines: the parser must never panic, and every test it reports must be reachable from its
+// binary exactly once.
+func FuzzParseRun(f *testing.F) {
+	f.Add(sampleRun)
+	f.Add("@@PSPD-VM START a\n=== RUN   A/B/C\n    --- FAIL: A/B (0s)\n--- PASS: /x (\n@@PSPD-VM EXIT a x\n")
+	f.Add("@@PSPD-VM START a\n=== RUN   a//b\n--- SKIP: a/ (\n@@PSPD-VM START b\n@@PSPD-VM EXIT a 1\n")
+	f.Fuzz(func(t *testing.T, text string) {
+		r := parseRun(text)
+		for _, b := range r.binaries {
+			seen := map[*testResult]bool{}
+			var walk func([]*testResult)
+			walk = func(ts []*testResult) {
+				for _, tr := range ts {
+					if seen[tr] {
+						t.Fatalf("%s reachable twice", tr.full)
+					}
+					seen[tr] = true
+					walk(tr.children)
+				}
+			}
+			walk(b.tests)
+			if len(seen) != len(b.byName) {
+				t.Fatalf("%d tests reachable, %d parsed", len(seen), len(b.byName))
+			}
+			b.problems()
+		}
+	})
+}
