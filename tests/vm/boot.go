@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -156,7 +157,7 @@ func boot(ctx context.Context, cfg bootConfig) (*bootResult, error) {
 	cmd.Stderr = cmd.Stdout
 	start := time.Now()
 	runErr := cmd.Run()
-	res := &bootResult{console: console.String(), duration: time.Since(start), exitErr: runErr}
+	res := &bootResult{console: stripTerminalControl(console.String()), duration: time.Since(start), exitErr: runErr}
 	res.timedOut = errors.Is(ctx.Err(), context.DeadlineExceeded)
 	b, err := os.ReadFile(testsLog)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -165,6 +166,12 @@ func boot(ctx context.Context, cfg bootConfig) (*bootResult, error) {
 	res.tests = string(b)
 	return res, nil
 }
+
+// terminalControl matches the screen resets and mode changes SeaBIOS writes to the serial port,
+// and the carriage returns of the tty line discipline.
+var terminalControl = regexp.MustCompile(`\x1b(\[[0-9;?]*[A-Za-z]|c)|\r`)
+
+func stripTerminalControl(s string) string { return terminalControl.ReplaceAllString(s, "") }
 
 // findBusybox returns a static busybox and its applet paths. A dynamic busybox would need the
 // host's libc inside the image before /init can even start, so it is refused.

@@ -365,3 +365,11 @@ func FuzzParseRun(f *testing.F) {
 		}
 	})
 }
+
+func TestStripTerminalControl(t *testing.T) {
+	in := "\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (version 1.16.2)\nBooting from ROM..\x1bc\x1b[?7l\x1b[2Jreboot: Restarting system\r\n"
+	want := "SeaBIOS (version 1.16.2)\nBooting from ROM..reboot: Restarting system\n"
+	if got := stripTerminalControl(in); got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
