@@ -298,3 +298,46 @@ func TestVethNetem(t *testing.T) {
 		t.Errorf("no netem qdisc on pspdvm-a after adding one: %v", qdiscs)
 	})
 }
+
+// TestHostTools runs each host tool the harness copied in, so a missing shared library or a
+// busybox applet shadowing the real tool shows up here rather than in another package's test.
+func TestHostTools(t *testing.T) {
+	inVM(t)
+	ip := tool(t, "PSPD_VM_IP")
+	cases := []struct {
+		env  string
+		args []string
+		want string // in the output
+	}{
+		{"PSPD_VM_IP", []string{"-V"}, "iproute2"},
+		{"PSPD_VM_TC", []string{"-V"}, "iproute2"},
+		{"PSPD_VM_SS", []string{"-V"}, "iproute2"},
+		{"PSPD_VM_ETHTOOL", []string{"--version"}, "ethtool version"},
+		{"PSPD_VM_TCPDUMP", []string{"--version"}, "libpcap"},
+	}
+	for _, c := range cases {
+		t.Run(c.env, func(t *testing.T) {
+			out, err := exec.Command(tool(t, c.env), c.args...).CombinedOutput()
+			if err != nil || !strings.Contains(string(out), c.want) {
+				t.Errorf("%s %s: %v, output lacks %q:\n%s", os.Getenv(c.env), strings.Join(c.args, " "), err, c.want, out)
+			}
+		})
+	}
+	// ip netns needs /run (tmpfs) and shared mounts: what the XFRM tests use to build topologies.
+	t.Run("ip netns", func(t *testing.T) {
+		ipDo := func(args ...string) string {
+			t.Helper()
+			out, err := exec.Command(ip, args...).CombinedOutput()
+			if err != nil {
+				t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+			}
+			return string(out)
+		}
+		ipDo("netns", "add", "pspdvm-ns")
+		t.Cleanup(func() { exec.Command(ip, "netns", "del", "pspdvm-ns").Run() })
+		ipDo("-n", "pspdvm-ns", "link", "set", "lo", "up")
+		if out := ipDo("-n", "pspdvm-ns", "-o", "link", "show", "lo"); !strings.Contains(out, "UP") {
+			t.Errorf("lo in pspdvm-ns not up:\n%s", out)
+		}
+	})
+}
