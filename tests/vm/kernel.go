@@ -363,7 +363,7 @@ func needTools(purpose string, tools ...string) error {
 		}
 	}
 	if len(missing) > 0 {
-		return unavailable("cannot %s: %s not found in PATH (bash .ci/run installs them)", purpose, strings.Join(missing, ", "))
+		return unavailable("cannot %s: %s not found in PATH (bash .ci/run installs what is missing)", purpose, strings.Join(missing, ", "))
 	}
 	return nil
 }
