@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -60,7 +61,7 @@ func mirrorFromDeb822(text string) (mirror, bool) {
 			}
 			fields[strings.ToLower(strings.TrimSpace(k))] = strings.TrimSpace(v)
 		}
-		if fields["enabled"] == "no" || !containsWord(fields["types"], "deb") {
+		if fields["enabled"] == "no" || !slices.Contains(strings.Fields(fields["types"]), "deb") {
 			continue
 		}
 		uris := strings.Fields(fields["uris"])
@@ -75,15 +76,6 @@ func mirrorFromDeb822(text string) (mirror, bool) {
 		return mirror{URI: uris[0], SignedBy: signed}, true
 	}
 	return mirror{}, false
-}
-
-func containsWord(s, w string) bool {
-	for _, f := range strings.Fields(s) {
-		if f == w {
-			return true
-		}
-	}
-	return false
 }
 
 // privateApt runs apt-get/apt-cache against a configuration rooted at dir.

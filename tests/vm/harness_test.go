@@ -236,7 +236,7 @@ func TestInitramfsExtracts(t *testing.T) {
 		t.Errorf("ip: found %d dependencies, want the loader and libc at least", len(deps))
 	}
 	for _, d := range deps {
-		mustMatch(strings.TrimPrefix(d.dst, "/"), d.src)
+		mustMatch(strings.TrimPrefix(d, "/"), d)
 	}
 	if target, err := os.Readlink(filepath.Join(root, "bin/sh")); err != nil || target != "/bin/busybox" {
 		t.Errorf("bin/sh -> %q (%v), want /bin/busybox", target, err)

@@ -110,28 +110,27 @@ func (c *cpioWriter) hostFile(src, dst string) error {
 		return err
 	}
 	for _, d := range deps {
-		if c.exists(d.dst) {
+		if c.exists(d) {
 			continue
 		}
-		b, err := os.ReadFile(d.src)
+		b, err := os.ReadFile(d)
 		if err != nil {
-			return fmt.Errorf("%s needs %s: %w", src, d.src, err)
+			return fmt.Errorf("%s needs %s: %w", src, d, err)
 		}
-		c.file(d.dst, 0o755, b)
+		c.file(d, 0o755, b)
 	}
 	return nil
 }
-
-type dep struct{ src, dst string }
 
 // libDirs are the loader's built-in search directories on Debian amd64; the image has no
 // ld.so.cache, so libraries go where the loader looks without one.
 var libDirs = []string{"/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/lib", "/usr/lib"}
 
-// elfDeps returns the transitive shared-library closure of an ELF file (empty when static).
-func elfDeps(file string) ([]dep, error) {
+// elfDeps returns the host paths of the program interpreter and the transitive shared-library
+// closure of an ELF file (empty when static). The image keeps each at its host path.
+func elfDeps(file string) ([]string, error) {
 	seen := map[string]bool{}
-	var out []dep
+	var out []string
 	queue := []string{file}
 	for len(queue) > 0 {
 		cur := queue[0]
@@ -142,7 +141,7 @@ func elfDeps(file string) ([]dep, error) {
 		}
 		if cur == file {
 			if interp := interpreter(f); interp != "" {
-				out = append(out, dep{src: interp, dst: interp})
+				out = append(out, interp)
 				seen[path.Base(interp)] = true
 			}
 		}
@@ -166,7 +165,7 @@ func elfDeps(file string) ([]dep, error) {
 			if found == "" {
 				return nil, fmt.Errorf("%s needs %s, not found in %s", cur, lib, strings.Join(libDirs, ":"))
 			}
-			out = append(out, dep{src: found, dst: found})
+			out = append(out, found)
 			queue = append(queue, found)
 		}
 	}
