@@ -14,6 +14,7 @@ import (
 	"unsafe"
 
 	"github.com/mdlayher/genetlink"
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -88,6 +89,57 @@ func TestPSPFamily(t *testing.T) {
 			t.Errorf("family psp (id %d) has no multicast group %q; groups: %v", fam.ID, g, fam.Groups)
 		}
 	}
+}
+
+// TestNetdevsimPSPDevice checks that a netdevsim port registers a PSP device, which every
+// PSP conformance test builds on: a psp dev-get dump (cmd 1) must list a device whose ifindex
+// (attr 2) is the port's and whose psp-versions-cap (attr 3) is non-zero.
+func TestNetdevsimPSPDevice(t *testing.T) {
+	inVM(t)
+	dev := newNetdevsim(t, 42)
+	ifi, err := net.InterfaceByName(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := genetlink.Dial(nil)
+	if err != nil {
+		t.Fatalf("dial generic netlink: %v", err)
+	}
+	defer c.Close()
+	fam, err := c.GetFamily("psp")
+	if err != nil {
+		t.Fatalf("resolve family psp: %v", err)
+	}
+	const cmdDevGet, attrIfindex, attrCap = 1, 2, 3
+	msgs, err := c.Execute(genetlink.Message{Header: genetlink.Header{Command: cmdDevGet, Version: fam.Version}},
+		fam.ID, mdnetlink.Request|mdnetlink.Dump)
+	if err != nil {
+		t.Fatalf("psp dev-get dump: %v", err)
+	}
+	var devs []string
+	for _, m := range msgs {
+		ad, err := mdnetlink.NewAttributeDecoder(m.Data)
+		if err != nil {
+			t.Fatalf("decode dev-get reply: %v", err)
+		}
+		var ifindex, capMask uint32
+		for ad.Next() {
+			switch ad.Type() {
+			case attrIfindex:
+				ifindex = ad.Uint32()
+			case attrCap:
+				capMask = ad.Uint32()
+			}
+		}
+		if err := ad.Err(); err != nil {
+			t.Fatalf("decode dev-get reply: %v", err)
+		}
+		if ifindex == uint32(ifi.Index) && capMask != 0 {
+			return
+		}
+		devs = append(devs, fmt.Sprintf("ifindex %d cap %#x", ifindex, capMask))
+	}
+	t.Errorf("no PSP device for %s (ifindex %d) with a non-zero cap; dump: %v", dev, ifi.Index, devs)
 }
 
 // newNetdevsim creates a netdevsim device with one port in the current network namespace and
