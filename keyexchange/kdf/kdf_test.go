@@ -101,8 +101,10 @@ func TestAllocatorRolesNeverCollide(t *testing.T) {
 }
 
 func TestAllocatorExhaustion(t *testing.T) {
-	a, _ := NewAllocator(0, Initiator)
-	a.limit = 3
+	a, err := NewAllocatorLimit(0, Initiator, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for range 3 {
 		if _, err := a.Next(); err != nil {
 			t.Fatal(err)
@@ -113,6 +115,11 @@ func TestAllocatorExhaustion(t *testing.T) {
 	}
 	if _, err := a.Next(); !errors.Is(err, ErrSPIExhausted) {
 		t.Fatalf("got %v, want ErrSPIExhausted", err)
+	}
+	for _, bad := range []uint32{0, MaxKeyID + 1} {
+		if _, err := NewAllocatorLimit(0, Initiator, bad); err == nil {
+			t.Errorf("limit %d accepted", bad)
+		}
 	}
 	// The real limit: a fresh allocator reports the full 30-bit space.
 	b, _ := NewAllocator(1, Responder)

@@ -102,6 +102,21 @@ func NewAllocator(master int, role Role) (*Allocator, error) {
 	return &Allocator{master: master, role: role, next: 1, limit: MaxKeyID}, nil
 }
 
+// NewAllocatorLimit is NewAllocator with at most limit SPIs, so a caller
+// can force a session to be re-established (fresh master keys) long before
+// the 2^30 key ids of a role run out.
+func NewAllocatorLimit(master int, role Role, limit uint32) (*Allocator, error) {
+	a, err := NewAllocator(master, role)
+	if err != nil {
+		return nil, err
+	}
+	if limit == 0 || limit > MaxKeyID {
+		return nil, fmt.Errorf("kdf: allocator limit %d out of range 1..%d", limit, MaxKeyID)
+	}
+	a.limit = limit
+	return a, nil
+}
+
 // Next returns a fresh SPI or ErrSPIExhausted.
 func (a *Allocator) Next() (SPI, error) {
 	a.mu.Lock()
