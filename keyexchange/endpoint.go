@@ -208,12 +208,16 @@ func (e *Endpoint) Close() error {
 	return err
 }
 
-func (e *Endpoint) hello() wire.Hello {
+func (e *Endpoint) hello(peer identity.PublicKey) wire.Hello {
 	var bs wire.Backends
 	for b := range e.cfg.Installers {
 		bs |= wire.NewBackends(b)
 	}
-	return wire.Hello{Backends: bs, Suites: e.cfg.Suites, BootID: e.boot}
+	h := wire.Hello{Backends: bs, Suites: e.cfg.Suites, BootID: e.boot}
+	if p := e.peer(peer); p != nil {
+		h.SPIFloor = p.spiFloor()
+	}
+	return h
 }
 
 func (e *Endpoint) peer(pk identity.PublicKey) *Peer {

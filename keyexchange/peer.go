@@ -422,23 +422,24 @@ func (p *Peer) attach(s *Session) error {
 	for _, sa := range stale {
 		p.remove(sa)
 	}
-	if err := s.raiseFloor(p.spiFloor(), p.e.cfg.MaxSAsPerSession); err != nil {
+	if err := s.raiseFloor(max(p.spiFloor(), s.hello.SPIFloor), p.e.cfg.MaxSAsPerSession); err != nil {
 		return peerErr(p.cfg.Key, "session setup", err)
 	}
 	p.log.Info("session up", "remote", s.conn.RemoteAddr().String(), "boot_id", fmt.Sprintf("%x", s.PeerBootID()))
 	return nil
 }
 
-// spiFloor is the highest receive SPI counter still installed.
+// spiFloor is the highest SPI counter, of either direction, still
+// installed for this peer.
 func (p *Peer) spiFloor() uint32 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var floor uint32
 	if p.cur != nil {
-		floor = p.cur.RxSPI.Counter()
+		floor = max(p.cur.RxSPI.Counter(), p.cur.TxSPI.Counter())
 	}
 	for sa := range p.old {
-		floor = max(floor, sa.RxSPI.Counter())
+		floor = max(floor, sa.RxSPI.Counter(), sa.TxSPI.Counter())
 	}
 	return floor
 }

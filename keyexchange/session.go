@@ -77,7 +77,20 @@ func (s *Session) Close(cause error) {
 		}
 	}
 	s.cancel(cause)
-	s.conn.CloseWithError(code, msg)
+	if code == closeProtocol {
+		// Give the Error frame we just wrote a moment to arrive before
+		// CONNECTION_CLOSE discards unsent stream data; a conforming peer
+		// closes first when it reads it.
+		go func() {
+			select {
+			case <-s.conn.Context().Done():
+			case <-time.After(errorLinger):
+			}
+			s.conn.CloseWithError(code, msg)
+		}()
+	} else {
+		s.conn.CloseWithError(code, msg)
+	}
 	s.mu.Lock()
 	if s.mk != nil {
 		s.mk.Wipe()
@@ -85,6 +98,8 @@ func (s *Session) Close(cause error) {
 	}
 	s.mu.Unlock()
 }
+
+const errorLinger = 250 * time.Millisecond
 
 var errReplaced = errors.New("replaced by a newer session")
 
@@ -154,7 +169,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 		log: e.log.With("peer", peer.Fingerprint(), "role", role.String()),
 		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, lastGen: map[wire.AssocID]uint32{},
 	}
-	if s.hello, err = e.exchangeHello(ctx, conn, dialer); err != nil {
+	if s.hello, err = e.exchangeHello(ctx, conn, peer, dialer); err != nil {
 		s.Close(err)
 		return nil, err
 	}
@@ -187,7 +202,7 @@ func (s *Session) raiseFloor(floor, perSession uint32) error {
 	return nil
 }
 
-func (e *Endpoint) exchangeHello(ctx context.Context, conn *quic.Conn, dialer bool) (wire.Hello, error) {
+func (e *Endpoint) exchangeHello(ctx context.Context, conn *quic.Conn, peer identity.PublicKey, dialer bool) (wire.Hello, error) {
 	ctx, cancel := context.WithTimeout(ctx, e.cfg.NegotiationTimeout)
 	defer cancel()
 	var str *quic.Stream
@@ -204,7 +219,7 @@ func (e *Endpoint) exchangeHello(ctx context.Context, conn *quic.Conn, dialer bo
 	if d, ok := ctx.Deadline(); ok {
 		str.SetDeadline(d)
 	}
-	mine := e.hello()
+	mine := e.hello(peer)
 	if dialer {
 		if err := wire.WriteMessage(str, mine); err != nil {
 			return wire.Hello{}, err
@@ -382,9 +397,9 @@ func (s *Session) removeAfterFailure(inst Installer, sa *SA) {
 // handlers are what a session reports to its owner.
 type handlers struct {
 	installer func(wire.Backend, kdf.Suite) Installer // nil: not accepted
-	confirmed func(*SA)                // responder: an SA is confirmed
-	deleted   func(wire.AssocID, uint32) // peer deleted a generation
-	rekey     func(wire.AssocID)         // peer asks for a rekey
+	confirmed func(*SA)                               // responder: an SA is confirmed
+	deleted   func(wire.AssocID, uint32)              // peer deleted a generation
+	rekey     func(wire.AssocID)                      // peer asks for a rekey
 }
 
 // serve handles the streams the peer opens until the session ends, and

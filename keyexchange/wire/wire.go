@@ -155,6 +155,11 @@ type Hello struct {
 	Backends Backends
 	Suites   Suites
 	BootID   BootID
+	// SPIFloor is the highest SPI counter (either role) the sender still
+	// has installed for this peer. Both sides allocate above it, so a new
+	// session never reuses an SPI of a generation that one side kept and
+	// the other rolled back when the previous session died mid-negotiation.
+	SPIFloor uint32
 }
 
 // SAOffer is the initiator's proposal: it will receive on RxSPI.
@@ -431,7 +436,8 @@ func appendAddrPort(b []byte, ap netip.AddrPort) []byte {
 
 func (m Hello) appendBody(b []byte) []byte {
 	b = append(b, byte(m.Backends), byte(m.Suites))
-	return append(b, m.BootID[:]...)
+	b = append(b, m.BootID[:]...)
+	return binary.BigEndian.AppendUint32(b, m.SPIFloor)
 }
 
 func (m SAOffer) appendBody(b []byte) []byte {
@@ -498,7 +504,7 @@ func decodeBody(typ Type, body []byte) (Message, error) {
 func decodeFields(typ Type, r *reader) (Message, error) {
 	switch typ {
 	case TypeHello:
-		m := Hello{Backends: Backends(r.u8()), Suites: Suites(r.u8()), BootID: BootID(r.take(16))}
+		m := Hello{Backends: Backends(r.u8()), Suites: Suites(r.u8()), BootID: BootID(r.take(16)), SPIFloor: r.u32()}
 		switch {
 		case r.err != nil:
 		case m.Backends == 0 || m.Backends&^allBackends != 0:
@@ -507,6 +513,8 @@ func decodeFields(typ Type, r *reader) (Message, error) {
 			return nil, fmt.Errorf("suite set %#x", uint8(m.Suites))
 		case m.BootID == BootID{}:
 			return nil, fmt.Errorf("zero boot id")
+		case m.SPIFloor >= kdf.MaxKeyID:
+			return nil, fmt.Errorf("SPI floor %d leaves no SPI", m.SPIFloor)
 		}
 		return m, nil
 	case TypeSAOffer, TypeSAAck:

@@ -20,7 +20,7 @@ var testKey = []byte{0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa,
 // samples holds one valid message of every type.
 func samples() []Message {
 	return []Message{
-		Hello{Backends: NewBackends(BackendXFRM, BackendUserspace), Suites: NewSuites(kdf.AESGCM128, kdf.AESGCM256), BootID: BootID{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}},
+		Hello{Backends: NewBackends(BackendXFRM, BackendUserspace), Suites: NewSuites(kdf.AESGCM128, kdf.AESGCM256), BootID: BootID{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}, SPIFloor: 42},
 		SAOffer{Assoc: 7, Generation: 3, Backend: BackendXFRM, Suite: kdf.AESGCM256, RxSPI: 0x00000005},
 		SAAck{Assoc: 7, Generation: 3, Backend: BackendXFRM, Suite: kdf.AESGCM256, RxSPI: 0x40000009},
 		SAConfirm{Assoc: 7, Generation: 3},
@@ -152,6 +152,7 @@ func TestInvalidFieldsRejected(t *testing.T) {
 		Hello{Backends: NewBackends(BackendPSP), Suites: 0, BootID: BootID{1}},
 		Hello{Backends: NewBackends(BackendPSP), Suites: NewSuites(kdf.AESGCM128)},
 		Hello{Backends: 0x80, Suites: NewSuites(kdf.AESGCM128), BootID: BootID{1}},
+		Hello{Backends: NewBackends(BackendPSP), Suites: NewSuites(kdf.AESGCM128), BootID: BootID{1}, SPIFloor: kdf.MaxKeyID},
 		SAOffer{Assoc: 1, Backend: 0, Suite: kdf.AESGCM128, RxSPI: 1},
 		SAOffer{Assoc: 1, Backend: BackendXFRM, Suite: 7, RxSPI: 1},
 		SAAck{Assoc: 1, Backend: BackendXFRM, Suite: kdf.AESGCM128, RxSPI: 0x80000000},
