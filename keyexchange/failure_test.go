@@ -190,7 +190,7 @@ func TestEndpointIssuesNoTickets(t *testing.T) {
 func TestInstallFailureLeavesNothing(t *testing.T) {
 	for _, side := range []string{"responder", "initiator"} {
 		t.Run(side, func(t *testing.T) {
-			ini, resp, pi, pr := pair(t, func(c *Config) {}, nil)
+			ini, resp, pi, pr := pair(t, nil, nil)
 			failing := resp.inst
 			if side == "initiator" {
 				failing = ini.inst
@@ -301,7 +301,7 @@ func TestStallingInitiatorTimesOut(t *testing.T) {
 	// Never confirm. The responder must give up, remove what it
 	// installed and end the session.
 	ended(t, s)
-	waitFor(t, func() bool { return resp.inst.removed == 1 })
+	waitFor(t, func() bool { return resp.inst.removedCount() == 1 })
 	if resp.inst.liveCount() != 0 {
 		t.Fatal("stalled negotiation left an SA installed")
 	}
@@ -353,6 +353,10 @@ func TestBadFramesEndSession(t *testing.T) {
 		"unknown type": {[]byte{wire.Version, 0x42, 0, 0}, wire.CodeType},
 		"out of order": {confirm(), wire.CodeType},
 		"empty":        {nil, wire.CodeMalformed},
+		"rekey to responder": {func() []byte {
+			b, _ := wire.AppendFrame(nil, wire.Rekey{Assoc: 1})
+			return b
+		}(), wire.CodeType},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -406,7 +410,7 @@ func TestPeerRestartNoticedAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return resp.inst.liveCount() == 1 })
-	if _, ok := resp.inst.live[old.RxSPI]; ok && sa.RxSPI != old.RxSPI {
+	if resp.inst.isLive(old.RxSPI) && sa.RxSPI != old.RxSPI {
 		t.Fatal("the crashed peer's SA is still installed")
 	}
 	if !strings.Contains(string(resp.logs.Bytes()), "peer restarted") {

@@ -72,6 +72,19 @@ func (r *recorder) liveCount() int {
 	return len(r.live)
 }
 
+func (r *recorder) removedCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.removed
+}
+
+func (r *recorder) isLive(spi kdf.SPI) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.live[spi]
+	return ok
+}
+
 func (r *recorder) find(gen uint32) (recorded, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

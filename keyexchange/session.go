@@ -67,14 +67,11 @@ func (s *Session) PeerBootID() wire.BootID { return s.hello.BootID }
 // Close ends the session, telling the peer why, and wipes its master keys.
 func (s *Session) Close(cause error) {
 	code, msg := closeNormal, "closed"
-	if cause != nil {
+	switch {
+	case errors.Is(cause, errReplaced):
+		code, msg = closeReplaced, cause.Error()
+	case cause != nil:
 		code, msg = closeProtocol, cause.Error()
-		var pe *wire.ProtocolError
-		if errors.Is(cause, errReplaced) {
-			code = closeReplaced
-		} else if !errors.As(cause, &pe) {
-			code = closeNormal
-		}
 	}
 	s.cancel(cause)
 	if code == closeProtocol {
@@ -430,6 +427,9 @@ func (s *Session) handle(str *quic.Stream, h handlers) error {
 	case wire.SAOffer:
 		return s.respond(str, h, m)
 	case wire.Rekey:
+		if s.role != kdf.Initiator {
+			return s.fail(str, "serve", &wire.ProtocolError{Code: wire.CodeType, Msg: "Rekey sent to the responder"})
+		}
 		str.Close()
 		h.rekey(m.Assoc)
 	case wire.Delete:
