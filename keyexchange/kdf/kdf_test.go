@@ -101,8 +101,15 @@ func TestAllocatorRolesNeverCollide(t *testing.T) {
 }
 
 func TestAllocatorExhaustion(t *testing.T) {
-	a, _ := NewAllocator(0, Initiator)
-	a.limit = 3
+	a, err := NewAllocatorRange(0, Initiator, 5, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := NewAllocatorRange(0, Responder, 5, 7); s == nil {
+		t.Fatal("responder range refused")
+	} else if spi, _ := s.Next(); spi.Counter() != 5 || spi.Role() != Responder {
+		t.Fatalf("first SPI of range 5..7: %s", spi)
+	}
 	for range 3 {
 		if _, err := a.Next(); err != nil {
 			t.Fatal(err)
@@ -113,6 +120,11 @@ func TestAllocatorExhaustion(t *testing.T) {
 	}
 	if _, err := a.Next(); !errors.Is(err, ErrSPIExhausted) {
 		t.Fatalf("got %v, want ErrSPIExhausted", err)
+	}
+	for _, bad := range [][2]uint32{{0, 1}, {2, 1}, {1, MaxKeyID + 1}} {
+		if _, err := NewAllocatorRange(0, Initiator, bad[0], bad[1]); err == nil {
+			t.Errorf("range %d..%d accepted", bad[0], bad[1])
+		}
 	}
 	// The real limit: a fresh allocator reports the full 30-bit space.
 	b, _ := NewAllocator(1, Responder)

@@ -102,6 +102,23 @@ func NewAllocator(master int, role Role) (*Allocator, error) {
 	return &Allocator{master: master, role: role, next: 1, limit: MaxKeyID}, nil
 }
 
+// NewAllocatorRange is NewAllocator restricted to key ids first..last.
+// A session starts above the SPIs its predecessor still has installed
+// (make-before-break keeps them alive for a grace period), and a caller can
+// cap the SPIs per session to force fresh master keys long before the 2^30
+// ids of a role run out.
+func NewAllocatorRange(master int, role Role, first, last uint32) (*Allocator, error) {
+	a, err := NewAllocator(master, role)
+	if err != nil {
+		return nil, err
+	}
+	if first == 0 || first > last || last > MaxKeyID {
+		return nil, fmt.Errorf("kdf: allocator range %d..%d (want 1 <= first <= last <= %d)", first, last, MaxKeyID)
+	}
+	a.next, a.limit = first, last
+	return a, nil
+}
+
 // Next returns a fresh SPI or ErrSPIExhausted.
 func (a *Allocator) Next() (SPI, error) {
 	a.mu.Lock()
@@ -118,7 +135,7 @@ func (a *Allocator) Next() (SPI, error) {
 func (a *Allocator) Remaining() uint32 {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.next > a.limit {
+	if a.next == 0 || a.next > a.limit {
 		return 0
 	}
 	return a.limit - a.next + 1

@@ -1,0 +1,276 @@
+// Package keyexchange authenticates pspd peers and agrees on the keys of
+// their security associations.
+//
+// An Endpoint owns one UDP socket, used by a quic.Transport both to accept
+// and to dial, and one identity. Each pinned peer is a Peer: a lifecycle
+// object that keeps one QUIC session with mutual TLS 1.3 to that peer up,
+// negotiates SAs over it, rekeys them on a jittered timer and on demand,
+// and reconnects with exponential backoff when the session is lost.
+//
+//	ep, err := keyexchange.NewEndpoint(ctx, keyexchange.Config{
+//		Identity:   id,
+//		ListenAddr: "0.0.0.0:6082",
+//		Installers: map[wire.Backend]keyexchange.Installer{wire.BackendXFRM: xfrmBackend},
+//	})
+//	peer, err := ep.AddPeer(keyexchange.PeerConfig{Key: pin, Addr: addr, Backend: wire.BackendXFRM, Suite: kdf.AESGCM256})
+//	sa, err := peer.WaitGeneration(ctx, 1) // first SA confirmed on both sides
+//
+// Security properties, and where they come from:
+//
+//   - Authentication is SPKI pinning in VerifyConnection and nothing else;
+//     certificates are self-signed per process. TLS 1.3 only, P-256, ALPN
+//     "pspd/1", no session tickets; a resumed or 0-RTT session is refused
+//     after the handshake as well, so every session is a fresh ECDHE.
+//   - Each session exports a 32-byte root secret (label
+//     "EXPORTER-pspd-root-v1"), expands it with HKDF-SHA256 into the two
+//     PSP master keys and wipes it; the master keys are wiped when the
+//     session ends. SA keys are derived from master key and SPI with the
+//     PSP KDF on both sides; for derived-key backends no key crosses the
+//     wire.
+//   - The peer with the smaller SPKI is the canonical initiator: it dials
+//     and it negotiates. Each side announces the SPI it receives on
+//     (SAOffer, SAAck); the responder installs before it acks, the
+//     initiator installs before it confirms, and only the confirmation
+//     makes an SA current. Any negotiation error ends the session and
+//     leaves nothing of that SA installed.
+//   - Rekeying is make-before-break: the new generation is installed and
+//     confirmed before the previous one is removed, after a grace period.
+//   - The peer's boot id in Hello tells a reconnect from a restart; after a
+//     restart the previous generation is removed at once, since the peer
+//     has lost its keys.
+//
+// Kernel PSP device keys (wire.ExplicitKey) are carried by the protocol but
+// not yet negotiated by Peer; that needs the PSP netlink backend.
+package keyexchange
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/keyexchange/wire"
+)
+
+// Config configures an Endpoint. Zero durations take the defaults shown.
+type Config struct {
+	Identity *identity.Identity
+	// ListenAddr is the UDP address of the control socket, e.g. ":6082".
+	ListenAddr string
+	// Installers are the data planes this host offers, by backend; the
+	// Hello advertises exactly these.
+	Installers map[wire.Backend]Installer
+	// Suites this host accepts; zero means both AES-GCM suites.
+	Suites wire.Suites
+	Logger *slog.Logger
+
+	HandshakeTimeout   time.Duration // 5s
+	IdleTimeout        time.Duration // 30s; a silent peer is gone after this
+	KeepAlive          time.Duration // 5s
+	NegotiationTimeout time.Duration // 5s; a peer stalling mid-negotiation hits it
+	// MaxSAsPerSession caps the SPIs one session hands out (default: the
+	// whole 2^30 space); exhaustion ends the session and a new one with
+	// fresh master keys takes over.
+	MaxSAsPerSession uint32
+}
+
+func (c *Config) setDefaults() error {
+	if c.Identity == nil {
+		return errors.New("keyexchange: Config.Identity is required (load one with identity.Load)")
+	}
+	if len(c.Installers) == 0 {
+		return errors.New("keyexchange: Config.Installers is empty; at least one backend is needed")
+	}
+	for b, inst := range c.Installers {
+		if !b.Valid() || inst == nil {
+			return fmt.Errorf("keyexchange: Config.Installers[%s]: invalid backend or nil installer", b)
+		}
+	}
+	if c.Suites == 0 {
+		c.Suites = wire.NewSuites(kdf.AESGCM128, kdf.AESGCM256)
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.HandshakeTimeout, 5*time.Second)
+	def(&c.IdleTimeout, 30*time.Second)
+	def(&c.KeepAlive, 5*time.Second)
+	def(&c.NegotiationTimeout, 5*time.Second)
+	return nil
+}
+
+// Endpoint is one daemon's control-plane socket and identity.
+type Endpoint struct {
+	cfg    Config
+	id     *identity.Identity
+	boot   wire.BootID
+	log    *slog.Logger
+	udp    *net.UDPConn
+	tr     *quic.Transport
+	ln     *quic.Listener
+	qconf  *quic.Config
+	leaf   tls.Certificate
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	peers map[identity.PublicKey]*Peer
+}
+
+// NewEndpoint binds the control socket and starts accepting sessions from
+// peers added with AddPeer. It runs until ctx ends or Close is called.
+func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	e := &Endpoint{cfg: cfg, id: cfg.Identity, peers: map[identity.PublicKey]*Peer{}}
+	if _, err := rand.Read(e.boot[:]); err != nil {
+		return nil, fmt.Errorf("keyexchange: boot id: %w", err)
+	}
+	e.log = cfg.Logger.With("local", e.id.Public().Fingerprint())
+	leaf, err := selfSignedLeaf(e.id, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	e.leaf = leaf
+	ua, err := net.ResolveUDPAddr("udp", cfg.ListenAddr)
+	if err != nil {
+		return nil, fmt.Errorf("keyexchange: listen address %q: %w", cfg.ListenAddr, err)
+	}
+	if e.udp, err = net.ListenUDP("udp", ua); err != nil {
+		return nil, fmt.Errorf("keyexchange: %w", err)
+	}
+	e.tr = &quic.Transport{
+		Conn: e.udp,
+		// Retry on every new connection: a spoofed source cannot make us
+		// do handshake work or amplify towards a victim.
+		VerifySourceAddress: func(net.Addr) bool { return true },
+	}
+	e.qconf = &quic.Config{
+		HandshakeIdleTimeout:  cfg.HandshakeTimeout,
+		MaxIdleTimeout:        cfg.IdleTimeout,
+		KeepAlivePeriod:       cfg.KeepAlive,
+		Allow0RTT:             false,
+		MaxIncomingUniStreams: -1,
+	}
+	e.ln, err = e.tr.Listen(tlsConfig(e.leaf, e.allowInbound), e.qconf)
+	if err != nil {
+		e.tr.Close()
+		return nil, fmt.Errorf("keyexchange: listen: %w", err)
+	}
+	e.ctx, e.cancel = context.WithCancel(ctx)
+	e.wg.Add(1)
+	go e.acceptLoop()
+	return e, nil
+}
+
+// Addr is the bound control socket address.
+func (e *Endpoint) Addr() netip.AddrPort { return e.udp.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// Public is this endpoint's identity.
+func (e *Endpoint) Public() identity.PublicKey { return e.id.Public() }
+
+// BootID identifies this endpoint instance.
+func (e *Endpoint) BootID() wire.BootID { return e.boot }
+
+// Close stops every peer (removing their SAs) and closes the socket.
+func (e *Endpoint) Close() error {
+	e.mu.Lock()
+	peers := make([]*Peer, 0, len(e.peers))
+	for _, p := range e.peers {
+		peers = append(peers, p)
+	}
+	e.mu.Unlock()
+	for _, p := range peers {
+		p.Close()
+	}
+	e.cancel()
+	e.ln.Close()
+	err := e.tr.Close()
+	e.udp.Close()
+	e.wg.Wait()
+	return err
+}
+
+func (e *Endpoint) hello(peer identity.PublicKey) wire.Hello {
+	var bs wire.Backends
+	for b := range e.cfg.Installers {
+		bs |= wire.NewBackends(b)
+	}
+	h := wire.Hello{Backends: bs, Suites: e.cfg.Suites, BootID: e.boot}
+	if p := e.peer(peer); p != nil {
+		h.SPIFloor = p.spiFloor()
+	}
+	return h
+}
+
+func (e *Endpoint) peer(pk identity.PublicKey) *Peer {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.peers[pk]
+}
+
+func (e *Endpoint) allowInbound(pk identity.PublicKey) error {
+	if e.peer(pk) == nil {
+		err := &PeerError{Peer: pk, Op: "handshake", Err: errors.New("key is not pinned here; refusing")}
+		e.log.Warn("refused inbound session", "err", err)
+		return err
+	}
+	return nil
+}
+
+func (e *Endpoint) acceptLoop() {
+	defer e.wg.Done()
+	for {
+		conn, err := e.ln.Accept(e.ctx)
+		if err != nil {
+			return
+		}
+		e.wg.Add(1)
+		go func() {
+			defer e.wg.Done()
+			s, err := e.newSession(e.ctx, conn, false)
+			if err != nil {
+				e.log.Warn("inbound session failed", "err", err)
+				return
+			}
+			p := e.peer(s.peer)
+			if p == nil { // removed while the handshake ran
+				s.Close(errors.New("peer removed"))
+				return
+			}
+			p.offer(s)
+		}()
+	}
+}
+
+// dial opens a session to the peer with key want at addr.
+func (e *Endpoint) dial(ctx context.Context, addr netip.AddrPort, want identity.PublicKey) (*Session, error) {
+	conf := tlsConfig(e.leaf, func(got identity.PublicKey) error {
+		if got != want {
+			return &PeerError{Peer: got, Op: "handshake", Err: fmt.Errorf("presented key is not the pinned key %s", want.Fingerprint())}
+		}
+		return nil
+	})
+	conn, err := e.tr.Dial(ctx, net.UDPAddrFromAddrPort(addr), conf, e.qconf)
+	if err != nil {
+		return nil, peerErr(want, "dial "+addr.String(), err)
+	}
+	return e.newSession(ctx, conn, true)
+}

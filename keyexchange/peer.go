@@ -1,0 +1,532 @@
+package keyexchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/keyexchange/wire"
+)
+
+// PeerConfig describes one pinned peer. Zero durations take the defaults
+// shown.
+type PeerConfig struct {
+	Key identity.PublicKey
+	// Addr is the peer's control socket. Only the initiator dials, but set
+	// it on both sides: which side initiates depends on the keys.
+	Addr    netip.AddrPort
+	Assoc   wire.AssocID // 1
+	Backend wire.Backend
+	Suite   kdf.Suite
+
+	RekeyInterval time.Duration // 2m, minus up to RekeyJitter of it
+	RekeyJitter   float64       // 0.1
+	Grace         time.Duration // 30s: the previous generation stays this long
+	BackoffMin    time.Duration // 200ms
+	BackoffMax    time.Duration // 30s
+}
+
+// Peer keeps a session and a current SA with one peer. All its methods are
+// safe for concurrent use.
+type Peer struct {
+	e      *Endpoint
+	cfg    PeerConfig
+	role   kdf.Role
+	inst   Installer
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	incoming    chan *Session   // sessions the peer opened to us
+	rekeyReq    chan chan error // local on-demand rekeys
+	remoteRekey chan struct{}   // the peer asked for a rekey
+
+	mu       sync.Mutex
+	sess     *Session
+	cur      *SA
+	old      map[*SA]*time.Timer // retiring generations
+	gen      uint32              // initiator: last generation offered
+	commits  uint64
+	changed  chan struct{} // closed on every commit, then replaced
+	lastBoot wire.BootID
+}
+
+// AddPeer pins a peer and starts keeping a session with it.
+func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
+	if cfg.Key.IsZero() {
+		return nil, errors.New("keyexchange: PeerConfig.Key is required (the peer's pspd pubkey line)")
+	}
+	role, err := electRole(e.id.Public(), cfg.Key)
+	if err != nil {
+		return nil, peerErr(cfg.Key, "add peer", err)
+	}
+	inst := e.cfg.Installers[cfg.Backend]
+	switch {
+	case inst == nil:
+		err = fmt.Errorf("backend %s has no installer on this host", cfg.Backend)
+	case !e.cfg.Suites.Has(cfg.Suite):
+		err = fmt.Errorf("suite %s is not enabled on this host", cfg.Suite)
+	case role == kdf.Initiator && !cfg.Addr.IsValid():
+		err = errors.New("PeerConfig.Addr is required: this host is the initiator for this peer and must dial it")
+	}
+	if err != nil {
+		return nil, peerErr(cfg.Key, "add peer", err)
+	}
+	if cfg.Assoc == 0 {
+		cfg.Assoc = 1
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&cfg.RekeyInterval, 2*time.Minute)
+	def(&cfg.Grace, 30*time.Second)
+	def(&cfg.BackoffMin, 200*time.Millisecond)
+	def(&cfg.BackoffMax, 30*time.Second)
+	if cfg.RekeyJitter <= 0 || cfg.RekeyJitter >= 1 {
+		cfg.RekeyJitter = 0.1
+	}
+	p := &Peer{
+		e: e, cfg: cfg, role: role, inst: inst, done: make(chan struct{}),
+		log:      e.log.With("peer", cfg.Key.Fingerprint(), "role", role.String()),
+		incoming: make(chan *Session, 1), rekeyReq: make(chan chan error), remoteRekey: make(chan struct{}, 1),
+		old: map[*SA]*time.Timer{}, changed: make(chan struct{}),
+	}
+	p.ctx, p.cancel = context.WithCancel(e.ctx)
+	e.mu.Lock()
+	if e.peers[cfg.Key] != nil {
+		e.mu.Unlock()
+		return nil, peerErr(cfg.Key, "add peer", errors.New("already added"))
+	}
+	e.peers[cfg.Key] = p
+	e.mu.Unlock()
+	go p.run()
+	return p, nil
+}
+
+// Key is the peer's pinned key.
+func (p *Peer) Key() identity.PublicKey { return p.cfg.Key }
+
+// Role is this side's role towards the peer.
+func (p *Peer) Role() kdf.Role { return p.role }
+
+// Session is the live session, or nil.
+func (p *Peer) Session() *Session {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sess
+}
+
+// Current is the confirmed SA in use, without its keys (they live in the
+// installer).
+func (p *Peer) Current() (SA, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cur == nil {
+		return SA{}, false
+	}
+	return p.cur.withoutKeys(), true
+}
+
+// Wait blocks until the current SA satisfies ok.
+func (p *Peer) Wait(ctx context.Context, ok func(SA) bool) (SA, error) {
+	for {
+		p.mu.Lock()
+		ch := p.changed
+		var sa SA
+		have := p.cur != nil
+		if have {
+			sa = p.cur.withoutKeys()
+		}
+		p.mu.Unlock()
+		if have && ok(sa) {
+			return sa, nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return SA{}, peerErr(p.cfg.Key, "wait for SA", context.Cause(ctx))
+		case <-p.done:
+			return SA{}, peerErr(p.cfg.Key, "wait for SA", errors.New("peer closed"))
+		}
+	}
+}
+
+// WaitGeneration waits for a confirmed SA of at least generation gen.
+func (p *Peer) WaitGeneration(ctx context.Context, gen uint32) (SA, error) {
+	return p.Wait(ctx, func(sa SA) bool { return sa.Generation >= gen })
+}
+
+// Rekey negotiates a new generation now and returns it once confirmed. On
+// the responder it asks the initiator to do so.
+func (p *Peer) Rekey(ctx context.Context) (SA, error) {
+	p.mu.Lock()
+	before := p.commits
+	p.mu.Unlock()
+	res := make(chan error, 1)
+	select {
+	case p.rekeyReq <- res:
+	case <-ctx.Done():
+		return SA{}, peerErr(p.cfg.Key, "rekey", context.Cause(ctx))
+	case <-p.done:
+		return SA{}, peerErr(p.cfg.Key, "rekey", errors.New("peer closed"))
+	}
+	select {
+	case err := <-res:
+		if err != nil {
+			return SA{}, err
+		}
+	case <-ctx.Done():
+		return SA{}, peerErr(p.cfg.Key, "rekey", context.Cause(ctx))
+	}
+	for {
+		p.mu.Lock()
+		ch, n := p.changed, p.commits
+		var sa SA
+		if p.cur != nil {
+			sa = p.cur.withoutKeys()
+		}
+		p.mu.Unlock()
+		if n > before {
+			return sa, nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return SA{}, peerErr(p.cfg.Key, "rekey", context.Cause(ctx))
+		}
+	}
+}
+
+// Close stops the peer: it tells the peer, ends the session and removes
+// every SA it installed.
+func (p *Peer) Close() {
+	p.cancel()
+	<-p.done
+	p.e.mu.Lock()
+	if p.e.peers[p.cfg.Key] == p {
+		delete(p.e.peers, p.cfg.Key)
+	}
+	p.e.mu.Unlock()
+}
+
+// offer hands an inbound session to the peer, replacing one still queued.
+func (p *Peer) offer(s *Session) {
+	for {
+		select {
+		case p.incoming <- s:
+			return
+		case <-p.ctx.Done():
+			s.Close(errors.New("peer closed"))
+			return
+		case old := <-p.incoming:
+			old.Close(errReplaced)
+		}
+	}
+}
+
+func (p *Peer) run() {
+	defer close(p.done)
+	defer p.removeAll()
+	backoff := p.cfg.BackoffMin
+	var next *Session
+	for p.ctx.Err() == nil {
+		s := next
+		next = nil
+		if s == nil {
+			select {
+			case s = <-p.incoming:
+			default:
+			}
+		}
+		if s == nil && p.role == kdf.Initiator {
+			dctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
+			var err error
+			s, err = p.e.dial(dctx, p.cfg.Addr, p.cfg.Key)
+			cancel()
+			if err != nil {
+				d := jitter(backoff)
+				p.log.Warn("session failed; retrying", "err", err, "retry_in", d)
+				select {
+				case s = <-p.incoming:
+				case <-time.After(d):
+				case <-p.ctx.Done():
+				}
+				backoff = min(2*backoff, p.cfg.BackoffMax)
+				if s == nil {
+					continue
+				}
+			}
+		}
+		if s == nil {
+			select {
+			case s = <-p.incoming:
+			case <-p.ctx.Done():
+				continue
+			}
+		}
+		var err error
+		next, err = p.runSession(s, &backoff)
+		p.log.Info("session ended", "err", err)
+	}
+}
+
+// jitter spreads d over [d/2, d) so peers that lost each other at once do
+// not retry in lockstep.
+func jitter(d time.Duration) time.Duration {
+	return d/2 + rand.N(d/2+1)
+}
+
+func (p *Peer) rekeyDelay() time.Duration {
+	iv := p.cfg.RekeyInterval
+	return iv - time.Duration(rand.Float64()*p.cfg.RekeyJitter*float64(iv))
+}
+
+// runSession drives one session until it ends. It returns a newer session
+// that replaced it, if any.
+func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) {
+	if err := p.attach(s); err != nil {
+		s.Close(err)
+		return nil, err
+	}
+	serveErr := make(chan error, 1)
+	go func() {
+		serveErr <- s.serve(handlers{
+			installer: func(b wire.Backend, x kdf.Suite) Installer {
+				if b != p.cfg.Backend || x != p.cfg.Suite {
+					return nil
+				}
+				return p.inst
+			},
+			confirmed: p.commit,
+			deleted:   p.deleted,
+			rekey: func(a wire.AssocID) {
+				if a != p.cfg.Assoc {
+					return
+				}
+				select {
+				case p.remoteRekey <- struct{}{}:
+				default:
+				}
+			},
+		})
+	}()
+	var next *Session
+	err := p.drive(s, backoff, serveErr, &next)
+	if p.ctx.Err() != nil {
+		p.sendDelete(s)
+	}
+	cause := err
+	if next != nil {
+		cause = errReplaced
+	}
+	s.Close(cause)
+	<-serveErr
+	p.mu.Lock()
+	if p.sess == s {
+		p.sess = nil
+	}
+	p.mu.Unlock()
+	return next, err
+}
+
+func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, next **Session) error {
+	var timer <-chan time.Time
+	negotiate := func() error {
+		sa, err := p.negotiate(s)
+		if err == nil {
+			p.commit(sa)
+			*backoff = p.cfg.BackoffMin
+			timer = time.After(p.rekeyDelay())
+		}
+		return err
+	}
+	if p.role == kdf.Initiator {
+		if err := negotiate(); err != nil {
+			return err
+		}
+	}
+	for {
+		select {
+		case <-timer:
+			if err := negotiate(); err != nil {
+				return err
+			}
+		case <-p.remoteRekey:
+			if err := negotiate(); err != nil {
+				return err
+			}
+		case res := <-p.rekeyReq:
+			var err error
+			if p.role == kdf.Initiator {
+				err = negotiate()
+			} else {
+				err = s.send(p.ctx, wire.Rekey{Assoc: p.cfg.Assoc})
+			}
+			res <- err
+			if err != nil {
+				return err
+			}
+		case err := <-serveErr:
+			serveErr <- err // runSession waits for it too
+			return err
+		case *next = <-p.incoming:
+			return errReplaced
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		}
+	}
+}
+
+func (p *Peer) negotiate(s *Session) (*SA, error) {
+	p.mu.Lock()
+	p.gen++
+	gen := p.gen
+	p.mu.Unlock()
+	return s.negotiate(p.ctx, p.inst, p.cfg.Assoc, gen, p.cfg.Backend, p.cfg.Suite)
+}
+
+// attach makes s the live session. A new boot id means the peer restarted
+// and lost its keys, so every generation we still hold is useless and goes
+// at once instead of after the grace period.
+func (p *Peer) attach(s *Session) error {
+	p.mu.Lock()
+	p.sess = s
+	restarted := p.lastBoot != (wire.BootID{}) && p.lastBoot != s.PeerBootID()
+	p.lastBoot = s.PeerBootID()
+	var stale []*SA
+	if restarted {
+		for sa, t := range p.old {
+			t.Stop()
+			stale = append(stale, sa)
+		}
+		clear(p.old)
+		if p.cur != nil {
+			stale = append(stale, p.cur)
+			p.cur = nil
+		}
+	}
+	p.mu.Unlock()
+	if restarted {
+		p.log.Info("peer restarted (new boot id); removing its old SAs now", "removed", len(stale))
+	}
+	for _, sa := range stale {
+		p.remove(sa)
+	}
+	if err := s.raiseFloor(max(p.spiFloor(), s.hello.SPIFloor), p.e.cfg.MaxSAsPerSession); err != nil {
+		return peerErr(p.cfg.Key, "session setup", err)
+	}
+	p.log.Info("session up", "remote", s.conn.RemoteAddr().String(), "boot_id", fmt.Sprintf("%x", s.PeerBootID()))
+	return nil
+}
+
+// spiFloor is the highest SPI counter, of either direction, still
+// installed for this peer.
+func (p *Peer) spiFloor() uint32 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var floor uint32
+	if p.cur != nil {
+		floor = max(p.cur.RxSPI.Counter(), p.cur.TxSPI.Counter())
+	}
+	for sa := range p.old {
+		floor = max(floor, sa.RxSPI.Counter(), sa.TxSPI.Counter())
+	}
+	return floor
+}
+
+// commit makes sa current and retires the previous generation after the
+// grace period (make-before-break).
+func (p *Peer) commit(sa *SA) {
+	p.mu.Lock()
+	prev := p.cur
+	p.cur = sa
+	if prev != nil {
+		p.old[prev] = time.AfterFunc(p.cfg.Grace, func() {
+			p.mu.Lock()
+			_, ok := p.old[prev]
+			delete(p.old, prev)
+			p.mu.Unlock()
+			if ok {
+				p.remove(prev)
+			}
+		})
+	}
+	p.commits++
+	close(p.changed)
+	p.changed = make(chan struct{})
+	p.mu.Unlock()
+	p.log.Info("SA confirmed", "sa", sa)
+}
+
+func (p *Peer) deleted(assoc wire.AssocID, gen uint32) {
+	p.mu.Lock()
+	var gone *SA
+	if p.cur != nil && p.cur.ID == assoc && p.cur.Generation == gen {
+		gone, p.cur = p.cur, nil
+	}
+	for sa, t := range p.old {
+		if sa.ID == assoc && sa.Generation == gen {
+			t.Stop()
+			delete(p.old, sa)
+			gone = sa
+		}
+	}
+	p.mu.Unlock()
+	if gone != nil {
+		p.log.Info("peer deleted SA", "sa", gone)
+		p.remove(gone)
+	}
+}
+
+func (p *Peer) sendDelete(s *Session) {
+	p.mu.Lock()
+	cur := p.cur
+	p.mu.Unlock()
+	if cur == nil || s.Context().Err() != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := s.send(ctx, wire.Delete{Assoc: cur.ID, Generation: cur.Generation}); err != nil {
+		p.log.Debug("could not tell peer about deletion", "err", err)
+	}
+}
+
+func (p *Peer) remove(sa *SA) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.e.cfg.NegotiationTimeout)
+	defer cancel()
+	if err := p.inst.Remove(ctx, sa); err != nil {
+		p.log.Error("remove SA", "sa", sa, "err", peerErr(p.cfg.Key, "remove SA", err))
+	} else {
+		p.log.Info("SA removed", "sa", sa)
+	}
+	sa.Wipe()
+}
+
+func (p *Peer) removeAll() {
+	p.mu.Lock()
+	var all []*SA
+	for sa, t := range p.old {
+		t.Stop()
+		all = append(all, sa)
+	}
+	clear(p.old)
+	if p.cur != nil {
+		all = append(all, p.cur)
+		p.cur = nil
+	}
+	p.mu.Unlock()
+	for _, sa := range all {
+		p.remove(sa)
+	}
+}

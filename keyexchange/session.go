@@ -1,0 +1,510 @@
+package keyexchange
+
+import (
+	"context"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/pspd/pspd/internal/secret"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/keyexchange/wire"
+)
+
+const (
+	exporterLabel = "EXPORTER-pspd-root-v1"
+	masterKeyInfo = "pspd psp master keys v1"
+	rootSecretLen = 32
+)
+
+// QUIC application error codes used when pspd closes a connection.
+const (
+	closeNormal   quic.ApplicationErrorCode = 0
+	closeProtocol quic.ApplicationErrorCode = 1
+	closeReplaced quic.ApplicationErrorCode = 2
+)
+
+// Session is one authenticated QUIC connection to a peer, with its own
+// master keys. It ends when the peer goes away, on any negotiation error,
+// or when it is closed; its master keys are wiped then.
+type Session struct {
+	conn    *quic.Conn
+	peer    identity.PublicKey
+	role    kdf.Role
+	hello   wire.Hello // the peer's
+	timeout time.Duration
+	log     *slog.Logger
+	ctx     context.Context
+	cancel  context.CancelCauseFunc
+
+	mu      sync.Mutex
+	mk      *kdf.MasterKeys // nil after close
+	alloc   *kdf.Allocator
+	lastGen map[wire.AssocID]uint32 // responder: generations seen this session
+}
+
+// Context ends when the session is over; context.Cause says why.
+func (s *Session) Context() context.Context { return s.ctx }
+
+// Peer is the authenticated peer key.
+func (s *Session) Peer() identity.PublicKey { return s.peer }
+
+// Role is this side's role, elected by SPKI order.
+func (s *Session) Role() kdf.Role { return s.role }
+
+// PeerBootID identifies the peer's process; it changes when the peer
+// restarts.
+func (s *Session) PeerBootID() wire.BootID { return s.hello.BootID }
+
+// Close ends the session, telling the peer why, and wipes its master keys.
+func (s *Session) Close(cause error) {
+	code, msg := closeNormal, "closed"
+	switch {
+	case errors.Is(cause, errReplaced):
+		code, msg = closeReplaced, cause.Error()
+	case cause != nil:
+		code, msg = closeProtocol, cause.Error()
+	}
+	s.cancel(cause)
+	if code == closeProtocol {
+		// Give the Error frame we just wrote a moment to arrive before
+		// CONNECTION_CLOSE discards unsent stream data; a conforming peer
+		// closes first when it reads it.
+		go func() {
+			select {
+			case <-s.conn.Context().Done():
+			case <-time.After(errorLinger):
+			}
+			s.conn.CloseWithError(code, msg)
+		}()
+	} else {
+		s.conn.CloseWithError(code, msg)
+	}
+	s.mu.Lock()
+	if s.mk != nil {
+		s.mk.Wipe()
+		s.mk = nil
+	}
+	s.mu.Unlock()
+}
+
+const errorLinger = 250 * time.Millisecond
+
+var errReplaced = errors.New("replaced by a newer session")
+
+// electRole makes the side with the smaller SPKI the initiator. Both sides
+// compute the same answer without a message; equal keys mean someone
+// copied an identity and are refused.
+func electRole(local, peer identity.PublicKey) (kdf.Role, error) {
+	switch identity.Compare(local, peer) {
+	case -1:
+		return kdf.Initiator, nil
+	case 1:
+		return kdf.Responder, nil
+	}
+	return 0, errors.New("peer presents our own identity key; each host needs its own (pspd genkey)")
+}
+
+// deriveMasterKeys turns the TLS exporter secret into the two PSP master
+// keys. The root secret is wiped on every path.
+func deriveMasterKeys(st quic.ConnectionState) (*kdf.MasterKeys, error) {
+	root, err := st.TLS.ExportKeyingMaterial(exporterLabel, nil, rootSecretLen)
+	if err != nil {
+		return nil, fmt.Errorf("TLS exporter: %w", err)
+	}
+	defer secret.Zero(root)
+	okm, err := hkdf.Key(sha256.New, root, nil, masterKeyInfo, 2*kdf.MasterKeyLen)
+	if err != nil {
+		return nil, fmt.Errorf("HKDF: %w", err)
+	}
+	mk, err := kdf.NewMasterKeys(secret.New(okm[:kdf.MasterKeyLen]), secret.New(okm[kdf.MasterKeyLen:]))
+	secret.Zero(okm)
+	return mk, err
+}
+
+// newSession authenticates conn's result, derives the master keys and
+// exchanges Hellos; the dialer speaks first. On error conn is closed.
+func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool) (s *Session, err error) {
+	st := conn.ConnectionState()
+	peer, err := verifyPeer(st.TLS, time.Now())
+	if err == nil {
+		err = checkFresh(st)
+	}
+	defer func() {
+		if err != nil {
+			err = peerErr(peer, "session setup", err)
+			conn.CloseWithError(closeProtocol, err.Error())
+		}
+	}()
+	if err != nil {
+		return nil, err
+	}
+	role, err := electRole(e.id.Public(), peer)
+	if err != nil {
+		return nil, err
+	}
+	mk, err := deriveMasterKeys(st)
+	if err != nil {
+		return nil, err
+	}
+	alloc, err := newAllocator(role, 0, e.cfg.MaxSAsPerSession)
+	if err != nil {
+		mk.Wipe()
+		return nil, err
+	}
+	sctx, cancel := context.WithCancelCause(conn.Context())
+	s = &Session{
+		conn: conn, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
+		log: e.log.With("peer", peer.Fingerprint(), "role", role.String()),
+		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, lastGen: map[wire.AssocID]uint32{},
+	}
+	if s.hello, err = e.exchangeHello(ctx, conn, peer, dialer); err != nil {
+		s.Close(err)
+		return nil, err
+	}
+	return s, nil
+}
+
+// newAllocator hands out at most perSession receive SPIs above floor.
+func newAllocator(role kdf.Role, floor, perSession uint32) (*kdf.Allocator, error) {
+	if floor >= kdf.MaxKeyID {
+		return nil, kdf.ErrSPIExhausted
+	}
+	last := uint32(kdf.MaxKeyID)
+	if perSession != 0 && perSession < last-floor {
+		last = floor + perSession
+	}
+	return kdf.NewAllocatorRange(0, role, floor+1, last)
+}
+
+// raiseFloor makes the session allocate above floor, so that it never
+// hands out an SPI that an SA of an earlier session still uses. It must be
+// called before the session negotiates.
+func (s *Session) raiseFloor(floor, perSession uint32) error {
+	a, err := newAllocator(s.role, floor, perSession)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.alloc = a
+	s.mu.Unlock()
+	return nil
+}
+
+func (e *Endpoint) exchangeHello(ctx context.Context, conn *quic.Conn, peer identity.PublicKey, dialer bool) (wire.Hello, error) {
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.NegotiationTimeout)
+	defer cancel()
+	var str *quic.Stream
+	var err error
+	if dialer {
+		str, err = conn.OpenStreamSync(ctx)
+	} else {
+		str, err = conn.AcceptStream(ctx)
+	}
+	if err != nil {
+		return wire.Hello{}, fmt.Errorf("hello stream: %w", err)
+	}
+	defer str.Close()
+	if d, ok := ctx.Deadline(); ok {
+		str.SetDeadline(d)
+	}
+	mine := e.hello(peer)
+	if dialer {
+		if err := wire.WriteMessage(str, mine); err != nil {
+			return wire.Hello{}, err
+		}
+	}
+	m, err := wire.ReadMessage(str)
+	if err != nil {
+		return wire.Hello{}, fmt.Errorf("read hello: %w", err)
+	}
+	h, ok := m.(wire.Hello)
+	if !ok {
+		return wire.Hello{}, unexpected(m, "Hello")
+	}
+	if !dialer {
+		if err := wire.WriteMessage(str, mine); err != nil {
+			return wire.Hello{}, err
+		}
+	}
+	return h, nil
+}
+
+func unexpected(m wire.Message, want string) error {
+	if em, ok := m.(wire.Error); ok {
+		return &wire.ProtocolError{Code: em.Code, Msg: em.Text, Remote: true}
+	}
+	return &wire.ProtocolError{Code: wire.CodeType, Msg: fmt.Sprintf("got %s, want %s", m.Type(), want)}
+}
+
+// fail reports err to the peer on str (best effort) and returns it wrapped
+// with the peer's fingerprint.
+func (s *Session) fail(str *quic.Stream, op string, err error) error {
+	var pe *wire.ProtocolError
+	code := wire.CodeInternal
+	switch {
+	case errors.As(err, &pe):
+		code = pe.Code
+		if pe.Remote {
+			str = nil // never echo the peer's own error back
+		}
+	case errors.Is(err, kdf.ErrSPIExhausted):
+		code = wire.CodeSPIExhausted
+	case errors.Is(err, errInstall):
+		code = wire.CodeInstall
+	case errors.Is(err, errUnsupported):
+		code = wire.CodeUnsupported
+	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
+		code = wire.CodeTimeout
+	}
+	if str != nil {
+		str.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		wire.WriteMessage(str, wire.Error{Code: code, Text: err.Error()})
+		str.Close()
+	}
+	return peerErr(s.peer, op, err)
+}
+
+func isTimeout(err error) bool {
+	var ne interface{ Timeout() bool }
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+var (
+	errInstall     = errors.New("install failed")
+	errUnsupported = errors.New("unsupported")
+)
+
+// derive builds the SA for our rx SPI and the peer's. It checks that the
+// peer's SPI carries the peer's role bit, so the two directions can never
+// share an SPI or a key.
+func (s *Session) derive(peer identity.PublicKey, assoc wire.AssocID, gen uint32, b wire.Backend, suite kdf.Suite, rx, tx kdf.SPI) (*SA, error) {
+	if tx.Role() == s.role || tx.MasterKeyIndex() != 0 || tx.Counter() == 0 {
+		return nil, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("peer SPI %s is not a %s SPI under master key 0", tx, otherRole(s.role))}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mk == nil {
+		return nil, errors.New("session closed")
+	}
+	rxKey, err := s.mk.Derive(rx, suite)
+	if err != nil {
+		return nil, err
+	}
+	txKey, err := s.mk.Derive(tx, suite)
+	if err != nil {
+		rxKey.Wipe()
+		return nil, err
+	}
+	return &SA{Peer: peer, ID: assoc, Backend: b, Suite: suite, Generation: gen, RxSPI: rx, TxSPI: tx, RxKey: rxKey, TxKey: txKey}, nil
+}
+
+func otherRole(r kdf.Role) kdf.Role { return 1 - r }
+
+// install runs the installer and turns its failure into errInstall; on
+// failure the SA's keys are wiped.
+func install(ctx context.Context, inst Installer, sa *SA) error {
+	if err := inst.Install(ctx, sa); err != nil {
+		sa.Wipe()
+		return fmt.Errorf("%w: %s: %w", errInstall, sa, err)
+	}
+	return nil
+}
+
+func (s *Session) openStream(ctx context.Context) (*quic.Stream, context.CancelFunc, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	str, err := s.conn.OpenStreamSync(ctx)
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	d, _ := ctx.Deadline()
+	str.SetDeadline(d)
+	return str, cancel, nil
+}
+
+// negotiate is the initiator's side of one SA negotiation: offer our rx
+// SPI, get the responder's after it installed, install, confirm. It
+// returns the installed SA. Any error is fatal to the session, and leaves
+// nothing installed on this side.
+func (s *Session) negotiate(ctx context.Context, inst Installer, assoc wire.AssocID, gen uint32, b wire.Backend, suite kdf.Suite) (*SA, error) {
+	const op = "negotiate"
+	if s.role != kdf.Initiator {
+		return nil, peerErr(s.peer, op, errors.New("only the initiator negotiates"))
+	}
+	if !s.hello.Backends.Has(b) || !s.hello.Suites.Has(suite) {
+		return nil, s.fail(nil, op, fmt.Errorf("%w: peer does not offer backend %s with suite %s", errUnsupported, b, suite))
+	}
+	rx, err := s.alloc.Next()
+	if err != nil {
+		return nil, s.fail(nil, op, err)
+	}
+	str, cancel, err := s.openStream(ctx)
+	if err != nil {
+		return nil, s.fail(nil, op, err)
+	}
+	defer cancel()
+	offer := wire.SAOffer{Assoc: assoc, Generation: gen, Backend: b, Suite: suite, RxSPI: rx}
+	if err := wire.WriteMessage(str, offer); err != nil {
+		return nil, s.fail(str, op, err)
+	}
+	m, err := wire.ReadMessage(str)
+	if err != nil {
+		return nil, s.fail(str, op, fmt.Errorf("waiting for SAAck: %w", err))
+	}
+	ack, ok := m.(wire.SAAck)
+	if !ok {
+		return nil, s.fail(str, op, unexpected(m, "SAAck"))
+	}
+	if ack.Assoc != assoc || ack.Generation != gen || ack.Backend != b || ack.Suite != suite {
+		return nil, s.fail(str, op, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("SAAck %+v does not answer offer %+v", ack, offer)})
+	}
+	sa, err := s.derive(s.peer, assoc, gen, b, suite, rx, ack.RxSPI)
+	if err != nil {
+		return nil, s.fail(str, op, err)
+	}
+	if err := install(ctx, inst, sa); err != nil {
+		return nil, s.fail(str, op, err)
+	}
+	if err := wire.WriteMessage(str, wire.SAConfirm{Assoc: assoc, Generation: gen}); err != nil {
+		s.removeAfterFailure(inst, sa)
+		return nil, s.fail(str, op, err)
+	}
+	str.Close()
+	return sa, nil
+}
+
+func (s *Session) removeAfterFailure(inst Installer, sa *SA) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	if err := inst.Remove(ctx, sa); err != nil {
+		s.log.Error("remove SA after failed negotiation", "sa", sa, "err", err)
+	}
+	sa.Wipe()
+}
+
+// handlers are what a session reports to its owner.
+type handlers struct {
+	installer func(wire.Backend, kdf.Suite) Installer // nil: not accepted
+	confirmed func(*SA)                               // responder: an SA is confirmed
+	deleted   func(wire.AssocID, uint32)              // peer deleted a generation
+	rekey     func(wire.AssocID)                      // peer asks for a rekey
+}
+
+// serve handles the streams the peer opens until the session ends, and
+// returns why it ended. A protocol or negotiation error closes the session.
+func (s *Session) serve(h handlers) error {
+	for {
+		str, err := s.conn.AcceptStream(s.ctx)
+		if err != nil {
+			return context.Cause(s.ctx)
+		}
+		str.SetDeadline(time.Now().Add(s.timeout))
+		if err := s.handle(str, h); err != nil {
+			s.Close(err)
+			return err
+		}
+	}
+}
+
+func (s *Session) handle(str *quic.Stream, h handlers) error {
+	m, err := wire.ReadMessage(str)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return s.fail(str, "serve", &wire.ProtocolError{Code: wire.CodeMalformed, Msg: "empty stream"})
+		}
+		return s.fail(str, "serve", err)
+	}
+	switch m := m.(type) {
+	case wire.SAOffer:
+		return s.respond(str, h, m)
+	case wire.Rekey:
+		if s.role != kdf.Initiator {
+			return s.fail(str, "serve", &wire.ProtocolError{Code: wire.CodeType, Msg: "Rekey sent to the responder"})
+		}
+		str.Close()
+		h.rekey(m.Assoc)
+	case wire.Delete:
+		str.Close()
+		h.deleted(m.Assoc, m.Generation)
+	default:
+		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey or Delete"))
+	}
+	return nil
+}
+
+// respond is the responder's side of a negotiation. The SA it installs is
+// removed again unless the initiator confirms it before the deadline.
+func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) error {
+	const op = "respond"
+	if s.role != kdf.Responder {
+		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeType, Msg: "SAOffer sent to the initiator"})
+	}
+	inst := h.installer(offer.Backend, offer.Suite)
+	if inst == nil {
+		return s.fail(str, op, fmt.Errorf("%w: backend %s with suite %s", errUnsupported, offer.Backend, offer.Suite))
+	}
+	s.mu.Lock()
+	last := s.lastGen[offer.Assoc]
+	if offer.Generation <= last {
+		s.mu.Unlock()
+		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("generation %d of association %d after %d", offer.Generation, offer.Assoc, last)})
+	}
+	s.lastGen[offer.Assoc] = offer.Generation
+	s.mu.Unlock()
+	rx, err := s.alloc.Next()
+	if err != nil {
+		return s.fail(str, op, err)
+	}
+	sa, err := s.derive(s.peer, offer.Assoc, offer.Generation, offer.Backend, offer.Suite, rx, offer.RxSPI)
+	if err != nil {
+		return s.fail(str, op, err)
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, s.timeout)
+	defer cancel()
+	if err := install(ctx, inst, sa); err != nil {
+		return s.fail(str, op, err)
+	}
+	ack := wire.SAAck{Assoc: offer.Assoc, Generation: offer.Generation, Backend: offer.Backend, Suite: offer.Suite, RxSPI: rx}
+	err = wire.WriteMessage(str, ack)
+	var m wire.Message
+	if err == nil {
+		m, err = wire.ReadMessage(str)
+	}
+	if err == nil {
+		if c, ok := m.(wire.SAConfirm); !ok {
+			err = unexpected(m, "SAConfirm")
+		} else if c.Assoc != offer.Assoc || c.Generation != offer.Generation {
+			err = &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("SAConfirm for %d/%d, offer was %d/%d", c.Assoc, c.Generation, offer.Assoc, offer.Generation)}
+		}
+	}
+	if err != nil {
+		s.removeAfterFailure(inst, sa)
+		return s.fail(str, op, fmt.Errorf("waiting for SAConfirm: %w", err))
+	}
+	str.Close()
+	h.confirmed(sa)
+	return nil
+}
+
+// send opens a stream for a one-message notification (Rekey, Delete).
+func (s *Session) send(ctx context.Context, m wire.Message) error {
+	str, cancel, err := s.openStream(ctx)
+	if err != nil {
+		return peerErr(s.peer, "send "+m.Type().String(), err)
+	}
+	defer cancel()
+	defer str.Close()
+	if err := wire.WriteMessage(str, m); err != nil {
+		return peerErr(s.peer, "send "+m.Type().String(), err)
+	}
+	return nil
+}
