@@ -377,7 +377,11 @@ func TestRekeyUnderTraffic(t *testing.T) {
 			must(t, b.InstallRX(SA{SPI: spi, Suite: s, Key: k}))
 			time.Sleep(time.Millisecond)
 			must(t, a.InstallTX(SA{SPI: spi, Suite: s, Key: k}))
-			time.Sleep(time.Millisecond)
+			// The control plane rekeys again only after the previous
+			// generation is confirmed in use; wait until B has authenticated
+			// a packet under the new SA (which retires the old RX SAs)
+			// instead of sleeping, so a slow receiver cannot pile up SAs.
+			waitRX(t, b, spi)
 		}
 		close(stop)
 		n := <-recvd
@@ -394,4 +398,19 @@ func TestRekeyUnderTraffic(t *testing.T) {
 		}
 		t.Logf("%v: %d packets across 20 rekeys, no drop", f, n)
 	}
+}
+
+// waitRX waits until c has accepted a packet under the RX SA spi.
+func waitRX(t *testing.T, c *Codec, spi kdf.SPI) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, sa := range c.Stats().SAs {
+			if sa.Dir == RX && sa.SPI == spi && sa.Packets > 0 {
+				return
+			}
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	t.Fatalf("no packet accepted under RX SA %v within 10s", spi)
 }

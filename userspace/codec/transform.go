@@ -62,14 +62,6 @@ func (c *Codec) txFail(err error) error {
 
 // txPrepare does every check that does not consume a counter.
 func (c *Codec) txPrepare(inner []byte) (*txSA, wire.Inner, error) {
-	t := c.tab.Load()
-	sa := t.tx
-	if sa == nil {
-		if t.txExpired {
-			return nil, 0, ErrKeyExpired
-		}
-		return nil, 0, ErrNoTXSA
-	}
 	proto, err := wire.CheckInner(inner)
 	switch {
 	case err == wire.ErrEmpty:
@@ -77,10 +69,24 @@ func (c *Codec) txPrepare(inner []byte) (*txSA, wire.Inner, error) {
 	case err != nil:
 		return nil, 0, ErrInnerPacket
 	}
-	if sa.off.Load() {
-		return nil, 0, ErrKeyExpired
+	// An SA that goes off between loading the table and this check was
+	// either replaced by a rekey, in which case the table already holds its
+	// successor and the packet goes out under that (a rekey loses no
+	// packet), or expired, in which case the reload finds no TX SA.
+	for range 3 {
+		t := c.tab.Load()
+		sa := t.tx
+		if sa == nil {
+			if t.txExpired {
+				return nil, 0, ErrKeyExpired
+			}
+			return nil, 0, ErrNoTXSA
+		}
+		if !sa.off.Load() {
+			return sa, proto, nil
+		}
 	}
-	return sa, proto, nil
+	return nil, 0, ErrKeyExpired
 }
 
 // nextCounter hands out the next counter of sa. The counter is the one
