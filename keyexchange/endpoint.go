@@ -31,8 +31,11 @@
 //     and it negotiates. Each side announces the SPI it receives on
 //     (SAOffer, SAAck); the responder installs before it acks, the
 //     initiator installs before it confirms, and only the confirmation
-//     makes an SA current. Any negotiation error ends the session and
-//     leaves nothing of that SA installed.
+//     makes an SA current. Each side switches its outbound traffic
+//     (Installer.Activate) only once the other side can receive: the
+//     initiator on the ack, the responder on the confirmation. Any
+//     negotiation error ends the session and leaves nothing of that SA
+//     installed.
 //   - Rekeying is make-before-break: the new generation is installed and
 //     confirmed before the previous one is removed, after a grace period.
 //   - The peer's boot id in Hello tells a reconnect from a restart; after a

@@ -24,6 +24,10 @@ type recorder struct {
 	history  []recorded           // every install, keys cloned
 	removed  int
 	failNext error
+	// activated records, by rx SPI, which SAs carry outbound traffic;
+	// onActivate, if set, runs before an SA is marked active.
+	activated  map[kdf.SPI]bool
+	onActivate func(SA)
 }
 
 type recorded struct {
@@ -31,7 +35,32 @@ type recorded struct {
 	rxKey, txKey secret.Key
 }
 
-func newRecorder() *recorder { return &recorder{live: map[kdf.SPI]recorded{}} }
+func newRecorder() *recorder {
+	return &recorder{live: map[kdf.SPI]recorded{}, activated: map[kdf.SPI]bool{}}
+}
+
+func (r *recorder) Activate(_ context.Context, sa *SA) error {
+	r.mu.Lock()
+	hook := r.onActivate
+	_, ok := r.live[sa.RxSPI]
+	r.mu.Unlock()
+	if !ok {
+		return errors.New("recorder: activating an SA that is not installed")
+	}
+	if hook != nil {
+		hook(sa.withoutKeys())
+	}
+	r.mu.Lock()
+	r.activated[sa.RxSPI] = true
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *recorder) isActive(spi kdf.SPI) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.activated[spi]
+}
 
 func (r *recorder) Install(_ context.Context, sa *SA) error {
 	r.mu.Lock()
@@ -56,6 +85,7 @@ func (r *recorder) Remove(_ context.Context, sa *SA) error {
 		return errors.New("recorder: removing an SA that is not installed")
 	}
 	delete(r.live, sa.RxSPI)
+	delete(r.activated, sa.RxSPI)
 	r.removed++
 	return nil
 }

@@ -2,7 +2,9 @@ package keyexchange
 
 import (
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -229,5 +231,54 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not reached in 5s")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestActivateOnlyAfterPeerInstalled holds the make-before-break order: a
+// side starts sending under a generation only once the other side can
+// receive it, on bring-up and on rekeys started by either side.
+func TestActivateOnlyAfterPeerInstalled(t *testing.T) {
+	ini, resp, pi, pr := pair(t, nil, nil)
+	var mu sync.Mutex
+	var violations []string
+	checkOther := func(self string, other *recorder) func(SA) {
+		return func(sa SA) {
+			if !other.isLive(sa.TxSPI) {
+				mu.Lock()
+				violations = append(violations, fmt.Sprintf("%s activated generation %d (tx %v) before the peer installed it", self, sa.Generation, sa.TxSPI))
+				mu.Unlock()
+			}
+		}
+	}
+	ini.inst.mu.Lock()
+	ini.inst.onActivate = checkOther("initiator", resp.inst)
+	ini.inst.mu.Unlock()
+	resp.inst.mu.Lock()
+	resp.inst.onActivate = checkOther("responder", ini.inst)
+	resp.inst.mu.Unlock()
+
+	ctx := ctxT(t, 10*time.Second)
+	for _, p := range []*Peer{pi, pr} {
+		if _, err := p.WaitGeneration(ctx, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, p := range []*Peer{pi, pr, pi} {
+		if _, err := p.Rekey(ctx); err != nil {
+			t.Fatalf("rekey %d: %v", i, err)
+		}
+	}
+	if _, err := pr.WaitGeneration(ctx, 4); err != nil {
+		t.Fatal(err)
+	}
+	for gen := uint32(1); gen <= 4; gen++ {
+		gi, _ := ini.inst.find(gen)
+		gr, _ := resp.inst.find(gen)
+		waitFor(t, func() bool { return ini.inst.isActive(gi.sa.RxSPI) && resp.inst.isActive(gr.sa.RxSPI) })
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, v := range violations {
+		t.Error(v)
 	}
 }

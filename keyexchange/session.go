@@ -374,6 +374,13 @@ func (s *Session) negotiate(ctx context.Context, inst Installer, assoc wire.Asso
 	if err := install(ctx, inst, sa); err != nil {
 		return nil, s.fail(str, op, err)
 	}
+	// The ack says the responder receives on our TX SPI: send under it now.
+	// The responder switches only after our confirm, by which time our
+	// inbound side is in place.
+	if err := inst.Activate(ctx, sa); err != nil {
+		s.removeAfterFailure(inst, sa)
+		return nil, s.fail(str, op, fmt.Errorf("%w: %s: activate: %w", errInstall, sa, err))
+	}
 	if err := wire.WriteMessage(str, wire.SAConfirm{Assoc: assoc, Generation: gen}); err != nil {
 		s.removeAfterFailure(inst, sa)
 		return nil, s.fail(str, op, err)
@@ -489,6 +496,10 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	if err != nil {
 		s.removeAfterFailure(inst, sa)
 		return s.fail(str, op, fmt.Errorf("waiting for SAConfirm: %w", err))
+	}
+	if err := inst.Activate(ctx, sa); err != nil {
+		s.removeAfterFailure(inst, sa)
+		return s.fail(str, op, fmt.Errorf("%w: %s: activate: %w", errInstall, sa, err))
 	}
 	str.Close()
 	h.confirmed(sa)
