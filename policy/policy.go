@@ -131,3 +131,11 @@ func parseOffload(s string) (Offload, error) {
 	}
 	return "", fmt.Errorf("%q is not one of auto, crypto, none", s)
 }
+
+// OrDefault is b, or global when the peer leaves the choice to it.
+func (b Backend) OrDefault(global Backend) Backend {
+	if b == "" || b == BackendAuto {
+		return global
+	}
+	return b
+}
