@@ -57,6 +57,7 @@ type Peer struct {
 	commits  uint64
 	changed  chan struct{} // closed on every commit, then replaced
 	lastBoot wire.BootID
+	lastErr  error // why the last dial or session failed, for status output
 }
 
 // AddPeer pins a peer and starts keeping a session with it.
@@ -111,6 +112,23 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 	e.mu.Unlock()
 	go p.run()
 	return p, nil
+}
+
+func (p *Peer) setLastErr(err error) {
+	if err == nil || p.ctx.Err() != nil {
+		return
+	}
+	p.mu.Lock()
+	p.lastErr = err
+	p.mu.Unlock()
+}
+
+// LastError is why the most recent dial or session with the peer failed,
+// or nil if none has.
+func (p *Peer) LastError() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.lastErr
 }
 
 // Key is the peer's pinned key.
@@ -254,6 +272,7 @@ func (p *Peer) run() {
 			s, err = p.e.dial(dctx, p.cfg.Addr, p.cfg.Key)
 			cancel()
 			if err != nil {
+				p.setLastErr(err)
 				d := jitter(backoff)
 				p.log.Warn("session failed; retrying", "err", err, "retry_in", d)
 				select {
@@ -276,6 +295,7 @@ func (p *Peer) run() {
 		}
 		var err error
 		next, err = p.runSession(s, &backoff)
+		p.setLastErr(err)
 		p.log.Info("session ended", "err", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/kdf"
 )
 
@@ -244,7 +245,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 		return p.fail(n, "peers", "%d peers is more than the limit of %d", len(n.Content), maxPeers)
 	}
 	names := map[string]int{}
-	keys := map[string]string{}
+	keys := map[identity.PublicKey]string{}
 	type owned struct {
 		prefix netip.Prefix
 		peer   string
@@ -269,7 +270,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				keyNode = v
 				var s string
 				if s, err = p.str(v, f); err == nil {
-					if pr.PublicKey, err = ParsePublicKey(s); err != nil {
+					if pr.PublicKey, err = identity.ParsePublicKey(s); err != nil {
 						err = p.fail(v, f, "%v", err)
 					}
 				}
@@ -288,7 +289,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 		for _, req := range []struct {
 			name  string
 			unset bool
-		}{{"name", pr.Name == ""}, {"endpoint", !pr.Endpoint.IsValid()}, {"public_key", pr.PublicKey == nil}} {
+		}{{"name", pr.Name == ""}, {"endpoint", !pr.Endpoint.IsValid()}, {"public_key", pr.PublicKey.IsZero()}} {
 			if req.unset {
 				return p.fail(pn, path+req.name, "required")
 			}
@@ -297,10 +298,10 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 			return p.fail(pn, path+"name", "%q is already the name of peers[%d]", pr.Name, j)
 		}
 		names[pr.Name] = i
-		if other, dup := keys[string(pr.PublicKey)]; dup {
+		if other, dup := keys[pr.PublicKey]; dup {
 			return p.fail(keyNode, path+"public_key", "the same key is pinned for peer %q", other)
 		}
-		keys[string(pr.PublicKey)] = pr.Name
+		keys[pr.PublicKey] = pr.Name
 		for _, pf := range pr.Prefixes {
 			for _, o := range allPrefixes {
 				if o.prefix.Overlaps(pf) {

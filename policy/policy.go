@@ -9,10 +9,6 @@
 package policy
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/x509"
-	"encoding/base64"
 	"fmt"
 	"net/netip"
 	"os"
@@ -20,6 +16,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/kdf"
 )
 
@@ -44,21 +41,20 @@ const (
 
 // Defaults applied to fields the file leaves out.
 const (
-	DefaultListenPort     = 6082
-	DefaultSocket         = "/run/pspd/pspd.sock"
-	DefaultMetrics        = "127.0.0.1:9472"
-	DefaultRekeyInterval  = 10 * time.Minute
-	DefaultPacketBudget   = 1 << 31
-	DefaultPSPRotation    = 24 * time.Hour
-	DefaultSuite          = kdf.AESGCM256
-	minRekeyInterval      = 10 * time.Second
-	maxRekeyInterval      = 24 * time.Hour
-	minPacketBudget       = 1 << 10
-	minPSPRotation        = time.Minute
-	maxPeers              = 4096
-	maxPrefixesPerPeer    = 256
-	maxConfigFileBytes    = 1 << 20
-	publicKeyFieldExample = "the one-line output of `pspd pubkey` on that peer"
+	DefaultListenPort    = 6082
+	DefaultSocket        = "/run/pspd/pspd.sock"
+	DefaultMetrics       = "127.0.0.1:9472"
+	DefaultRekeyInterval = 10 * time.Minute
+	DefaultPacketBudget  = 1 << 31
+	DefaultPSPRotation   = 24 * time.Hour
+	DefaultSuite         = kdf.AESGCM256
+	minRekeyInterval     = 10 * time.Second
+	maxRekeyInterval     = 24 * time.Hour
+	minPacketBudget      = 1 << 10
+	minPSPRotation       = time.Minute
+	maxPeers             = 4096
+	maxPrefixesPerPeer   = 256
+	maxConfigFileBytes   = 1 << 20
 )
 
 // Config is a validated pspd configuration.
@@ -82,7 +78,7 @@ type Config struct {
 type Peer struct {
 	Name      string
 	Endpoint  netip.AddrPort
-	PublicKey []byte // DER SubjectPublicKeyInfo of an ECDSA P-256 key
+	PublicKey identity.PublicKey
 	Prefixes  []netip.Prefix
 	Backend   Backend // BackendAuto unless the peer overrides the global choice
 	Suite     kdf.Suite
@@ -136,20 +132,10 @@ func parseOffload(s string) (Offload, error) {
 	return "", fmt.Errorf("%q is not one of auto, crypto, none", s)
 }
 
-// ParsePublicKey decodes a pinned peer key: base64 (standard encoding) of a
-// DER SubjectPublicKeyInfo holding an ECDSA P-256 key.
-func ParsePublicKey(s string) ([]byte, error) {
-	der, err := base64.StdEncoding.DecodeString(s)
-	if err != nil {
-		return nil, fmt.Errorf("not base64 (%v); expected %s", err, publicKeyFieldExample)
+// OrDefault is b, or global when the peer leaves the choice to it.
+func (b Backend) OrDefault(global Backend) Backend {
+	if b == "" || b == BackendAuto {
+		return global
 	}
-	pub, err := x509.ParsePKIXPublicKey(der)
-	if err != nil {
-		return nil, fmt.Errorf("not a public key (%v); expected %s", err, publicKeyFieldExample)
-	}
-	ec, ok := pub.(*ecdsa.PublicKey)
-	if !ok || ec.Curve != elliptic.P256() {
-		return nil, fmt.Errorf("not an ECDSA P-256 key; expected %s", publicKeyFieldExample)
-	}
-	return der, nil
+	return b
 }

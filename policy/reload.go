@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"bytes"
 	"fmt"
 	"slices"
 )
@@ -56,6 +55,6 @@ func Reload(cur, next *Config) (*Diff, error) {
 }
 
 func peerEqual(a, b Peer) bool {
-	return a.Endpoint == b.Endpoint && bytes.Equal(a.PublicKey, b.PublicKey) &&
+	return a.Endpoint == b.Endpoint && a.PublicKey == b.PublicKey &&
 		slices.Equal(a.Prefixes, b.Prefixes) && a.Backend == b.Backend && a.Suite == b.Suite
 }

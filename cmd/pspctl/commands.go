@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/pspd/pspd/internal/identitycmd"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/localapi/client"
 )
@@ -77,6 +78,7 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 	dev.AddCommand(&cobra.Command{Use: "list", Short: "List PSP devices", Args: cobra.NoArgs, RunE: c.devList})
 	dev.AddCommand(&cobra.Command{Use: "rotate ID", Short: "Rotate a PSP device key now", Args: cobra.ExactArgs(1), RunE: c.devRotate})
 	root.AddCommand(dev)
+	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey())
 	return root
 }
 

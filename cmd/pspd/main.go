@@ -1,6 +1,5 @@
-// Command pspd is the pspd daemon and its key tools. So far it has the
-// identity subcommands (genkey, pubkey); the daemon subcommands are added
-// beside them.
+// Command pspd is the pspd daemon (run, check) and its key tools (genkey,
+// pubkey).
 package main
 
 import (
@@ -9,6 +8,8 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/pspd/pspd/internal/identitycmd"
 )
 
 func main() {
@@ -27,6 +28,6 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newGenkeyCmd(), newPubkeyCmd())
+	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey(), newRunCmd(), newCheckCmd())
 	return root
 }

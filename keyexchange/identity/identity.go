@@ -222,11 +222,13 @@ type PublicKey struct {
 func PublicKeyFromSPKI(der []byte) (PublicKey, error) {
 	k, err := x509.ParsePKIXPublicKey(der)
 	if err != nil {
-		return PublicKey{}, fmt.Errorf("identity: parse SPKI: %w", err)
+		// The asn1 error text means nothing to an operator; say what the
+		// input should have been.
+		return PublicKey{}, fmt.Errorf("identity: not a public key (want the line printed by pspd pubkey): %v", err)
 	}
 	ek, ok := k.(*ecdsa.PublicKey)
 	if !ok || ek.Curve != elliptic.P256() {
-		return PublicKey{}, fmt.Errorf("identity: public key is %T, want ECDSA P-256", k)
+		return PublicKey{}, fmt.Errorf("identity: not an ECDSA P-256 key (want the line printed by pspd pubkey)")
 	}
 	// Re-encode so that two encodings of one key pin identically.
 	canon, err := x509.MarshalPKIXPublicKey(ek)

@@ -1,4 +1,6 @@
-package main
+// Package identitycmd holds the genkey and pubkey subcommands that pspd and
+// pspctl both offer.
+package identitycmd
 
 import (
 	"errors"
@@ -9,7 +11,8 @@ import (
 	"github.com/pspd/pspd/keyexchange/identity"
 )
 
-func newGenkeyCmd() *cobra.Command {
+// Genkey creates an identity file and prints its public key.
+func Genkey() *cobra.Command {
 	var path string
 	var force bool
 	cmd := &cobra.Command{
@@ -36,7 +39,8 @@ func newGenkeyCmd() *cobra.Command {
 	return cmd
 }
 
-func newPubkeyCmd() *cobra.Command {
+// Pubkey prints the public key of an identity file.
+func Pubkey() *cobra.Command {
 	var path string
 	cmd := &cobra.Command{
 		Use:   "pubkey --identity FILE",

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"crypto/fips140"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/pspd/pspd/internal/daemon"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/policy"
+)
+
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want json or text", format)
+}
+
+func newRunCmd() *cobra.Command {
+	var cfgPath, level, format, group string
+	var requireFIPS bool
+	cmd := &cobra.Command{
+		Use:   "run --config FILE",
+		Short: "run the daemon",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if requireFIPS && !fips140.Enabled() {
+				return errors.New("--require-fips: Go's FIPS 140-3 mode is off; start pspd with GODEBUG=fips140=on")
+			}
+			log, err := newLogger(cmd.ErrOrStderr(), level, format)
+			if err != nil {
+				return err
+			}
+			pc, err := policy.Load(cfgPath)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			return runDaemon(ctx, pc, cfgPath, group, log)
+		},
+	}
+	cmd.Flags().StringVar(&cfgPath, "config", "/etc/pspd/pspd.yaml", "configuration file")
+	cmd.Flags().StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	cmd.Flags().StringVar(&format, "log-format", "json", "json or text")
+	cmd.Flags().StringVar(&group, "api-group", localapi.DefaultGroup, "group whose members may read state through the local API")
+	cmd.Flags().BoolVar(&requireFIPS, "require-fips", false, "refuse to start unless Go's FIPS 140-3 mode is on")
+	return cmd
+}
+
+func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, log *slog.Logger) error {
+	// Take the API socket first: a second pspd must fail before it touches
+	// any kernel state the first one owns.
+	ln, err := localapi.Listen(pc.Socket, localapi.NewAuthorizer(group))
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	report, backends, err := setupBackends(ctx, pc, log)
+	if err != nil {
+		return err
+	}
+	d, err := daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report, Backends: backends})
+	if err != nil {
+		for _, b := range backends {
+			b.Close()
+		}
+		return err
+	}
+	defer d.Close()
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				next, err := policy.Load(cfgPath)
+				if err == nil {
+					err = d.Reload(next)
+				}
+				if err != nil {
+					log.Error("reload refused; the running configuration is unchanged", "err", err)
+				}
+			}
+		}
+	}()
+	return d.Serve(ctx, ln, group)
+}
+
+func newCheckCmd() *cobra.Command {
+	var cfgPath string
+	cmd := &cobra.Command{
+		Use:   "check --config FILE",
+		Short: "validate a configuration file and the identity it names, then exit",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			pc, err := policy.Load(cfgPath)
+			if err != nil {
+				return err
+			}
+			id, err := identity.Load(pc.Identity)
+			if err != nil {
+				return fmt.Errorf("%s: identity: %w", cfgPath, err)
+			}
+			for i, p := range pc.Peers {
+				if p.PublicKey == id.Public() {
+					return fmt.Errorf("%s: peers[%d].public_key: is this host's own key", cfgPath, i)
+				}
+			}
+			var names []string
+			for _, p := range pc.Peers {
+				names = append(names, p.Name)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok (identity %s, %d peers: %s)\n", cfgPath, id.Public().Fingerprint(), len(pc.Peers), strings.Join(names, ", "))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&cfgPath, "config", "/etc/pspd/pspd.yaml", "configuration file")
+	return cmd
+}

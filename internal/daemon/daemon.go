@@ -1,0 +1,285 @@
+// Package daemon is pspd itself: it joins the configuration, the identity,
+// the key exchange, the data-plane backends and the local API into one
+// running service, and owns its lifecycle (start, reload, stop).
+package daemon
+
+import (
+	"context"
+	"crypto/fips140"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/wire"
+	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/policy"
+)
+
+// Version is pspd's version, reported by the API.
+const Version = "0.1.0"
+
+// Config is what a Daemon is made of. Backends are built by the caller
+// from the probe report, so tests and the command share this package.
+type Config struct {
+	Policy   *policy.Config
+	Logger   *slog.Logger
+	Report   offload.Report
+	Backends map[wire.Backend]offload.Backend
+	// Group is the local API's read group (default localapi.DefaultGroup).
+	Group string
+}
+
+// Daemon is a running pspd.
+type Daemon struct {
+	log      *slog.Logger
+	id       *identity.Identity
+	report   offload.Report
+	backends map[wire.Backend]offload.Backend
+	ep       *keyexchange.Endpoint
+	started  time.Time
+	bootID   string
+	events   *hub
+	metrics  *prometheus.Registry
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+
+	mu    sync.Mutex
+	cfg   *policy.Config
+	peers map[string]*peer // by name
+}
+
+type peer struct {
+	cfg     policy.Peer
+	backend wire.Backend
+	kx      *keyexchange.Peer
+	stop    context.CancelFunc
+	rekeys  uint64
+	created map[uint32]time.Time // generation → when it became current
+}
+
+// New starts a daemon: it loads the identity, binds the control socket
+// and starts keeping a session with every configured peer. Nothing is
+// left running when it returns an error.
+func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
+	pc := cfg.Policy
+	id, err := identity.Load(pc.Identity)
+	if err != nil {
+		return nil, fmt.Errorf("pspd: %w", err)
+	}
+	installers := map[wire.Backend]keyexchange.Installer{}
+	for k, b := range cfg.Backends {
+		installers[k] = b
+	}
+	if len(installers) == 0 {
+		return nil, fmt.Errorf("pspd: no data plane can run on this host: %s", describe(cfg.Report))
+	}
+	var boot [8]byte
+	rand.Read(boot[:])
+	dctx, cancel := context.WithCancel(ctx)
+	d = &Daemon{
+		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, started: time.Now(),
+		bootID: hex.EncodeToString(boot[:]), events: newHub(), ctx: dctx, cancel: cancel,
+		cfg: pc, peers: map[string]*peer{},
+	}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	d.ep, err = keyexchange.NewEndpoint(dctx, keyexchange.Config{
+		Identity: id, ListenAddr: pc.Listen.String(), Installers: installers,
+		Suites: wire.NewSuites(pc.Suite), Logger: d.log.With("part", "keyexchange"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pspd: %w", err)
+	}
+	for _, p := range pc.Peers {
+		if err := d.addPeer(p); err != nil {
+			return nil, err
+		}
+	}
+	d.metrics = newMetrics(d)
+	d.log.Info("pspd started", "version", Version, "listen", d.ep.Addr(), "public_key", id.Public().String(),
+		"backends", fmt.Sprint(cfg.Report.Available()), "peers", len(pc.Peers), "fips140", fips140.Enabled())
+	return d, nil
+}
+
+func describe(r offload.Report) string {
+	var s string
+	for _, a := range r {
+		if !a.Available {
+			s += fmt.Sprintf("%s: %s; ", a.Backend, a.Reason)
+		}
+	}
+	return s
+}
+
+func (d *Daemon) addPeer(pc policy.Peer) error {
+	b, err := offload.Choose(pc.Backend.OrDefault(d.cfg.Backend), d.report, nil)
+	if err != nil {
+		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+	}
+	kp, err := d.ep.AddPeer(keyexchange.PeerConfig{
+		Key: pc.PublicKey, Addr: pc.Endpoint, Backend: b, Suite: pc.Suite,
+		RekeyInterval: d.cfg.RekeyInterval,
+	})
+	if err != nil {
+		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+	}
+	if bk, ok := d.backends[b].(interface{ AddPeer(policy.Peer) error }); ok {
+		if err := bk.AddPeer(pc); err != nil {
+			kp.Close()
+			return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		}
+	}
+	ctx, stop := context.WithCancel(d.ctx)
+	p := &peer{cfg: pc, backend: b, kx: kp, stop: stop, created: map[uint32]time.Time{}}
+	d.peers[pc.Name] = p
+	d.wg.Add(1)
+	go d.watch(ctx, p)
+	return nil
+}
+
+func (d *Daemon) removePeer(name string) {
+	p := d.peers[name]
+	if p == nil {
+		return
+	}
+	delete(d.peers, name)
+	p.stop()
+	p.kx.Close()
+	if bk, ok := d.backends[p.backend].(interface{ RemovePeer(policy.Peer) }); ok {
+		bk.RemovePeer(p.cfg)
+	}
+	d.events.publish(localapi.Event{Kind: "peer-removed", Peer: name})
+}
+
+// watch turns a peer's generations into events.
+func (d *Daemon) watch(ctx context.Context, p *peer) {
+	defer d.wg.Done()
+	var last uint32
+	for {
+		sa, err := p.kx.Wait(ctx, func(sa keyexchange.SA) bool { return sa.Generation != last })
+		if err != nil {
+			return
+		}
+		d.mu.Lock()
+		p.created[sa.Generation] = time.Now()
+		for g := range p.created {
+			if g+8 < sa.Generation {
+				delete(p.created, g) // keep the map bounded
+			}
+		}
+		kind := "rekey"
+		if last == 0 || sa.Generation < last {
+			kind = "assoc-up"
+		} else {
+			p.rekeys++
+		}
+		d.mu.Unlock()
+		d.events.publish(localapi.Event{Kind: kind, Peer: p.cfg.Name, Assoc: assocID(p.cfg.Name, sa),
+			Detail: fmt.Sprintf("generation %d rx %v tx %v on %s", sa.Generation, sa.RxSPI, sa.TxSPI, p.backend)})
+		d.log.Info("association current", "peer", p.cfg.Name, "sa", &sa)
+		last = sa.Generation
+	}
+}
+
+func assocID(peer string, sa keyexchange.SA) string {
+	return fmt.Sprintf("%s/%d", peer, sa.ID)
+}
+
+// Reload applies a new configuration or refuses it whole.
+func (d *Daemon) Reload(next *policy.Config) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	diff, err := policy.Reload(d.cfg, next)
+	if err != nil {
+		return err
+	}
+	// Check every added or changed peer can be served before touching any.
+	for _, p := range slices.Concat(diff.Added, diff.Changed) {
+		if _, err := offload.Choose(p.Backend.OrDefault(next.Backend), d.report, nil); err != nil {
+			return fmt.Errorf("pspd: reload refused, nothing applied: peer %s: %w", p.Name, err)
+		}
+	}
+	for _, p := range slices.Concat(diff.Removed, diff.Changed) {
+		d.removePeer(p.Name)
+	}
+	d.cfg = next
+	for _, p := range slices.Concat(diff.Added, diff.Changed) {
+		if err := d.addPeer(p); err != nil {
+			d.log.Error("reload: peer could not be added", "peer", p.Name, "err", err)
+		}
+	}
+	d.log.Info("configuration reloaded", "added", len(diff.Added), "removed", len(diff.Removed), "changed", len(diff.Changed))
+	return nil
+}
+
+// Serve runs the local API on ln and, if configured, the metrics endpoint,
+// until ctx ends.
+func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) error {
+	errc := make(chan error, 2)
+	go func() {
+		errc <- localapi.NewServer(d, localapi.NewAuthorizer(group), d.log.With("part", "localapi")).Serve(ctx, ln)
+	}()
+	if addr := d.cfg.Metrics; addr != "" {
+		mln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("pspd: metrics listener %s: %w (set metrics: off to disable)", addr, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics, promhttp.HandlerOpts{}))
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			<-ctx.Done()
+			hs.Close()
+		}()
+		go func() {
+			if err := hs.Serve(mln); !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		}()
+	}
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+// Close stops every peer (removing their SAs), the control socket and the
+// backends.
+func (d *Daemon) Close() {
+	d.mu.Lock()
+	for name := range d.peers {
+		d.removePeer(name)
+	}
+	d.mu.Unlock()
+	if d.ep != nil {
+		d.ep.Close()
+	}
+	d.cancel()
+	d.wg.Wait()
+	for _, b := range d.backends {
+		b.Close()
+	}
+	d.log.Info("pspd stopped")
+}
+
+// Addr is the control socket's address.
+func (d *Daemon) Addr() net.Addr { return net.UDPAddrFromAddrPort(d.ep.Addr()) }

@@ -1,0 +1,273 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/pspd/pspd/internal/logscan"
+	"github.com/pspd/pspd/internal/secret"
+	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/keyexchange/wire"
+	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/localapi/client"
+	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/policy"
+)
+
+// recBackend is an in-memory data plane: the seam between the daemon and a
+// backend, recording what would be programmed. The daemon, its key
+// exchange (real QUIC and TLS on loopback) and its API (a real unix
+// socket) are real; the demo and the backend packages' own tests run the
+// real data planes.
+type recBackend struct {
+	mu     sync.Mutex
+	live   map[kdf.SPI]bool
+	active map[kdf.SPI]bool
+	keys   []secret.Key
+}
+
+func newRec() *recBackend { return &recBackend{live: map[kdf.SPI]bool{}, active: map[kdf.SPI]bool{}} }
+
+func (r *recBackend) Kind() wire.Backend { return wire.BackendUserspace }
+func (r *recBackend) Install(_ context.Context, sa *keyexchange.SA) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.live[sa.RxSPI] = true
+	r.keys = append(r.keys, sa.RxKey.Clone(), sa.TxKey.Clone())
+	return nil
+}
+func (r *recBackend) Activate(_ context.Context, sa *keyexchange.SA) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.active[sa.RxSPI] = true
+	return nil
+}
+func (r *recBackend) Remove(_ context.Context, sa *keyexchange.SA) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.live, sa.RxSPI)
+	delete(r.active, sa.RxSPI)
+	return nil
+}
+func (r *recBackend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return offload.Traffic{PacketsIn: uint64(sa.RxSPI.Counter()), BytesIn: 100}, r.live[sa.RxSPI]
+}
+func (r *recBackend) Drops() map[string]uint64 { return map[string]uint64{"replay": 3} }
+func (r *recBackend) Close() error             { return nil }
+func (r *recBackend) allKeys() []secret.Key {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]secret.Key(nil), r.keys...)
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuf) Bytes() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]byte(nil), s.b.Bytes()...)
+}
+
+type host struct {
+	name   string
+	dir    string
+	id     *identity.Identity
+	port   int
+	d      *Daemon
+	rec    *recBackend
+	logs   *syncBuf
+	sock   string
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func freeUDPPort(t *testing.T) int {
+	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).Port
+}
+
+func newHost(t *testing.T, name string) *host {
+	dir := t.TempDir()
+	id, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := identity.WriteFile(filepath.Join(dir, "id.pem"), id, false); err != nil {
+		t.Fatal(err)
+	}
+	return &host{name: name, dir: dir, id: id, port: freeUDPPort(t), sock: filepath.Join(dir, "pspd.sock")}
+}
+
+func (h *host) config(t *testing.T, extra string, peers ...*host) *policy.Config {
+	src := fmt.Sprintf("identity: %s\nlisten: 127.0.0.1:%d\nsocket: %s\nmetrics: off\nbackend: userspace\nrekey_interval: 1h\n%speers:\n",
+		filepath.Join(h.dir, "id.pem"), h.port, h.sock, extra)
+	for _, p := range peers {
+		src += fmt.Sprintf("  - {name: %s, endpoint: 127.0.0.1:%d, public_key: %s}\n", p.name, p.port, p.id.Public())
+	}
+	if len(peers) == 0 {
+		src += "  []\n"
+	}
+	path := filepath.Join(h.dir, "pspd.yaml")
+	os.WriteFile(path, []byte(src), 0o600)
+	c, err := policy.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (h *host) start(t *testing.T, pc *policy.Config) {
+	h.rec, h.logs = newRec(), &syncBuf{}
+	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	report := offload.Report{{Backend: wire.BackendUserspace, Available: true}, {Backend: wire.BackendXFRM, Reason: "kernel lacks ESP"}}
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := New(ctx, Config{Policy: pc, Logger: log, Report: report, Backends: map[wire.Backend]offload.Backend{wire.BackendUserspace: h.rec}})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	ln, err := localapi.Listen(pc.Socket, localapi.Authorizer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.d, h.cancel, h.done = d, cancel, make(chan error, 1)
+	go func() { h.done <- d.Serve(ctx, ln, "pspd-test-nonexistent") }()
+	t.Cleanup(h.stop)
+}
+
+func (h *host) stop() {
+	if h.d == nil {
+		return
+	}
+	h.cancel()
+	<-h.done
+	h.d.Close()
+	h.d = nil
+}
+
+func waitAssoc(t *testing.T, c *client.Client, gen uint32) localapi.Assoc {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		as, err := c.Assocs(context.Background())
+		if err == nil && len(as) == 1 && as[0].Generation >= gen {
+			return as[0]
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no association of generation %d within 15s", gen)
+	return localapi.Assoc{}
+}
+
+func TestTwoDaemons(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a))
+	ca, cb := client.New(a.sock), client.New(b.sock)
+
+	aa, ab := waitAssoc(t, ca, 1), waitAssoc(t, cb, 1)
+	if aa.RxSPI != ab.TxSPI || aa.TxSPI != ab.RxSPI || aa.Peer != "b" || ab.Peer != "a" || aa.Backend != "userspace" {
+		t.Fatalf("associations do not mirror each other:\n a: %+v\n b: %+v", aa, ab)
+	}
+	st, err := ca.Status(context.Background())
+	if err != nil || st.Peers != 1 || st.PeersUp != 1 || st.Assocs != 1 || st.PublicKey != a.id.Public().String() {
+		t.Fatalf("status %+v %v", st, err)
+	}
+	ps, err := ca.Peers(context.Background())
+	if err != nil || len(ps) != 1 || ps[0].State != "up" || ps[0].Fingerprint != b.id.Public().Fingerprint() {
+		t.Fatalf("peers %+v %v", ps, err)
+	}
+
+	// Rotate from b's side: make-before-break, new SPIs reported.
+	rs, err := cb.Rotate(context.Background(), localapi.RotateRequest{Peer: "a"})
+	if err != nil || len(rs) != 1 || rs[0].Error != "" || rs[0].Generation != ab.Generation+1 || rs[0].RxSPI == ab.RxSPI || rs[0].OldRxSPI != ab.RxSPI {
+		t.Fatalf("rotate %+v %v", rs, err)
+	}
+	waitAssoc(t, ca, rs[0].Generation)
+	var ae *client.APIError
+	if _, err := cb.Rotate(context.Background(), localapi.RotateRequest{Peer: "nobody"}); !errors.As(err, &ae) || ae.Status != 404 {
+		t.Fatalf("rotating an unknown peer: %v", err)
+	}
+
+	// The listing and the logs hold no key bytes.
+	var listing bytes.Buffer
+	for _, c := range []*client.Client{ca, cb} {
+		as, _ := c.Assocs(context.Background())
+		json.NewEncoder(&listing).Encode(as)
+	}
+	keys := append(a.rec.allKeys(), b.rec.allKeys()...)
+	if len(keys) < 4 {
+		t.Fatalf("recorded %d keys", len(keys))
+	}
+	logscan.AssertNoKeys(t, listing.Bytes(), keys...)
+	logscan.AssertNoKeys(t, a.logs.Bytes(), keys...)
+	logscan.AssertNoKeys(t, b.logs.Bytes(), keys...)
+}
+
+func TestReload(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b, c := newHost(t, "a"), newHost(t, "b"), newHost(t, "c")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a, c))
+	c.start(t, c.config(t, "", b))
+	cb := client.New(b.sock)
+	waitAssoc(t, client.New(c.sock), 1)
+
+	// A start-only setting is refused whole: peers stay as they are.
+	moved := b.config(t, "", a)
+	moved.Identity = "/elsewhere.pem"
+	if err := b.d.Reload(moved); err == nil {
+		t.Fatal("identity change accepted on reload")
+	}
+	if ps, _ := cb.Peers(context.Background()); len(ps) != 2 {
+		t.Fatalf("refused reload changed peers: %+v", ps)
+	}
+	// Dropping peer c removes its association.
+	if err := b.d.Reload(b.config(t, "", a)); err != nil {
+		t.Fatal(err)
+	}
+	ps, _ := cb.Peers(context.Background())
+	if len(ps) != 1 || ps[0].Name != "a" {
+		t.Fatalf("after reload: %+v", ps)
+	}
+}
+
+func TestNoBackendRefusesToStart(t *testing.T) {
+	h := newHost(t, "a")
+	_, err := New(context.Background(), Config{Policy: h.config(t, ""), Logger: slog.New(slog.DiscardHandler),
+		Report: offload.Report{{Backend: wire.BackendXFRM, Reason: "kernel lacks ESP"}}})
+	if err == nil || !bytes.Contains([]byte(err.Error()), []byte("kernel lacks ESP")) {
+		t.Fatalf("got %v", err)
+	}
+}

@@ -1,0 +1,134 @@
+// Package offload is where pspd's data planes meet: the Backend interface
+// that kernel PSP, kernel XFRM and the userspace data plane implement, the
+// probe that finds out which of them this host can run, and the choice of
+// one backend per peer from the operator's preference and what both peers
+// offer.
+package offload
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/keyexchange/wire"
+	"github.com/pspd/pspd/policy"
+)
+
+// Traffic is what a backend counted for one SA pair.
+type Traffic struct {
+	BytesIn, BytesOut     uint64
+	PacketsIn, PacketsOut uint64
+	Drops                 uint64
+}
+
+// Backend is one data plane. Install, Activate and Remove follow the
+// keyexchange.Installer contract: inbound first, outbound only once the
+// peer receives, nothing left behind by a failure.
+type Backend interface {
+	keyexchange.Installer
+	Kind() wire.Backend
+	// Traffic reports the counters of an installed SA pair.
+	Traffic(sa *keyexchange.SA) (Traffic, bool)
+	Close() error
+}
+
+// Availability is the probe's verdict on one backend.
+type Availability struct {
+	Backend   wire.Backend
+	Available bool
+	// Reason says what is missing when the backend is not available, in
+	// terms an operator can act on.
+	Reason string
+}
+
+// Report is what this host can run, best backend first.
+type Report []Availability
+
+// Available lists the usable backends, best first.
+func (r Report) Available() []wire.Backend {
+	var out []wire.Backend
+	for _, a := range r {
+		if a.Available {
+			out = append(out, a.Backend)
+		}
+	}
+	return out
+}
+
+func (r Report) reason(b wire.Backend) string {
+	for _, a := range r {
+		if a.Backend == b {
+			return a.Reason
+		}
+	}
+	return "not probed"
+}
+
+// Prober checks whether one backend can run here.
+type Prober struct {
+	Backend wire.Backend
+	Probe   func(ctx context.Context) error
+}
+
+// Probe runs the probers in order of preference (best first).
+func Probe(ctx context.Context, probers []Prober) Report {
+	var r Report
+	for _, p := range probers {
+		a := Availability{Backend: p.Backend, Available: true}
+		if err := p.Probe(ctx); err != nil {
+			a.Available, a.Reason = false, err.Error()
+		}
+		r = append(r, a)
+	}
+	return r
+}
+
+// Preference orders backends for host-to-host associations. Kernel PSP
+// protects individual TCP sockets handed to pspd, not a host's traffic, so
+// it is never chosen here; it is used for socket upgrades.
+var Preference = []wire.Backend{wire.BackendXFRM, wire.BackendUserspace}
+
+// ErrNoCommonBackend means the two peers share no usable backend.
+var ErrNoCommonBackend = errors.New("offload: no common backend")
+
+// Choose picks the backend for a peer: the configured one if it is set
+// and possible, else the best one both sides offer. The error says what
+// is missing.
+func Choose(want policy.Backend, local Report, peer []wire.Backend) (wire.Backend, error) {
+	mine := local.Available()
+	if want != policy.BackendAuto && want != "" {
+		b, ok := map[policy.Backend]wire.Backend{
+			policy.BackendPSP: wire.BackendPSP, policy.BackendXFRM: wire.BackendXFRM, policy.BackendUserspace: wire.BackendUserspace,
+		}[want]
+		if !ok {
+			return 0, fmt.Errorf("offload: unknown backend %q", want)
+		}
+		if !slices.Contains(mine, b) {
+			return 0, fmt.Errorf("offload: backend %s was configured but this host cannot run it: %s", b, local.reason(b))
+		}
+		if peer != nil && !slices.Contains(peer, b) {
+			return 0, fmt.Errorf("offload: backend %s was configured but the peer does not offer it (it offers %s)", b, list(peer))
+		}
+		return b, nil
+	}
+	for _, b := range Preference {
+		if slices.Contains(mine, b) && (peer == nil || slices.Contains(peer, b)) {
+			return b, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: this host offers %s, the peer offers %s", ErrNoCommonBackend, list(mine), list(peer))
+}
+
+func list(bs []wire.Backend) string {
+	if len(bs) == 0 {
+		return "none"
+	}
+	var s []string
+	for _, b := range bs {
+		s = append(s, b.String())
+	}
+	return strings.Join(s, ", ")
+}
