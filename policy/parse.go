@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -161,10 +162,16 @@ func Parse(file string, data []byte) (*Config, error) {
 		PacketBudget:      DefaultPacketBudget,
 		PSPRotation:       DefaultPSPRotation,
 		RequireEncryption: true,
+		Userspace: Userspace{
+			Interface: DefaultInterface,
+			Port:      DefaultDataPort,
+			Framing:   FramingGeneve,
+			IO:        IOAuto,
+		},
 	}
 	var peersNode *yaml.Node
 	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "suite",
-		"rekey_interval", "packet_budget", "psp_rotation_interval", "require_encryption", "peers"}
+		"rekey_interval", "packet_budget", "psp_rotation_interval", "require_encryption", "userspace", "peers"}
 	err := p.fields(root, "", known, func(k string, v *yaml.Node) (err error) {
 		switch k {
 		case "identity":
@@ -198,6 +205,8 @@ func Parse(file string, data []byte) (*Config, error) {
 			c.PSPRotation, err = p.duration(v, k, minPSPRotation, 30*24*time.Hour)
 		case "require_encryption":
 			c.RequireEncryption, err = p.boolean(v, k)
+		case "userspace":
+			err = p.userspace(&c.Userspace, v)
 		case "peers":
 			peersNode = v
 		}
@@ -343,4 +352,52 @@ func (p parser) prefixes(n *yaml.Node, field string) ([]netip.Prefix, error) {
 		out = append(out, pf)
 	}
 	return out, nil
+}
+
+var ifName = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,15}$`)
+
+func (p parser) userspace(u *Userspace, n *yaml.Node) error {
+	known := []string{"interface", "address", "port", "framing", "io"}
+	return p.fields(n, "userspace.", known, func(k string, v *yaml.Node) (err error) {
+		f := "userspace." + k
+		switch k {
+		case "interface":
+			u.Interface, err = p.str(v, f)
+			if err == nil && !ifName.MatchString(u.Interface) {
+				err = p.fail(v, f, "%q is not a Linux interface name (1-15 of letters, digits, '_', '.', '-')", u.Interface)
+			}
+		case "address":
+			var s string
+			if s, err = p.str(v, f); err == nil {
+				if u.Address, err = netip.ParsePrefix(s); err != nil {
+					err = p.fail(v, f, "%q is not an address with prefix length, like 10.200.0.1/24", s)
+				}
+			}
+		case "port":
+			var port uint64
+			if port, err = p.uint(v, f, 1); err == nil && port > 65535 {
+				err = p.fail(v, f, "%d is not a UDP port", port)
+			}
+			u.Port = uint16(port)
+		case "framing":
+			err = p.enum(v, f, func(s string) error {
+				switch Framing(s) {
+				case FramingGeneve, FramingPSP:
+					u.Framing = Framing(s)
+					return nil
+				}
+				return fmt.Errorf("%q is not one of geneve, psp", s)
+			})
+		case "io":
+			err = p.enum(v, f, func(s string) error {
+				switch IO(s) {
+				case IOAuto, IOAFXDP, IOUDP:
+					u.IO = IO(s)
+					return nil
+				}
+				return fmt.Errorf("%q is not one of auto, af_xdp, udp", s)
+			})
+		}
+		return err
+	})
 }

@@ -48,6 +48,8 @@ const (
 	DefaultPacketBudget  = 1 << 31
 	DefaultPSPRotation   = 24 * time.Hour
 	DefaultSuite         = kdf.AESGCM256
+	DefaultInterface     = "pspd0"
+	DefaultDataPort      = 6081
 	minRekeyInterval     = 10 * time.Second
 	maxRekeyInterval     = 24 * time.Hour
 	minPacketBudget      = 1 << 10
@@ -71,8 +73,37 @@ type Config struct {
 	PacketBudget      uint64
 	PSPRotation       time.Duration
 	RequireEncryption bool
+	Userspace         Userspace
 	Peers             []Peer
 }
+
+// Userspace configures pspd's own data plane: the inner interface the host
+// routes peers' prefixes into, and the outer UDP port the encrypted
+// packets travel on.
+type Userspace struct {
+	Interface string       // TUN device name
+	Address   netip.Prefix // this host's inner address; unset: none is assigned
+	Port      uint16       // outer UDP port, on both peers
+	Framing   Framing
+	IO        IO
+}
+
+// Framing is the userspace data plane's packet format.
+type Framing string
+
+const (
+	FramingGeneve Framing = "geneve" // Geneve with pspd options (UDP 6081)
+	FramingPSP    Framing = "psp"    // PSP tunnel mode (UDP 1000)
+)
+
+// IO is how the userspace data plane moves outer packets.
+type IO string
+
+const (
+	IOAuto  IO = "auto"   // AF_XDP where it works, else UDP sockets
+	IOAFXDP IO = "af_xdp" // require AF_XDP
+	IOUDP   IO = "udp"    // batched UDP sockets
+)
 
 // Peer is one remote pspd.
 type Peer struct {

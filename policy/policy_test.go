@@ -70,6 +70,24 @@ peers:
 	}
 }
 
+func TestUserspace(t *testing.T) {
+	c, err := Parse("x", []byte("identity: /k\nuserspace:\n  interface: tun7\n  address: 10.200.0.1/24\n  port: 7000\n  framing: psp\n  io: udp\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := c.Userspace
+	if u.Interface != "tun7" || u.Address.String() != "10.200.0.1/24" || u.Port != 7000 || u.Framing != FramingPSP || u.IO != IOUDP {
+		t.Fatalf("userspace %+v", u)
+	}
+	d, _ := Parse("x", []byte("identity: /k\n"))
+	if d.Userspace.Interface != DefaultInterface || d.Userspace.Port != DefaultDataPort || d.Userspace.Framing != FramingGeneve || d.Userspace.IO != IOAuto {
+		t.Fatalf("userspace defaults %+v", d.Userspace)
+	}
+	if _, err := Reload(d, c); err == nil {
+		t.Fatal("a userspace change was accepted on reload")
+	}
+}
+
 func TestDefaults(t *testing.T) {
 	c, err := Parse("x", []byte("identity: /k.pem\n"))
 	if err != nil {
@@ -113,6 +131,12 @@ func TestParseRefuses(t *testing.T) {
 		{"dup key", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + good + "}\n", `f.yaml:4: peers[1].public_key: the same key is pinned for peer "b"`},
 		{"overlap", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + ", prefixes: [10.0.0.0/8]}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + ", prefixes: [10.1.0.0/16]}\n", "peers[1].prefixes: 10.1.0.0/16 overlaps 10.0.0.0/8 of peer \"b\""},
 		{"yaml syntax", "identity: [\n", "policy: f.yaml: yaml: line"},
+		{"userspace unknown", "identity: /k\nuserspace:\n  tun: x\n", "f.yaml:3: userspace.tun: unknown field"},
+		{"userspace ifname", "identity: /k\nuserspace: {interface: this-name-is-too-long}\n", "userspace.interface: \"this-name-is-too-long\" is not a Linux interface name"},
+		{"userspace address", "identity: /k\nuserspace: {address: 10.0.0.1}\n", "userspace.address: \"10.0.0.1\" is not an address with prefix length"},
+		{"userspace port", "identity: /k\nuserspace: {port: 70000}\n", "f.yaml:2: userspace.port: 70000 is not a UDP port"},
+		{"userspace framing", "identity: /k\nuserspace: {framing: vxlan}\n", `userspace.framing: "vxlan" is not one of geneve, psp`},
+		{"userspace io", "identity: /k\nuserspace: {io: dpdk}\n", `userspace.io: "dpdk" is not one of auto, af_xdp, udp`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse("f.yaml", []byte(tc.src))

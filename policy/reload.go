@@ -31,6 +31,7 @@ func Reload(cur, next *Config) (*Diff, error) {
 		{"listen", cur.Listen.String(), next.Listen.String()},
 		{"socket", cur.Socket, next.Socket},
 		{"metrics", cur.Metrics, next.Metrics},
+		{"userspace", fmt.Sprintf("%+v", cur.Userspace), fmt.Sprintf("%+v", next.Userspace)},
 	} {
 		if f.old != f.new_ {
 			return nil, fmt.Errorf("policy: reload %s refused: %s changed from %q to %q, which needs a restart of pspd; nothing was applied", next.File, f.name, f.old, f.new_)
