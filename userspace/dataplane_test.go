@@ -466,3 +466,50 @@ func count(c *net.UDPConn, total int, echo bool) chan []int {
 	}()
 	return res
 }
+
+func TestSourceNotAllowedDropped(t *testing.T) {
+	tn := newTunnel(t, codec.Geneve)
+	tn.rekey(t)
+	// A may send from 10.200.0.9 (its TUN has the address and B is routed
+	// there), but B only accepts 10.200.0.1/32 from A.
+	spoofed := netip.MustParseAddr("10.200.0.9")
+	nstest.Addr(t, tn.a.ns, tunName(t, &tn.a), netip.PrefixFrom(spoofed, 32))
+	src := udpSocket(t, &tn.a, netip.AddrPortFrom(spoofed, 0))
+	good := udpSocket(t, &tn.a, netip.AddrPortFrom(innerA, 0))
+	dst := udpSocket(t, &tn.b, netip.AddrPortFrom(innerB, 7003))
+	to := netip.AddrPortFrom(innerB, 7003)
+	const n = 5
+	for range n {
+		src.WriteToUDPAddrPort([]byte("spoofed"), to)
+	}
+	good.WriteToUDPAddrPort([]byte("allowed"), to)
+	dst.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 100)
+	m, err := dst.Read(b)
+	if err != nil || string(b[:m]) != "allowed" {
+		t.Fatalf("first datagram delivered: %q, %v; want only the allowed one", b[:m], err)
+	}
+	st := tn.b.dp.Stats()
+	if got := st.Peers[0].Drops[userspace.DropSrcNotAllowed]; got != n {
+		t.Fatalf("src-not-allowed drops = %d, want %d (%+v)", got, n, st)
+	}
+	if st.Peers[0].RXPackets != 1 {
+		t.Fatalf("RX packets = %d, want 1", st.Peers[0].RXPackets)
+	}
+}
+
+// tunName finds the TUN device in s's namespace.
+func tunName(t *testing.T, s *side) string {
+	t.Helper()
+	links, err := s.ns.Netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range links {
+		if l.Type() == "tuntap" {
+			return l.Attrs().Name
+		}
+	}
+	t.Fatal("no TUN device")
+	return ""
+}
