@@ -49,7 +49,7 @@ type tunnel struct {
 	next    uint32 // key id for the next pair of SPIs
 }
 
-func newTunnel(t *testing.T, f codec.Framing) *tunnel {
+func newTunnel(t testing.TB, f codec.Framing) *tunnel {
 	t.Helper()
 	nstest.RequireRoot(t)
 	tn := &tunnel{framing: f, suite: kdf.AESGCM256, master: make([]byte, kdf.MasterKeyLen)}
@@ -63,7 +63,7 @@ func newTunnel(t *testing.T, f codec.Framing) *tunnel {
 	return tn
 }
 
-func (s *side) start(t *testing.T, f codec.Framing, self, peer, peerOuter netip.Addr) {
+func (s *side) start(t testing.TB, f codec.Framing, self, peer, peerOuter netip.Addr) {
 	t.Helper()
 	c, err := codec.New(codec.Config{Framing: f})
 	if err != nil {
@@ -106,13 +106,13 @@ func (s *side) start(t *testing.T, f codec.Framing, self, peer, peerOuter netip.
 	}
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) { w.t.Logf("%s", p); return len(p), nil }
 
 // sa derives the SA for spi from the tunnel's master key, as the key
 // exchange would.
-func (tn *tunnel) sa(t *testing.T, spi kdf.SPI) codec.SA {
+func (tn *tunnel) sa(t testing.TB, spi kdf.SPI) codec.SA {
 	t.Helper()
 	k, err := kdf.Derive(tn.master, uint32(spi), tn.suite)
 	if err != nil {
@@ -123,7 +123,7 @@ func (tn *tunnel) sa(t *testing.T, spi kdf.SPI) codec.SA {
 
 // installRX installs a fresh RX SA on both sides and returns the SAs each
 // side's peer must send on.
-func (tn *tunnel) installRX(t *testing.T) (toA, toB codec.SA) {
+func (tn *tunnel) installRX(t testing.TB) (toA, toB codec.SA) {
 	t.Helper()
 	tn.next++
 	sa, err := kdf.MakeSPI(0, kdf.Initiator, tn.next)
@@ -145,7 +145,7 @@ func (tn *tunnel) installRX(t *testing.T) (toA, toB codec.SA) {
 }
 
 // rekey is make-before-break: both RX SAs first, then both TX.
-func (tn *tunnel) rekey(t *testing.T) {
+func (tn *tunnel) rekey(t testing.TB) {
 	t.Helper()
 	toA, toB := tn.installRX(t)
 	defer toA.Key.Wipe()
