@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -47,6 +48,7 @@ type tunnel struct {
 	suite   kdf.Suite
 	master  []byte
 	next    uint32 // key id for the next pair of SPIs
+	spis    []kdf.SPI
 }
 
 func newTunnel(t testing.TB, f codec.Framing) *tunnel {
@@ -135,6 +137,7 @@ func (tn *tunnel) installRX(t testing.TB) (toA, toB codec.SA) {
 		t.Fatal(err)
 	}
 	toA, toB = tn.sa(t, sa), tn.sa(t, sb)
+	tn.spis = append(tn.spis, sa, sb)
 	if err := tn.a.codec.InstallRX(toA); err != nil {
 		t.Fatal(err)
 	}
@@ -429,6 +432,18 @@ func TestRekeyUnderTrafficLosesNothing(t *testing.T) {
 		t.Fatalf("only %d key generations", tn.next)
 	}
 	t.Logf("%d datagrams across %d key generations, none lost", total, tn.next)
+
+	// Nothing the engine reports carries key bytes, in any format.
+	out := []byte(fmt.Sprintf("%v %+v %#v %v %+v %#v", tn.a.dp.Stats(), tn.a.dp.Stats(), tn.a.dp.Stats(),
+		tn.b.dp.Stats(), tn.b.dp.Stats(), tn.b.dp.Stats()))
+	for _, spi := range tn.spis {
+		sa := tn.sa(t, spi)
+		k := sa.Key.Bytes()
+		if bytes.Contains(out, k) || bytes.Contains(out, []byte(fmt.Sprintf("%x", k))) {
+			t.Errorf("key of SPI %#x appears in Stats output", uint32(spi))
+		}
+		sa.Key.Wipe()
+	}
 }
 
 // count reads 4-byte sequence numbers from c until all of 0..total-1 have
