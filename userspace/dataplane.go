@@ -33,8 +33,8 @@ const DefaultBatch = 64
 // counter would blame the wrong thing.
 const maxPayload = 65535
 
-// Config configures a Dataplane. The Dataplane owns TUN and Underlay from
-// Start on and closes them in Close.
+// Config configures a Dataplane. Once Start succeeds the Dataplane owns TUN
+// and Underlay and closes them in Close; if it fails the caller still does.
 type Config struct {
 	TUN      TUN
 	Underlay Underlay

@@ -3,7 +3,9 @@ package userspace_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -108,5 +110,26 @@ func TestAddPeerRefuses(t *testing.T) {
 	}
 	if !dp.RemovePeer(ep) || dp.RemovePeer(ep) || len(dp.Stats().Peers) != 0 {
 		t.Fatal("RemovePeer: want true once, then false, and no peers left")
+	}
+}
+
+func TestCancelCloses(t *testing.T) {
+	u, err := udp.Listen(netip.MustParseAddrPort("127.0.0.1:0"), 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	f := &panickyTUN{reads: 2, closed: make(chan struct{})}
+	if _, err := userspace.Start(ctx, userspace.Config{TUN: f, Underlay: u, MTU: 1400, Framing: codec.Geneve}); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	select {
+	case <-f.closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("cancelling the context did not close the TUN device")
+	}
+	if _, err := u.ReadBatch([]userspace.Message{{Buf: make([]byte, 64)}}); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("underlay after cancel: %v, want net.ErrClosed", err)
 	}
 }
