@@ -1,0 +1,480 @@
+package userspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/pspd/pspd/userspace/codec"
+)
+
+// TUN is the inner interface: one IP packet per buffer. Package
+// userspace/tun implements it.
+type TUN interface {
+	// ReadBatch blocks until a packet is readable, then reads up to
+	// len(bufs) packets: packet i is bufs[i][:lens[i]].
+	ReadBatch(bufs [][]byte, lens []int) (int, error)
+	Write(p []byte) (int, error)
+	Close() error
+}
+
+// DefaultBatch is the number of packets moved per syscall when
+// Config.Batch is zero.
+const DefaultBatch = 64
+
+// maxPayload sizes receive buffers so the underlay never truncates a UDP
+// payload: a truncated packet would only fail authentication, but the
+// counter would blame the wrong thing.
+const maxPayload = 65535
+
+// Config configures a Dataplane. Once Start succeeds the Dataplane owns TUN
+// and Underlay and closes them in Close; if it fails the caller still does.
+type Config struct {
+	TUN      TUN
+	Underlay Underlay
+	// MTU is the inner MTU the TUN device was created with; netutil.InnerMTU
+	// computes it from the underlay.
+	MTU int
+	// Framing of every peer's codec; the underlay receives on its port.
+	Framing codec.Framing
+	// Batch is how many packets one syscall moves. Default DefaultBatch.
+	Batch int
+	// Logger receives loop errors and recovered panics. Default: discard.
+	Logger *slog.Logger
+}
+
+// Peer is one remote end of the tunnel.
+type Peer struct {
+	// Endpoint is the peer's outer address and UDP port: where its packets
+	// are sent, and the source address by which received packets are
+	// attributed to it.
+	Endpoint netip.AddrPort
+	// Prefixes are the inner addresses the peer may send from and that are
+	// routed to it (cryptokey routing). Each must be masked.
+	Prefixes []netip.Prefix
+	// Codec holds the peer's SAs. The caller keeps ownership: RemovePeer
+	// and Close do not close it.
+	Codec *codec.Codec
+}
+
+// Drop says why the engine, rather than the codec, dropped a packet.
+type Drop uint8
+
+const (
+	DropNoPeer        Drop = iota // TX: no peer's prefix holds the destination; RX: the outer source is no peer
+	DropNotIP                     // TX: a TUN packet too short or not IPv4/IPv6
+	DropSrcNotAllowed             // RX: the inner source is outside the sending peer's prefixes
+	DropTUNWrite                  // RX: writing to the TUN device failed
+	DropUnderlayWrite             // TX: the underlay refused the payload
+	DropPanic                     // a queue loop recovered from a panic; its batch is lost
+	NumDrops
+)
+
+var dropNames = [NumDrops]string{"no-peer", "not-ip", "src-not-allowed", "tun-write-error", "underlay-write-error", "panic"}
+
+// String is a stable lower-case name, suitable as a metrics label.
+func (d Drop) String() string {
+	if d < NumDrops {
+		return dropNames[d]
+	}
+	return fmt.Sprintf("drop(%d)", uint8(d))
+}
+
+// Stats is a snapshot of the engine's counters.
+type Stats struct {
+	// Drops counts packets that could not be attributed to a peer.
+	Drops [NumDrops]uint64
+	Peers []PeerStats
+}
+
+// PeerStats is one peer's share of Stats.
+type PeerStats struct {
+	Endpoint  netip.AddrPort
+	TXPackets uint64 // handed to the underlay
+	RXPackets uint64 // written to the TUN device
+	Drops     [NumDrops]uint64
+	Codec     codec.Stats
+}
+
+type counters [NumDrops]atomic.Uint64
+
+func (c *counters) snapshot() (s [NumDrops]uint64) {
+	for i := range c {
+		s[i] = c[i].Load()
+	}
+	return s
+}
+
+type peer struct {
+	Peer
+	drops          counters
+	txPkts, rxPkts atomic.Uint64
+}
+
+func (p *peer) allows(a netip.Addr) bool {
+	for _, pfx := range p.Prefixes {
+		if pfx.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+type route struct {
+	pfx netip.Prefix
+	p   *peer
+}
+
+// table is replaced, never modified, so the packet path reads it without
+// locks.
+type table struct {
+	byEndpoint map[netip.AddrPort]*peer
+	routes     []route // longest prefix first
+}
+
+func (t *table) lookup(dst netip.Addr) *peer {
+	for _, r := range t.routes {
+		if r.pfx.Contains(dst) {
+			return r.p
+		}
+	}
+	return nil
+}
+
+// Dataplane moves packets between a TUN device and an Underlay: one
+// goroutine seals TUN packets to the peer routed by inner destination, one
+// opens underlay payloads from the peer found by outer source.
+type Dataplane struct {
+	cfg                Config
+	headroom, tailroom int
+	log                *slog.Logger
+	mu                 sync.Mutex // serialises table writers
+	table              atomic.Pointer[table]
+	drops              counters
+	closing            atomic.Bool
+	closeOnce          sync.Once
+	wg                 sync.WaitGroup
+	panicLogged        atomic.Bool
+	readErrLogged      atomic.Bool
+	stopCtx            func() bool
+}
+
+// Start checks cfg and starts the queue goroutines. Cancelling ctx closes
+// the Dataplane as Close does.
+func Start(ctx context.Context, cfg Config) (*Dataplane, error) {
+	if cfg.TUN == nil || cfg.Underlay == nil {
+		return nil, errors.New("userspace: config needs both TUN and Underlay")
+	}
+	if cfg.MTU < 576 || cfg.MTU > 65535 {
+		return nil, fmt.Errorf("userspace: MTU %d: want 576..65535", cfg.MTU)
+	}
+	if cfg.Batch == 0 {
+		cfg.Batch = DefaultBatch
+	}
+	if cfg.Batch < 1 || cfg.Batch > 1024 {
+		return nil, fmt.Errorf("userspace: Batch %d: want 1..1024", cfg.Batch)
+	}
+	// A scratch codec tells the framing's header and tag sizes.
+	probe, err := codec.New(codec.Config{Framing: cfg.Framing})
+	if err != nil {
+		return nil, fmt.Errorf("userspace: framing: %w", err)
+	}
+	d := &Dataplane{cfg: cfg, headroom: probe.Headroom(), tailroom: probe.Tailroom(), log: cfg.Logger}
+	probe.Close()
+	if d.log == nil {
+		d.log = slog.New(slog.DiscardHandler)
+	}
+	d.table.Store(&table{byEndpoint: map[netip.AddrPort]*peer{}})
+	d.wg.Add(2)
+	go d.txLoop()
+	go d.rxLoop()
+	d.stopCtx = context.AfterFunc(ctx, func() { d.Close() })
+	return d, nil
+}
+
+// AddPeer adds p. It refuses a peer whose endpoint or one of whose prefixes
+// another peer already has.
+func (d *Dataplane) AddPeer(p Peer) error {
+	if !p.Endpoint.IsValid() || p.Endpoint.Port() == 0 {
+		return fmt.Errorf("userspace: add peer: endpoint %v: want address and non-zero port", p.Endpoint)
+	}
+	if p.Codec == nil {
+		return fmt.Errorf("userspace: add peer %v: Codec is nil", p.Endpoint)
+	}
+	if f := p.Codec.Framing(); f != d.cfg.Framing {
+		return fmt.Errorf("userspace: add peer %v: codec framing %v, dataplane framing %v", p.Endpoint, f, d.cfg.Framing)
+	}
+	if len(p.Prefixes) == 0 {
+		return fmt.Errorf("userspace: add peer %v: no Prefixes: it could neither send nor receive", p.Endpoint)
+	}
+	for _, pfx := range p.Prefixes {
+		if !pfx.IsValid() || pfx != pfx.Masked() {
+			return fmt.Errorf("userspace: add peer %v: prefix %v: want a valid masked prefix (%v)", p.Endpoint, pfx, pfx.Masked())
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	old := d.table.Load()
+	if _, ok := old.byEndpoint[p.Endpoint]; ok {
+		return fmt.Errorf("userspace: add peer %v: endpoint already has a peer", p.Endpoint)
+	}
+	for _, r := range old.routes {
+		if slices.Contains(p.Prefixes, r.pfx) {
+			return fmt.Errorf("userspace: add peer %v: prefix %v already routes to peer %v", p.Endpoint, r.pfx, r.p.Endpoint)
+		}
+	}
+	np := &peer{Peer: p}
+	np.Prefixes = slices.Clone(p.Prefixes)
+	d.table.Store(old.with(np, nil))
+	return nil
+}
+
+// RemovePeer removes the peer at endpoint; its packets are dropped from now
+// on. It reports whether there was one.
+func (d *Dataplane) RemovePeer(endpoint netip.AddrPort) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	old := d.table.Load()
+	gone, ok := old.byEndpoint[endpoint]
+	if !ok {
+		return false
+	}
+	d.table.Store(old.with(nil, gone))
+	return true
+}
+
+// with returns a copy of t plus add minus remove.
+func (t *table) with(add, remove *peer) *table {
+	nt := &table{byEndpoint: make(map[netip.AddrPort]*peer, len(t.byEndpoint)+1)}
+	for ep, p := range t.byEndpoint {
+		if p != remove {
+			nt.byEndpoint[ep] = p
+		}
+	}
+	for _, r := range t.routes {
+		if r.p != remove {
+			nt.routes = append(nt.routes, r)
+		}
+	}
+	if add != nil {
+		nt.byEndpoint[add.Endpoint] = add
+		for _, pfx := range add.Prefixes {
+			nt.routes = append(nt.routes, route{pfx, add})
+		}
+	}
+	slices.SortStableFunc(nt.routes, func(a, b route) int { return b.pfx.Bits() - a.pfx.Bits() })
+	return nt
+}
+
+// Stats returns a snapshot of the engine's and every peer's counters.
+func (d *Dataplane) Stats() Stats {
+	s := Stats{Drops: d.drops.snapshot()}
+	for _, p := range d.table.Load().byEndpoint {
+		s.Peers = append(s.Peers, PeerStats{
+			Endpoint:  p.Endpoint,
+			TXPackets: p.txPkts.Load(),
+			RXPackets: p.rxPkts.Load(),
+			Drops:     p.drops.snapshot(),
+			Codec:     p.Codec.Stats(),
+		})
+	}
+	slices.SortFunc(s.Peers, func(a, b PeerStats) int { return a.Endpoint.Compare(b.Endpoint) })
+	return s
+}
+
+// Close stops both loops, closes the TUN device and the underlay, and waits
+// for the loops to return.
+func (d *Dataplane) Close() error {
+	var err error
+	d.closeOnce.Do(func() {
+		d.closing.Store(true)
+		err = errors.Join(d.cfg.Underlay.Close(), d.cfg.TUN.Close())
+		d.wg.Wait()
+		d.stopCtx()
+	})
+	return err
+}
+
+// recovered turns a panic in a queue loop into a counted drop, logged once
+// so a packet that triggers it repeatedly cannot flood the log.
+func (d *Dataplane) recovered(loop string, r any) {
+	d.drops[DropPanic].Add(1)
+	if d.panicLogged.CompareAndSwap(false, true) {
+		buf := make([]byte, 4096)
+		buf = buf[:runtime.Stack(buf, false)]
+		d.log.Error("userspace: recovered panic in queue loop; packets are dropped and counted, later panics are not logged",
+			"loop", loop, "panic", fmt.Sprint(r), "stack", string(buf))
+	}
+}
+
+func (d *Dataplane) readError(what string, err error) {
+	if d.readErrLogged.CompareAndSwap(false, true) {
+		d.log.Warn("userspace: read error; retrying, later errors are not logged", "from", what, "err", err)
+	}
+}
+
+// txState is the TX loop's preallocated batch.
+type txState struct {
+	bufs  [][]byte // whole buffers, headroom included
+	rd    [][]byte // the inner-packet windows TUN reads into
+	lens  []int
+	msgs  []Message
+	peers []*peer
+}
+
+func (d *Dataplane) txLoop() {
+	defer d.wg.Done()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	n := d.cfg.Batch
+	s := &txState{bufs: make([][]byte, n), rd: make([][]byte, n), lens: make([]int, n),
+		msgs: make([]Message, n), peers: make([]*peer, n)}
+	for i := range s.bufs {
+		s.bufs[i] = make([]byte, d.headroom+d.cfg.MTU+d.tailroom)
+		s.rd[i] = s.bufs[i][d.headroom : d.headroom+d.cfg.MTU]
+	}
+	for d.txBatch(s) {
+	}
+}
+
+// txBatch moves one batch from the TUN device to the underlay. It reports
+// whether the loop goes on.
+func (d *Dataplane) txBatch(s *txState) (more bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			d.recovered("tx", r)
+			more = !d.closing.Load()
+		}
+	}()
+	n, err := d.cfg.TUN.ReadBatch(s.rd, s.lens)
+	if err != nil {
+		if d.closing.Load() {
+			return false
+		}
+		d.readError("tun", err)
+		return true
+	}
+	t := d.table.Load()
+	k := 0
+	for i := range n {
+		pkt := s.rd[i][:s.lens[i]]
+		dst, ok := innerAddr(pkt, false)
+		if !ok {
+			d.drops[DropNotIP].Add(1)
+			continue
+		}
+		p := t.lookup(dst)
+		if p == nil {
+			d.drops[DropNoPeer].Add(1)
+			continue
+		}
+		start, length, err := p.Codec.Seal(s.bufs[i], d.headroom, s.lens[i])
+		if err != nil {
+			continue // counted by the codec; never sent in clear
+		}
+		s.msgs[k] = Message{Buf: s.bufs[i], Off: start, N: length, Addr: p.Endpoint}
+		s.peers[k] = p
+		k++
+	}
+	for off := 0; off < k; {
+		w, err := d.cfg.Underlay.WriteBatch(s.msgs[off:k])
+		for _, p := range s.peers[off : off+w] {
+			p.txPkts.Add(1)
+		}
+		off += w
+		if err != nil {
+			if d.closing.Load() {
+				return false
+			}
+			if off < k {
+				s.peers[off].drops[DropUnderlayWrite].Add(1)
+				off++
+			}
+		}
+	}
+	clear(s.peers[:k]) // do not pin removed peers
+	return true
+}
+
+func (d *Dataplane) rxLoop() {
+	defer d.wg.Done()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	msgs := make([]Message, d.cfg.Batch)
+	for i := range msgs {
+		msgs[i].Buf = make([]byte, maxPayload)
+	}
+	for d.rxBatch(msgs) {
+	}
+}
+
+func (d *Dataplane) rxBatch(msgs []Message) (more bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			d.recovered("rx", r)
+			more = !d.closing.Load()
+		}
+	}()
+	n, err := d.cfg.Underlay.ReadBatch(msgs)
+	if err != nil {
+		if d.closing.Load() {
+			return false
+		}
+		// UDP reports an earlier send's ICMP error on the next read.
+		d.readError("underlay", err)
+		return true
+	}
+	t := d.table.Load()
+	for i := range n {
+		m := &msgs[i]
+		p := t.byEndpoint[m.Addr]
+		if p == nil {
+			d.drops[DropNoPeer].Add(1)
+			continue
+		}
+		start, length, reason := p.Codec.Open(d.cfg.Framing, m.Buf, m.Off, m.N)
+		if reason != codec.Pass {
+			continue // counted by the codec
+		}
+		pkt := m.Buf[start : start+length]
+		if src, ok := innerAddr(pkt, true); !ok || !p.allows(src) {
+			p.drops[DropSrcNotAllowed].Add(1)
+			continue
+		}
+		if _, err := d.cfg.TUN.Write(pkt); err != nil {
+			if d.closing.Load() {
+				return false
+			}
+			p.drops[DropTUNWrite].Add(1)
+			continue
+		}
+		p.rxPkts.Add(1)
+	}
+	return true
+}
+
+// innerAddr returns an IP packet's source or destination address.
+func innerAddr(p []byte, src bool) (netip.Addr, bool) {
+	var off, size int
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4:
+		off, size = 16, 4
+		if src {
+			off = 12
+		}
+	case len(p) >= 40 && p[0]>>4 == 6:
+		off, size = 24, 16
+		if src {
+			off = 8
+		}
+	default:
+		return netip.Addr{}, false
+	}
+	return netip.AddrFromSlice(p[off : off+size])
+}
