@@ -86,3 +86,50 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("after rotation: %v", err)
 	}
 }
+
+// TestCrashFailsClosed kills one daemon with SIGKILL: with
+// require_encryption the host refuses traffic to the peer while pspd is
+// down (nothing leaves in clear), and a restarted daemon is back in
+// association quickly.
+func TestCrashFailsClosed(t *testing.T) {
+	l := newLab(t, "pnc-")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	p, err := l.TwoHosts(ctx, "userspace")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.WaitAssoc(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	p.A.Kill()
+
+	out, err := p.A.Host.Command(ctx, "ip", "route", "get", p.Inner[1]).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "prohibit") && !strings.Contains(string(out), "Permission denied") {
+		t.Fatalf("with pspd dead, the route to the peer is %q (%v); want it prohibited", out, err)
+	}
+	const canary = "pspd-crash-canary-"
+	stop, err := Capture(ctx, p.A.Host, p.Underlay[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 4096, canary); err == nil {
+		t.Fatal("traffic to the peer got through while pspd was down")
+	}
+	pcap, _ := stop()
+	if bytes.Contains(pcap, []byte(canary)) {
+		t.Fatal("plaintext left the host while pspd was down")
+	}
+
+	restart := time.Now()
+	if err := p.A.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.WaitAssoc(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("association back %v after the restart", time.Since(restart))
+	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 64<<10, canary); err != nil {
+		t.Fatalf("after restart: %v", err)
+	}
+}
