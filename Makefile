@@ -6,7 +6,7 @@ FUZZTIME  ?= 10s
 PSPD_VM   ?= auto
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build test unit fuzz lint bench tools vmtest
+.PHONY: all build test unit fuzz lint bench vmtest demo deps deps-demo
 
 all: build
 
@@ -14,7 +14,15 @@ build:
 	$(GO) build $(PKGS)
 
 # Everything CI runs: lint, unit and netns tests, short fuzzing, the real-kernel VM tests.
-test: lint unit fuzz vmtest
+# It first installs what is missing (apt packages, staticcheck, Go modules).
+test: deps
+	$(MAKE) lint unit fuzz vmtest
+
+deps:
+	tests/deps.sh test
+
+deps-demo:
+	tests/deps.sh demo
 
 # PSPD_VM is cleared so CI's PSPD_VM=required does not boot the VM here as well as in vmtest.
 unit:
@@ -44,6 +52,11 @@ fuzz:
 vmtest:
 	PSPD_VM=$(PSPD_VM) $(GO) test -count=1 -v -timeout 45m ./tests/vm -run TestVM
 
+# Two network namespaces, a pspd in each, traffic through the association,
+# `pspctl assoc list` from both sides, then cleanup (root; see README).
+demo: deps-demo
+	$(GO) run ./tests/netns/demo
+
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
@@ -52,5 +65,3 @@ lint:
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem -count=6 $(PKGS) | tee bench.txt
 
-tools:
-	$(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2

@@ -112,6 +112,14 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 			return nil, err
 		}
 	}
+	for _, b := range cfg.Backends {
+		if rw, ok := b.(interface {
+			RekeyWanted() <-chan identity.PublicKey
+		}); ok {
+			d.wg.Add(1)
+			go d.serveRekeys(rw.RekeyWanted())
+		}
+	}
 	d.metrics = newMetrics(d)
 	d.log.Info("pspd started", "version", Version, "listen", d.ep.Addr(), "public_key", id.Public().String(),
 		"backends", fmt.Sprint(cfg.Report.Available()), "peers", len(pc.Peers), "fips140", fips140.Enabled())
@@ -195,6 +203,37 @@ func (d *Daemon) watch(ctx context.Context, p *peer) {
 			Detail: fmt.Sprintf("generation %d rx %v tx %v on %s", sa.Generation, sa.RxSPI, sa.TxSPI, p.backend)})
 		d.log.Info("association current", "peer", p.cfg.Name, "sa", &sa)
 		last = sa.Generation
+	}
+}
+
+// serveRekeys rekeys a peer whose data plane reports its TX key reached
+// the packet budget or its age.
+func (d *Daemon) serveRekeys(wanted <-chan identity.PublicKey) {
+	defer d.wg.Done()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case key := <-wanted:
+			d.mu.Lock()
+			var target *peer
+			for _, p := range d.peers {
+				if p.cfg.PublicKey == key {
+					target = p
+				}
+			}
+			d.mu.Unlock()
+			if target == nil {
+				continue
+			}
+			go func() {
+				ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
+				defer cancel()
+				if _, err := target.kx.Rekey(ctx); err != nil {
+					d.log.Warn("rekey asked for by the data plane failed", "peer", target.cfg.Name, "err", err)
+				}
+			}()
+		}
 	}
 }
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on a Debian machine of
+# this project's kind (root, Go at /usr/local/go), and nothing that is
+# already there, so a second run costs a few dpkg queries.
+#   tests/deps.sh demo    what `make demo` needs
+#   tests/deps.sh test    what `make test` needs (the VM harness included)
+set -euo pipefail
+what=${1:-test}
+pkgs=(iproute2 tcpdump)
+if [ "$what" = test ]; then
+	pkgs+=(iperf3 ethtool
+		# The VM harness (tests/vm): qemu, a static busybox, tools copied into the VM,
+		# and what building the kernel needs.
+		qemu-system-x86 busybox-static cpio kmod make gcc flex bison bc xz-utils perl libelf-dev libssl-dev)
+fi
+need=()
+for pkg in "${pkgs[@]}"; do
+	# Ask dpkg: the dynamic busybox has the same path as the static one.
+	[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "deps: missing ${need[*]}; run as root (or apt-get install them)" >&2
+		exit 1
+	fi
+	echo "deps: installing ${need[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ "$what" = test ] && ! command -v staticcheck >/dev/null 2>&1 && [ ! -x "${HOME}/go/bin/staticcheck" ]; then
+	go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+fi
+go mod download

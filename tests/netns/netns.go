@@ -1,0 +1,238 @@
+// Package netns builds throwaway topologies of hosts (network namespaces
+// joined by veth pairs) and runs real pspd daemons in them, for pspd's
+// system tests and for `make demo`. Everything it creates is named with a
+// caller-chosen prefix and removed by Close, also after a failure.
+package netns
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Lab is a set of hosts and links that Close tears down.
+type Lab struct {
+	Prefix string
+	Dir    string // scratch directory for identities, configs, logs
+	Pspd   string // path of the pspd binary
+	Pspctl string // path of the pspctl binary
+
+	mu      sync.Mutex
+	hosts   []*Host
+	daemons []*Daemon
+}
+
+// NewLab builds pspd and pspctl from the module at root into dir.
+func NewLab(ctx context.Context, prefix, root, dir string) (*Lab, error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("netns: needs root to create network namespaces")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return nil, errors.New("netns: needs iproute2's ip command (apt-get install iproute2)")
+	}
+	l := &Lab{Prefix: prefix, Dir: dir}
+	for _, b := range []string{"pspd", "pspctl"} {
+		out := filepath.Join(dir, b)
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/"+b)
+		cmd.Dir = root
+		if o, err := cmd.CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("netns: build %s: %v\n%s", b, err, o)
+		}
+	}
+	l.Pspd, l.Pspctl = filepath.Join(dir, "pspd"), filepath.Join(dir, "pspctl")
+	return l, nil
+}
+
+// Host is one network namespace.
+type Host struct {
+	Name string // short name, e.g. "a"
+	NS   string // namespace name
+	lab  *Lab
+}
+
+func run(ctx context.Context, name string, args ...string) error {
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// Host creates a namespace with loopback up.
+func (l *Lab) Host(ctx context.Context, name string) (*Host, error) {
+	h := &Host{Name: name, NS: l.Prefix + name, lab: l}
+	run(ctx, "ip", "netns", "del", h.NS) // a leftover from a killed run
+	if err := run(ctx, "ip", "netns", "add", h.NS); err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	l.hosts = append(l.hosts, h)
+	l.mu.Unlock()
+	if err := h.IP(ctx, "link", "set", "lo", "up"); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// IP runs `ip` inside the host.
+func (h *Host) IP(ctx context.Context, args ...string) error {
+	return run(ctx, "ip", append([]string{"-n", h.NS}, args...)...)
+}
+
+// Command is a command to run inside the host.
+func (h *Host) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
+}
+
+// Link joins a and b with a veth pair carrying the given addresses.
+func (l *Lab) Link(ctx context.Context, a, b *Host, addrA, addrB netip.Prefix) error {
+	ea, eb := l.Prefix+a.Name+b.Name, l.Prefix+b.Name+a.Name
+	if err := run(ctx, "ip", "link", "add", ea, "netns", a.NS, "type", "veth", "peer", "name", eb, "netns", b.NS); err != nil {
+		return err
+	}
+	for _, x := range []struct {
+		h    *Host
+		dev  string
+		addr netip.Prefix
+	}{{a, ea, addrA}, {b, eb, addrB}} {
+		if err := x.h.IP(ctx, "addr", "add", x.addr.String(), "dev", x.dev); err != nil {
+			return err
+		}
+		if err := x.h.IP(ctx, "link", "set", x.dev, "up"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Close stops every daemon and deletes every namespace.
+func (l *Lab) Close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, d := range l.daemons {
+		d.Stop()
+	}
+	for _, h := range l.hosts {
+		run(context.Background(), "ip", "netns", "del", h.NS)
+	}
+}
+
+// Daemon is a pspd running in a host.
+type Daemon struct {
+	Host   *Host
+	Dir    string
+	Config string
+	Socket string
+	Log    string
+	PubKey string
+
+	cmd  *exec.Cmd
+	done chan error
+}
+
+// NewDaemon creates an identity for a pspd in h; Start runs it.
+func (l *Lab) NewDaemon(ctx context.Context, h *Host) (*Daemon, error) {
+	dir := filepath.Join(l.Dir, h.Name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	d := &Daemon{Host: h, Dir: dir, Config: filepath.Join(dir, "pspd.yaml"), Socket: filepath.Join(dir, "pspd.sock"), Log: filepath.Join(dir, "pspd.log")}
+	out, err := exec.CommandContext(ctx, l.Pspd, "genkey", "--force", "--identity", filepath.Join(dir, "identity.pem")).Output()
+	if err != nil {
+		return nil, fmt.Errorf("netns: genkey for %s: %w", h.Name, err)
+	}
+	d.PubKey = strings.TrimSpace(string(out))
+	l.mu.Lock()
+	l.daemons = append(l.daemons, d)
+	l.mu.Unlock()
+	return d, nil
+}
+
+// WriteConfig writes the daemon's configuration; body is appended after
+// the identity and socket lines.
+func (d *Daemon) WriteConfig(body string) error {
+	head := fmt.Sprintf("identity: %s\nsocket: %s\n", filepath.Join(d.Dir, "identity.pem"), d.Socket)
+	return os.WriteFile(d.Config, []byte(head+body), 0o600)
+}
+
+// Start runs pspd in its host and waits until its API answers.
+func (d *Daemon) Start(ctx context.Context) error {
+	logf, err := os.OpenFile(d.Log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	d.cmd = d.Host.Command(context.Background(), d.Host.lab.Pspd, "run", "--config", d.Config, "--log-format", "text")
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	if err := d.cmd.Start(); err != nil {
+		logf.Close()
+		return err
+	}
+	d.done = make(chan error, 1)
+	go func() { d.done <- d.cmd.Wait(); logf.Close() }()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := d.Ctl(ctx, "status"); err == nil {
+			return nil
+		}
+		select {
+		case err := <-d.done:
+			d.done <- err
+			return fmt.Errorf("netns: pspd in %s exited: %v; log:\n%s", d.Host.Name, err, d.Tail(30))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("netns: pspd in %s did not answer on %s within 15s; log:\n%s", d.Host.Name, d.Socket, d.Tail(30))
+}
+
+// Stop sends SIGTERM and waits for the daemon to exit.
+func (d *Daemon) Stop() {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return
+	}
+	d.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-d.done:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+	}
+	d.cmd = nil
+}
+
+// Kill ends the daemon with SIGKILL, as a crash would.
+func (d *Daemon) Kill() {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return
+	}
+	d.cmd.Process.Kill()
+	<-d.done
+	d.cmd = nil
+}
+
+// Ctl runs pspctl against the daemon and returns its output.
+func (d *Daemon) Ctl(ctx context.Context, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, d.Host.lab.Pspctl, append([]string{"--socket", d.Socket}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("pspctl %s: %v: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return string(out), nil
+}
+
+// Tail is the last n lines of the daemon's log.
+func (d *Daemon) Tail(n int) string {
+	b, _ := os.ReadFile(d.Log)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,135 @@
+package netns
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestMain(m *testing.M) {
+	MaybeHelper()
+	os.Exit(m.Run())
+}
+
+func moduleRoot(t *testing.T) string {
+	wd, _ := os.Getwd()
+	return filepath.Join(wd, "..", "..")
+}
+
+func newLab(t *testing.T, prefix string) *Lab {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	l, err := NewLab(ctx, prefix, moduleRoot(t), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	return l
+}
+
+// TestDemo is `make demo` as a test: two real daemons, the userspace
+// backend, a TCP exchange through the tunnel, and a capture of the
+// underlay that never shows the plaintext.
+func TestDemo(t *testing.T) {
+	l := newLab(t, "pnd-")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	p, err := l.TwoHosts(ctx, "userspace")
+	if err != nil {
+		t.Fatal(err)
+	}
+	as, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("association up %v after start: %+v", time.Since(start), as[0])
+
+	const canary = "pspd-test-canary-"
+	stop, err := Capture(ctx, p.A.Host, p.Underlay[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 256<<10, canary); err != nil {
+		t.Fatal(err)
+	}
+	pcap, err := stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pcap) < 256<<10 {
+		t.Fatalf("capture holds %d bytes: the traffic did not cross the underlay", len(pcap))
+	}
+	if bytes.Contains(pcap, []byte(canary)) {
+		t.Fatal("plaintext canary on the underlay")
+	}
+
+	out, err := p.A.Ctl(ctx, "assoc", "list")
+	if err != nil || !strings.Contains(out, "b/1") || !strings.Contains(out, "userspace") {
+		t.Fatalf("assoc list: %q %v", out, err)
+	}
+	// Rotation from pspctl: new SPIs, traffic still flows.
+	if out, err := p.B.Ctl(ctx, "assoc", "rotate", "--all"); err != nil || !strings.Contains(out, " ok") {
+		t.Fatalf("rotate: %q %v", out, err)
+	}
+	if _, err := p.WaitAssoc(ctx, as[0].Generation+1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 64<<10, canary); err != nil {
+		t.Fatalf("after rotation: %v", err)
+	}
+}
+
+// TestCrashFailsClosed kills one daemon with SIGKILL: with
+// require_encryption the host refuses traffic to the peer while pspd is
+// down (nothing leaves in clear), and a restarted daemon is back in
+// association quickly.
+func TestCrashFailsClosed(t *testing.T) {
+	l := newLab(t, "pnc-")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	p, err := l.TwoHosts(ctx, "userspace")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.WaitAssoc(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	p.A.Kill()
+
+	out, err := p.A.Host.Command(ctx, "ip", "route", "get", p.Inner[1]).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "prohibit") && !strings.Contains(string(out), "Permission denied") {
+		t.Fatalf("with pspd dead, the route to the peer is %q (%v); want it prohibited", out, err)
+	}
+	const canary = "pspd-crash-canary-"
+	stop, err := Capture(ctx, p.A.Host, p.Underlay[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 4096, canary); err == nil {
+		t.Fatal("traffic to the peer got through while pspd was down")
+	}
+	pcap, _ := stop()
+	if bytes.Contains(pcap, []byte(canary)) {
+		t.Fatal("plaintext left the host while pspd was down")
+	}
+
+	restart := time.Now()
+	if err := p.A.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.WaitAssoc(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("association back %v after the restart", time.Since(restart))
+	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 64<<10, canary); err != nil {
+		t.Fatalf("after restart: %v", err)
+	}
+}

@@ -1,0 +1,127 @@
+package netns
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// helperEnv makes a binary that calls MaybeHelper act as a traffic
+// endpoint inside a namespace (`ip netns exec NS BINARY` with the
+// variable set) instead of running its main job.
+const helperEnv = "PSPD_NETNS_HELPER"
+
+// MaybeHelper runs the helper role and exits if this process was started
+// as one. Call it first in main and TestMain.
+func MaybeHelper() {
+	role := os.Getenv(helperEnv)
+	if role == "" {
+		return
+	}
+	args := strings.Fields(os.Getenv(helperEnv + "_ARGS"))
+	var err error
+	switch role {
+	case "tcp-echo":
+		err = tcpEcho(args[0])
+	case "tcp-send":
+		n, _ := strconv.Atoi(args[1])
+		err = tcpSend(args[0], n, args[2])
+	default:
+		err = fmt.Errorf("unknown helper role %q", role)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "helper:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+func tcpEcho(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	fmt.Println("listening")
+	ln.(*net.TCPListener).SetDeadline(time.Now().Add(60 * time.Second))
+	c, err := ln.Accept()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = io.Copy(c, c)
+	return err
+}
+
+// pattern is n bytes that repeat the canary, so a capture of the wire can
+// be searched for it.
+func pattern(n int, canary string) []byte {
+	return bytes.Repeat([]byte(canary), n/len(canary)+1)[:n]
+}
+
+func tcpSend(addr string, n int, canary string) error {
+	var c net.Conn
+	var err error
+	for range 50 { // the echo server may still be starting
+		if c, err = net.DialTimeout("tcp", addr, 2*time.Second); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	data := pattern(n, canary)
+	go func() {
+		c.Write(data)
+		c.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return err
+	}
+	if sha256.Sum256(got) != sha256.Sum256(data) {
+		return fmt.Errorf("echo returned %d bytes that differ from the %d sent", len(got), len(data))
+	}
+	fmt.Printf("ok %d bytes echoed\n", len(got))
+	return nil
+}
+
+// helper runs this binary as a helper role inside h.
+func (h *Host) helper(ctx context.Context, role string, args ...string) *exec.Cmd {
+	self, _ := os.Executable()
+	cmd := h.Command(ctx, self)
+	cmd.Env = append(os.Environ(), helperEnv+"="+role, helperEnv+"_ARGS="+strings.Join(args, " "))
+	return cmd
+}
+
+// EchoTCP sends n bytes of the canary pattern from client to an echo
+// server at server's inner address and checks they come back intact.
+func EchoTCP(ctx context.Context, client, server *Host, serverAddr string, n int, canary string) (time.Duration, error) {
+	addr := net.JoinHostPort(serverAddr, "7777")
+	srv := server.helper(ctx, "tcp-echo", addr)
+	var srvOut bytes.Buffer
+	srv.Stdout, srv.Stderr = &srvOut, &srvOut
+	if err := srv.Start(); err != nil {
+		return 0, err
+	}
+	defer func() {
+		srv.Process.Kill()
+		srv.Wait()
+	}()
+	start := time.Now()
+	out, err := client.helper(ctx, "tcp-send", addr, strconv.Itoa(n), canary).CombinedOutput()
+	if err != nil {
+		return 0, fmt.Errorf("tcp echo %s → %s: %v: %s (server: %s)", client.Name, addr, err, bytes.TrimSpace(out), bytes.TrimSpace(srvOut.Bytes()))
+	}
+	return time.Since(start), nil
+}
