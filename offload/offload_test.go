@@ -12,7 +12,9 @@ import (
 
 func TestChoose(t *testing.T) {
 	report := Probe(context.Background(), []Prober{
-		{wire.BackendPSP, func(context.Context) error { return errors.New("no generic netlink family psp (kernel built without CONFIG_INET_PSP)") }},
+		{wire.BackendPSP, func(context.Context) error {
+			return errors.New("no generic netlink family psp (kernel built without CONFIG_INET_PSP)")
+		}},
 		{wire.BackendXFRM, func(context.Context) error { return errors.New("kernel lacks ESP rfc4106(gcm(aes))") }},
 		{wire.BackendUserspace, func(context.Context) error { return nil }},
 	})

@@ -16,8 +16,8 @@ import (
 
 // Pair is two hosts, each running pspd, joined by one veth underlay.
 type Pair struct {
-	A, B    *Daemon
-	Inner   [2]string // inner addresses of A and B
+	A, B     *Daemon
+	Inner    [2]string // inner addresses of A and B
 	Underlay [2]string // underlay interface names in A and B
 }
 
