@@ -60,6 +60,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/kdf"
 	"github.com/pspd/pspd/keyexchange/wire"
@@ -159,11 +160,25 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 	if e.udp, err = net.ListenUDP("udp", ua); err != nil {
 		return nil, fmt.Errorf("keyexchange: %w", err)
 	}
+	// The stateless-reset key comes from the identity, so that after a
+	// restart this host answers the packets of its previous incarnation's
+	// connections with a valid reset: the peer learns at once that the
+	// session is gone and reconnects, instead of waiting for the idle
+	// timeout.
+	rk, err := cfg.Identity.DeriveSecret("pspd quic stateless reset v1", len(quic.StatelessResetKey{}))
+	if err != nil {
+		e.udp.Close()
+		return nil, fmt.Errorf("keyexchange: %w", err)
+	}
+	var resetKey quic.StatelessResetKey
+	copy(resetKey[:], rk)
+	secret.Zero(rk)
 	e.tr = &quic.Transport{
 		Conn: e.udp,
 		// Retry on every new connection: a spoofed source cannot make us
 		// do handshake work or amplify towards a victim.
 		VerifySourceAddress: func(net.Addr) bool { return true },
+		StatelessResetKey:   &resetKey,
 	}
 	e.qconf = &quic.Config{
 		HandshakeIdleTimeout:  cfg.HandshakeTimeout,

@@ -257,6 +257,7 @@ func (p *Peer) run() {
 	defer p.removeAll()
 	backoff := p.cfg.BackoffMin
 	var next *Session
+	knocked := false
 	for p.ctx.Err() == nil {
 		s := next
 		next = nil
@@ -265,6 +266,10 @@ func (p *Peer) run() {
 			case s = <-p.incoming:
 			default:
 			}
+		}
+		if s == nil && p.role == kdf.Responder && !knocked {
+			knocked = true
+			s = p.knock()
 		}
 		if s == nil && p.role == kdf.Initiator {
 			dctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
@@ -298,6 +303,39 @@ func (p *Peer) run() {
 		p.setLastErr(err)
 		p.log.Info("session ended", "err", err)
 	}
+}
+
+// knockDelay is how long a freshly started responder waits for the
+// initiator to reach it before it dials the initiator itself.
+const knockDelay = time.Second
+
+// knock is a starting responder's one dial to the initiator. The
+// initiator normally dials, but after this side restarted the initiator
+// may still hold a session with this side's previous incarnation, which
+// it would only notice at the idle timeout; a session arriving from us,
+// with our new boot id, replaces that one at once. The wait first keeps
+// the usual case (both start together, the initiator dials) free of a
+// second, competing session.
+func (p *Peer) knock() *Session {
+	select {
+	case s := <-p.incoming:
+		return s
+	case <-time.After(knockDelay):
+	case <-p.ctx.Done():
+		return nil
+	}
+	if !p.cfg.Addr.IsValid() {
+		return nil
+	}
+	dctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
+	defer cancel()
+	s, err := p.e.dial(dctx, p.cfg.Addr, p.cfg.Key)
+	if err != nil {
+		p.log.Debug("responder could not reach the initiator; waiting for it to dial", "err", err)
+		return nil
+	}
+	p.log.Info("responder reached the initiator after start")
+	return s
 }
 
 // jitter spreads d over [d/2, d) so peers that lost each other at once do

@@ -13,6 +13,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/hkdf"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
@@ -59,6 +60,23 @@ func fromPrivate(k *ecdsa.PrivateKey) (*Identity, error) {
 
 // Public is the key peers pin.
 func (id *Identity) Public() PublicKey { return id.pub }
+
+// DeriveSecret returns n bytes derived with HKDF-SHA256 from the private
+// key under label. They are stable for the lifetime of the identity file
+// and secret as long as it is, which is what state that must survive a
+// restart without being stored needs (the QUIC stateless-reset key).
+func (id *Identity) DeriveSecret(label string, n int) ([]byte, error) {
+	priv, err := id.priv.Bytes()
+	if err != nil {
+		return nil, fmt.Errorf("identity: %w", err)
+	}
+	defer clear(priv)
+	out, err := hkdf.Key(sha256.New, priv, nil, label, n)
+	if err != nil {
+		return nil, fmt.Errorf("identity: derive %s: %w", label, err)
+	}
+	return out, nil
+}
 
 // Signer is the private key, for the TLS handshake only.
 func (id *Identity) Signer() crypto.Signer { return id.priv }

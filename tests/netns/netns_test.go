@@ -3,11 +3,14 @@ package netns
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pspd/pspd/localapi"
 )
 
 func TestMain(m *testing.M) {
@@ -102,6 +105,7 @@ func TestCrashFailsClosed(t *testing.T) {
 	if _, err := p.WaitAssoc(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
+	bootBefore := peerBoot(t, ctx, p.B)
 	p.A.Kill()
 
 	out, err := p.A.Host.Command(ctx, "ip", "route", "get", p.Inner[1]).CombinedOutput()
@@ -125,6 +129,14 @@ func TestCrashFailsClosed(t *testing.T) {
 	if err := p.A.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// The survivor must have a session with the new incarnation (a new
+	// boot id), not just its stale association.
+	for b := peerBoot(t, ctx, p.B); b == bootBefore || b == ""; b = peerBoot(t, ctx, p.B) {
+		if time.Since(restart) > 10*time.Second {
+			t.Fatal("the survivor still holds the session of the killed daemon 10s after the restart")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if _, err := p.WaitAssoc(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -132,4 +144,18 @@ func TestCrashFailsClosed(t *testing.T) {
 	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 64<<10, canary); err != nil {
 		t.Fatalf("after restart: %v", err)
 	}
+}
+
+// peerBoot is the boot id d sees for its only peer ("" without a session).
+func peerBoot(t *testing.T, ctx context.Context, d *Daemon) string {
+	t.Helper()
+	out, err := d.Ctl(ctx, "peer", "list", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ps []localapi.Peer
+	if err := json.Unmarshal([]byte(out), &ps); err != nil || len(ps) != 1 {
+		t.Fatalf("peer list %q: %v", out, err)
+	}
+	return ps[0].PeerBootID
 }
