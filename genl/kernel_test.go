@@ -40,25 +40,13 @@ func newNetns(t *testing.T) *netns {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (CAP_SYS_ADMIN) to create network namespaces")
 	}
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
+	var f *os.File
+	var err error
+	onThread(t, func() error { return unix.Unshare(unix.CLONE_NEWNET) }, func() {
+		f, err = os.Open("/proc/thread-self/ns/net")
+	})
 	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("open current netns: %v", err)
-	}
-	defer orig.Close()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("unshare netns: %v", err)
-	}
-	f, openErr := os.Open("/proc/thread-self/ns/net")
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: it dies with this goroutine.
-		t.Fatalf("return to the original netns: %v", err)
-	}
-	runtime.UnlockOSThread()
-	if openErr != nil {
-		t.Fatalf("open new netns: %v", openErr)
+		t.Fatalf("open new netns: %v", err)
 	}
 	t.Cleanup(func() { f.Close() })
 	return &netns{f: f}
@@ -68,6 +56,13 @@ func newNetns(t *testing.T) *netns {
 // processes it starts live there.
 func (n *netns) do(t *testing.T, fn func()) {
 	t.Helper()
+	onThread(t, func() error { return unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET) }, fn)
+}
+
+// onThread runs fn on a locked thread whose network namespace enter has
+// changed, then puts the thread back in its original namespace.
+func onThread(t *testing.T, enter func() error, fn func()) {
+	t.Helper()
 	runtime.LockOSThread()
 	orig, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
@@ -75,13 +70,14 @@ func (n *netns) do(t *testing.T, fn func()) {
 		t.Fatalf("open current netns: %v", err)
 	}
 	defer orig.Close()
-	if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
+	if err := enter(); err != nil {
 		runtime.UnlockOSThread()
-		t.Fatalf("setns: %v", err)
+		t.Fatalf("enter netns: %v", err)
 	}
 	defer func() {
 		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			panic(fmt.Sprintf("cannot return to the original netns: %v", err))
+			// The thread stays locked and dies with this goroutine.
+			t.Fatalf("return to the original netns: %v", err)
 		}
 		runtime.UnlockOSThread()
 	}()
