@@ -17,6 +17,8 @@ type Config struct {
 	// NetNS, if non-zero, is an open file descriptor of the network namespace
 	// whose PSP devices the client sees (the kernel shows a PSP device only
 	// in the namespace of its netdev). Zero means the caller's namespace.
+	// It must stay open while the Client is in use: Watch opens its
+	// socket there too.
 	NetNS int
 }
 
@@ -96,9 +98,6 @@ func newClient(c *genetlink.Conn) (*Client, error) {
 
 // Close closes the socket.
 func (c *Client) Close() error { return c.c.Close() }
-
-// FamilyID is the generic netlink family number the kernel assigned to psp.
-func (c *Client) FamilyID() uint16 { return c.family.ID }
 
 func (c *Client) execute(op string, cmd uint8, flags netlink.HeaderFlags, attrs []byte, devIDSent bool) ([]genetlink.Message, error) {
 	msgs, err := c.c.Execute(genetlink.Message{
