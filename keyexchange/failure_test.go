@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -417,4 +418,38 @@ func TestPeerRestartNoticedAtOnce(t *testing.T) {
 		t.Fatal("restart not logged")
 	}
 	checkPair(t, restarted, resp, sa.Generation)
+}
+
+// refuser is an Installer that refuses every SA and counts the attempts.
+type refuser struct {
+	mu    sync.Mutex
+	tries int
+}
+
+func (r *refuser) Install(context.Context, *SA) error {
+	r.mu.Lock()
+	r.tries++
+	r.mu.Unlock()
+	return errors.New("refuser: no")
+}
+func (r *refuser) Activate(context.Context, *SA) error { return nil }
+func (r *refuser) Remove(context.Context, *SA) error   { return nil }
+
+// TestFailedInstallBacksOff: a peer whose data plane refuses every SA
+// gets retried with backoff, not in a tight reconnect loop.
+func TestFailedInstallBacksOff(t *testing.T) {
+	ref := &refuser{}
+	_, _, pi, _ := pair(t, func(c *Config) {
+		c.Installers = map[wire.Backend]Installer{wire.BackendXFRM: ref, wire.BackendUserspace: ref}
+	}, func(c *PeerConfig) { c.BackoffMin, c.BackoffMax = 50*time.Millisecond, 400*time.Millisecond })
+	time.Sleep(1500 * time.Millisecond)
+	ref.mu.Lock()
+	tries := ref.tries
+	ref.mu.Unlock()
+	if tries == 0 || tries > 20 {
+		t.Fatalf("%d install attempts in 1.5 s: want a few, spaced by backoff", tries)
+	}
+	if err := pi.LastError(); err == nil || !strings.Contains(err.Error(), "install failed") {
+		t.Fatalf("LastError = %v", err)
+	}
 }

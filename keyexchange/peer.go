@@ -302,6 +302,19 @@ func (p *Peer) run() {
 		next, err = p.runSession(s, &backoff)
 		p.setLastErr(err)
 		p.log.Info("session ended", "err", err)
+		if next == nil && err != nil && p.ctx.Err() == nil {
+			// A session that failed after the handshake (a refused
+			// install, a protocol error) must not turn into a tight
+			// reconnect loop: back off as after a failed dial. A session
+			// the peer opens meanwhile is taken at once.
+			d := jitter(backoff)
+			select {
+			case next = <-p.incoming:
+			case <-time.After(d):
+			case <-p.ctx.Done():
+			}
+			backoff = min(2*backoff, p.cfg.BackoffMax)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -34,6 +35,13 @@ func MaybeHelper() {
 	case "tcp-send":
 		n, _ := strconv.Atoi(args[1])
 		err = tcpSend(args[0], n, args[2])
+	case "udp-sink":
+		n, _ := strconv.Atoi(args[1])
+		err = udpSink(args[0], n)
+	case "udp-source":
+		n, _ := strconv.Atoi(args[1])
+		pps, _ := strconv.Atoi(args[2])
+		err = udpSource(args[0], n, pps)
 	default:
 		err = fmt.Errorf("unknown helper role %q", role)
 	}
@@ -124,4 +132,91 @@ func EchoTCP(ctx context.Context, client, server *Host, serverAddr string, n int
 		return 0, fmt.Errorf("tcp echo %s → %s: %v: %s (server: %s)", client.Name, addr, err, bytes.TrimSpace(out), bytes.TrimSpace(srvOut.Bytes()))
 	}
 	return time.Since(start), nil
+}
+
+// udpSink counts sequence-numbered datagrams until it has n or the
+// stream has been quiet for two seconds, then prints "received R of N".
+func udpSink(addr string, n int) error {
+	c, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	fmt.Println("listening")
+	seen := make([]bool, n)
+	got := 0
+	buf := make([]byte, 2048)
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	for got < n {
+		m, _, err := c.ReadFrom(buf)
+		if err != nil {
+			break
+		}
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		if m < 8 {
+			continue
+		}
+		seq := int(binary.BigEndian.Uint64(buf))
+		if seq < n && !seen[seq] {
+			seen[seq] = true
+			got++
+		}
+	}
+	fmt.Printf("received %d of %d\n", got, n)
+	return nil
+}
+
+// udpSource sends n datagrams numbered 0..n-1 at pps per second.
+func udpSource(addr string, n, pps int) error {
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, 512)
+	tick := time.NewTicker(time.Second / time.Duration(pps))
+	defer tick.Stop()
+	for i := range n {
+		<-tick.C
+		binary.BigEndian.PutUint64(buf, uint64(i))
+		if _, err := c.Write(buf); err != nil {
+			return fmt.Errorf("datagram %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// UDPStream sends n numbered datagrams at pps from client to server's
+// inner address, runs during() meanwhile, and returns how many arrived.
+func UDPStream(ctx context.Context, client, server *Host, serverAddr string, n, pps int, during func() error) (int, error) {
+	addr := net.JoinHostPort(serverAddr, "7778")
+	sink := server.helper(ctx, "udp-sink", addr, strconv.Itoa(n))
+	var out bytes.Buffer
+	sink.Stdout, sink.Stderr = &out, &out
+	if err := sink.Start(); err != nil {
+		return 0, err
+	}
+	defer sink.Process.Kill()
+	for i := 0; i < 100 && !bytes.Contains(out.Bytes(), []byte("listening")); i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	src := client.helper(ctx, "udp-source", addr, strconv.Itoa(n), strconv.Itoa(pps))
+	srcOut, srcErr := make(chan []byte, 1), make(chan error, 1)
+	go func() {
+		o, err := src.CombinedOutput()
+		srcOut <- o
+		srcErr <- err
+	}()
+	duringErr := during()
+	if err := <-srcErr; err != nil {
+		return 0, fmt.Errorf("udp source: %v: %s", err, <-srcOut)
+	}
+	if err := sink.Wait(); err != nil {
+		return 0, fmt.Errorf("udp sink: %v: %s", err, out.Bytes())
+	}
+	var got, want int
+	if _, err := fmt.Sscanf(strings.TrimSpace(out.String()[strings.LastIndex(out.String(), "received"):]), "received %d of %d", &got, &want); err != nil {
+		return 0, fmt.Errorf("udp sink said %q", out.String())
+	}
+	return got, duringErr
 }

@@ -77,8 +77,10 @@ const (
 )
 
 // MaxRXSAs bounds the receive SAs of one peer: the live one, the one being
-// introduced, and two more for a rekey racing a rekey. A fifth is refused
-// until the peer has been seen on a newer one or the grace has passed.
+// introduced, and two more for a rekey racing a rekey. Installing a fifth
+// retires the oldest: when rekeys come faster than the peer's traffic
+// shows which SA it uses (one-way traffic, rotations seconds apart), the
+// oldest generation is the one the peer left longest ago.
 const MaxRXSAs = 4
 
 // Defaults for Config fields left zero.

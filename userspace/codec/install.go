@@ -4,6 +4,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/pspd/pspd/keyexchange/kdf"
@@ -53,12 +54,14 @@ func (c *Codec) InstallRX(sa SA) error {
 	if old.tx != nil && old.tx.key.Equal(sa.Key) {
 		return fmt.Errorf("codec: install RX spi=%v: key equals the TX key (spi=%v); directions need distinct keys", sa.SPI, old.tx.spi)
 	}
-	if len(old.rx) >= MaxRXSAs {
-		return fmt.Errorf("codec: install RX spi=%v: %d RX SAs live; wait for the peer to use the newest or for the grace to pass", sa.SPI, MaxRXSAs)
-	}
 	aead, err := newAEAD(sa)
 	if err != nil {
 		return fmt.Errorf("codec: install RX spi=%v: %w", sa.SPI, err)
+	}
+	if len(old.rx) >= MaxRXSAs {
+		evict := old.rx[:len(old.rx)-MaxRXSAs+1]
+		c.removeRXLocked(func(r *rxSA) bool { return slices.Contains(evict, r) }, "retired: too many generations live")
+		old = c.tab.Load()
 	}
 	now := c.clock()
 	r := &rxSA{spi: sa.SPI, suite: sa.Suite, aead: aead, key: sa.Key.Clone(), hardAt: now + c.hardLife}

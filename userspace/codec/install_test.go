@@ -2,6 +2,7 @@ package codec
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -66,8 +67,16 @@ func TestInstallRefusals(t *testing.T) {
 	for i := range MaxRXSAs - 1 {
 		must(t, c.InstallRX(SA{SPI: kdf.SPI(0x40000010 + i), Suite: s, Key: testKey(s, byte(10+i))}))
 	}
-	if err := c.InstallRX(SA{SPI: 0x40000020, Suite: s, Key: testKey(s, 30)}); err == nil {
-		t.Fatal("more than MaxRXSAs accepted")
+	// A fifth RX SA retires the oldest one instead of piling up.
+	must(t, c.InstallRX(SA{SPI: 0x40000020, Suite: s, Key: testKey(s, 30)}))
+	var rx []kdf.SPI
+	for _, sa := range c.Stats().SAs {
+		if sa.Dir == RX {
+			rx = append(rx, sa.SPI)
+		}
+	}
+	if len(rx) != MaxRXSAs || slices.Contains(rx, 0x40000001) || !slices.Contains(rx, 0x40000020) {
+		t.Fatalf("RX SAs after a fifth install: %v", rx)
 	}
 	c.Close()
 	if err := c.InstallTX(SA{SPI: 9, Suite: s, Key: testKey(s, 31)}); !errors.Is(err, ErrClosed) {

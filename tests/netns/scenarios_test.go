@@ -1,0 +1,97 @@
+package netns
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestRekeyUnderLoad rotates the association repeatedly from both sides
+// while numbered UDP datagrams flow at a fixed rate: make-before-break
+// must lose none of them.
+func TestRekeyUnderLoad(t *testing.T) {
+	l := newLab(t, "pnr-")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	p, err := l.TwoHosts(ctx, "userspace")
+	if err != nil {
+		t.Fatal(err)
+	}
+	as, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n, pps = 4000, 1000
+	rotations := 0
+	got, err := UDPStream(ctx, p.A.Host, p.B.Host, p.Inner[1], n, pps, func() error {
+		time.Sleep(300 * time.Millisecond)
+		for i := range 6 {
+			d := []*Daemon{p.A, p.B}[i%2]
+			out, err := d.Ctl(ctx, "assoc", "rotate", "--all")
+			if err != nil || !strings.Contains(out, " ok") {
+				return err
+			}
+			rotations++
+			time.Sleep(400 * time.Millisecond)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := p.WaitAssoc(ctx, as[0].Generation+uint32(rotations))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d of %d datagrams at %d/s across %d rotations (generation %d → %d)", got, n, pps, rotations, as[0].Generation, after[0].Generation)
+	if got != n {
+		t.Fatalf("lost %d datagrams across %d rotations", n-got, rotations)
+	}
+}
+
+// TestPartitionHeals cuts the underlay for longer than the key exchange's
+// idle timeout, then restores it: the daemons reconnect by themselves and
+// end up with exactly one association each, and traffic flows again.
+func TestPartitionHeals(t *testing.T) {
+	l := newLab(t, "pnp-")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	p, err := l.TwoHosts(ctx, "userspace")
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bootB := peerBoot(t, ctx, p.A)
+	if err := p.A.Host.IP(ctx, "link", "set", p.Underlay[0], "down"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(35 * time.Second) // the idle timeout is 30 s
+	if b := peerBoot(t, ctx, p.A); b != "" {
+		t.Fatalf("after 35 s of partition a still reports a session (peer boot %s)", b)
+	}
+	healed := time.Now()
+	if err := p.A.Host.IP(ctx, "link", "set", p.Underlay[0], "up"); err != nil {
+		t.Fatal(err)
+	}
+	for peerBoot(t, ctx, p.A) == "" {
+		if time.Since(healed) > 40*time.Second {
+			t.Fatalf("no session 40 s after the partition healed\n%s", p.A.Tail(20))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := peerBoot(t, ctx, p.A); got != bootB {
+		t.Fatalf("peer boot id changed from %s to %s without a restart", bootB, got)
+	}
+	after, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("reconnected %v after healing; association %d/%#x → %d/%#x", time.Since(healed), before[0].Generation, before[0].RxSPI, after[0].Generation, after[0].RxSPI)
+	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 64<<10, "partition-canary-"); err != nil {
+		t.Fatal(err)
+	}
+}
