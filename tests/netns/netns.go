@@ -24,6 +24,8 @@ type Lab struct {
 	Dir    string // scratch directory for identities, configs, logs
 	Pspd   string // path of the pspd binary
 	Pspctl string // path of the pspctl binary
+	// Metrics makes TwoHosts' daemons serve /metrics on MetricsAddr.
+	Metrics bool
 
 	mu      sync.Mutex
 	hosts   []*Host

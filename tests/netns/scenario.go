@@ -14,6 +14,10 @@ import (
 	"github.com/pspd/pspd/localapi"
 )
 
+// MetricsAddr is where daemons of a Lab with Metrics set serve /metrics,
+// inside their own namespace.
+const MetricsAddr = "127.0.0.1:9472"
+
 // Pair is two hosts, each running pspd, joined by one veth underlay.
 type Pair struct {
 	A, B     *Daemon
@@ -43,9 +47,13 @@ func (l *Lab) TwoHosts(ctx context.Context, backend string) (*Pair, error) {
 	if p.B, err = l.NewDaemon(ctx, hb); err != nil {
 		return nil, err
 	}
+	metrics := "off"
+	if l.Metrics {
+		metrics = MetricsAddr
+	}
 	conf := func(self, peer *Daemon, i int) error {
 		return self.WriteConfig(fmt.Sprintf(`listen: 192.0.2.%d
-metrics: off
+metrics: %s
 backend: %s
 rekey_interval: 10m
 require_encryption: true
@@ -56,7 +64,7 @@ peers:
     endpoint: 192.0.2.%d
     public_key: %s
     prefixes: [%s/32]
-`, i+1, backend, p.Inner[i], peer.Host.Name, 2-i, peer.PubKey, p.Inner[1-i]))
+`, i+1, metrics, backend, p.Inner[i], peer.Host.Name, 2-i, peer.PubKey, p.Inner[1-i]))
 	}
 	if err := conf(p.A, p.B, 0); err != nil {
 		return nil, err

@@ -35,6 +35,12 @@ func MaybeHelper() {
 	case "tcp-send":
 		n, _ := strconv.Atoi(args[1])
 		err = tcpSend(args[0], n, args[2])
+	case "spray":
+		n, _ := strconv.Atoi(args[3])
+		spi, _ := strconv.ParseUint(args[4], 10, 32)
+		err = spray(args[0], args[1], args[2], n, uint32(spi))
+	case "http-get":
+		err = httpGet(args[0])
 	case "udp-sink":
 		n, _ := strconv.Atoi(args[1])
 		err = udpSink(args[0], n)
