@@ -6,7 +6,7 @@ FUZZTIME  ?= 10s
 PSPD_VM   ?= auto
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build test unit fuzz lint bench vmtest demo deps deps-demo
+.PHONY: all build test unit fips fuzz lint bench vmtest demo deps deps-demo
 
 all: build
 
@@ -16,7 +16,7 @@ build:
 # Everything CI runs: lint, unit and netns tests, short fuzzing, the real-kernel VM tests.
 # It first installs what is missing (apt packages, staticcheck, Go modules).
 test: deps
-	$(MAKE) lint unit fuzz vmtest
+	$(MAKE) lint unit fips fuzz vmtest
 
 deps:
 	tests/deps.sh test
@@ -27,6 +27,12 @@ deps-demo:
 # PSPD_VM is cleared so CI's PSPD_VM=required does not boot the VM here as well as in vmtest.
 unit:
 	PSPD_VM= $(GO) test -count=1 $(PKGS)
+
+# The key path end to end in Go's FIPS 140-3 mode: handshake, key schedule,
+# codec, two daemons over loopback and the demo with real daemons.
+fips:
+	GODEBUG=fips140=on $(GO) test -count=1 -run 'Test(TwoDaemons|BringUpNegotiateRekey|ActivateOnlyAfterPeerInstalled|PSPVectors|Vectors|RekeyUnderTraffic|PSPTunnelAEADInputs|Demo|RequireFIPS)$$' \
+		./keyexchange/... ./userspace/codec ./internal/daemon ./tests/netns ./cmd/pspd
 
 # Each fuzz target runs briefly; the seed corpus already runs in `unit`.
 # Go 1.26's fuzz coordinator can fail a target with a bare "context deadline

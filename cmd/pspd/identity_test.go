@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"crypto/fips140"
 	"os"
 	"path/filepath"
 	"strings"
@@ -98,5 +99,23 @@ func TestMissingIdentityFlag(t *testing.T) {
 		if _, err := run(t, sub); err == nil || !strings.Contains(err.Error(), "--identity") {
 			t.Errorf("%s without --identity: %v", sub, err)
 		}
+	}
+}
+
+// TestRequireFIPS: --require-fips refuses to start outside FIPS mode and
+// names the fix; in FIPS mode it gets past that check.
+func TestRequireFIPS(t *testing.T) {
+	var out, errb bytes.Buffer
+	root := newRootCmd(&out, &errb)
+	root.SetArgs([]string{"run", "--require-fips", "--config", filepath.Join(t.TempDir(), "none.yaml")})
+	err := root.Execute()
+	if fips140.Enabled() {
+		if err == nil || strings.Contains(err.Error(), "require-fips") {
+			t.Fatalf("in FIPS mode: %v", err)
+		}
+		return
+	}
+	if err == nil || !strings.Contains(err.Error(), "GODEBUG=fips140=on") {
+		t.Fatalf("got %v", err)
 	}
 }

@@ -3,7 +3,9 @@ package netns
 import (
 	"bytes"
 	"context"
+	"crypto/fips140"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,6 +74,16 @@ func TestDemo(t *testing.T) {
 	}
 	if bytes.Contains(pcap, []byte(canary)) {
 		t.Fatal("plaintext canary on the underlay")
+	}
+
+	// Under GODEBUG=fips140=on (make fips) the daemons run in FIPS 140-3
+	// mode too, and say so.
+	st, err := p.A.Ctl(ctx, "status", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf(`"fips": %v`, fips140.Enabled()); !strings.Contains(st, want) {
+		t.Fatalf("status does not say %s: %s", want, st)
 	}
 
 	out, err := p.A.Ctl(ctx, "assoc", "list")
