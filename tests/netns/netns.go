@@ -238,3 +238,32 @@ func (d *Daemon) Tail(n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// Switch creates a namespace holding a bridge; Attach plugs hosts into it,
+// so many hosts share one underlay segment.
+func (l *Lab) Switch(ctx context.Context, name string) (*Host, error) {
+	sw, err := l.Host(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if err := sw.IP(ctx, "link", "add", "br0", "type", "bridge"); err != nil {
+		return nil, err
+	}
+	return sw, sw.IP(ctx, "link", "set", "br0", "up")
+}
+
+// Attach links h to the switch sw with address addr on h's side.
+func (l *Lab) Attach(ctx context.Context, sw, h *Host, addr netip.Prefix) error {
+	ports := l.Prefix + "p" + h.Name
+	eh := l.Prefix + "u" + h.Name
+	if err := run(ctx, "ip", "link", "add", eh, "netns", h.NS, "type", "veth", "peer", "name", ports, "netns", sw.NS); err != nil {
+		return err
+	}
+	if err := sw.IP(ctx, "link", "set", ports, "master", "br0", "up"); err != nil {
+		return err
+	}
+	if err := h.IP(ctx, "addr", "add", addr.String(), "dev", eh); err != nil {
+		return err
+	}
+	return h.IP(ctx, "link", "set", eh, "up")
+}

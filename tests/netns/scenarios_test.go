@@ -2,9 +2,13 @@ package netns
 
 import (
 	"context"
+	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pspd/pspd/localapi"
 )
 
 // TestRekeyUnderLoad rotates the association repeatedly from both sides
@@ -147,6 +151,90 @@ func TestHostileInput(t *testing.T) {
 		t.Logf("pspd_drops_total{reason=%q} = %v", reason, v)
 		if !ok || v == 0 {
 			t.Errorf("no drops counted for reason %s", reason)
+		}
+	}
+}
+
+// TestManyPeers runs one hub with 64 peers on one switched segment: every
+// association comes up, pspctl assoc list stays fast, and traffic reaches
+// peers through the hub's single engine.
+func TestManyPeers(t *testing.T) {
+	const n = 64
+	l := newLab(t, "pnm-")
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	sw, err := l.Switch(ctx, "sw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hubHost, err := l.Host(ctx, "hub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Attach(ctx, sw, hubHost, netip.MustParsePrefix("192.0.2.1/24")); err != nil {
+		t.Fatal(err)
+	}
+	hub, err := l.NewDaemon(ctx, hubHost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spokes := make([]*Daemon, n)
+	hubPeers := ""
+	for i := range n {
+		h, err := l.Host(ctx, fmt.Sprintf("s%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Attach(ctx, sw, h, netip.MustParsePrefix(fmt.Sprintf("192.0.2.%d/24", 10+i))); err != nil {
+			t.Fatal(err)
+		}
+		if spokes[i], err = l.NewDaemon(ctx, h); err != nil {
+			t.Fatal(err)
+		}
+		hubPeers += fmt.Sprintf("  - {name: s%d, endpoint: 192.0.2.%d, public_key: %s, prefixes: [10.200.0.%d/32]}\n", i, 10+i, spokes[i].PubKey, 10+i)
+	}
+	if err := hub.WriteConfig("listen: 192.0.2.1\nmetrics: off\nbackend: userspace\nuserspace: {address: 10.200.0.1/24}\npeers:\n" + hubPeers); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := hub.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i, s := range spokes {
+		cfg := fmt.Sprintf("listen: 192.0.2.%d\nmetrics: off\nbackend: userspace\nuserspace: {address: 10.200.0.%d/24}\npeers:\n  - {name: hub, endpoint: 192.0.2.1, public_key: %s, prefixes: [10.200.0.1/32]}\n", 10+i, 10+i, hub.PubKey)
+		if err := s.WriteConfig(cfg); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var as []localapi.Assoc
+	for {
+		if as, err = hub.Assocs(ctx); err == nil && len(as) == n {
+			break
+		}
+		if time.Since(start) > 2*time.Minute {
+			t.Fatalf("%d of %d associations after 2 minutes (%v)\n%s", len(as), n, err, hub.Tail(20))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("%d associations up %v after the hub started", n, time.Since(start))
+	listStart := time.Now()
+	const lists = 20
+	for range lists {
+		if _, err := hub.Ctl(ctx, "assoc", "list"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	per := time.Since(listStart) / lists
+	t.Logf("pspctl assoc list with %d associations: %v per call (process start included)", n, per)
+	if per > 2*time.Second {
+		t.Errorf("pspctl assoc list takes %v with %d associations", per, n)
+	}
+	for _, i := range []int{0, n / 2, n - 1} {
+		if _, err := EchoTCP(ctx, spokes[i].Host, hubHost, "10.200.0.1", 32<<10, "many-peers-canary-"); err != nil {
+			t.Fatalf("spoke %d to hub: %v", i, err)
 		}
 	}
 }
