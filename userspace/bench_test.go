@@ -16,9 +16,13 @@ import (
 // connection between the veth addresses the tunnel runs on. It reports
 // both rates, their ratio and the allocations per tunnelled packet.
 func BenchmarkTunnelTCP(b *testing.B) {
-	for _, fr := range []codec.Framing{codec.Geneve, codec.PSPTunnel} {
-		b.Run(fr.String(), func(b *testing.B) {
-			tn := newTunnel(b, fr)
+	for _, bench := range []struct {
+		underlay string
+		fr       codec.Framing
+	}{{"udp", codec.Geneve}, {"udp", codec.PSPTunnel}, {"afxdp", codec.Geneve}, {"afxdp", codec.PSPTunnel}} {
+		fr := bench.fr
+		b.Run(bench.underlay+"/"+fr.String(), func(b *testing.B) {
+			tn := newTunnelIO(b, fr, bench.underlay)
 			tn.rekey(b)
 			tunnelled := tcpPair(b, &tn.a, &tn.b, netip.AddrPortFrom(innerB, 5201))
 			plain := tcpPair(b, &tn.a, &tn.b, netip.AddrPortFrom(outerB, 5202))

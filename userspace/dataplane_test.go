@@ -22,6 +22,7 @@ import (
 	"github.com/pspd/pspd/userspace/netutil"
 	"github.com/pspd/pspd/userspace/tun"
 	"github.com/pspd/pspd/userspace/udp"
+	"github.com/pspd/pspd/userspace/xdp"
 	"golang.org/x/sys/unix"
 )
 
@@ -51,7 +52,11 @@ type tunnel struct {
 	spis    []kdf.SPI
 }
 
-func newTunnel(t testing.TB, f codec.Framing) *tunnel {
+func newTunnel(t testing.TB, f codec.Framing) *tunnel { return newTunnelIO(t, f, "udp") }
+
+// newTunnelIO is newTunnel with the underlay io: "udp" (batched sockets)
+// or "afxdp" (AF_XDP with the XDP program).
+func newTunnelIO(t testing.TB, f codec.Framing, underlay string) *tunnel {
 	t.Helper()
 	nstest.RequireRoot(t)
 	tn := &tunnel{framing: f, suite: kdf.AESGCM256, master: make([]byte, kdf.MasterKeyLen)}
@@ -60,12 +65,12 @@ func newTunnel(t testing.TB, f codec.Framing) *tunnel {
 	tn.a.ns, tn.b.ns = nstest.New(t), nstest.New(t)
 	tn.a.veth, tn.b.veth = nstest.Veth(t, tn.a.ns, tn.b.ns,
 		netip.PrefixFrom(outerA, 24), netip.PrefixFrom(outerB, 24))
-	tn.a.start(t, f, innerA, innerB, outerB)
-	tn.b.start(t, f, innerB, innerA, outerA)
+	tn.a.start(t, f, underlay, innerA, innerB, outerB)
+	tn.b.start(t, f, underlay, innerB, innerA, outerA)
 	return tn
 }
 
-func (s *side) start(t testing.TB, f codec.Framing, self, peer, peerOuter netip.Addr) {
+func (s *side) start(t testing.TB, f codec.Framing, underlay string, self, peer, peerOuter netip.Addr) {
 	t.Helper()
 	c, err := codec.New(codec.Config{Framing: f})
 	if err != nil {
@@ -79,15 +84,30 @@ func (s *side) start(t testing.TB, f codec.Framing, self, peer, peerOuter netip.
 	}
 	name := nstest.Name("t")
 	var dev *tun.Device
-	var conn *udp.Conn
+	var conn userspace.Underlay
+	var xdpErr error
 	if err := s.ns.Do(func() (err error) {
 		if dev, err = tun.Open(name, mtu); err != nil {
 			return err
+		}
+		if underlay == "afxdp" {
+			l, err := s.ns.Netlink.LinkByName(s.veth)
+			if err != nil {
+				return err
+			}
+			conn, xdpErr = userspace.NewXDPUnderlay(userspace.XDPConfig{
+				Ifindex: l.Attrs().Index, Mode: xdp.Auto, Port: f.Port(), Ports: []uint16{f.Port()}, Netlink: s.ns.Netlink,
+			})
+			return nil
 		}
 		conn, err = udp.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), f.Port()), 64)
 		return err
 	}); err != nil {
 		t.Fatal(err)
+	}
+	if xdpErr != nil {
+		dev.Close()
+		t.Skipf("AF_XDP underlay unavailable here (needs CONFIG_XDP_SOCKETS and BPF): %v", xdpErr)
 	}
 	s.dp, err = userspace.Start(context.Background(), userspace.Config{
 		TUN: dev, Underlay: conn, MTU: mtu, Framing: f,
@@ -167,9 +187,18 @@ func framings(t *testing.T, f func(t *testing.T, fr codec.Framing)) {
 	}
 }
 
+// underlays runs f for each framing on each underlay.
+func underlays(t *testing.T, f func(t *testing.T, fr codec.Framing, underlay string)) {
+	for _, u := range []string{"udp", "afxdp"} {
+		t.Run(u, func(t *testing.T) {
+			framings(t, func(t *testing.T, fr codec.Framing) { f(t, fr, u) })
+		})
+	}
+}
+
 func TestPing(t *testing.T) {
-	framings(t, func(t *testing.T, fr codec.Framing) {
-		tn := newTunnel(t, fr)
+	underlays(t, func(t *testing.T, fr codec.Framing, underlay string) {
+		tn := newTunnelIO(t, fr, underlay)
 		tn.rekey(t)
 		var c net.PacketConn
 		if err := tn.a.ns.Do(func() (err error) { c, err = net.ListenPacket("ip4:icmp", innerA.String()); return err }); err != nil {
@@ -220,8 +249,8 @@ func icmpEcho(id, seq uint16, data []byte) []byte {
 }
 
 func TestTCPTransfer(t *testing.T) {
-	framings(t, func(t *testing.T, fr codec.Framing) {
-		tn := newTunnel(t, fr)
+	underlays(t, func(t *testing.T, fr codec.Framing, underlay string) {
+		tn := newTunnelIO(t, fr, underlay)
 		tn.rekey(t)
 		const size = 8 << 20
 		data := make([]byte, size)

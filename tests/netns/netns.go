@@ -26,6 +26,8 @@ type Lab struct {
 	Pspctl string // path of the pspctl binary
 	// Metrics makes TwoHosts' daemons serve /metrics on MetricsAddr.
 	Metrics bool
+	// IO is TwoHosts' userspace.io setting ("" leaves the default, auto).
+	IO string
 
 	mu      sync.Mutex
 	hosts   []*Host

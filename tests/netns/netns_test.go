@@ -43,7 +43,14 @@ func newLab(t *testing.T, prefix string) *Lab {
 // backend, a TCP exchange through the tunnel, and a capture of the
 // underlay that never shows the plaintext.
 func TestDemo(t *testing.T) {
+	for _, io := range []string{"auto", "udp"} {
+		t.Run(io, func(t *testing.T) { testDemo(t, io) })
+	}
+}
+
+func testDemo(t *testing.T, io string) {
 	l := newLab(t, "pnd-")
+	l.IO = io
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	start := time.Now()
@@ -56,9 +63,14 @@ func TestDemo(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("association up %v after start: %+v", time.Since(start), as[0])
+	for _, line := range strings.Split(p.A.Tail(50), "\n") {
+		if strings.Contains(line, "userspace data plane up") {
+			t.Log(line)
+		}
+	}
 
 	const canary = "pspd-test-canary-"
-	stop, err := Capture(ctx, p.A.Host, p.Underlay[0])
+	stop, err := Capture(ctx, p.Switch, p.Tap)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +137,7 @@ func TestCrashFailsClosed(t *testing.T) {
 		t.Fatalf("with pspd dead, the route to the peer is %q (%v); want it prohibited", out, err)
 	}
 	const canary = "pspd-crash-canary-"
-	stop, err := Capture(ctx, p.A.Host, p.Underlay[0])
+	stop, err := Capture(ctx, p.Switch, p.Tap)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,15 +18,20 @@ import (
 // inside their own namespace.
 const MetricsAddr = "127.0.0.1:9472"
 
-// Pair is two hosts, each running pspd, joined by one veth underlay.
+// Pair is two hosts, each running pspd, on one switched underlay.
 type Pair struct {
 	A, B     *Daemon
 	Inner    [2]string // inner addresses of A and B
 	Underlay [2]string // underlay interface names in A and B
+	// Switch joins the two; Tap is its port toward A. Captures are taken
+	// there, on the wire: an AF_XDP data plane bypasses the packet taps
+	// of the hosts' own interfaces.
+	Switch *Host
+	Tap    string
 }
 
 // TwoHosts sets up the demo topology: underlay 192.0.2.1/24 ↔ 192.0.2.2/24
-// over veth, pspd in each namespace with the given backend, inner
+// through a switch (a bridge in its own namespace), pspd in each namespace with the given backend, inner
 // addresses 10.200.0.1 and 10.200.0.2 protected between them.
 func (l *Lab) TwoHosts(ctx context.Context, backend string) (*Pair, error) {
 	ha, err := l.Host(ctx, "a")
@@ -37,15 +42,27 @@ func (l *Lab) TwoHosts(ctx context.Context, backend string) (*Pair, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := l.Link(ctx, ha, hb, netip.MustParsePrefix("192.0.2.1/24"), netip.MustParsePrefix("192.0.2.2/24")); err != nil {
+	sw, err := l.Switch(ctx, "sw")
+	if err != nil {
 		return nil, err
 	}
-	p := &Pair{Inner: [2]string{"10.200.0.1", "10.200.0.2"}, Underlay: [2]string{l.Prefix + "ab", l.Prefix + "ba"}}
+	if err := l.Attach(ctx, sw, ha, netip.MustParsePrefix("192.0.2.1/24")); err != nil {
+		return nil, err
+	}
+	if err := l.Attach(ctx, sw, hb, netip.MustParsePrefix("192.0.2.2/24")); err != nil {
+		return nil, err
+	}
+	p := &Pair{Inner: [2]string{"10.200.0.1", "10.200.0.2"}, Underlay: [2]string{l.Prefix + "ua", l.Prefix + "ub"},
+		Switch: sw, Tap: l.Prefix + "pa"}
 	if p.A, err = l.NewDaemon(ctx, ha); err != nil {
 		return nil, err
 	}
 	if p.B, err = l.NewDaemon(ctx, hb); err != nil {
 		return nil, err
+	}
+	io := "auto"
+	if l.IO != "" {
+		io = l.IO
 	}
 	metrics := "off"
 	if l.Metrics {
@@ -59,12 +76,13 @@ rekey_interval: 10m
 require_encryption: true
 userspace:
   address: %s/24
+  io: %s
 peers:
   - name: %s
     endpoint: 192.0.2.%d
     public_key: %s
     prefixes: [%s/32]
-`, i+1, metrics, backend, p.Inner[i], peer.Host.Name, 2-i, peer.PubKey, p.Inner[1-i]))
+`, i+1, metrics, backend, p.Inner[i], io, peer.Host.Name, 2-i, peer.PubKey, p.Inner[1-i]))
 	}
 	if err := conf(p.A, p.B, 0); err != nil {
 		return nil, err

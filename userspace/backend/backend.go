@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -32,6 +33,7 @@ import (
 	"github.com/pspd/pspd/userspace/netutil"
 	"github.com/pspd/pspd/userspace/tun"
 	"github.com/pspd/pspd/userspace/udp"
+	"github.com/pspd/pspd/userspace/xdp"
 )
 
 // prohibitMetric places the fail-closed routes behind the TUN routes.
@@ -114,9 +116,9 @@ func New(ctx context.Context, cfg *policy.Config, log *slog.Logger) (b *Backend,
 			return nil, fmt.Errorf("userspace: address %v on %s: %w", us.Address, us.Interface, err)
 		}
 	}
-	conn, err := udp.Listen(netip.AddrPortFrom(cfg.Listen.Addr(), us.Port), userspace.DefaultBatch)
+	conn, io, err := openUnderlay(cfg, log)
 	if err != nil {
-		return nil, fmt.Errorf("userspace: underlay socket on port %d: %w", us.Port, err)
+		return nil, err
 	}
 	dev := b.dev
 	b.engine, err = userspace.Start(ctx, userspace.Config{TUN: dev, Underlay: conn, MTU: mtu, Framing: fr, Logger: log.With("part", "userspace")})
@@ -125,8 +127,61 @@ func New(ctx context.Context, cfg *policy.Config, log *slog.Logger) (b *Backend,
 		return nil, fmt.Errorf("userspace: %w", err)
 	}
 	b.dev = nil // the engine owns it now
-	log.Info("userspace data plane up", "interface", us.Interface, "mtu", mtu, "framing", fr, "port", us.Port)
+	log.Info("userspace data plane up", "interface", us.Interface, "mtu", mtu, "framing", fr, "port", us.Port, "io", io)
 	return b, nil
+}
+
+// openUnderlay opens the outer side as configured: AF_XDP on the
+// interface that holds the listen address, or batched UDP sockets. With
+// io auto, AF_XDP is used when it can be and UDP otherwise, and the log
+// says why.
+func openUnderlay(cfg *policy.Config, log *slog.Logger) (userspace.Underlay, policy.IO, error) {
+	us := cfg.Userspace
+	if us.IO != policy.IOUDP {
+		u, err := openXDP(cfg.Listen.Addr(), us.Port)
+		if err == nil {
+			return u, policy.IOAFXDP, nil
+		}
+		if us.IO == policy.IOAFXDP {
+			return nil, "", fmt.Errorf("userspace: io af_xdp: %w (set userspace.io to udp or auto)", err)
+		}
+		log.Info("userspace: AF_XDP not used; batched UDP sockets instead", "reason", err)
+	}
+	conn, err := udp.Listen(netip.AddrPortFrom(cfg.Listen.Addr(), us.Port), userspace.DefaultBatch)
+	if err != nil {
+		return nil, "", fmt.Errorf("userspace: underlay socket on port %d: %w", us.Port, err)
+	}
+	return conn, policy.IOUDP, nil
+}
+
+func openXDP(listen netip.Addr, port uint16) (userspace.Underlay, error) {
+	if listen.IsUnspecified() {
+		return nil, errors.New("AF_XDP needs a specific listen address: the interface holding it gets the XDP program")
+	}
+	link, err := linkWithAddr(listen)
+	if err != nil {
+		return nil, err
+	}
+	// The socket binds one receive queue; packets the NIC steers to other
+	// queues would reach no one.
+	queues, _ := filepath.Glob(filepath.Join("/sys/class/net", link.Attrs().Name, "queues", "rx-*"))
+	if len(queues) != 1 {
+		return nil, fmt.Errorf("%s has %d receive queues; the AF_XDP underlay binds one (reduce them with ethtool -L, or use udp)", link.Attrs().Name, len(queues))
+	}
+	return userspace.NewXDPUnderlay(userspace.XDPConfig{Ifindex: link.Attrs().Index, Mode: xdp.Auto, Port: port, Ports: []uint16{port}})
+}
+
+func linkWithAddr(a netip.Addr) (netlink.Link, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, err
+	}
+	for _, ad := range addrs {
+		if x, ok := netip.AddrFromSlice(ad.IP); ok && x.Unmap() == a.Unmap() {
+			return netlink.LinkByIndex(ad.LinkIndex)
+		}
+	}
+	return nil, fmt.Errorf("no interface holds the listen address %v", a)
 }
 
 // Kind implements offload.Backend.

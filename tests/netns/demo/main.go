@@ -47,7 +47,7 @@ func demo(ctx context.Context, backend string, keep bool) error {
 	}
 	defer lab.Close()
 
-	step("two hosts (network namespaces pspdemo-a, pspdemo-b) over veth 192.0.2.1 <-> 192.0.2.2; starting pspd in each (%s backend)", backend)
+	step("two hosts (network namespaces pspdemo-a, pspdemo-b) on a switched underlay 192.0.2.1 <-> 192.0.2.2; starting pspd in each (%s backend)", backend)
 	start := time.Now()
 	p, err := lab.TwoHosts(ctx, backend)
 	if err != nil {
@@ -60,7 +60,7 @@ func demo(ctx context.Context, backend string, keep bool) error {
 	step("association up in %v: a receives on %#08x, b receives on %#08x", time.Since(start).Round(time.Millisecond), as[0].RxSPI, as[1].RxSPI)
 
 	const canary = "pspd-demo-canary-"
-	stopCap, err := netns.Capture(ctx, p.A.Host, p.Underlay[0])
+	stopCap, err := netns.Capture(ctx, p.Switch, p.Tap)
 	if err != nil {
 		return err
 	}
