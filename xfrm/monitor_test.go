@@ -93,7 +93,7 @@ func TestMonitorExpire(t *testing.T) {
 // policy while no SA exists: the kernel asks for one with ACQUIRE.
 func TestMonitorAcquire(t *testing.T) {
 	nsFD := newNS(t)
-	link, err := vnl.NewHandleAt(netns.NsHandle(nsFD))
+	link, err := vnl.NewHandleAt(netns.NsHandle(nsFD), unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}

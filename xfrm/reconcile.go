@@ -174,7 +174,7 @@ func (p *Policy) key() polKey {
 // matches reports whether the kernel's SA st (with key||salt key) is s.
 func (s *SA) matches(st State, key []byte) bool {
 	if st.Src != s.Src.Unmap() || st.ReqID != s.ReqID || st.Mode != s.Mode || st.AEAD != aeadName ||
-		st.ICVBits != ICVBits || !st.ESN || st.ReplayWindow < ReplayWindow || len(key) != s.Key.Len()+SaltLen {
+		st.ICVBits != ICVBits || st.ReplayWindow < ReplayWindow || len(key) != s.Key.Len()+SaltLen {
 		return false
 	}
 	salt, err := Salt(s.Key, s.SPI)

@@ -71,6 +71,10 @@ const SaltLen = 4
 
 const aeadName = "rfc4106(gcm(aes))"
 
+// maxPackets32 bounds an SA without ESN well before its 32-bit sequence
+// number wraps, leaving the window's worth of room.
+const maxPackets32 = 1<<32 - 1<<16
+
 // Lifetime bounds an SA. Zero fields mean no limit. The soft limits raise
 // a soft EXPIRE event (time to rekey), the hard limits remove the SA.
 type Lifetime struct {
@@ -257,6 +261,11 @@ func (h *Handle) ReserveSPI(ctx context.Context, src, dst netip.Addr, reqid uint
 // larval state; an SPI that already carries a key is refused, because the
 // kernel's UPDSA silently keeps the old key: a new key needs a new SPI.
 // It reports whether the NIC does the crypto.
+//
+// Software SAs always use ESN with a ReplayWindow-packet window. Some
+// offload devices (netdevsim among them) refuse ESN; for those the SA
+// keeps the same window with 32-bit sequence numbers, and its hard packet
+// limit is capped below 2^32 so the sequence number never wraps.
 func (h *Handle) AddSA(ctx context.Context, s *SA) (offloaded bool, err error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
@@ -264,18 +273,6 @@ func (h *Handle) AddSA(ctx context.Context, s *SA) (offloaded bool, err error) {
 	if err := h.validateSA(s); err != nil {
 		return false, fmt.Errorf("xfrm: add SA spi=%#x: %w", s.SPI, err)
 	}
-	msgType := uint16(nl.XFRM_MSG_NEWSA)
-	cur, err := h.getSA(ID{Dst: s.Dst, SPI: s.SPI}, nil)
-	switch {
-	case errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENOENT):
-	case err != nil:
-		return false, fmt.Errorf("xfrm: add SA spi=%#x: look up existing state: %w", s.SPI, err)
-	case !cur.Larval:
-		return false, fmt.Errorf("xfrm: add SA spi=%#x dst=%s: the SPI is in use (a new key needs a new SPI)", s.SPI, s.Dst)
-	default:
-		msgType = nl.XFRM_MSG_UPDSA
-	}
-
 	mode := s.Offload
 	if mode == 0 {
 		mode = h.offload
@@ -285,19 +282,40 @@ func (h *Handle) AddSA(ctx context.Context, s *SA) (offloaded bool, err error) {
 		return false, fmt.Errorf("xfrm: add SA spi=%#x: %w", s.SPI, err)
 	}
 	if dev != nil {
-		err = h.sa.do(msgType, 0, h.newSAMsg(s, dev), nil)
+		err = h.addSA(s, dev, true)
+		if err != nil && !errors.Is(err, errSPIInUse) {
+			err = h.addSA(s, dev, false)
+		}
 		if err == nil {
 			return true, nil
 		}
-		if mode == OffloadCrypto {
-			return false, fmt.Errorf("xfrm: add SA spi=%#x: crypto offload on %s refused (offload=crypto does not fall back): %w", s.SPI, s.OffloadDev, err)
+		if mode == OffloadCrypto || errors.Is(err, errSPIInUse) {
+			return false, fmt.Errorf("xfrm: add SA spi=%#x: crypto offload on %s (offload=%s does not fall back): %w", s.SPI, s.OffloadDev, mode, err)
 		}
 		h.log.Info("xfrm: device refused ESP crypto offload, installing in software", "spi", s.SPI, "dev", s.OffloadDev, "err", err)
 	}
-	if err := h.sa.do(msgType, 0, h.newSAMsg(s, nil), nil); err != nil {
-		return false, fmt.Errorf("xfrm: add SA spi=%#x: %w", s.SPI, err)
+	if err := h.addSA(s, nil, true); err != nil {
+		return false, fmt.Errorf("xfrm: add SA spi=%#x dst=%s: %w", s.SPI, s.Dst, err)
 	}
 	return false, nil
+}
+
+var errSPIInUse = errors.New("the SPI is in use (a new key needs a new SPI)")
+
+// addSA sends NEWSA, and UPDSA when the SPI holds a larval reservation.
+func (h *Handle) addSA(s *SA, dev *offloadReq, esn bool) error {
+	err := h.sa.do(nl.XFRM_MSG_NEWSA, 0, h.newSAMsg(s, dev, esn), nil)
+	if !errors.Is(err, unix.EEXIST) {
+		return err
+	}
+	cur, gerr := h.getSA(s.ID(), nil)
+	if gerr != nil {
+		return fmt.Errorf("%w (and looking it up: %v)", err, gerr)
+	}
+	if !cur.Larval || !h.owns(cur) {
+		return errSPIInUse
+	}
+	return h.sa.do(nl.XFRM_MSG_UPDSA, 0, h.newSAMsg(s, dev, esn), nil)
 }
 
 // offloadReq is a resolved XFRMA_OFFLOAD_DEV request.
@@ -308,7 +326,7 @@ type offloadReq struct {
 // newSAMsg builds the NEWSA/UPDSA payload. The buffer is allocated once at
 // its final size so no copy of the key is left behind by append growing
 // it; sock.do wipes it after sending.
-func (h *Handle) newSAMsg(s *SA, off *offloadReq) []byte {
+func (h *Handle) newSAMsg(s *SA, off *offloadReq, esn bool) []byte {
 	var info nl.XfrmUsersaInfo
 	fam := family(s.Dst)
 	info.Id.Daddr = xaddr(s.Dst)
@@ -318,7 +336,9 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq) []byte {
 	info.Family = fam
 	info.Mode = uint8(s.Mode)
 	info.Reqid = s.ReqID
-	info.Flags = xfrmStateESN
+	if esn {
+		info.Flags = xfrmStateESN
+	}
 	info.Sel.Family = fam
 	if s.Mode == Transport {
 		info.Sel.Daddr, info.Sel.Saddr = xaddr(s.Dst), xaddr(s.Src)
@@ -330,6 +350,10 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq) []byte {
 		SoftByteLimit: infIfZero(l.SoftBytes), HardByteLimit: infIfZero(l.HardBytes),
 		SoftPacketLimit: infIfZero(l.SoftPackets), HardPacketLimit: infIfZero(l.HardPackets),
 		SoftAddExpiresSeconds: uint64(l.Soft / time.Second), HardAddExpiresSeconds: uint64(l.Hard / time.Second),
+	}
+	if !esn {
+		info.Lft.HardPacketLimit = min(info.Lft.HardPacketLimit, maxPackets32)
+		info.Lft.SoftPacketLimit = min(info.Lft.SoftPacketLimit, maxPackets32*7/8)
 	}
 
 	keyLen := s.Key.Len() + SaltLen
@@ -351,10 +375,10 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq) []byte {
 
 	b = h.markAttr(b)
 
-	esn := make([]byte, nl.SizeofXfrmReplayStateEsn+ReplayWindow/8)
-	binary.NativeEndian.PutUint32(esn[0:], ReplayWindow/32) // bmp_len in u32 words
-	binary.NativeEndian.PutUint32(esn[20:], ReplayWindow)
-	b = appendAttr(b, nl.XFRMA_REPLAY_ESN_VAL, esn)
+	replay := make([]byte, nl.SizeofXfrmReplayStateEsn+ReplayWindow/8)
+	binary.NativeEndian.PutUint32(replay[0:], ReplayWindow/32) // bmp_len in u32 words
+	binary.NativeEndian.PutUint32(replay[20:], ReplayWindow)
+	b = appendAttr(b, nl.XFRMA_REPLAY_ESN_VAL, replay)
 
 	if off != nil {
 		// struct xfrm_user_offload { int ifindex; __u8 flags; }
