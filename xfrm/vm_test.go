@@ -63,6 +63,7 @@ type peers struct {
 	a4, b4       netip.Addr
 	a6, b6       netip.Addr
 	ifA, ifB     string
+	ifIdxA       int
 	ifIdxB       int
 	hA, hB       *Handle
 	linkA, linkB *vnl.Handle
@@ -96,7 +97,7 @@ func newPeers(t *testing.T) *peers {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.ifIdxB = lb.Attrs().Index
+	p.ifIdxA, p.ifIdxB = la.Attrs().Index, lb.Attrs().Index
 	setup := func(h *vnl.Handle, l, peer vnl.Link, mine4, mine6, other4, other6 netip.Addr) {
 		for _, a := range []string{mine4.String() + "/24", mine6.String() + "/64"} {
 			addr, _ := vnl.ParseAddr(a)
@@ -272,72 +273,100 @@ func (f *udpFlow) lost() []uint32 {
 	return lost
 }
 
-// capture counts frames on B's veth: ESP packets and packets between the
-// test addresses that are not ESP (plaintext that escaped the policies).
+// capture counts the frames that go on the wire between the two veth
+// ends: ESP packets, and packets from or to the test addresses that are
+// not ESP (plaintext that escaped the policies). It counts only frames
+// leaving each end (PACKET_OUTGOING), because a packet socket also sees
+// tunnel-mode packets again after the kernel decapsulated them.
 type capture struct {
-	fd         int
+	fds        []int
 	esp, plain atomic.Int64
-	done       chan struct{}
+	stopped    atomic.Bool
+	wg         sync.WaitGroup
 }
 
-func (p *peers) startCapture(t *testing.T) *capture {
+// extra names more addresses whose plaintext must not appear.
+func (p *peers) startCapture(t *testing.T, extra ...netip.Addr) *capture {
 	t.Helper()
-	proto := int(htons(unix.ETH_P_ALL))
-	fd, err := inNetNS(p.nsB, func() (int, error) { return unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: p.ifIdxB}); err != nil {
-		t.Fatal(err)
-	}
-	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000})
-	c := &capture{fd: fd, done: make(chan struct{})}
 	ours := map[netip.Addr]bool{p.a4: true, p.b4: true, p.a6: true, p.b6: true}
-	go func() {
-		defer close(c.done)
-		buf := make([]byte, 65536)
-		for {
-			n, _, err := unix.Recvfrom(fd, buf, 0)
-			if err == unix.EAGAIN || err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				return
-			}
-			fr := buf[:n]
-			if len(fr) < 14 {
-				continue
-			}
-			var src, dst netip.Addr
-			var next byte
-			switch binary.BigEndian.Uint16(fr[12:]) {
-			case unix.ETH_P_IP:
-				if len(fr) < 34 {
-					continue
-				}
-				next, src, dst = fr[23], netip.AddrFrom4([4]byte(fr[26:30])), netip.AddrFrom4([4]byte(fr[30:34]))
-			case unix.ETH_P_IPV6:
-				if len(fr) < 54 {
-					continue
-				}
-				next, src, dst = fr[20], netip.AddrFrom16([16]byte(fr[22:38])), netip.AddrFrom16([16]byte(fr[38:54]))
-			default:
-				continue
-			}
-			if !ours[src] || !ours[dst] {
-				continue
-			}
-			if next == unix.IPPROTO_ESP {
-				c.esp.Add(1)
-			} else {
-				c.plain.Add(1)
-			}
+	for _, a := range extra {
+		ours[a] = true
+	}
+	c := &capture{}
+	for _, end := range []struct{ ns, ifindex int }{{p.nsA, p.ifIdxA}, {p.nsB, p.ifIdxB}} {
+		proto := int(htons(unix.ETH_P_ALL))
+		fd, err := inNetNS(end.ns, func() (int, error) { return unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto) })
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: end.ifindex}); err != nil {
+			t.Fatal(err)
+		}
+		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000})
+		c.fds = append(c.fds, fd)
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.read(fd, ours)
+		}()
+	}
 	return c
 }
 
-func (c *capture) stop() { unix.Shutdown(c.fd, unix.SHUT_RDWR); unix.Close(c.fd); <-c.done }
+func (c *capture) read(fd int, ours map[netip.Addr]bool) {
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := unix.Recvfrom(fd, buf, 0)
+		if c.stopped.Load() {
+			return
+		}
+		if err == unix.EAGAIN || err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		if ll, ok := from.(*unix.SockaddrLinklayer); !ok || ll.Pkttype != unix.PACKET_OUTGOING {
+			continue
+		}
+		fr := buf[:n]
+		if len(fr) < 14 {
+			continue
+		}
+		var src, dst netip.Addr
+		var next byte
+		switch binary.BigEndian.Uint16(fr[12:]) {
+		case unix.ETH_P_IP:
+			if len(fr) < 34 {
+				continue
+			}
+			next, src, dst = fr[23], netip.AddrFrom4([4]byte(fr[26:30])), netip.AddrFrom4([4]byte(fr[30:34]))
+		case unix.ETH_P_IPV6:
+			if len(fr) < 54 {
+				continue
+			}
+			next, src, dst = fr[20], netip.AddrFrom16([16]byte(fr[22:38])), netip.AddrFrom16([16]byte(fr[38:54]))
+		default:
+			continue
+		}
+		if !ours[src] && !ours[dst] {
+			continue
+		}
+		if next == unix.IPPROTO_ESP {
+			c.esp.Add(1)
+		} else {
+			c.plain.Add(1)
+		}
+	}
+}
+
+func (c *capture) stop() {
+	c.stopped.Store(true) // readers see it within one SO_RCVTIMEO
+	c.wg.Wait()
+	for _, fd := range c.fds {
+		unix.Close(fd)
+	}
+}
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
@@ -358,7 +387,7 @@ func TestVMTrafficIsESP(t *testing.T) {
 		}
 	}
 	c.stop()
-	t.Logf("capture on %s: %d ESP packets, %d plaintext", p.ifB, c.esp.Load(), c.plain.Load())
+	t.Logf("capture on %s and %s: %d ESP packets, %d plaintext", p.ifA, p.ifB, c.esp.Load(), c.plain.Load())
 	if c.esp.Load() == 0 || c.plain.Load() != 0 {
 		t.Errorf("wire carried %d ESP and %d plaintext packets between the peers, want only ESP", c.esp.Load(), c.plain.Load())
 	}
@@ -669,4 +698,76 @@ func TestVMInstallRate(t *testing.T) {
 	ourRate := float64(pairs) / ours.Seconds()
 	ipRate := float64(pairs) / ipDur.Seconds()
 	t.Logf("SA pair installs: pspd/xfrm %.0f pairs/s (%v), ip -batch %.0f pairs/s (%v), ratio %.2f", ourRate, ours, ipRate, ipDur, ourRate/ipRate)
+}
+
+// TestVMTunnelMode carries traffic between two subnets (one address each,
+// on the veth ends) through tunnel-mode SAs between the hosts, with in,
+// out and fwd policies on both sides.
+func TestVMTunnelMode(t *testing.T) {
+	needVM(t)
+	p := newPeers(t)
+	subA, subB := netip.MustParsePrefix("10.90.1.0/24"), netip.MustParsePrefix("10.90.2.0/24")
+	inA, inB := netip.MustParseAddr("10.90.1.1"), netip.MustParseAddr("10.90.2.1")
+	for _, side := range []struct {
+		h          *vnl.Handle
+		dev        string
+		mine, peer netip.Prefix
+		addr       netip.Addr
+	}{{p.linkA, p.ifA, subA, subB, inA}, {p.linkB, p.ifB, subB, subA, inB}} {
+		l, err := side.h.LinkByName(side.dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, _ := vnl.ParseAddr(side.addr.String() + "/32")
+		if err := side.h.AddrAdd(l, a); err != nil {
+			t.Fatal(err)
+		}
+		// The inner destination needs a route for the policy lookup to
+		// happen at all; ESP then leaves towards the peer host.
+		if err := side.h.RouteAdd(&vnl.Route{LinkIndex: l.Attrs().Index, Dst: ipnet(side.peer), Src: side.addr.AsSlice()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	as := newAssoc(t, 0x40000071, 0x40000072)
+	const reqid = testReqID + 9
+	sa := func(src, dst netip.Addr, spi uint32, k secret.Key, d Dir) SA {
+		return SA{Src: src, Dst: dst, SPI: spi, ReqID: reqid, Dir: d, Mode: Tunnel, Suite: kdf.AESGCM256, Key: k}
+	}
+	pols := func(me, peer netip.Addr, mine, theirs netip.Prefix) []Policy {
+		pol := func(src, dst netip.Prefix, ts, td netip.Addr, d Dir) Policy {
+			return Policy{Src: src, Dst: dst, Dir: d, TmplSrc: ts, TmplDst: td, Mode: Tunnel, ReqID: reqid}
+		}
+		return []Policy{pol(mine, theirs, me, peer, Out), pol(theirs, mine, peer, me, In), pol(theirs, mine, peer, me, Fwd)}
+	}
+	pa := Pair{In: sa(p.b4, p.a4, as.ba, as.kBA, In), Out: sa(p.a4, p.b4, as.ab, as.kAB, Out), Policies: pols(p.a4, p.b4, subA, subB)}
+	pb := Pair{In: sa(p.a4, p.b4, as.ab, as.kAB, In), Out: sa(p.b4, p.a4, as.ba, as.kBA, Out), Policies: pols(p.b4, p.a4, subB, subA)}
+	ctx := context.Background()
+	if err := p.hB.Install(ctx, &pb); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.hA.Install(ctx, &pa); err != nil {
+		t.Fatal(err)
+	}
+	c := p.startCapture(t, inA, inB)
+	p.echoTCP(t, inA, inB, 16<<10)
+	c.stop()
+	st, err := p.hB.GetSA(ctx, pb.In.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode != Tunnel || st.Stats.Packets == 0 {
+		t.Errorf("B's inbound tunnel SA: %+v", st)
+	}
+	if c.esp.Load() == 0 || c.plain.Load() != 0 {
+		t.Errorf("wire carried %d ESP and %d plaintext packets between the hosts", c.esp.Load(), c.plain.Load())
+	}
+	if err := p.hA.Remove(ctx, &pa); err != nil {
+		t.Fatal(err)
+	}
+	if sas, _ := p.hA.ListSAs(ctx); len(sas) != 0 {
+		t.Errorf("SAs left after Remove: %v", sas)
+	}
+	if pl, _ := p.hA.ListPolicies(ctx); len(pl) != 0 {
+		t.Errorf("policies left after Remove: %v", pl)
+	}
 }
