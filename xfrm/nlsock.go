@@ -40,31 +40,41 @@ func dialSock(nsFD int) (*sock, error) {
 	return &sock{fd: fd, buf: make([]byte, 1<<16)}, nil
 }
 
-// inNetNS runs f on a thread switched into the namespace nsFD. Sockets
-// keep the namespace they were created in.
+// inNetNS runs f on a fresh thread switched into the namespace nsFD.
+// Sockets keep the namespace they were created in. If the thread cannot
+// be switched back it stays locked, so the runtime discards it with its
+// goroutine instead of reusing it in the wrong namespace.
 func inNetNS(nsFD int, f func() (int, error)) (int, error) {
 	if nsFD == 0 {
 		return f()
 	}
-	runtime.LockOSThread()
-	orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return -1, err
+	type result struct {
+		v   int
+		err error
 	}
-	defer unix.Close(orig)
-	if err := unix.Setns(nsFD, unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return -1, fmt.Errorf("setns: %w", err)
-	}
-	v, ferr := f()
-	if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
-		// The thread is stuck in the other namespace: leave it locked so
-		// the runtime retires it instead of reusing it.
-		return v, ferr
-	}
-	runtime.UnlockOSThread()
-	return v, ferr
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{-1, err}
+			return
+		}
+		defer unix.Close(orig)
+		if err := unix.Setns(nsFD, unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{-1, fmt.Errorf("setns: %w", err)}
+			return
+		}
+		v, err := f()
+		if unix.Setns(orig, unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		ch <- result{v, err}
+	}()
+	r := <-ch
+	return r.v, r.err
 }
 
 func (s *sock) close() error { return unix.Close(s.fd) }
