@@ -533,7 +533,12 @@ func TestSourceNotAllowedDropped(t *testing.T) {
 	if err != nil || string(b[:m]) != "allowed" {
 		t.Fatalf("first datagram delivered: %q, %v; want only the allowed one", b[:m], err)
 	}
+	// The engine counts a batch after writing it to the TUN device, so the
+	// reader can see the datagram a moment before the counters move.
 	st := tn.b.dp.Stats()
+	for deadline := time.Now().Add(time.Second); st.Peers[0].RXPackets < 1 && time.Now().Before(deadline); st = tn.b.dp.Stats() {
+		time.Sleep(time.Millisecond)
+	}
 	if got := st.Peers[0].Drops[userspace.DropSrcNotAllowed]; got != n {
 		t.Fatalf("src-not-allowed drops = %d, want %d (%+v)", got, n, st)
 	}
