@@ -25,6 +25,30 @@ func moduleRoot(t *testing.T) string {
 	return filepath.Join(wd, "..", "..")
 }
 
+// upPair starts two daemons (TwoHosts, userspace backend) in a new lab,
+// after configure adjusts the lab, and waits for their first association.
+// The context ends with the test or after timeout.
+func upPair(t *testing.T, prefix string, timeout time.Duration, configure func(*Lab)) (context.Context, *Pair, [2]localapi.Assoc) {
+	t.Helper()
+	l := newLab(t, prefix)
+	if configure != nil {
+		configure(l)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	start := time.Now()
+	p, err := l.TwoHosts(ctx, "userspace")
+	if err != nil {
+		t.Fatal(err)
+	}
+	as, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("association up %v after start: a rx %#x, b rx %#x", time.Since(start), as[0].RxSPI, as[1].RxSPI)
+	return ctx, p, as
+}
+
 func newLab(t *testing.T, prefix string) *Lab {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create network namespaces")
@@ -49,20 +73,7 @@ func TestDemo(t *testing.T) {
 }
 
 func testDemo(t *testing.T, io string) {
-	l := newLab(t, "pnd-")
-	l.IO = io
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	start := time.Now()
-	p, err := l.TwoHosts(ctx, "userspace")
-	if err != nil {
-		t.Fatal(err)
-	}
-	as, err := p.WaitAssoc(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("association up %v after start: %+v", time.Since(start), as[0])
+	ctx, p, as := upPair(t, "pnd-", 2*time.Minute, func(l *Lab) { l.IO = io })
 	for _, line := range strings.Split(p.A.Tail(50), "\n") {
 		if strings.Contains(line, "userspace data plane up") {
 			t.Log(line)
@@ -119,16 +130,7 @@ func testDemo(t *testing.T, io string) {
 // down (nothing leaves in clear), and a restarted daemon is back in
 // association quickly.
 func TestCrashFailsClosed(t *testing.T) {
-	l := newLab(t, "pnc-")
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	p, err := l.TwoHosts(ctx, "userspace")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := p.WaitAssoc(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
+	ctx, p, _ := upPair(t, "pnc-", 2*time.Minute, nil)
 	bootBefore := peerBoot(t, ctx, p.B)
 	p.A.Kill()
 

@@ -15,17 +15,7 @@ import (
 // while numbered UDP datagrams flow at a fixed rate: make-before-break
 // must lose none of them.
 func TestRekeyUnderLoad(t *testing.T) {
-	l := newLab(t, "pnr-")
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	p, err := l.TwoHosts(ctx, "userspace")
-	if err != nil {
-		t.Fatal(err)
-	}
-	as, err := p.WaitAssoc(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, p, as := upPair(t, "pnr-", 2*time.Minute, nil)
 	const n, pps = 4000, 1000
 	rotations := 0
 	got, err := UDPStream(ctx, p.A.Host, p.B.Host, p.Inner[1], n, pps, func() error {
@@ -58,17 +48,7 @@ func TestRekeyUnderLoad(t *testing.T) {
 // idle timeout, then restores it: the daemons reconnect by themselves and
 // end up with exactly one association each, and traffic flows again.
 func TestPartitionHeals(t *testing.T) {
-	l := newLab(t, "pnp-")
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	p, err := l.TwoHosts(ctx, "userspace")
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, err := p.WaitAssoc(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, p, before := upPair(t, "pnp-", 3*time.Minute, nil)
 	bootB := peerBoot(t, ctx, p.A)
 	if err := p.A.Host.IP(ctx, "link", "set", p.Underlay[0], "down"); err != nil {
 		t.Fatal(err)
@@ -105,18 +85,7 @@ func TestPartitionHeals(t *testing.T) {
 // legitimate traffic keeps flowing, and every drop shows in /metrics by
 // reason.
 func TestHostileInput(t *testing.T) {
-	l := newLab(t, "pnh-")
-	l.Metrics = true
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	p, err := l.TwoHosts(ctx, "userspace")
-	if err != nil {
-		t.Fatal(err)
-	}
-	as, err := p.WaitAssoc(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, p, as := upPair(t, "pnh-", 2*time.Minute, func(l *Lab) { l.Metrics = true })
 	peer := "192.0.2.2:6081" // b's data-plane address: these pass the engine's peer check
 	data, ctl := "192.0.2.1:6081", "192.0.2.1:6082"
 	for _, s := range []struct {
