@@ -56,6 +56,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -77,6 +78,10 @@ type Config struct {
 	// Suites this host accepts; zero means both AES-GCM suites.
 	Suites wire.Suites
 	Logger *slog.Logger
+	// Control, when set, runs on the control socket before it is bound
+	// (as in net.ListenConfig). The XFRM backend uses it to exempt the
+	// socket from IPsec policies that cover the peers' addresses.
+	Control func(network, address string, c syscall.RawConn) error
 
 	HandshakeTimeout   time.Duration // 5s
 	IdleTimeout        time.Duration // 30s; a silent peer is gone after this
@@ -157,9 +162,19 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 	if err != nil {
 		return nil, fmt.Errorf("keyexchange: listen address %q: %w", cfg.ListenAddr, err)
 	}
-	if e.udp, err = net.ListenUDP("udp", ua); err != nil {
+	// An IPv4 listen address gets an IPv4 socket, not a dual-stack one,
+	// so that per-socket options (such as IPsec bypass policies, which
+	// match one family) cover all of its traffic.
+	network := "udp"
+	if ua.IP.To4() != nil {
+		network = "udp4"
+	}
+	lc := net.ListenConfig{Control: cfg.Control}
+	pc, err := lc.ListenPacket(ctx, network, ua.String())
+	if err != nil {
 		return nil, fmt.Errorf("keyexchange: %w", err)
 	}
+	e.udp = pc.(*net.UDPConn)
 	// The stateless-reset key comes from the identity, so that after a
 	// restart this host answers the packets of its previous incarnation's
 	// connections with a valid reset: the peer learns at once that the

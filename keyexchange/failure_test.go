@@ -453,3 +453,27 @@ func TestFailedInstallBacksOff(t *testing.T) {
 		t.Fatalf("LastError = %v", err)
 	}
 }
+
+// TestAllocatorSkipsReservedESPSPIs: with the master-key and role bits
+// clear an SPI is its key id, and ESP SPIs 1-255 are reserved.
+func TestAllocatorSkipsReservedESPSPIs(t *testing.T) {
+	for _, role := range []kdf.Role{kdf.Initiator, kdf.Responder} {
+		a, err := newAllocator(role, 0, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		spi, err := a.Next()
+		if err != nil || spi.KeyID()&kdf.MaxKeyID != reservedKeyIDs+1 {
+			t.Errorf("%s: first SPI %v, %v; want key id %d", role, spi, err, reservedKeyIDs+1)
+		}
+	}
+	a, _ := newAllocator(kdf.Initiator, 0, 3)
+	for range 3 {
+		if _, err := a.Next(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.Next(); err == nil {
+		t.Error("per-session cap not applied above the reserved ids")
+	}
+}

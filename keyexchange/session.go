@@ -173,8 +173,15 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	return s, nil
 }
 
+// reservedKeyIDs are never allocated: an initiator SPI under master key 0
+// is its key id, and ESP reserves SPIs 1-255 (RFC 4303 §2.1), which the
+// XFRM backend cannot install. Skipping them everywhere costs 255 of the
+// 2^30 ids and keeps SPIs the same whatever the backend.
+const reservedKeyIDs = 255
+
 // newAllocator hands out at most perSession receive SPIs above floor.
 func newAllocator(role kdf.Role, floor, perSession uint32) (*kdf.Allocator, error) {
+	floor = max(floor, reservedKeyIDs)
 	if floor >= kdf.MaxKeyID {
 		return nil, kdf.ErrSPIExhausted
 	}

@@ -11,13 +11,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/pspd/pspd/internal/nstest"
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/kdf"
 	vnl "github.com/vishvananda/netlink"
@@ -35,26 +35,8 @@ func needVM(t *testing.T) {
 	}
 }
 
-// doInNS runs f on a thread inside the namespace; sockets it creates stay
-// there.
-func doInNS(t testing.TB, nsFD int, f func()) {
-	t.Helper()
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer orig.Close()
-	if err := netns.Set(netns.NsHandle(nsFD)); err != nil {
-		runtime.UnlockOSThread()
-		t.Fatal(err)
-	}
-	f()
-	if err := netns.Set(orig); err != nil {
-		t.Fatalf("return to original netns: %v", err) // the thread stays locked and is discarded
-	}
-	runtime.UnlockOSThread()
-}
+// doInNS runs f on a thread inside the namespace.
+func doInNS(t testing.TB, nsFD int, f func()) { nstest.Do(t, nsFD, f) }
 
 // peers are two namespaces joined by a veth with static neighbours (so no
 // neighbour discovery has to cross the ESP policies).

@@ -9,11 +9,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
-	"runtime"
 	"strings"
 	"testing"
 
+	"github.com/pspd/pspd/internal/nstest"
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/kdf"
 	vnl "github.com/vishvananda/netlink"
@@ -21,36 +20,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// newNS creates a network namespace named pxf<random> for one test and
-// returns its fd; it is deleted when the test ends.
-func newNS(t testing.TB) int {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (CAP_SYS_ADMIN) to create network namespaces")
-	}
-	var rnd [4]byte
-	rand.Read(rnd[:])
-	name := "pxf" + hex.EncodeToString(rnd[:])
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ns, err := netns.NewNamed(name)
-	if serr := netns.Set(orig); serr != nil {
-		t.Fatalf("return to original netns: %v", serr) // thread stays locked and dies with the test
-	}
-	runtime.UnlockOSThread()
-	orig.Close()
-	if err != nil {
-		t.Fatalf("create netns %s: %v", name, err)
-	}
-	t.Cleanup(func() {
-		ns.Close()
-		netns.DeleteNamed(name)
-	})
-	return int(ns)
-}
+// newNS creates a network namespace named pxf<random> for one test.
+func newNS(t testing.TB) int { return nstest.New(t, "pxf") }
 
 func openNS(t testing.TB, nsFD int, cfg Config) *Handle {
 	t.Helper()

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -100,10 +101,18 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 			d.Close()
 		}
 	}()
-	d.ep, err = keyexchange.NewEndpoint(dctx, keyexchange.Config{
+	kc := keyexchange.Config{
 		Identity: id, ListenAddr: pc.Listen.String(), Installers: installers,
 		Suites: wire.NewSuites(pc.Suite), Logger: d.log.With("part", "keyexchange"),
-	})
+	}
+	for _, b := range cfg.Backends {
+		if c, ok := b.(interface {
+			Control(network, address string, c syscall.RawConn) error
+		}); ok {
+			kc.Control = c.Control
+		}
+	}
+	d.ep, err = keyexchange.NewEndpoint(dctx, kc)
 	if err != nil {
 		return nil, fmt.Errorf("pspd: %w", err)
 	}
@@ -136,8 +145,20 @@ func describe(r offload.Report) string {
 	return s
 }
 
+// choose picks a peer's backend among those this daemon runs.
+func (d *Daemon) choose(pc policy.Peer, global policy.Backend) (wire.Backend, error) {
+	b, err := offload.Choose(pc.Backend.OrDefault(global), d.report, nil)
+	if err != nil {
+		return 0, err
+	}
+	if d.backends[b] == nil {
+		return 0, fmt.Errorf("backend %s was not started because no peer used it when pspd started; restart pspd to use it", b)
+	}
+	return b, nil
+}
+
 func (d *Daemon) addPeer(pc policy.Peer) error {
-	b, err := offload.Choose(pc.Backend.OrDefault(d.cfg.Backend), d.report, nil)
+	b, err := d.choose(pc, d.cfg.Backend)
 	if err != nil {
 		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
 	}
@@ -251,7 +272,7 @@ func (d *Daemon) Reload(next *policy.Config) error {
 	}
 	// Check every added or changed peer can be served before touching any.
 	for _, p := range slices.Concat(diff.Added, diff.Changed) {
-		if _, err := offload.Choose(p.Backend.OrDefault(next.Backend), d.report, nil); err != nil {
+		if _, err := d.choose(p, next.Backend); err != nil {
 			return fmt.Errorf("pspd: reload refused, nothing applied: peer %s: %w", p.Name, err)
 		}
 	}

@@ -1,0 +1,529 @@
+// Package backend is the kernel XFRM (IPsec ESP) data plane as pspd's key
+// exchange sees it: for every configured peer it owns one reqid, the
+// policies that steer the peer's prefixes into ESP, and the SA pairs of
+// the associations the key exchange negotiates.
+//
+// Keys never stay in this process: they go to the kernel in the netlink
+// message that adds an SA, and the kernel alone holds them afterwards.
+//
+// A peer whose prefixes are only its own address is protected in
+// transport mode; any other prefix makes the peer's SAs tunnel mode
+// between the two hosts. With require_encryption the policies are
+// installed as soon as the peer is configured and stay in the kernel if
+// pspd dies, so that traffic to the peer is held back (the kernel finds
+// no SA and drops it) rather than sent in clear until pspd is back and
+// has negotiated new SAs. Without it, the policies exist only while an
+// association does.
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	vnl "github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/pspd/pspd/internal/secret"
+	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/keyexchange/wire"
+	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/policy"
+	"github.com/pspd/pspd/xfrm"
+)
+
+// Config is what the backend needs besides the policy.
+type Config struct {
+	Policy *policy.Config
+	Logger *slog.Logger
+	// NetNS is an open network namespace fd to program; 0 means the
+	// caller's namespace.
+	NetNS int
+}
+
+// Backend programs XFRM state for pspd's peers.
+type Backend struct {
+	cfg   *policy.Config
+	log   *slog.Logger
+	h     *xfrm.Handle
+	links *vnl.Handle
+	rekey chan identity.PublicKey
+	stop  context.CancelFunc
+	done  chan struct{}
+
+	mu    sync.Mutex
+	peers map[identity.PublicKey]*peer
+}
+
+type peer struct {
+	cfg      policy.Peer
+	reqid    uint32
+	mode     xfrm.Mode
+	local    netip.Addr
+	dev      string // egress device, for crypto offload
+	policies []xfrm.Policy
+	polUp    bool
+	sas      map[saKey]*pair
+}
+
+// saKey names one generation of an association.
+type saKey struct {
+	assoc wire.AssocID
+	gen   uint32
+}
+
+type pair struct {
+	in, out  xfrm.ID
+	outAdded bool
+}
+
+var _ offload.Backend = (*Backend)(nil)
+
+// probeSPI is far from anything the key schedule allocates (it has bit 30
+// clear and a key id of 0x3fff_fff0), so a probe never collides with a
+// live SA.
+const probeSPI = 0x3ffffff0
+
+// Probe reports whether this host can run the XFRM backend for pc: the
+// kernel must take an ESP rfc4106(gcm(aes)) SA (Probe adds and removes one
+// that no policy uses), and the control socket must be one that can be
+// exempted from IPsec policies for every peer.
+func Probe(ctx context.Context, pc *policy.Config, netNS int) error {
+	if l := pc.Listen.Addr(); l.Is6() && l.IsUnspecified() {
+		for _, p := range pc.Peers {
+			if p.Endpoint.Addr().Unmap().Is4() {
+				return fmt.Errorf("listen is %v, a dual-stack socket whose IPv4 traffic (to peer %s) cannot be exempted from IPsec policies; set listen to 0.0.0.0:%d or this host's IPv4 address", pc.Listen, p.Name, pc.Listen.Port())
+			}
+		}
+	}
+	h, err := xfrm.Open(xfrm.Config{NetNS: netNS, Offload: xfrm.OffloadNone, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return fmt.Errorf("no XFRM netlink (%v): the xfrm backend needs CONFIG_XFRM_USER and CAP_NET_ADMIN", err)
+	}
+	defer h.Close()
+	key := make([]byte, kdf.AESGCM128.KeyLen())
+	sa := &xfrm.SA{
+		Src: netip.MustParseAddr("192.0.2.254"), Dst: netip.MustParseAddr("192.0.2.255"), SPI: probeSPI,
+		ReqID: h.Owner().ReqIDMax, Dir: xfrm.In, Suite: kdf.AESGCM128, Key: secret.Own(key),
+	}
+	if _, err := h.AddSA(ctx, sa); err != nil {
+		return fmt.Errorf("the kernel refused an ESP rfc4106(gcm(aes)) SA (%v): the xfrm backend needs CONFIG_INET_ESP, CONFIG_INET6_ESP and CONFIG_CRYPTO_GCM", err)
+	}
+	if err := h.DeleteSA(ctx, sa.ID()); err != nil {
+		return fmt.Errorf("remove the probe SA: %w", err)
+	}
+	return nil
+}
+
+// New opens the kernel interfaces, removes whatever an earlier pspd left
+// behind (its SAs carry keys this process does not have), and starts
+// watching for expiring SAs.
+func New(ctx context.Context, cfg Config) (b *Backend, err error) {
+	pc := cfg.Policy
+	mode, err := xfrm.ParseOffloadMode(string(pc.Offload))
+	if err != nil {
+		return nil, fmt.Errorf("xfrm: offload: %w", err)
+	}
+	h, err := xfrm.Open(xfrm.Config{NetNS: cfg.NetNS, Offload: mode, Logger: cfg.Logger})
+	if err != nil {
+		return nil, err
+	}
+	links, err := vnl.NewHandleAt(netns.NsHandle(cfg.NetNS), unix.NETLINK_ROUTE)
+	if cfg.NetNS == 0 {
+		links, err = vnl.NewHandle(unix.NETLINK_ROUTE)
+	}
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("xfrm: route netlink: %w", err)
+	}
+	b = &Backend{cfg: pc, log: cfg.Logger, h: h, links: links, rekey: make(chan identity.PublicKey, 16),
+		peers: map[identity.PublicKey]*peer{}, done: make(chan struct{})}
+	// Policies of peers that are still configured stay, so a restart with
+	// require_encryption never opens a window in which traffic leaves in
+	// clear; stale SAs and policies of removed peers go.
+	var keep []xfrm.Policy
+	if pc.RequireEncryption {
+		for i, p := range pc.Peers {
+			pr, err := b.newPeer(p, h.Owner().ReqIDMin+uint32(i))
+			if err != nil {
+				continue // AddPeer reports it
+			}
+			keep = append(keep, pr.policies...)
+		}
+	}
+	res, err := h.Reconcile(ctx, nil, keep)
+	if err != nil {
+		b.Close()
+		return nil, err
+	}
+	b.log.Info("xfrm: kernel state reconciled", "removed_sas", res.RemovedSAs, "kept_policies", res.KeptPolicies,
+		"added_policies", res.AddedPolicies, "removed_policies", res.RemovedPolicies)
+	mctx, stop := context.WithCancel(context.Background())
+	b.stop = stop
+	go b.watch(mctx)
+	return b, nil
+}
+
+// Control exempts pspd's control socket from the policies this backend
+// installs; the daemon passes it to the key exchange.
+func (b *Backend) Control(network, address string, c syscall.RawConn) error {
+	return xfrm.BypassSocket(c)
+}
+
+func (b *Backend) watch(ctx context.Context) {
+	defer close(b.done)
+	events := make(chan xfrm.Event, 64)
+	go func() {
+		if err := b.h.Monitor(ctx, events); err != nil && ctx.Err() == nil {
+			b.log.Error("xfrm: monitor stopped; SAs will only be rekeyed on the key exchange's timer", "err", err)
+		}
+	}()
+	go func() {
+		if err := b.h.WatchUnknownSPI(ctx, time.Second, events); err != nil && ctx.Err() == nil {
+			b.log.Warn("xfrm: unknown-SPI watch stopped", "err", err)
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-events:
+			b.event(ev)
+		}
+	}
+}
+
+func (b *Backend) event(ev xfrm.Event) {
+	switch ev.Kind {
+	case xfrm.SoftExpire:
+		b.mu.Lock()
+		var key identity.PublicKey
+		found := false
+		for k, p := range b.peers {
+			if p.reqid == ev.ReqID {
+				key, found = k, true
+			}
+		}
+		b.mu.Unlock()
+		if found {
+			select {
+			case b.rekey <- key:
+			default:
+			}
+		}
+	case xfrm.HardExpire:
+		b.log.Warn("xfrm: the kernel expired an SA before it was rekeyed", "sa", ev.SA)
+	case xfrm.UnknownSPI:
+		b.log.Info("xfrm: ESP arrived for SPIs with no SA (a peer restarted?)", "packets", ev.Count)
+	}
+}
+
+// RekeyWanted delivers peers whose SAs reached a soft lifetime.
+func (b *Backend) RekeyWanted() <-chan identity.PublicKey { return b.rekey }
+
+// Kind implements offload.Backend.
+func (b *Backend) Kind() wire.Backend { return wire.BackendXFRM }
+
+// newPeer works out a peer's addresses, mode and policies.
+func (b *Backend) newPeer(p policy.Peer, reqid uint32) (*peer, error) {
+	remote := p.Endpoint.Addr().Unmap()
+	local := b.cfg.Listen.Addr().Unmap()
+	var dev string
+	routes, err := b.links.RouteGet(remote.AsSlice())
+	if err != nil || len(routes) == 0 {
+		return nil, fmt.Errorf("xfrm: peer %s: no route to %v: %v", p.Name, remote, err)
+	}
+	if local.IsUnspecified() || !local.IsValid() {
+		src, ok := netip.AddrFromSlice(routes[0].Src)
+		if !ok {
+			return nil, fmt.Errorf("xfrm: peer %s: the route to %v has no source address; set listen to this host's address", p.Name, remote)
+		}
+		local = src.Unmap()
+	}
+	if local.Is4() != remote.Is4() {
+		return nil, fmt.Errorf("xfrm: peer %s: endpoint %v and local address %v are of different families", p.Name, remote, local)
+	}
+	if l, err := b.links.LinkByIndex(routes[0].LinkIndex); err == nil {
+		dev = l.Attrs().Name
+	}
+	pr := &peer{cfg: p, reqid: reqid, local: local, dev: dev, sas: map[saKey]*pair{}}
+	pr.mode, pr.policies = policies(p, local, remote, reqid)
+	return pr, nil
+}
+
+// policies returns the mode and the policies for a peer: transport mode
+// when every prefix is the peer's own address, tunnel mode otherwise.
+func policies(p policy.Peer, local, remote netip.Addr, reqid uint32) (xfrm.Mode, []xfrm.Policy) {
+	self := netip.PrefixFrom(remote, remote.BitLen())
+	mode := xfrm.Transport
+	if len(p.Prefixes) == 0 || slices.ContainsFunc(p.Prefixes, func(pf netip.Prefix) bool { return pf.Masked() != self }) {
+		mode = xfrm.Tunnel
+	}
+	var out []xfrm.Policy
+	if mode == xfrm.Transport {
+		me := netip.PrefixFrom(local, local.BitLen())
+		return mode, []xfrm.Policy{
+			{Src: me, Dst: self, Dir: xfrm.Out, TmplSrc: local, TmplDst: remote, Mode: mode, ReqID: reqid},
+			{Src: self, Dst: me, Dir: xfrm.In, TmplSrc: remote, TmplDst: local, Mode: mode, ReqID: reqid},
+		}
+	}
+	for _, pf := range p.Prefixes {
+		pf = pf.Masked()
+		all := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		if pf.Addr().Is6() {
+			all = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		out = append(out,
+			xfrm.Policy{Src: all, Dst: pf, Dir: xfrm.Out, TmplSrc: local, TmplDst: remote, Mode: mode, ReqID: reqid},
+			xfrm.Policy{Src: pf, Dst: all, Dir: xfrm.In, TmplSrc: remote, TmplDst: local, Mode: mode, ReqID: reqid},
+			xfrm.Policy{Src: pf, Dst: all, Dir: xfrm.Fwd, TmplSrc: remote, TmplDst: local, Mode: mode, ReqID: reqid},
+		)
+	}
+	return mode, out
+}
+
+// AddPeer gives a configured peer a reqid and, with require_encryption,
+// its policies.
+func (b *Backend) AddPeer(p policy.Peer) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.peers[p.PublicKey] != nil {
+		return fmt.Errorf("xfrm: peer %s added twice", p.Name)
+	}
+	reqid, err := b.freeReqID()
+	if err != nil {
+		return err
+	}
+	pr, err := b.newPeer(p, reqid)
+	if err != nil {
+		return err
+	}
+	if b.cfg.RequireEncryption {
+		if err := b.addPolicies(pr); err != nil {
+			return err
+		}
+	}
+	b.peers[p.PublicKey] = pr
+	return nil
+}
+
+func (b *Backend) freeReqID() (uint32, error) {
+	o := b.h.Owner()
+	used := map[uint32]bool{}
+	for _, p := range b.peers {
+		used[p.reqid] = true
+	}
+	// The top reqid is the probe's.
+	for r := o.ReqIDMin; r < o.ReqIDMax; r++ {
+		if !used[r] {
+			return r, nil
+		}
+	}
+	return 0, errors.New("xfrm: every reqid of pspd's range is in use")
+}
+
+// addPolicies installs a peer's policies, all or none.
+func (b *Backend) addPolicies(pr *peer) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for i := range pr.policies {
+		if err := b.h.AddPolicy(ctx, &pr.policies[i]); err != nil {
+			for j := range i {
+				b.h.DeletePolicy(ctx, &pr.policies[j])
+			}
+			return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
+		}
+	}
+	pr.polUp = true
+	return nil
+}
+
+func (b *Backend) dropPolicies(ctx context.Context, pr *peer) {
+	for i := range pr.policies {
+		if err := b.h.DeletePolicy(ctx, &pr.policies[i]); err != nil {
+			b.log.Warn("xfrm: remove policy", "peer", pr.cfg.Name, "policy", &pr.policies[i], "err", err)
+		}
+	}
+	pr.polUp = false
+}
+
+// RemovePeer removes a peer's policies; its SAs are removed by the key
+// exchange before.
+func (b *Backend) RemovePeer(p policy.Peer) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	pr := b.peers[p.PublicKey]
+	if pr == nil {
+		return
+	}
+	delete(b.peers, p.PublicKey)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, sp := range pr.sas {
+		b.deletePair(ctx, sp)
+	}
+	b.dropPolicies(ctx, pr)
+}
+
+func (b *Backend) sa(pr *peer, sa *keyexchange.SA, dir xfrm.Dir) xfrm.SA {
+	s := xfrm.SA{ReqID: pr.reqid, Dir: dir, Mode: pr.mode, Suite: sa.Suite, OffloadDev: pr.dev, Lifetime: xfrm.Lifetime{
+		SoftPackets: b.cfg.PacketBudget, HardPackets: 2 * b.cfg.PacketBudget,
+		Soft: 2 * b.cfg.RekeyInterval, Hard: 3 * b.cfg.RekeyInterval,
+	}}
+	remote := pr.cfg.Endpoint.Addr().Unmap()
+	if dir == xfrm.In {
+		s.Src, s.Dst, s.SPI, s.Key = remote, pr.local, uint32(sa.RxSPI), sa.RxKey
+	} else {
+		s.Src, s.Dst, s.SPI, s.Key = pr.local, remote, uint32(sa.TxSPI), sa.TxKey
+	}
+	if b.cfg.Offload == policy.OffloadNone {
+		s.OffloadDev = ""
+	}
+	return s
+}
+
+func (b *Backend) peer(sa *keyexchange.SA) (*peer, error) {
+	pr := b.peers[sa.Peer]
+	if pr == nil {
+		return nil, fmt.Errorf("xfrm: SA for a peer that is not configured (%s)", sa.Peer.Fingerprint())
+	}
+	return pr, nil
+}
+
+// Install adds the inbound SA. The outbound one waits for Activate: the
+// kernel sends under the newest SA matching a policy's template, so adding
+// it is what switches traffic.
+func (b *Backend) Install(ctx context.Context, sa *keyexchange.SA) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	pr, err := b.peer(sa)
+	if err != nil {
+		return err
+	}
+	k := saKey{sa.ID, sa.Generation}
+	if pr.sas[k] != nil {
+		return fmt.Errorf("xfrm: peer %s: association %d generation %d installed twice", pr.cfg.Name, sa.ID, sa.Generation)
+	}
+	in := b.sa(pr, sa, xfrm.In)
+	if _, err := b.h.AddSA(ctx, &in); err != nil {
+		return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
+	}
+	out := b.sa(pr, sa, xfrm.Out)
+	pr.sas[k] = &pair{in: in.ID(), out: out.ID()}
+	return nil
+}
+
+// Activate adds the outbound SA, and the peer's policies if they are not
+// in place yet.
+func (b *Backend) Activate(ctx context.Context, sa *keyexchange.SA) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	pr, err := b.peer(sa)
+	if err != nil {
+		return err
+	}
+	p := pr.sas[saKey{sa.ID, sa.Generation}]
+	if p == nil {
+		return fmt.Errorf("xfrm: peer %s: activate association %d generation %d that is not installed", pr.cfg.Name, sa.ID, sa.Generation)
+	}
+	if p.outAdded {
+		return nil
+	}
+	out := b.sa(pr, sa, xfrm.Out)
+	if _, err := b.h.AddSA(ctx, &out); err != nil {
+		return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
+	}
+	p.outAdded = true
+	if !pr.polUp {
+		if err := b.addPolicies(pr); err != nil {
+			b.h.DeleteSA(ctx, out.ID())
+			p.outAdded = false
+			return err
+		}
+	}
+	return nil
+}
+
+// Remove deletes a generation's SAs, and the policies with the last one
+// unless encryption is required.
+func (b *Backend) Remove(ctx context.Context, sa *keyexchange.SA) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	pr := b.peers[sa.Peer]
+	if pr == nil {
+		return nil // RemovePeer took everything
+	}
+	k := saKey{sa.ID, sa.Generation}
+	p := pr.sas[k]
+	if p == nil {
+		return nil
+	}
+	delete(pr.sas, k)
+	err := b.deletePair(ctx, p)
+	if len(pr.sas) == 0 && pr.polUp && !b.cfg.RequireEncryption {
+		b.dropPolicies(ctx, pr)
+	}
+	return err
+}
+
+func (b *Backend) deletePair(ctx context.Context, p *pair) error {
+	var errs []error
+	if p.outAdded {
+		errs = append(errs, b.h.DeleteSA(ctx, p.out))
+	}
+	errs = append(errs, b.h.DeleteSA(ctx, p.in))
+	return errors.Join(errs...)
+}
+
+// Traffic reports the kernel's counters for a generation's SAs.
+func (b *Backend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
+	b.mu.Lock()
+	var p pair
+	pr := b.peers[sa.Peer]
+	found := pr != nil && pr.sas[saKey{sa.ID, sa.Generation}] != nil
+	if found {
+		p = *pr.sas[saKey{sa.ID, sa.Generation}]
+	}
+	b.mu.Unlock()
+	if !found {
+		return offload.Traffic{}, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var t offload.Traffic
+	in, err := b.h.GetSA(ctx, p.in)
+	if err != nil {
+		return t, false
+	}
+	t.BytesIn, t.PacketsIn = in.Stats.Bytes, in.Stats.Packets
+	t.Drops = uint64(in.Stats.ReplayDrops) + uint64(in.Stats.OutOfWindow) + uint64(in.Stats.IntegrityFailed)
+	if p.outAdded {
+		out, err := b.h.GetSA(ctx, p.out)
+		if err != nil {
+			return t, false
+		}
+		t.BytesOut, t.PacketsOut = out.Stats.Bytes, out.Stats.Packets
+	}
+	return t, true
+}
+
+// Close stops watching the kernel. Installed state stays: the key
+// exchange removed the SAs of every peer it closed, and policies left by
+// require_encryption are meant to outlive pspd.
+func (b *Backend) Close() error {
+	if b.stop != nil {
+		b.stop()
+		<-b.done
+	}
+	b.links.Close()
+	return b.h.Close()
+}
