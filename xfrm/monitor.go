@@ -223,13 +223,10 @@ func markAttr(attrs []byte) nl.XfrmMark {
 // not fire for inbound ESP, so this is how a peer that restarted and lost
 // its SAs is noticed while only it is sending.
 func (h *Handle) WatchUnknownSPI(ctx context.Context, interval time.Duration, events chan<- Event) error {
-	fd, err := inNetNS(h.nsFD, func() (int, error) {
-		return unix.Open("/proc/thread-self/net/xfrm_stat", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	})
+	f, err := h.openStat()
 	if err != nil {
-		return fmt.Errorf("xfrm: watch unknown SPIs: open xfrm_stat (kernel without CONFIG_XFRM_STATISTICS?): %w", err)
+		return fmt.Errorf("xfrm: watch unknown SPIs: %w", err)
 	}
-	f := os.NewFile(uintptr(fd), "xfrm_stat")
 	defer f.Close()
 	read := func() (uint64, error) {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
@@ -262,6 +259,43 @@ func (h *Handle) WatchUnknownSPI(ctx context.Context, interval time.Duration, ev
 		}
 		last = n
 	}
+}
+
+// openStat opens the Handle's namespace's /proc/net/xfrm_stat.
+func (h *Handle) openStat() (*os.File, error) {
+	fd, err := inNetNS(h.nsFD, func() (int, error) {
+		return unix.Open("/proc/thread-self/net/xfrm_stat", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open xfrm_stat (kernel without CONFIG_XFRM_STATISTICS?): %w", err)
+	}
+	return os.NewFile(uintptr(fd), "xfrm_stat"), nil
+}
+
+// Counters returns the namespace's XFRM error counters (the kernel's
+// /proc/net/xfrm_stat, such as XfrmInNoStates or XfrmInStateProtoError) by
+// name. They count every SA's packets, pspd's and any other owner's.
+func (h *Handle) Counters() (map[string]uint64, error) {
+	f, err := h.openStat()
+	if err != nil {
+		return nil, fmt.Errorf("xfrm: %w", err)
+	}
+	defer f.Close()
+	out := map[string]uint64{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := bytes.Fields(sc.Bytes())
+		if len(fs) != 2 {
+			continue
+		}
+		if v, err := strconv.ParseUint(string(fs[1]), 10, 64); err == nil {
+			out[string(fs[0])] = v
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("xfrm: read xfrm_stat: %w", err)
+	}
+	return out, nil
 }
 
 // parseXfrmStat finds one counter in /proc/net/xfrm_stat ("Name<spaces>N"

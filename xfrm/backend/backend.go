@@ -516,6 +516,30 @@ func (b *Backend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
 	return t, true
 }
 
+// dropReasons names the kernel's XFRM error counters the way pspd's
+// metrics name drop reasons.
+var dropReasons = map[string]string{
+	"XfrmInNoStates":        "unknown-spi",           // ESP for an SA that is not (or no longer) there
+	"XfrmInStateProtoError": "auth-failed",           // the ICV did not verify: wrong key or forgery
+	"XfrmInStateSeqError":   "replay",                // replayed or older than the window
+	"XfrmInTmplMismatch":    "inbound-not-encrypted", // clear traffic where a policy wants ESP
+	"XfrmOutNoStates":       "outbound-no-sa",        // held back: a policy but no SA (require_encryption)
+}
+
+// Drops reports the namespace's XFRM drops by reason for /metrics. The
+// kernel counts them per namespace, not per SA.
+func (b *Backend) Drops() map[string]uint64 {
+	c, err := b.h.Counters()
+	if err != nil {
+		return nil
+	}
+	out := map[string]uint64{}
+	for name, reason := range dropReasons {
+		out[reason] = c[name]
+	}
+	return out
+}
+
 // Close stops watching the kernel. Installed state stays: the key
 // exchange removed the SAs of every peer it closed, and policies left by
 // require_encryption are meant to outlive pspd.

@@ -269,6 +269,9 @@ func TestVMRequireEncryptionOutlivesCrash(t *testing.T) {
 	if err := echo(t, a, b, []byte("x")); err == nil {
 		t.Fatal("TCP reached B in clear while encryption is required and no SA exists")
 	}
+	if d := a.b.Drops(); d["outbound-no-sa"] == 0 {
+		t.Errorf("held-back packets not counted: %v", d)
+	}
 	b.start(t, a, true)
 	waitUp(t, a, b)
 	if err := echo(t, a, b, []byte("up")); err != nil {
