@@ -12,13 +12,18 @@ import (
 	xfrmbackend "github.com/pspd/pspd/xfrm/backend"
 )
 
-// setupBackends probes what this host can run and starts the backends the
-// configuration may use. On error nothing is left running.
-func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ offload.Report, _ map[wire.Backend]offload.Backend, err error) {
-	report := offload.Probe(ctx, []offload.Prober{
+// probe finds out which backends this host can run for pc, best first.
+func probe(ctx context.Context, pc *policy.Config) offload.Report {
+	return offload.Probe(ctx, []offload.Prober{
 		{Backend: wire.BackendXFRM, Probe: func(ctx context.Context) error { return xfrmbackend.Probe(ctx, pc, 0) }},
 		{Backend: wire.BackendUserspace, Probe: userspacebackend.Probe},
 	})
+}
+
+// setupBackends probes what this host can run and starts the backends the
+// configuration may use. On error nothing is left running.
+func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ offload.Report, _ map[wire.Backend]offload.Backend, err error) {
+	report := probe(ctx, pc)
 	// Only the backends some peer will use are started (a userspace data
 	// plane nobody uses would still hold a TUN device and a port); with no
 	// peers yet, the one new peers would get by default.

@@ -134,7 +134,15 @@ func newCheckCmd() *cobra.Command {
 			for _, p := range pc.Peers {
 				names = append(names, p.Name)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok (identity %s, %d peers: %s)\n", cfgPath, id.Public().Fingerprint(), len(pc.Peers), strings.Join(names, ", "))
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "%s: ok (identity %s, %d peers: %s)\n", cfgPath, id.Public().Fingerprint(), len(pc.Peers), strings.Join(names, ", "))
+			for _, a := range probe(cmd.Context(), pc) {
+				if a.Available {
+					fmt.Fprintf(out, "backend %s: available\n", a.Backend)
+				} else {
+					fmt.Fprintf(out, "backend %s: not available: %s\n", a.Backend, a.Reason)
+				}
+			}
 			return nil
 		},
 	}
