@@ -477,3 +477,63 @@ func TestAllocatorSkipsReservedESPSPIs(t *testing.T) {
 		t.Error("per-session cap not applied above the reserved ids")
 	}
 }
+
+// TestBackendAgreement: hosts that accept several backends settle on the
+// best one both offer, whichever of them initiates; hosts with nothing in
+// common get an error that says what each side has.
+func TestBackendAgreement(t *testing.T) {
+	only := func(b wire.Backend) func(*Config) {
+		return func(c *Config) {
+			inst := c.Installers[b]
+			c.Installers = map[wire.Backend]Installer{b: inst}
+		}
+	}
+	both := []wire.Backend{wire.BackendXFRM, wire.BackendUserspace}
+	for _, tc := range []struct {
+		name          string
+		ini, resp     func(*Config)
+		iniBs, respBs []wire.Backend
+		want          wire.Backend
+		wantErr       string
+	}{
+		{"both accept both", nil, nil, both, both, wire.BackendXFRM, ""},
+		{"responder lacks xfrm", nil, only(wire.BackendUserspace), both, []wire.Backend{wire.BackendUserspace}, wire.BackendUserspace, ""},
+		{"initiator lacks xfrm", only(wire.BackendUserspace), nil, []wire.Backend{wire.BackendUserspace}, both, wire.BackendUserspace, ""},
+		{"nothing in common", only(wire.BackendUserspace), only(wire.BackendXFRM), []wire.Backend{wire.BackendUserspace}, []wire.Backend{wire.BackendXFRM}, 0,
+			"no common backend: this host accepts userspace for the peer, the peer offers xfrm"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := orderedIdentities(t)
+			ini, resp := newNode(t, a, tc.ini), newNode(t, b, tc.resp)
+			ci, cr := peerCfg(resp), peerCfg(ini)
+			ci.Backend, ci.Backends = 0, tc.iniBs
+			cr.Backend, cr.Backends = 0, tc.respBs
+			pr, err := resp.ep.AddPeer(cr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pr.Close()
+			pi, err := ini.ep.AddPeer(ci)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pi.Close()
+			if tc.wantErr != "" {
+				waitFor(t, func() bool { return pi.LastError() != nil })
+				if !strings.Contains(pi.LastError().Error(), tc.wantErr) {
+					t.Fatalf("error %v, want %q", pi.LastError(), tc.wantErr)
+				}
+				return
+			}
+			for _, p := range []*Peer{pi, pr} {
+				sa, err := p.Wait(ctxT(t, 10*time.Second), func(SA) bool { return true })
+				if err != nil {
+					t.Fatal(err)
+				}
+				if sa.Backend != tc.want {
+					t.Errorf("%s settled on %s, want %s", p.Role(), sa.Backend, tc.want)
+				}
+			}
+		})
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -21,10 +22,16 @@ type PeerConfig struct {
 	Key identity.PublicKey
 	// Addr is the peer's control socket. Only the initiator dials, but set
 	// it on both sides: which side initiates depends on the keys.
-	Addr    netip.AddrPort
-	Assoc   wire.AssocID // 1
-	Backend wire.Backend
-	Suite   kdf.Suite
+	Addr  netip.AddrPort
+	Assoc wire.AssocID // 1
+	// Backends are the data planes this host accepts for the peer, best
+	// first. The initiator offers the first one the peer's Hello lists
+	// too, so two hosts that accept several agree on the best one both
+	// can run, and a later session may settle on another (SA.Backend
+	// says which). Backend alone is shorthand for Backends{Backend}.
+	Backends []wire.Backend
+	Backend  wire.Backend
+	Suite    kdf.Suite
 
 	RekeyInterval time.Duration // 2m, minus up to RekeyJitter of it
 	RekeyJitter   float64       // 0.1
@@ -39,7 +46,6 @@ type Peer struct {
 	e      *Endpoint
 	cfg    PeerConfig
 	role   kdf.Role
-	inst   Installer
 	log    *slog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -69,10 +75,17 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 	if err != nil {
 		return nil, peerErr(cfg.Key, "add peer", err)
 	}
-	inst := e.cfg.Installers[cfg.Backend]
+	if len(cfg.Backends) == 0 {
+		cfg.Backends = []wire.Backend{cfg.Backend}
+	}
+	cfg.Backend = 0
+	for _, b := range cfg.Backends {
+		if e.cfg.Installers[b] == nil {
+			err = fmt.Errorf("backend %s has no installer on this host", b)
+		}
+	}
 	switch {
-	case inst == nil:
-		err = fmt.Errorf("backend %s has no installer on this host", cfg.Backend)
+	case err != nil:
 	case !e.cfg.Suites.Has(cfg.Suite):
 		err = fmt.Errorf("suite %s is not enabled on this host", cfg.Suite)
 	case role == kdf.Initiator && !cfg.Addr.IsValid():
@@ -97,7 +110,7 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 		cfg.RekeyJitter = 0.1
 	}
 	p := &Peer{
-		e: e, cfg: cfg, role: role, inst: inst, done: make(chan struct{}),
+		e: e, cfg: cfg, role: role, done: make(chan struct{}),
 		log:      e.log.With("peer", cfg.Key.Fingerprint(), "role", role.String()),
 		incoming: make(chan *Session, 1), rekeyReq: make(chan chan error), remoteRekey: make(chan struct{}, 1),
 		old: map[*SA]*time.Timer{}, changed: make(chan struct{}),
@@ -373,10 +386,10 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 	go func() {
 		serveErr <- s.serve(handlers{
 			installer: func(b wire.Backend, x kdf.Suite) Installer {
-				if b != p.cfg.Backend || x != p.cfg.Suite {
+				if !slices.Contains(p.cfg.Backends, b) || x != p.cfg.Suite {
 					return nil
 				}
-				return p.inst
+				return p.e.cfg.Installers[b]
 			},
 			confirmed: p.commit,
 			deleted:   p.deleted,
@@ -463,7 +476,13 @@ func (p *Peer) negotiate(s *Session) (*SA, error) {
 	p.gen++
 	gen := p.gen
 	p.mu.Unlock()
-	return s.negotiate(p.ctx, p.inst, p.cfg.Assoc, gen, p.cfg.Backend, p.cfg.Suite)
+	i := slices.IndexFunc(p.cfg.Backends, s.hello.Backends.Has)
+	if i < 0 {
+		return nil, s.fail(nil, "negotiate", fmt.Errorf("%w: no common backend: this host accepts %s for the peer, the peer offers %s (set backend for this peer to one both hosts can run)",
+			errUnsupported, wire.NewBackends(p.cfg.Backends...), s.hello.Backends))
+	}
+	b := p.cfg.Backends[i]
+	return s.negotiate(p.ctx, p.e.cfg.Installers[b], p.cfg.Assoc, gen, b, p.cfg.Suite)
 }
 
 // attach makes s the live session. A new boot id means the peer restarted
@@ -576,7 +595,7 @@ func (p *Peer) sendDelete(s *Session) {
 func (p *Peer) remove(sa *SA) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.e.cfg.NegotiationTimeout)
 	defer cancel()
-	if err := p.inst.Remove(ctx, sa); err != nil {
+	if err := p.e.cfg.Installers[sa.Backend].Remove(ctx, sa); err != nil {
 		p.log.Error("remove SA", "sa", sa, "err", peerErr(p.cfg.Key, "remove SA", err))
 	} else {
 		p.log.Info("SA removed", "sa", sa)

@@ -94,32 +94,63 @@ var Preference = []wire.Backend{wire.BackendXFRM, wire.BackendUserspace}
 // ErrNoCommonBackend means the two peers share no usable backend.
 var ErrNoCommonBackend = errors.New("offload: no common backend")
 
-// Choose picks the backend for a peer: the configured one if it is set
-// and possible, else the best one both sides offer. The error says what
-// is missing.
-func Choose(want policy.Backend, local Report, peer []wire.Backend) (wire.Backend, error) {
+// Candidates lists the backends a peer may use on this host, best first:
+// the configured one alone, or with auto every host-to-host backend this
+// host can run. The key exchange offers them in this order and settles on
+// the first the peer offers too. The error says what is missing.
+func Candidates(want policy.Backend, local Report) ([]wire.Backend, error) {
 	mine := local.Available()
 	if want != policy.BackendAuto && want != "" {
 		b, ok := map[policy.Backend]wire.Backend{
 			policy.BackendPSP: wire.BackendPSP, policy.BackendXFRM: wire.BackendXFRM, policy.BackendUserspace: wire.BackendUserspace,
 		}[want]
 		if !ok {
-			return 0, fmt.Errorf("offload: unknown backend %q", want)
+			return nil, fmt.Errorf("offload: unknown backend %q", want)
 		}
 		if !slices.Contains(mine, b) {
-			return 0, fmt.Errorf("offload: backend %s was configured but this host cannot run it: %s", b, local.reason(b))
+			return nil, fmt.Errorf("offload: backend %s was configured but this host cannot run it: %s", b, local.reason(b))
 		}
-		if peer != nil && !slices.Contains(peer, b) {
-			return 0, fmt.Errorf("offload: backend %s was configured but the peer does not offer it (it offers %s)", b, list(peer))
-		}
-		return b, nil
+		return []wire.Backend{b}, nil
 	}
+	var out []wire.Backend
 	for _, b := range Preference {
-		if slices.Contains(mine, b) && (peer == nil || slices.Contains(peer, b)) {
+		if slices.Contains(mine, b) {
+			out = append(out, b)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%w: this host can run none of %s (%s)", ErrNoCommonBackend, list(Preference), local.Missing())
+	}
+	return out, nil
+}
+
+// Choose picks the backend for a peer that offers peer (nil: unknown
+// yet): the first of Candidates the peer offers too.
+func Choose(want policy.Backend, local Report, peer []wire.Backend) (wire.Backend, error) {
+	cs, err := Candidates(want, local)
+	if err != nil {
+		return 0, err
+	}
+	for _, b := range cs {
+		if peer == nil || slices.Contains(peer, b) {
 			return b, nil
 		}
 	}
-	return 0, fmt.Errorf("%w: this host offers %s, the peer offers %s", ErrNoCommonBackend, list(mine), list(peer))
+	if len(cs) == 1 && want != policy.BackendAuto && want != "" {
+		return 0, fmt.Errorf("offload: backend %s was configured but the peer does not offer it (it offers %s)", cs[0], list(peer))
+	}
+	return 0, fmt.Errorf("%w: this host offers %s, the peer offers %s", ErrNoCommonBackend, list(cs), list(peer))
+}
+
+// Missing says, for each backend this host cannot run, why not.
+func (r Report) Missing() string {
+	var s []string
+	for _, a := range r {
+		if !a.Available {
+			s = append(s, a.Backend.String()+": "+a.Reason)
+		}
+	}
+	return strings.Join(s, "; ")
 }
 
 func list(bs []wire.Backend) string {

@@ -24,17 +24,21 @@ func probe(ctx context.Context, pc *policy.Config) offload.Report {
 // configuration may use. On error nothing is left running.
 func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ offload.Report, _ map[wire.Backend]offload.Backend, err error) {
 	report := probe(ctx, pc)
-	// Only the backends some peer will use are started (a userspace data
-	// plane nobody uses would still hold a TUN device and a port); with no
-	// peers yet, the one new peers would get by default.
+	// Only the backends some peer may use are started (a userspace data
+	// plane nobody uses would still hold a TUN device and a port). With
+	// auto that is every one this host can run, because the peer's offer
+	// decides; with no peers yet, the ones new peers would get by default.
 	used := map[wire.Backend]bool{}
+	wants := []policy.Backend{pc.Backend}
 	for _, p := range pc.Peers {
-		if b, err := offload.Choose(p.Backend.OrDefault(pc.Backend), report, nil); err == nil {
-			used[b] = true
-		}
+		wants = append(wants, p.Backend.OrDefault(pc.Backend))
 	}
-	if len(pc.Peers) == 0 {
-		if b, err := offload.Choose(pc.Backend, report, nil); err == nil {
+	if len(pc.Peers) > 0 {
+		wants = wants[1:]
+	}
+	for _, w := range wants {
+		cs, _ := offload.Candidates(w, report)
+		for _, b := range cs {
 			used[b] = true
 		}
 	}

@@ -58,6 +58,11 @@ type Daemon struct {
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 
+	// byKey finds a peer from the SAs the key exchange installs. It has
+	// its own lock because installs run while mu is held (Close, Reload).
+	kmu   sync.Mutex
+	byKey map[identity.PublicKey]*peer
+
 	mu    sync.Mutex
 	cfg   *policy.Config
 	peers map[string]*peer // by name
@@ -65,8 +70,13 @@ type Daemon struct {
 
 type peer struct {
 	cfg     policy.Peer
-	backend wire.Backend
+	backend wire.Backend // the best candidate; SA.Backend is the one in use
 	kx      *keyexchange.Peer
+
+	// bmu guards on: the backends holding the peer (routes, policies),
+	// with the number of the peer's SAs each has installed.
+	bmu     sync.Mutex
+	on      map[wire.Backend]int
 	stop    context.CancelFunc
 	rekeys  uint64
 	created map[uint32]time.Time // generation → when it became current
@@ -81,12 +91,8 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("pspd: %w", err)
 	}
-	installers := map[wire.Backend]keyexchange.Installer{}
-	for k, b := range cfg.Backends {
-		installers[k] = b
-	}
-	if len(installers) == 0 {
-		return nil, fmt.Errorf("pspd: no data plane can run on this host: %s", describe(cfg.Report))
+	if len(cfg.Backends) == 0 {
+		return nil, fmt.Errorf("pspd: no data plane can run on this host: %s", cfg.Report.Missing())
 	}
 	var boot [8]byte
 	rand.Read(boot[:])
@@ -94,13 +100,17 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	d = &Daemon{
 		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, started: time.Now(),
 		bootID: hex.EncodeToString(boot[:]), events: newHub(), ctx: dctx, cancel: cancel,
-		cfg: pc, peers: map[string]*peer{},
+		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
 	}
 	defer func() {
 		if err != nil {
 			d.Close()
 		}
 	}()
+	installers := map[wire.Backend]keyexchange.Installer{}
+	for k := range cfg.Backends {
+		installers[k] = installer{d, k}
+	}
 	kc := keyexchange.Config{
 		Identity: id, ListenAddr: pc.Listen.String(), Installers: installers,
 		Suites: wire.NewSuites(pc.Suite), Logger: d.log.With("part", "keyexchange"),
@@ -135,48 +145,51 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	return d, nil
 }
 
-func describe(r offload.Report) string {
-	var s string
-	for _, a := range r {
-		if !a.Available {
-			s += fmt.Sprintf("%s: %s; ", a.Backend, a.Reason)
+// candidates lists the backends a peer may use, best first, among those
+// this daemon runs.
+func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]wire.Backend, error) {
+	cs, err := offload.Candidates(pc.Backend.OrDefault(global), d.report)
+	if err != nil {
+		return nil, err
+	}
+	var out []wire.Backend
+	for _, b := range cs {
+		if d.backends[b] != nil {
+			out = append(out, b)
 		}
 	}
-	return s
-}
-
-// choose picks a peer's backend among those this daemon runs.
-func (d *Daemon) choose(pc policy.Peer, global policy.Backend) (wire.Backend, error) {
-	b, err := offload.Choose(pc.Backend.OrDefault(global), d.report, nil)
-	if err != nil {
-		return 0, err
+	if len(out) == 0 {
+		return nil, fmt.Errorf("backend %s was not started because no peer used it when pspd started; restart pspd to use it", cs[0])
 	}
-	if d.backends[b] == nil {
-		return 0, fmt.Errorf("backend %s was not started because no peer used it when pspd started; restart pspd to use it", b)
-	}
-	return b, nil
+	return out, nil
 }
 
 func (d *Daemon) addPeer(pc policy.Peer) error {
-	b, err := d.choose(pc, d.cfg.Backend)
+	cs, err := d.candidates(pc, d.cfg.Backend)
 	if err != nil {
 		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
 	}
-	kp, err := d.ep.AddPeer(keyexchange.PeerConfig{
-		Key: pc.PublicKey, Addr: pc.Endpoint, Backend: b, Suite: pc.Suite,
+	ctx, stop := context.WithCancel(d.ctx)
+	p := &peer{cfg: pc, backend: cs[0], stop: stop, created: map[uint32]time.Time{}, on: map[wire.Backend]int{}}
+	// The best backend gets the peer now, so that with
+	// require_encryption its traffic is held back from the start; the
+	// one the key exchange settles on gets it with the first SA.
+	if err := d.attach(p, cs[0]); err != nil {
+		stop()
+		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+	}
+	d.kmu.Lock()
+	d.byKey[pc.PublicKey] = p
+	d.kmu.Unlock()
+	p.kx, err = d.ep.AddPeer(keyexchange.PeerConfig{
+		Key: pc.PublicKey, Addr: pc.Endpoint, Backends: cs, Suite: pc.Suite,
 		RekeyInterval: d.cfg.RekeyInterval,
 	})
 	if err != nil {
+		d.forget(p)
+		stop()
 		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
 	}
-	if bk, ok := d.backends[b].(interface{ AddPeer(policy.Peer) error }); ok {
-		if err := bk.AddPeer(pc); err != nil {
-			kp.Close()
-			return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
-		}
-	}
-	ctx, stop := context.WithCancel(d.ctx)
-	p := &peer{cfg: pc, backend: b, kx: kp, stop: stop, created: map[uint32]time.Time{}}
 	d.peers[pc.Name] = p
 	d.wg.Add(1)
 	go d.watch(ctx, p)
@@ -190,10 +203,8 @@ func (d *Daemon) removePeer(name string) {
 	}
 	delete(d.peers, name)
 	p.stop()
-	p.kx.Close()
-	if bk, ok := d.backends[p.backend].(interface{ RemovePeer(policy.Peer) }); ok {
-		bk.RemovePeer(p.cfg)
-	}
+	p.kx.Close() // removes the peer's SAs through the backends
+	d.forget(p)
 	d.events.publish(localapi.Event{Kind: "peer-removed", Peer: name})
 }
 
@@ -221,7 +232,7 @@ func (d *Daemon) watch(ctx context.Context, p *peer) {
 		}
 		d.mu.Unlock()
 		d.events.publish(localapi.Event{Kind: kind, Peer: p.cfg.Name, Assoc: assocID(p.cfg.Name, sa),
-			Detail: fmt.Sprintf("generation %d rx %v tx %v on %s", sa.Generation, sa.RxSPI, sa.TxSPI, p.backend)})
+			Detail: fmt.Sprintf("generation %d rx %v tx %v on %s", sa.Generation, sa.RxSPI, sa.TxSPI, sa.Backend)})
 		d.log.Info("association current", "peer", p.cfg.Name, "sa", &sa)
 		last = sa.Generation
 	}
@@ -272,7 +283,7 @@ func (d *Daemon) Reload(next *policy.Config) error {
 	}
 	// Check every added or changed peer can be served before touching any.
 	for _, p := range slices.Concat(diff.Added, diff.Changed) {
-		if _, err := d.choose(p, next.Backend); err != nil {
+		if _, err := d.candidates(p, next.Backend); err != nil {
 			return fmt.Errorf("pspd: reload refused, nothing applied: peer %s: %w", p.Name, err)
 		}
 	}

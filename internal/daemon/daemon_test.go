@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -32,15 +33,37 @@ import (
 // socket) are real; the demo and the backend packages' own tests run the
 // real data planes.
 type recBackend struct {
+	kind   wire.Backend
 	mu     sync.Mutex
 	live   map[kdf.SPI]bool
 	active map[kdf.SPI]bool
 	keys   []secret.Key
+	peers  map[string]bool // peers the backend holds (routes, policies)
 }
 
-func newRec() *recBackend { return &recBackend{live: map[kdf.SPI]bool{}, active: map[kdf.SPI]bool{}} }
+func newRec() *recBackend { return newRecKind(wire.BackendUserspace) }
 
-func (r *recBackend) Kind() wire.Backend { return wire.BackendUserspace }
+func newRecKind(k wire.Backend) *recBackend {
+	return &recBackend{kind: k, live: map[kdf.SPI]bool{}, active: map[kdf.SPI]bool{}, peers: map[string]bool{}}
+}
+
+func (r *recBackend) Kind() wire.Backend { return r.kind }
+func (r *recBackend) AddPeer(p policy.Peer) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.peers[p.Name] = true
+	return nil
+}
+func (r *recBackend) RemovePeer(p policy.Peer) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.peers, p.Name)
+}
+func (r *recBackend) holds(name string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.peers[name]
+}
 func (r *recBackend) Install(_ context.Context, sa *keyexchange.SA) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -125,7 +148,10 @@ func newHost(t *testing.T, name string) *host {
 }
 
 func (h *host) config(t *testing.T, extra string, peers ...*host) *policy.Config {
-	src := fmt.Sprintf("identity: %s\nlisten: 127.0.0.1:%d\nsocket: %s\nmetrics: off\nbackend: userspace\nrekey_interval: 1h\n%speers:\n",
+	if !strings.Contains(extra, "backend:") {
+		extra += "backend: userspace\n"
+	}
+	src := fmt.Sprintf("identity: %s\nlisten: 127.0.0.1:%d\nsocket: %s\nmetrics: off\nrekey_interval: 1h\n%speers:\n",
 		filepath.Join(h.dir, "id.pem"), h.port, h.sock, extra)
 	for _, p := range peers {
 		src += fmt.Sprintf("  - {name: %s, endpoint: 127.0.0.1:%d, public_key: %s}\n", p.name, p.port, p.id.Public())
@@ -143,11 +169,22 @@ func (h *host) config(t *testing.T, extra string, peers ...*host) *policy.Config
 }
 
 func (h *host) start(t *testing.T, pc *policy.Config) {
-	h.rec, h.logs = newRec(), &syncBuf{}
+	h.rec = newRec()
+	report := offload.Report{{Backend: wire.BackendXFRM, Reason: "kernel lacks ESP"}, {Backend: wire.BackendUserspace, Available: true}}
+	h.startWith(t, pc, report, h.rec)
+}
+
+// startWith runs the daemon with the given backends, which must match
+// the report.
+func (h *host) startWith(t *testing.T, pc *policy.Config, report offload.Report, recs ...*recBackend) {
+	h.logs = &syncBuf{}
 	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	report := offload.Report{{Backend: wire.BackendUserspace, Available: true}, {Backend: wire.BackendXFRM, Reason: "kernel lacks ESP"}}
+	bs := map[wire.Backend]offload.Backend{}
+	for _, r := range recs {
+		bs[r.kind] = r
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, Config{Policy: pc, Logger: log, Report: report, Backends: map[wire.Backend]offload.Backend{wire.BackendUserspace: h.rec}})
+	d, err := New(ctx, Config{Policy: pc, Logger: log, Report: report, Backends: bs})
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -269,5 +306,35 @@ func TestNoBackendRefusesToStart(t *testing.T) {
 		Report: offload.Report{{Backend: wire.BackendXFRM, Reason: "kernel lacks ESP"}}})
 	if err == nil || !bytes.Contains([]byte(err.Error()), []byte("kernel lacks ESP")) {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// TestBackendAgreement: a host that can run XFRM and the userspace data
+// plane and one that runs only the latter both use auto; they settle on
+// userspace, and the XFRM backend, which held the peer from the start (it
+// is the better one), gives it up once the association is up elsewhere.
+func TestBackendAgreement(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	xa, ua := newRecKind(wire.BackendXFRM), newRecKind(wire.BackendUserspace)
+	a.startWith(t, a.config(t, "backend: auto\n", b),
+		offload.Report{{Backend: wire.BackendXFRM, Available: true}, {Backend: wire.BackendUserspace, Available: true}}, xa, ua)
+	if !xa.holds("b") || ua.holds("b") {
+		t.Fatalf("before any session the best backend should hold the peer: xfrm %v, userspace %v", xa.holds("b"), ua.holds("b"))
+	}
+	b.rec = newRec()
+	b.startWith(t, b.config(t, "backend: auto\n", a),
+		offload.Report{{Backend: wire.BackendXFRM, Reason: "kernel lacks ESP"}, {Backend: wire.BackendUserspace, Available: true}}, b.rec)
+	aa, ab := waitAssoc(t, client.New(a.sock), 1), waitAssoc(t, client.New(b.sock), 1)
+	if aa.Backend != "userspace" || ab.Backend != "userspace" {
+		t.Fatalf("backends %s/%s, want userspace on both", aa.Backend, ab.Backend)
+	}
+	if xa.holds("b") || !ua.holds("b") {
+		t.Errorf("after settling on userspace: xfrm holds the peer %v, userspace %v", xa.holds("b"), ua.holds("b"))
+	}
+	if len(xa.allKeys()) != 0 {
+		t.Error("the unused backend was given keys")
 	}
 }

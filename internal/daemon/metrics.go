@@ -42,7 +42,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descRekeys, prometheus.CounterValue, float64(p.rekeys), p.cfg.Name)
 		if sa, ok := p.kx.Current(); ok {
-			assocs[p.backend.String()]++
+			assocs[sa.Backend.String()]++
 			a := d.assoc(p, sa)
 			for dir, v := range map[string][2]uint64{"in": {a.BytesIn, a.PacketsIn}, "out": {a.BytesOut, a.PacketsOut}} {
 				ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(v[0]), p.cfg.Name, a.Backend, dir)

@@ -63,6 +63,7 @@ func (d *Daemon) Peers(context.Context) ([]localapi.Peer, error) {
 			lp.LastError = err.Error()
 		}
 		if sa, ok := p.kx.Current(); ok {
+			lp.Backend = sa.Backend.String()
 			lp.Assocs = 1
 			lp.LastHandshake = p.created[sa.Generation]
 		}
@@ -73,13 +74,13 @@ func (d *Daemon) Peers(context.Context) ([]localapi.Peer, error) {
 
 func (d *Daemon) assoc(p *peer, sa keyexchange.SA) localapi.Assoc {
 	a := localapi.Assoc{
-		ID: assocID(p.cfg.Name, sa), Peer: p.cfg.Name, Backend: p.backend.String(), Suite: sa.Suite.String(),
+		ID: assocID(p.cfg.Name, sa), Peer: p.cfg.Name, Backend: sa.Backend.String(), Suite: sa.Suite.String(),
 		RxSPI: uint32(sa.RxSPI), TxSPI: uint32(sa.TxSPI), Generation: sa.Generation, Created: p.created[sa.Generation],
 	}
 	if !a.Created.IsZero() {
 		a.NextRekey = a.Created.Add(d.cfg.RekeyInterval)
 	}
-	if b := d.backends[p.backend]; b != nil {
+	if b := d.backends[sa.Backend]; b != nil {
 		if t, ok := b.Traffic(&sa); ok {
 			a.BytesIn, a.BytesOut, a.PacketsIn, a.PacketsOut, a.Drops = t.BytesIn, t.BytesOut, t.PacketsIn, t.PacketsOut, t.Drops
 		}

@@ -123,6 +123,20 @@ func NewBackends(bs ...Backend) Backends {
 // Has reports whether b is in the set.
 func (s Backends) Has(b Backend) bool { return b.Valid() && s&(1<<b) != 0 }
 
+// String lists the set's backends, or says "none".
+func (s Backends) String() string {
+	var names []string
+	for b := BackendPSP; b <= BackendUserspace; b++ {
+		if s.Has(b) {
+			names = append(names, b.String())
+		}
+	}
+	if len(names) == 0 {
+		return "none"
+	}
+	return strings.Join(names, ", ")
+}
+
 // Suites is a set of AEAD suites.
 type Suites uint8
 
