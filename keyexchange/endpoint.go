@@ -56,6 +56,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -140,6 +141,22 @@ type Endpoint struct {
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*Peer
+
+	handshakes, failures atomic.Uint64
+}
+
+// Stats counts an Endpoint's handshakes.
+type Stats struct {
+	// Handshakes are sessions that came up: TLS done, peer pinned, Hellos
+	// exchanged.
+	Handshakes uint64
+	// HandshakeFailures are dials and sessions that failed before that.
+	HandshakeFailures uint64
+}
+
+// Stats reports the handshake counters.
+func (e *Endpoint) Stats() Stats {
+	return Stats{Handshakes: e.handshakes.Load(), HandshakeFailures: e.failures.Load()}
 }
 
 // NewEndpoint binds the control socket and starts accepting sessions from
@@ -303,6 +320,7 @@ func (e *Endpoint) dial(ctx context.Context, addr netip.AddrPort, want identity.
 	})
 	conn, err := e.tr.Dial(ctx, net.UDPAddrFromAddrPort(addr), conf, e.qconf)
 	if err != nil {
+		e.failures.Add(1)
 		return nil, peerErr(want, "dial "+addr.String(), err)
 	}
 	return e.newSession(ctx, conn, true)

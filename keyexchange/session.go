@@ -140,8 +140,11 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	}
 	defer func() {
 		if err != nil {
+			e.failures.Add(1)
 			err = peerErr(peer, "session setup", err)
 			conn.CloseWithError(closeProtocol, err.Error())
+		} else {
+			e.handshakes.Add(1)
 		}
 	}()
 	if err != nil {

@@ -337,4 +337,19 @@ func TestBackendAgreement(t *testing.T) {
 	if len(xa.allKeys()) != 0 {
 		t.Error("the unused backend was given keys")
 	}
+	mfs, err := a.d.metrics.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok := false
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			if mf.GetName() == "pspd_handshakes_total" && m.GetLabel()[0].GetValue() == "ok" && m.GetCounter().GetValue() >= 1 {
+				ok = true
+			}
+		}
+	}
+	if !ok {
+		t.Error("pspd_handshakes_total{result=ok} did not count the session")
+	}
 }

@@ -15,11 +15,12 @@ var (
 	descRekeys = prometheus.NewDesc("pspd_rekeys_total", "Completed rekeys by peer.", []string{"peer"}, nil)
 	descBytes  = prometheus.NewDesc("pspd_bytes_total", "Bytes through current associations.", []string{"peer", "backend", "direction"}, nil)
 	descPkts   = prometheus.NewDesc("pspd_packets_total", "Packets through current associations.", []string{"peer", "backend", "direction"}, nil)
+	descHands  = prometheus.NewDesc("pspd_handshakes_total", "Key-exchange handshakes by result.", []string{"result"}, nil)
 	descDrops  = prometheus.NewDesc("pspd_drops_total", "Packets dropped by the data plane, by reason.", []string{"backend", "reason"}, nil)
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPeers, descAssocs, descRekeys, descBytes, descPkts, descDrops} {
+	for _, d := range []*prometheus.Desc{descPeers, descAssocs, descRekeys, descBytes, descPkts, descHands, descDrops} {
 		ch <- d
 	}
 }
@@ -51,6 +52,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	d.mu.Unlock()
+	hs := d.ep.Stats()
+	ch <- prometheus.MustNewConstMetric(descHands, prometheus.CounterValue, float64(hs.Handshakes), "ok")
+	ch <- prometheus.MustNewConstMetric(descHands, prometheus.CounterValue, float64(hs.HandshakeFailures), "failed")
 	for s, v := range states {
 		ch <- prometheus.MustNewConstMetric(descPeers, prometheus.GaugeValue, v, s)
 	}
