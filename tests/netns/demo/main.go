@@ -60,7 +60,7 @@ func demo(ctx context.Context, backend string, keep bool) error {
 	step("association up in %v: a receives on %#08x, b receives on %#08x", time.Since(start).Round(time.Millisecond), as[0].RxSPI, as[1].RxSPI)
 
 	const canary = "pspd-demo-canary-"
-	stopCap, err := netns.Capture(ctx, p.Switch, p.Tap)
+	stopCap, err := p.Capture(ctx)
 	if err != nil {
 		return err
 	}
