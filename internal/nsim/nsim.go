@@ -7,6 +7,7 @@
 package nsim
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -117,12 +118,19 @@ func Link(a, b *Port) error {
 	return nil
 }
 
-// IPsec is the port's debugfs listing of the ESP SAs offloaded to it (it
-// needs debugfs mounted at /sys/kernel/debug).
-func (p *Port) IPsec() (string, error) {
+// ESP reports how many ESP SAs are offloaded to the port and how many
+// packets it has transmitted through them, from its debugfs listing
+// (debugfs mounted at /sys/kernel/debug). The listing also holds the SAs'
+// keys; they are never returned.
+func (p *Port) ESP() (sas, tx int, err error) {
 	b, err := os.ReadFile(fmt.Sprintf("/sys/kernel/debug/netdevsim/netdevsim%d/ports/0/ipsec", p.ID))
 	if err != nil {
-		return "", fmt.Errorf("nsim: %w", err)
+		return 0, 0, fmt.Errorf("nsim: %w", err)
 	}
-	return string(b), nil
+	defer clear(b)
+	first, _, _ := bytes.Cut(b, []byte("\n"))
+	if _, err := fmt.Sscanf(string(first), "SA count=%d tx=%d", &sas, &tx); err != nil {
+		return 0, 0, fmt.Errorf("nsim: netdevsim%d ipsec listing starts %q: %w", p.ID, first, err)
+	}
+	return sas, tx, nil
 }

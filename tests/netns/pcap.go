@@ -1,14 +1,48 @@
 package netns
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 )
 
 // ControlPort is pspd's QUIC port, the only clear UDP an xfrm underlay may
 // carry besides ESP.
 const ControlPort = 6082
+
+// Wire is what a capture of the underlay recorded: one pcap file per tap.
+type Wire [][]byte
+
+// Size is the number of bytes captured.
+func (w Wire) Size() int {
+	n := 0
+	for _, f := range w {
+		n += len(f)
+	}
+	return n
+}
+
+// Contains reports whether any captured frame holds s.
+func (w Wire) Contains(s string) bool {
+	return slices.ContainsFunc(w, func(f []byte) bool { return bytes.Contains(f, []byte(s)) })
+}
+
+// Kinds is WireKinds summed over every tap.
+func (w Wire) Kinds() (map[string]int, error) {
+	sum := map[string]int{}
+	for _, f := range w {
+		k, err := WireKinds(f)
+		if err != nil {
+			return nil, err
+		}
+		for kind, n := range k {
+			sum[kind] += n
+		}
+	}
+	return sum, nil
+}
 
 // WireKinds counts the frames of a classic pcap capture (Ethernet link
 // type, as tcpdump -w writes) by what they carry: "esp", "arp",

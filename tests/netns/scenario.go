@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -42,11 +43,21 @@ type Pair struct {
 	A, B     *Daemon
 	Inner    [2]string // inner addresses of A and B
 	Underlay [2]string // underlay interface names in A and B
-	// Wire is where Capture records the underlay: the switch, or A.
-	Wire *Host
-	Tap  string // the device in Wire
 	// Ports are the netdevsim ports of A and B (Netdevsim underlay only).
 	Ports [2]*nsim.Port
+
+	taps []tap // where Capture records the underlay
+}
+
+// tap is one place to capture: a device in a host, and whether only
+// frames it sends count. A host's own end must be captured outbound only:
+// after decapsulating tunnel-mode ESP the kernel passes the inner packet
+// up through the same device, where a capture of both directions shows
+// it in clear although it crossed the wire encrypted.
+type tap struct {
+	h       *Host
+	dev     string
+	outOnly bool
 }
 
 // UnavailableError is TwoHosts' answer when pspd says this host cannot
@@ -158,7 +169,7 @@ func (l *Lab) underlay(ctx context.Context, p *Pair, a, b *Host) error {
 			}
 		}
 		p.Underlay = [2]string{l.Prefix + "ua", l.Prefix + "ub"}
-		p.Wire, p.Tap = sw, l.Prefix+"pa"
+		p.taps = []tap{{h: sw, dev: l.Prefix + "pa"}}
 		return nil
 	case Veth:
 		p.Underlay = [2]string{l.Prefix + "ua", l.Prefix + "ub"}
@@ -182,11 +193,11 @@ func (l *Lab) underlay(ctx context.Context, p *Pair, a, b *Host) error {
 	default:
 		return fmt.Errorf("netns: unknown underlay %q", l.Underlay)
 	}
-	p.Wire, p.Tap = a, p.Underlay[0]
 	for i, h := range []*Host{a, b} {
 		if err := h.up(ctx, p.Underlay[i], addrs[i]); err != nil {
 			return err
 		}
+		p.taps = append(p.taps, tap{h: h, dev: p.Underlay[i], outOnly: true})
 	}
 	return nil
 }
@@ -207,9 +218,27 @@ func (d *Daemon) Available(ctx context.Context, backend string) error {
 	return nil
 }
 
-// Capture records the underlay on the wire until stop is called.
-func (p *Pair) Capture(ctx context.Context) (stop func() ([]byte, error), err error) {
-	return Capture(ctx, p.Wire, p.Tap)
+// Capture records what crosses the underlay until stop is called.
+func (p *Pair) Capture(ctx context.Context) (stop func() (Wire, error), err error) {
+	var stops []func() ([]byte, error)
+	stopAll := func() (Wire, error) {
+		var w Wire
+		var errs []error
+		for _, s := range stops {
+			b, err := s()
+			w, errs = append(w, b), append(errs, err)
+		}
+		return w, errors.Join(errs...)
+	}
+	for _, tp := range p.taps {
+		s, err := capture(ctx, tp.h, tp.dev, tp.outOnly)
+		if err != nil {
+			stopAll()
+			return nil, err
+		}
+		stops = append(stops, s)
+	}
+	return stopAll, nil
 }
 
 // Assocs is the daemon's association list.
@@ -241,13 +270,21 @@ func (p *Pair) WaitAssoc(ctx context.Context, gen uint32) ([2]localapi.Assoc, er
 // Capture records the underlay of a host with tcpdump until stop is
 // called, and returns the raw capture.
 func Capture(ctx context.Context, h *Host, dev string) (stop func() ([]byte, error), err error) {
+	return capture(ctx, h, dev, false)
+}
+
+func capture(ctx context.Context, h *Host, dev string, outOnly bool) (stop func() ([]byte, error), err error) {
 	if _, err := exec.LookPath(tool("tcpdump")); err != nil {
 		return nil, fmt.Errorf("netns: capture needs tcpdump (apt-get install tcpdump)")
 	}
 	file := filepath.Join(h.lab.Dir, h.Name+"-"+dev+".pcap")
 	// -Z root: tcpdump would otherwise switch to user tcpdump, which the
 	// VM's /etc/passwd does not have.
-	cmd := h.Command(ctx, "tcpdump", "-Z", "root", "-i", dev, "-U", "-s", "0", "-w", file, "--immediate-mode")
+	args := []string{"-Z", "root", "-i", dev, "-U", "-s", "0", "-w", file, "--immediate-mode"}
+	if outOnly {
+		args = append(args, "-Q", "out")
+	}
+	cmd := h.Command(ctx, "tcpdump", args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
