@@ -160,25 +160,34 @@ func testDemo(t *testing.T, backend string, configure func(*Lab)) {
 	}
 }
 
-// espOnly checks that an xfrm underlay carried ESP and, in clear, nothing
-// but pspd's QUIC, ARP and ICMPv6 (neighbour discovery).
+// espOnly checks that an xfrm underlay carried ESP and nothing else in
+// clear.
 func espOnly(t *testing.T, wire Wire) {
+	t.Helper()
+	if kinds := nothingInClear(t, wire); kinds["esp"] == 0 {
+		t.Error("no ESP on the underlay")
+	}
+}
+
+// nothingInClear checks that the underlay carried, in clear, nothing but
+// pspd's QUIC (and the unreachables a closed QUIC port draws), ARP,
+// IGMP and IPv6 neighbour discovery and MLD, and returns what it carried.
+func nothingInClear(t *testing.T, wire Wire) map[string]int {
 	t.Helper()
 	kinds, err := wire.Kinds()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("on the wire: %v", kinds)
-	if kinds["esp"] == 0 {
-		t.Error("no ESP on the underlay")
-	}
 	for k, n := range kinds {
 		switch k {
-		case "esp", "arp", "ipv6/0", "ipv6/58", fmt.Sprintf("udp/%d", ControlPort): // IPv6: MLD and ND
+		case "esp", "arp", "ipv4/2", "ipv6/0", "ipv6/58", // IGMP; IPv6 MLD and ND
+			fmt.Sprintf("udp/%d", ControlPort), fmt.Sprintf("icmp-unreachable/udp/%d", ControlPort):
 		default:
 			t.Errorf("%d frames of %s in clear on the underlay", n, k)
 		}
 	}
+	return kinds
 }
 
 // testOffload brings the xfrm backend up with offload: crypto on two
@@ -226,36 +235,74 @@ func testOffload(t *testing.T) {
 	}
 }
 
-// TestCrashFailsClosed kills one daemon with SIGKILL: with
+// TestCrashFailsClosed kills one daemon with SIGKILL, per backend: with
 // require_encryption the host refuses traffic to the peer while pspd is
-// down (nothing leaves in clear), and a restarted daemon is back in
-// association quickly.
+// down (nothing leaves in clear: the userspace backend's prohibit route,
+// the xfrm backend's policies stay in the kernel), and a restarted daemon
+// is back in association quickly.
 func TestCrashFailsClosed(t *testing.T) {
-	ctx, p, _ := upPair(t, "pnc-", "userspace", 2*time.Minute, nil)
+	t.Run("userspace", func(t *testing.T) {
+		hostOnly(t)
+		testCrash(t, "userspace")
+	})
+	t.Run("xfrm", func(t *testing.T) { testCrash(t, "xfrm") })
+}
+
+func testCrash(t *testing.T, backend string) {
+	ctx, p, _ := upPair(t, "pnc-", backend, 2*time.Minute, nil)
 	bootBefore := peerBoot(t, ctx, p.B)
 	p.A.Kill()
 
-	out, err := p.A.Host.Command(ctx, "ip", "route", "get", p.Inner[1]).CombinedOutput()
-	if err == nil || !strings.Contains(string(out), "prohibit") && !strings.Contains(string(out), "Permission denied") {
-		t.Fatalf("with pspd dead, the route to the peer is %q (%v); want it prohibited", out, err)
+	if backend == "userspace" {
+		out, err := p.A.Host.Command(ctx, "ip", "route", "get", p.Inner[1]).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "prohibit") && !strings.Contains(string(out), "Permission denied") {
+			t.Fatalf("with pspd dead, the route to the peer is %q (%v); want it prohibited", out, err)
+		}
 	}
 	const canary = "pspd-crash-canary-"
+	if backend == "xfrm" {
+		// The SAs a killed pspd leaves keep carrying traffic, encrypted,
+		// until their hard lifetime; the restarted pspd reconciles them.
+		stop, err := p.Capture(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 4096, canary); err != nil {
+			t.Fatalf("on the SAs the killed pspd left: %v", err)
+		}
+		wire, _ := stop()
+		if wire.Contains(canary) {
+			t.Fatal("plaintext left the host while pspd was down")
+		}
+		espOnly(t, wire)
+		// Once those SAs are gone, as at their expiry, the policies pspd
+		// installed first must hold traffic back.
+		if err := p.A.Host.IP(ctx, "xfrm", "state", "flush"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	stop, err := p.Capture(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 4096, canary); err == nil {
+	// Refused traffic retries until this context ends.
+	refusedCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	_, err = EchoTCP(refusedCtx, p.A.Host, p.B.Host, p.Inner[1], 4096, canary)
+	cancel()
+	if err == nil {
 		t.Fatal("traffic to the peer got through while pspd was down")
 	}
 	wire, _ := stop()
 	if wire.Contains(canary) {
 		t.Fatal("plaintext left the host while pspd was down")
 	}
+	nothingInClear(t, wire)
 
 	restart := time.Now()
 	if err := p.A.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	answered := time.Now()
 	// The survivor must have a session with the new incarnation (a new
 	// boot id), not just its stale association.
 	for b := peerBoot(t, ctx, p.B); b == bootBefore || b == ""; b = peerBoot(t, ctx, p.B) {
@@ -267,7 +314,10 @@ func TestCrashFailsClosed(t *testing.T) {
 	if _, err := p.WaitAssoc(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("association back %v after the restart", time.Since(restart))
+	t.Logf("association back %v after the restart, %v after pspd answered", time.Since(restart), time.Since(answered))
+	if d := time.Since(answered); d > 2*time.Second {
+		t.Errorf("association back only %v after the restarted pspd answered, want within 2s", d)
+	}
 	if _, err := EchoTCP(ctx, p.A.Host, p.B.Host, p.Inner[1], 64<<10, canary); err != nil {
 		t.Fatalf("after restart: %v", err)
 	}

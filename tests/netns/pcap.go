@@ -46,7 +46,8 @@ func (w Wire) Kinds() (map[string]int, error) {
 
 // WireKinds counts the frames of a classic pcap capture (Ethernet link
 // type, as tcpdump -w writes) by what they carry: "esp", "arp",
-// "udp/PORT" (the lower of the two ports), "tcp", "icmp", "ipv4/PROTO",
+// "udp/PORT" (the lower of the two ports), "tcp", "icmp",
+// "icmp-unreachable/KIND" (KIND: the packet it answers), "ipv4/PROTO",
 // "ipv6/NEXTHDR" or "ethertype/0xTYPE". Scenarios check with it that a
 // protected underlay carries ESP and nothing else in clear.
 func WireKinds(pcap []byte) (map[string]int, error) {
@@ -105,6 +106,11 @@ func frameKind(f []byte) string {
 	proto, l4 := p[9], p[ihl:]
 	switch proto {
 	case 1:
+		// A destination-unreachable names what it answers: a daemon's
+		// QUIC port is closed while it restarts.
+		if len(l4) >= 8 && l4[0] == 3 {
+			return "icmp-unreachable/" + frameKind(append(f[:14:14], l4[8:]...))
+		}
 		return "icmp"
 	case 6:
 		return "tcp"

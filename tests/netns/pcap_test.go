@@ -32,11 +32,12 @@ func TestWireKinds(t *testing.T) {
 	quic := ipv4Frame(17, []byte{0xc0, 0x00, 0x17, 0xa2}) // 49152 -> 6050
 	quic[len(quic)-2], quic[len(quic)-1] = 0x17, 0xa2
 	arp := append(make([]byte, 12), 0x08, 0x06, 0, 1)
-	got, err := WireKinds(pcapOf(ipv4Frame(50, []byte{1, 2, 3, 4}), ipv4Frame(50, nil), ipv4Frame(6, make([]byte, 20)), quic, arp, []byte{1, 2}))
+	unreachable := ipv4Frame(1, append([]byte{3, 3, 0, 0, 0, 0, 0, 0}, ipv4Frame(17, []byte{0x17, 0xa2, 0xc0, 0x00})[14:]...))
+	got, err := WireKinds(pcapOf(ipv4Frame(50, []byte{1, 2, 3, 4}), ipv4Frame(50, nil), ipv4Frame(6, make([]byte, 20)), quic, arp, []byte{1, 2}, unreachable))
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]int{"esp": 2, "tcp": 1, "udp/6050": 1, "arp": 1, "runt": 1}
+	want := map[string]int{"esp": 2, "tcp": 1, "udp/6050": 1, "arp": 1, "runt": 1, "icmp-unreachable/udp/6050": 1}
 	if !maps.Equal(got, want) {
 		t.Fatalf("WireKinds = %v, want %v", got, want)
 	}

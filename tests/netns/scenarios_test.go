@@ -12,10 +12,18 @@ import (
 )
 
 // TestRekeyUnderLoad rotates the association repeatedly from both sides
-// while numbered UDP datagrams flow at a fixed rate: make-before-break
-// must lose none of them.
+// while numbered UDP datagrams flow at a fixed rate, per backend:
+// make-before-break must lose none of them.
 func TestRekeyUnderLoad(t *testing.T) {
-	ctx, p, as := upPair(t, "pnr-", "userspace", 2*time.Minute, nil)
+	t.Run("userspace", func(t *testing.T) {
+		hostOnly(t)
+		testRekey(t, "userspace")
+	})
+	t.Run("xfrm", func(t *testing.T) { testRekey(t, "xfrm") })
+}
+
+func testRekey(t *testing.T, backend string) {
+	ctx, p, as := upPair(t, "pnr-", backend, 2*time.Minute, nil)
 	const n, pps = 4000, 1000
 	rotations := 0
 	got, err := UDPStream(ctx, p.A.Host, p.B.Host, p.Inner[1], n, pps, func() error {
@@ -48,6 +56,7 @@ func TestRekeyUnderLoad(t *testing.T) {
 // idle timeout, then restores it: the daemons reconnect by themselves and
 // end up with exactly one association each, and traffic flows again.
 func TestPartitionHeals(t *testing.T) {
+	hostOnly(t)
 	ctx, p, before := upPair(t, "pnp-", "userspace", 3*time.Minute, nil)
 	bootB := peerBoot(t, ctx, p.A)
 	if err := p.A.Host.IP(ctx, "link", "set", p.Underlay[0], "down"); err != nil {
@@ -85,6 +94,7 @@ func TestPartitionHeals(t *testing.T) {
 // legitimate traffic keeps flowing, and every drop shows in /metrics by
 // reason.
 func TestHostileInput(t *testing.T) {
+	hostOnly(t)
 	ctx, p, as := upPair(t, "pnh-", "userspace", 2*time.Minute, func(l *Lab) { l.Metrics = true })
 	peer := "192.0.2.2:6081" // b's data-plane address: these pass the engine's peer check
 	data, ctl := "192.0.2.1:6081", "192.0.2.1:6082"
@@ -128,6 +138,7 @@ func TestHostileInput(t *testing.T) {
 // association comes up, pspctl assoc list stays fast, and traffic reaches
 // peers through the hub's single engine.
 func TestManyPeers(t *testing.T) {
+	hostOnly(t)
 	const n = 64
 	l := newLab(t, "pnm-")
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
