@@ -35,6 +35,9 @@ type Lab struct {
 	Offload string
 	// Underlay is how TwoHosts joins its hosts.
 	Underlay Underlay
+	// Transport makes TwoHosts protect the hosts' own underlay addresses
+	// (xfrm transport mode) instead of inner addresses (tunnel mode).
+	Transport bool
 
 	mu      sync.Mutex
 	hosts   []*Host

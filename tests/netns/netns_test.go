@@ -38,6 +38,16 @@ func hostOnly(t *testing.T) {
 	}
 }
 
+// perBackend runs test as a subtest per backend; the userspace one on
+// the host only.
+func perBackend(t *testing.T, test func(t *testing.T, backend string)) {
+	t.Run("userspace", func(t *testing.T) {
+		hostOnly(t)
+		test(t, "userspace")
+	})
+	t.Run("xfrm", func(t *testing.T) { test(t, "xfrm") })
+}
+
 // upPair starts two daemons (TwoHosts) with backend in a new lab, after
 // configure adjusts the lab, and waits for their first association. The
 // context ends with the test or after timeout. It skips when pspd says
@@ -101,6 +111,7 @@ func TestDemo(t *testing.T) {
 	})
 	t.Run("userspace-udp", func(t *testing.T) { testDemo(t, "userspace", func(l *Lab) { l.IO = "udp" }) })
 	t.Run("xfrm", func(t *testing.T) { testDemo(t, "xfrm", nil) })
+	t.Run("xfrm-transport", func(t *testing.T) { testDemo(t, "xfrm", func(l *Lab) { l.Transport = true }) })
 	t.Run("xfrm-offload", testOffload)
 }
 
@@ -240,13 +251,7 @@ func testOffload(t *testing.T) {
 // down (nothing leaves in clear: the userspace backend's prohibit route,
 // the xfrm backend's policies stay in the kernel), and a restarted daemon
 // is back in association quickly.
-func TestCrashFailsClosed(t *testing.T) {
-	t.Run("userspace", func(t *testing.T) {
-		hostOnly(t)
-		testCrash(t, "userspace")
-	})
-	t.Run("xfrm", func(t *testing.T) { testCrash(t, "xfrm") })
-}
+func TestCrashFailsClosed(t *testing.T) { perBackend(t, testCrash) }
 
 func testCrash(t *testing.T, backend string) {
 	ctx, p, _ := upPair(t, "pnc-", backend, 2*time.Minute, nil)

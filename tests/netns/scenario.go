@@ -75,10 +75,14 @@ func (e *UnavailableError) Error() string {
 // given backend, inner addresses 10.200.0.1 and 10.200.0.2 protected
 // between them. With backend userspace the inner addresses sit on pspd's
 // TUN device; with xfrm on each host's loopback, routed to the peer, so
-// pspd protects them in tunnel mode. It returns an *UnavailableError,
+// pspd protects them in tunnel mode (with l.Transport the underlay
+// addresses are the protected ones, in transport mode). It returns an *UnavailableError,
 // before starting any daemon, when pspd check says the host lacks the
 // backend.
 func (l *Lab) TwoHosts(ctx context.Context, backend string) (*Pair, error) {
+	if l.Transport && backend != "xfrm" {
+		return nil, fmt.Errorf("netns: Transport is an xfrm mode; backend %s needs inner addresses", backend)
+	}
 	ha, err := l.Host(ctx, "a")
 	if err != nil {
 		return nil, err
@@ -88,6 +92,9 @@ func (l *Lab) TwoHosts(ctx context.Context, backend string) (*Pair, error) {
 		return nil, err
 	}
 	p := &Pair{Inner: [2]string{"10.200.0.1", "10.200.0.2"}}
+	if l.Transport {
+		p.Inner = [2]string{"192.0.2.1", "192.0.2.2"}
+	}
 	if err := l.underlay(ctx, p, ha, hb); err != nil {
 		return nil, err
 	}
@@ -132,7 +139,7 @@ require_encryption: true
 		if err := conf(d, []*Daemon{p.B, p.A}[i], i); err != nil {
 			return nil, err
 		}
-		if backend == "userspace" {
+		if backend == "userspace" || l.Transport {
 			continue
 		}
 		if err := d.Host.IP(ctx, "addr", "add", p.Inner[i]+"/32", "dev", "lo"); err != nil {

@@ -14,13 +14,7 @@ import (
 // TestRekeyUnderLoad rotates the association repeatedly from both sides
 // while numbered UDP datagrams flow at a fixed rate, per backend:
 // make-before-break must lose none of them.
-func TestRekeyUnderLoad(t *testing.T) {
-	t.Run("userspace", func(t *testing.T) {
-		hostOnly(t)
-		testRekey(t, "userspace")
-	})
-	t.Run("xfrm", func(t *testing.T) { testRekey(t, "xfrm") })
-}
+func TestRekeyUnderLoad(t *testing.T) { perBackend(t, testRekey) }
 
 func testRekey(t *testing.T, backend string) {
 	ctx, p, as := upPair(t, "pnr-", backend, 2*time.Minute, nil)
