@@ -95,6 +95,9 @@ type Host struct {
 // PSPD_VM_<NAME> (the host's iproute2, tcpdump...), because PATH may find a
 // busybox applet first that lacks what the lab needs (ip netns, veth).
 func tool(name string) string {
+	if strings.Contains(name, "/") {
+		return name
+	}
 	if p := os.Getenv("PSPD_VM_" + strings.ToUpper(name)); p != "" {
 		return p
 	}

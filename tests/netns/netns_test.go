@@ -30,11 +30,11 @@ func moduleRoot(t *testing.T) string {
 func inVM() bool { return os.Getenv("PSPD_IN_VM") == "1" }
 
 // hostOnly skips a userspace scenario inside the VM: the VM emulates its
-// CPU (TCG), so it runs only TestDemo/userspace/udp of them, which proves
+// CPU (TCG), so it runs only TestDemo/userspace-udp of them, which proves
 // the harness; the host kernel runs them all.
 func hostOnly(t *testing.T) {
 	if inVM() {
-		t.Skip("userspace scenario runs on the host kernel (make unit); the VM (TCG) runs only TestDemo/userspace/udp to keep make vmtest short")
+		t.Skip("userspace scenario runs on the host kernel (make unit); the VM (TCG) runs only TestDemo/userspace-udp to keep make vmtest short")
 	}
 }
 

@@ -30,11 +30,11 @@ const (
 	// plane bypasses the packet taps of the hosts' own interfaces.
 	Switched Underlay = ""
 	// Veth is one veth pair, for kernels without CONFIG_BRIDGE such as the
-	// test VM's; captures are taken at a's end.
+	// test VM's; captures are taken at both ends, outbound.
 	Veth Underlay = "veth"
 	// Netdevsim is two linked netdevsim ports, which offer ESP crypto
-	// offload (esp-hw-offload); captures are taken at a's port. It needs
-	// CONFIG_NETDEVSIM (the test VM has it).
+	// offload (esp-hw-offload); captures are taken at both ports,
+	// outbound. It needs CONFIG_NETDEVSIM (the test VM has it).
 	Netdevsim Underlay = "netdevsim"
 )
 
@@ -76,9 +76,9 @@ func (e *UnavailableError) Error() string {
 // between them. With backend userspace the inner addresses sit on pspd's
 // TUN device; with xfrm on each host's loopback, routed to the peer, so
 // pspd protects them in tunnel mode (with l.Transport the underlay
-// addresses are the protected ones, in transport mode). It returns an *UnavailableError,
-// before starting any daemon, when pspd check says the host lacks the
-// backend.
+// addresses are the protected ones, in transport mode). It returns an
+// *UnavailableError, before starting any daemon, when pspd check says the
+// host lacks the backend.
 func (l *Lab) TwoHosts(ctx context.Context, backend string) (*Pair, error) {
 	if l.Transport && backend != "xfrm" {
 		return nil, fmt.Errorf("netns: Transport is an xfrm mode; backend %s needs inner addresses", backend)
