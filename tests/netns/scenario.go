@@ -292,13 +292,13 @@ func capture(ctx context.Context, h *Host, dev string, outOnly bool) (stop func(
 		args = append(args, "-Q", "out")
 	}
 	cmd := h.Command(ctx, "tcpdump", args...)
-	var stderr bytes.Buffer
+	var stderr lockedBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
 	for range 50 { // tcpdump prints "listening on" once the socket is bound
-		if bytes.Contains(stderr.Bytes(), []byte("listening on")) {
+		if strings.Contains(stderr.String(), "listening on") {
 			break
 		}
 		time.Sleep(50 * time.Millisecond)

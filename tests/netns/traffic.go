@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -123,7 +124,7 @@ func (h *Host) helper(ctx context.Context, role string, args ...string) *exec.Cm
 func EchoTCP(ctx context.Context, client, server *Host, serverAddr string, n int, canary string) (time.Duration, error) {
 	addr := net.JoinHostPort(serverAddr, "7777")
 	srv := server.helper(ctx, "tcp-echo", addr)
-	var srvOut bytes.Buffer
+	var srvOut lockedBuffer
 	srv.Stdout, srv.Stderr = &srvOut, &srvOut
 	if err := srv.Start(); err != nil {
 		return 0, err
@@ -135,7 +136,7 @@ func EchoTCP(ctx context.Context, client, server *Host, serverAddr string, n int
 	start := time.Now()
 	out, err := client.helper(ctx, "tcp-send", addr, strconv.Itoa(n), canary).CombinedOutput()
 	if err != nil {
-		return 0, fmt.Errorf("tcp echo %s → %s: %v: %s (server: %s)", client.Name, addr, err, bytes.TrimSpace(out), bytes.TrimSpace(srvOut.Bytes()))
+		return 0, fmt.Errorf("tcp echo %s → %s: %v: %s (server: %s)", client.Name, addr, err, bytes.TrimSpace(out), strings.TrimSpace(srvOut.String()))
 	}
 	return time.Since(start), nil
 }
@@ -207,13 +208,13 @@ func UDPSend(ctx context.Context, client *Host, serverAddr string, n, pps int) e
 func UDPStream(ctx context.Context, client, server *Host, serverAddr string, n, pps int, during func() error) (int, error) {
 	addr := net.JoinHostPort(serverAddr, "7778")
 	sink := server.helper(ctx, "udp-sink", addr, strconv.Itoa(n))
-	var out bytes.Buffer
+	var out lockedBuffer
 	sink.Stdout, sink.Stderr = &out, &out
 	if err := sink.Start(); err != nil {
 		return 0, err
 	}
 	defer sink.Process.Kill()
-	for i := 0; i < 100 && !bytes.Contains(out.Bytes(), []byte("listening")); i++ {
+	for i := 0; i < 100 && !strings.Contains(out.String(), "listening"); i++ {
 		time.Sleep(20 * time.Millisecond)
 	}
 	src := client.helper(ctx, "udp-source", addr, strconv.Itoa(n), strconv.Itoa(pps))
@@ -228,11 +229,31 @@ func UDPStream(ctx context.Context, client, server *Host, serverAddr string, n, 
 		return 0, fmt.Errorf("udp source: %v: %s", err, <-srcOut)
 	}
 	if err := sink.Wait(); err != nil {
-		return 0, fmt.Errorf("udp sink: %v: %s", err, out.Bytes())
+		return 0, fmt.Errorf("udp sink: %v: %s", err, out.String())
 	}
 	var got, want int
-	if _, err := fmt.Sscanf(strings.TrimSpace(out.String()[strings.LastIndex(out.String(), "received"):]), "received %d of %d", &got, &want); err != nil {
-		return 0, fmt.Errorf("udp sink said %q", out.String())
+	said := out.String()
+	if _, err := fmt.Sscanf(strings.TrimSpace(said[max(0, strings.LastIndex(said, "received")):]), "received %d of %d", &got, &want); err != nil {
+		return 0, fmt.Errorf("udp sink said %q", said)
 	}
 	return got, duringErr
+}
+
+// lockedBuffer collects a child process's output, which os/exec copies
+// in a goroutine of its own while the test polls it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
