@@ -414,6 +414,7 @@ type handlers struct {
 	confirmed func(*SA)                               // responder: an SA is confirmed
 	deleted   func(wire.AssocID, uint32)              // peer deleted a generation
 	rekey     func(wire.AssocID)                      // peer asks for a rekey
+	key       func(wire.ExplicitKey)                  // peer sent a PSP key; owns it
 }
 
 // serve handles the streams the peer opens until the session ends, and
@@ -452,8 +453,11 @@ func (s *Session) handle(str *quic.Stream, h handlers) error {
 	case wire.Delete:
 		str.Close()
 		h.deleted(m.Assoc, m.Generation)
+	case wire.ExplicitKey:
+		str.Close()
+		h.key(m)
 	default:
-		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey or Delete"))
+		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey, Delete or ExplicitKey"))
 	}
 	return nil
 }
