@@ -16,6 +16,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/pspd/pspd/internal/nsim"
 )
 
 // Lab is a set of hosts and links that Close tears down.
@@ -28,21 +30,45 @@ type Lab struct {
 	Metrics bool
 	// IO is TwoHosts' userspace.io setting ("" leaves the default, auto).
 	IO string
+	// Offload is TwoHosts' offload setting for the xfrm backend ("" is
+	// none: a veth or bridge has no ESP offload to use).
+	Offload string
+	// Underlay is how TwoHosts joins its hosts.
+	Underlay Underlay
 
 	mu      sync.Mutex
 	hosts   []*Host
 	daemons []*Daemon
+	ports   []*nsim.Port
+	lastID  uint32
 }
 
-// NewLab builds pspd and pspctl from the module at root into dir.
+// nsimBase numbers the lab's netdevsim devices away from the ids other
+// packages' VM tests use (they share one kernel, one binary at a time).
+const nsimBase = 4600
+
+func (l *Lab) nsimID() uint32 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lastID++
+	return nsimBase + l.lastID
+}
+
+// NewLab builds pspd and pspctl from the module at root into dir, unless
+// PSPD_BIN and PSPCTL_BIN name binaries to use (the test VM ships them:
+// it has no Go toolchain).
 func NewLab(ctx context.Context, prefix, root, dir string) (*Lab, error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("netns: needs root to create network namespaces")
 	}
-	if _, err := exec.LookPath("ip"); err != nil {
+	if _, err := exec.LookPath(tool("ip")); err != nil {
 		return nil, errors.New("netns: needs iproute2's ip command (apt-get install iproute2)")
 	}
 	l := &Lab{Prefix: prefix, Dir: dir}
+	if pspd, pspctl := os.Getenv("PSPD_BIN"), os.Getenv("PSPCTL_BIN"); pspd != "" && pspctl != "" {
+		l.Pspd, l.Pspctl = pspd, pspctl
+		return l, nil
+	}
 	for _, b := range []string{"pspd", "pspctl"} {
 		out := filepath.Join(dir, b)
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/"+b)
@@ -62,8 +88,18 @@ type Host struct {
 	lab  *Lab
 }
 
+// tool is the command to run for name: inside the test VM the one in
+// PSPD_VM_<NAME> (the host's iproute2, tcpdump...), because PATH may find a
+// busybox applet first that lacks what the lab needs (ip netns, veth).
+func tool(name string) string {
+	if p := os.Getenv("PSPD_VM_" + strings.ToUpper(name)); p != "" {
+		return p
+	}
+	return name
+}
+
 func run(ctx context.Context, name string, args ...string) error {
-	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	out, err := exec.CommandContext(ctx, tool(name), args...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, bytes.TrimSpace(out))
 	}
@@ -93,7 +129,7 @@ func (h *Host) IP(ctx context.Context, args ...string) error {
 
 // Command is a command to run inside the host.
 func (h *Host) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
+	return exec.CommandContext(ctx, tool("ip"), append([]string{"netns", "exec", h.NS, tool(name)}, args...)...)
 }
 
 // Link joins a and b with a veth pair carrying the given addresses.
@@ -102,19 +138,18 @@ func (l *Lab) Link(ctx context.Context, a, b *Host, addrA, addrB netip.Prefix) e
 	if err := run(ctx, "ip", "link", "add", ea, "netns", a.NS, "type", "veth", "peer", "name", eb, "netns", b.NS); err != nil {
 		return err
 	}
-	for _, x := range []struct {
-		h    *Host
-		dev  string
-		addr netip.Prefix
-	}{{a, ea, addrA}, {b, eb, addrB}} {
-		if err := x.h.IP(ctx, "addr", "add", x.addr.String(), "dev", x.dev); err != nil {
-			return err
-		}
-		if err := x.h.IP(ctx, "link", "set", x.dev, "up"); err != nil {
-			return err
-		}
+	if err := a.up(ctx, ea, addrA); err != nil {
+		return err
 	}
-	return nil
+	return b.up(ctx, eb, addrB)
+}
+
+// up gives dev the address and brings it up.
+func (h *Host) up(ctx context.Context, dev string, addr netip.Prefix) error {
+	if err := h.IP(ctx, "addr", "add", addr.String(), "dev", dev); err != nil {
+		return err
+	}
+	return h.IP(ctx, "link", "set", dev, "up")
 }
 
 // Close stops every daemon and deletes every namespace.
@@ -123,6 +158,9 @@ func (l *Lab) Close() {
 	defer l.mu.Unlock()
 	for _, d := range l.daemons {
 		d.Stop()
+	}
+	for _, p := range l.ports {
+		p.Close()
 	}
 	for _, h := range l.hosts {
 		run(context.Background(), "ip", "netns", "del", h.NS)
@@ -264,8 +302,5 @@ func (l *Lab) Attach(ctx context.Context, sw, h *Host, addr netip.Prefix) error 
 	if err := sw.IP(ctx, "link", "set", ports, "master", "br0", "up"); err != nil {
 		return err
 	}
-	if err := h.IP(ctx, "addr", "add", addr.String(), "dev", eh); err != nil {
-		return err
-	}
-	return h.IP(ctx, "link", "set", eh, "up")
+	return h.up(ctx, eh, addr)
 }

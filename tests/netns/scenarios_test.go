@@ -15,7 +15,7 @@ import (
 // while numbered UDP datagrams flow at a fixed rate: make-before-break
 // must lose none of them.
 func TestRekeyUnderLoad(t *testing.T) {
-	ctx, p, as := upPair(t, "pnr-", 2*time.Minute, nil)
+	ctx, p, as := upPair(t, "pnr-", "userspace", 2*time.Minute, nil)
 	const n, pps = 4000, 1000
 	rotations := 0
 	got, err := UDPStream(ctx, p.A.Host, p.B.Host, p.Inner[1], n, pps, func() error {
@@ -48,7 +48,7 @@ func TestRekeyUnderLoad(t *testing.T) {
 // idle timeout, then restores it: the daemons reconnect by themselves and
 // end up with exactly one association each, and traffic flows again.
 func TestPartitionHeals(t *testing.T) {
-	ctx, p, before := upPair(t, "pnp-", 3*time.Minute, nil)
+	ctx, p, before := upPair(t, "pnp-", "userspace", 3*time.Minute, nil)
 	bootB := peerBoot(t, ctx, p.A)
 	if err := p.A.Host.IP(ctx, "link", "set", p.Underlay[0], "down"); err != nil {
 		t.Fatal(err)
@@ -85,7 +85,7 @@ func TestPartitionHeals(t *testing.T) {
 // legitimate traffic keeps flowing, and every drop shows in /metrics by
 // reason.
 func TestHostileInput(t *testing.T) {
-	ctx, p, as := upPair(t, "pnh-", 2*time.Minute, func(l *Lab) { l.Metrics = true })
+	ctx, p, as := upPair(t, "pnh-", "userspace", 2*time.Minute, func(l *Lab) { l.Metrics = true })
 	peer := "192.0.2.2:6081" // b's data-plane address: these pass the engine's peer check
 	data, ctl := "192.0.2.1:6081", "192.0.2.1:6082"
 	for _, s := range []struct {

@@ -192,6 +192,16 @@ func udpSource(addr string, n, pps int) error {
 	return nil
 }
 
+// UDPSend sends n numbered datagrams at pps from client to server's inner
+// address, with nobody listening: for paths that cannot carry a reply.
+func UDPSend(ctx context.Context, client *Host, serverAddr string, n, pps int) error {
+	addr := net.JoinHostPort(serverAddr, "7778")
+	if out, err := client.helper(ctx, "udp-source", addr, strconv.Itoa(n), strconv.Itoa(pps)).CombinedOutput(); err != nil {
+		return fmt.Errorf("udp source: %v: %s", err, out)
+	}
+	return nil
+}
+
 // UDPStream sends n numbered datagrams at pps from client to server's
 // inner address, runs during() meanwhile, and returns how many arrived.
 func UDPStream(ctx context.Context, client, server *Host, serverAddr string, n, pps int, during func() error) (int, error) {

@@ -32,10 +32,11 @@ var hostTools = map[string]string{
 type bootConfig struct {
 	kernel  string
 	tests   []testBinary
-	flags   []string      // extra flags for every binary, such as -test.run=REGEX
-	timeout time.Duration // whole boot, including every binary
-	workDir string        // initramfs and serial logs go here
-	console io.Writer     // if set, receives the kernel console as it arrives
+	progs   map[string]string // env name -> host path of a program to ship (see programs)
+	flags   []string          // extra flags for every binary, such as -test.run=REGEX
+	timeout time.Duration     // whole boot, including every binary
+	workDir string            // initramfs and serial logs go here
+	console io.Writer         // if set, receives the kernel console as it arrives
 }
 
 // bootResult holds both serial ports: ttyS0 is the kernel console, ttyS1 carries only what
@@ -121,12 +122,20 @@ func boot(ctx context.Context, cfg bootConfig) (*bootResult, error) {
 	if perBinary < 10*time.Second {
 		perBinary = cfg.timeout
 	}
+	env := map[string]string{}
+	for name, p := range tools {
+		env[name] = p
+	}
+	for name, p := range cfg.progs {
+		env[name] = programPath(p)
+	}
 	im := image{
 		busybox: busybox,
 		applets: applets,
 		tools:   tools,
+		progs:   cfg.progs,
 		tests:   cfg.tests,
-		init:    initScript(cfg.tests, cfg.flags, tools, perBinary),
+		init:    initScript(cfg.tests, cfg.flags, env, perBinary),
 	}
 	initrd := filepath.Join(cfg.workDir, "initrd.cpio.gz")
 	f, err := os.Create(initrd)

@@ -196,6 +196,7 @@ func TestInitramfsExtracts(t *testing.T) {
 		busybox: bb,
 		applets: applets,
 		tools:   map[string]string{"PSPD_VM_IP": ip},
+		progs:   map[string]string{"PSPD_BIN": bin}, // a static binary stands in for pspd too
 		tests:   []testBinary{{name: "x.test", path: bin}},
 		init:    initScript([]testBinary{{name: "x.test", path: bin}}, []string{"-test.run=TestA|TestB"}, map[string]string{"PSPD_VM_IP": ip}, time.Minute),
 	}
@@ -227,6 +228,7 @@ func TestInitramfsExtracts(t *testing.T) {
 	}
 	mustMatch("bin/busybox", bb)
 	mustMatch("tests/x.test", bin)
+	mustMatch(strings.TrimPrefix(programPath(bin), "/"), bin)
 	mustMatch(strings.TrimPrefix(ip, "/"), ip)
 	deps, err := elfDeps(ip)
 	if err != nil {

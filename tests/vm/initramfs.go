@@ -201,6 +201,7 @@ type image struct {
 	busybox string            // host path of a static busybox
 	applets []string          // in-image paths to link to busybox (from busybox --list-full)
 	tools   map[string]string // env name -> host path of a tool, copied to the same path with its libraries
+	progs   map[string]string // env name -> host path of a program, copied into programDir
 	tests   []testBinary
 	init    []byte
 }
@@ -236,6 +237,16 @@ func (im image) write(w io.Writer) error {
 	for _, n := range names {
 		if err := c.hostFile(im.tools[n], im.tools[n]); err != nil {
 			return fmt.Errorf("initramfs: %w", err)
+		}
+	}
+	names = names[:0]
+	for n := range im.progs {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		if err := c.hostFile(im.progs[n], programPath(im.progs[n])); err != nil {
+			return fmt.Errorf("initramfs: program: %w", err)
 		}
 	}
 	for _, tb := range im.tests {

@@ -78,7 +78,15 @@ func (h harness) runGroup(ctx context.Context, tests []testBinary, flags []strin
 		return nil, nil, err
 	}
 	defer os.RemoveAll(work)
-	res, err := boot(ctx, bootConfig{kernel: img, tests: tests, flags: flags, timeout: h.timeout, workDir: work, console: console})
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	progs, err := buildPrograms(ctx, root, work)
+	if err != nil {
+		return nil, nil, err
+	}
+	res, err := boot(ctx, bootConfig{kernel: img, tests: tests, progs: progs, flags: flags, timeout: h.timeout, workDir: work, console: console})
 	if err != nil {
 		return nil, nil, err
 	}

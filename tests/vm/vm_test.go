@@ -208,15 +208,3 @@ func buildTestBinaries(ctx context.Context, dir string, pkgs []string) ([]testBi
 func binaryName(pkg string) string {
 	return strings.ReplaceAll(strings.Trim(strings.TrimPrefix(pkg, "./"), "/"), "/", "-") + ".test"
 }
-
-func moduleRoot(ctx context.Context) (string, error) {
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
-	}
-	mod := strings.TrimSpace(string(out))
-	if mod == "" || mod == os.DevNull {
-		return "", errors.New("not inside the pspd module (go env GOMOD is empty)")
-	}
-	return filepath.Dir(mod), nil
-}

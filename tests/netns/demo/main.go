@@ -4,7 +4,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -60,7 +59,7 @@ func demo(ctx context.Context, backend string, keep bool) error {
 	step("association up in %v: a receives on %#08x, b receives on %#08x", time.Since(start).Round(time.Millisecond), as[0].RxSPI, as[1].RxSPI)
 
 	const canary = "pspd-demo-canary-"
-	stopCap, err := netns.Capture(ctx, p.Switch, p.Tap)
+	stopCap, err := p.Capture(ctx)
 	if err != nil {
 		return err
 	}
@@ -69,14 +68,14 @@ func demo(ctx context.Context, backend string, keep bool) error {
 	if err != nil {
 		return err
 	}
-	pcap, err := stopCap()
+	wire, err := stopCap()
 	if err != nil {
 		return err
 	}
-	if bytes.Contains(pcap, []byte(canary)) {
+	if wire.Contains(canary) {
 		return fmt.Errorf("the plaintext canary appeared on the underlay: traffic is not encrypted")
 	}
-	step("1 MiB echoed intact in %v; the %d-byte capture of the underlay never shows the plaintext", took.Round(time.Millisecond), len(pcap))
+	step("1 MiB echoed intact in %v; the %d-byte capture of the underlay never shows the plaintext", took.Round(time.Millisecond), wire.Size())
 
 	for _, d := range []*netns.Daemon{p.A, p.B} {
 		out, err := d.Ctl(ctx, "assoc", "list")
