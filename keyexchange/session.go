@@ -64,6 +64,9 @@ func (s *Session) Role() kdf.Role { return s.role }
 // restarts.
 func (s *Session) PeerBootID() wire.BootID { return s.hello.BootID }
 
+// PeerBackends are the backends the peer offered in its Hello.
+func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
+
 // Close ends the session, telling the peer why, and wipes its master keys.
 func (s *Session) Close(cause error) {
 	code, msg := closeNormal, "closed"
