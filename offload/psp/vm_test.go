@@ -2,6 +2,7 @@ package psp_test
 
 import (
 	"bytes"
+	"errors"
 	"context"
 	"fmt"
 	"io"
@@ -153,6 +154,42 @@ func (h *host) start(t *testing.T, peer *host) {
 	})
 }
 
+// pair starts two hosts on linked netdevsim ports nsimID and nsimID+1,
+// with addresses net.1 and net.2, each running a pspd pinned to the other.
+func pair(t *testing.T, nsimID uint32, net string) (a, b *host) {
+	t.Helper()
+	if os.Getenv("PSPD_IN_VM") != "1" {
+		t.Skip("kernel lacks PSP and netdevsim: run make vmtest (PSPD_IN_VM unset)")
+	}
+	a, b = newHost(t, "a", nsimID, net+".1"), newHost(t, "b", nsimID+1, net+".2")
+	if err := nsim.Link(a.port, b.port); err != nil {
+		t.Fatal(err)
+	}
+	a.start(t, b)
+	b.start(t, a)
+	return a, b
+}
+
+// watchEvent returns a channel closed when the daemon behind c publishes
+// an event of kind whose detail mentions substr.
+func watchEvent(ctx context.Context, t *testing.T, c *client.Client, kind, substr string) <-chan struct{} {
+	t.Helper()
+	seen := make(chan struct{})
+	ectx, stop := context.WithCancel(ctx)
+	t.Cleanup(stop)
+	go c.Events(ectx, func(ev localapi.Event) error {
+		if ev.Kind == kind && strings.Contains(ev.Detail, substr) {
+			close(seen)
+			return io.EOF
+		}
+		return nil
+	})
+	// The daemon subscribes the stream before it answers, but the client
+	// does not say when the answer came; a missed event fails the test.
+	time.Sleep(300 * time.Millisecond)
+	return seen
+}
+
 // waitSession waits until both daemons report their session with the
 // other up.
 func waitSession(ctx context.Context, t *testing.T, hs ...*host) {
@@ -169,6 +206,75 @@ func waitSession(ctx context.Context, t *testing.T, hs ...*host) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
+}
+
+// upgraded is one TCP connection from A to B with both ends upgraded; B
+// echoes what it reads.
+type upgraded struct {
+	a, b      *net.TCPConn
+	ra, rb    localapi.UpgradeResult
+	mssBefore int
+}
+
+// upgradedConn connects A's application to B's on port, hands both ends
+// to their pspds at once, and checks the two upgrades mirror each other.
+func upgradedConn(ctx context.Context, t *testing.T, a, b *host, port int) upgraded {
+	t.Helper()
+	dst := netip.AddrPortFrom(b.addr, uint16(port)).String()
+	var ln net.Listener
+	var err error
+	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp4", dst) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var ca net.Conn
+	nstest.Do(t, a.ns, func() { ca, err = net.Dial("tcp4", dst) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ca.Close() })
+	cb, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cb.Close() })
+	u := upgraded{a: ca.(*net.TCPConn), b: cb.(*net.TCPConn)}
+	u.mssBefore = mss(t, u.a)
+	type res struct {
+		r   localapi.UpgradeResult
+		err error
+	}
+	ra, rb := make(chan res, 1), make(chan res, 1)
+	go func() { r, err := client.New(a.sock).UpgradePSP(ctx, u.a, b.name); ra <- res{r, err} }()
+	go func() { r, err := client.New(b.sock).UpgradePSP(ctx, u.b, a.name); rb <- res{r, err} }()
+	x, y := <-ra, <-rb
+	if x.err != nil || y.err != nil {
+		t.Fatalf("upgrade: A %v, B %v\nA:\n%s\nB:\n%s", x.err, y.err, a.logs.Bytes(), b.logs.Bytes())
+	}
+	if x.r.TxSPI != y.r.RxSPI || y.r.TxSPI != x.r.RxSPI {
+		t.Errorf("upgrades do not mirror each other: A %+v, B %+v", x.r, y.r)
+	}
+	u.ra, u.rb = x.r, y.r
+	go io.Copy(u.b, u.b)
+	return u
+}
+
+// echo writes msg on c and reads it back within d.
+func echo(c net.Conn, msg []byte, d time.Duration) error {
+	c.SetDeadline(time.Now().Add(d))
+	defer c.SetDeadline(time.Time{})
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		return err
+	}
+	if !bytes.Equal(got, msg) {
+		return errors.New("echo differs")
+	}
+	return nil
 }
 
 // mss reads a socket's TCP_MAXSEG.
@@ -207,16 +313,8 @@ func pspStats(t *testing.T, h *host) genl.Stats {
 // shrinks by the PSP overhead, and a device-key rotation is reported with
 // the connections the next one will kill.
 func TestVMUpgrade(t *testing.T) {
-	if os.Getenv("PSPD_IN_VM") != "1" {
-		t.Skip("kernel lacks PSP and netdevsim: run make vmtest (PSPD_IN_VM unset)")
-	}
-	a, b := newHost(t, "a", 3201, "10.81.0.1"), newHost(t, "b", 3202, "10.81.0.2")
-	if err := nsim.Link(a.port, b.port); err != nil {
-		t.Fatal(err)
-	}
-	a.start(t, b)
-	b.start(t, a)
-	ca, cb := client.New(a.sock), client.New(b.sock)
+	a, b := pair(t, 3201, "10.81.0")
+	ca := client.New(a.sock)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	waitSession(ctx, t, a, b)
@@ -225,56 +323,16 @@ func TestVMUpgrade(t *testing.T) {
 		t.Fatalf("A's PSP devices: %+v, %v (want one with the suite's version enabled)", devs, err)
 	}
 
-	// The applications: B listens, A connects.
-	var ln net.Listener
-	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp4", "10.81.0.2:7000") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var connA net.Conn
-	nstest.Do(t, a.ns, func() { connA, err = net.Dial("tcp4", "10.81.0.2:7000") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer connA.Close()
-	connB, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer connB.Close()
-	ta, tb := connA.(*net.TCPConn), connB.(*net.TCPConn)
-	mssBefore := mss(t, ta)
 	before := pspStats(t, a)
-
-	type res struct {
-		r   localapi.UpgradeResult
-		err error
+	up := upgradedConn(ctx, t, a, b, 7000)
+	if up.ra.Version != genl.AESGCM128.String() {
+		t.Errorf("upgraded with %s, want the suite's %s", up.ra.Version, genl.AESGCM128)
 	}
-	ra, rb := make(chan res, 1), make(chan res, 1)
-	go func() { r, err := ca.UpgradePSP(ctx, ta, "b"); ra <- res{r, err} }()
-	go func() { r, err := cb.UpgradePSP(ctx, tb, "a"); rb <- res{r, err} }()
-	ua, ub := <-ra, <-rb
-	if ua.err != nil || ub.err != nil {
-		t.Fatalf("upgrade: A %v, B %v\nA:\n%s\nB:\n%s", ua.err, ub.err, a.logs.Bytes(), b.logs.Bytes())
+	if got := mss(t, up.a); got != up.mssBefore-40 {
+		t.Errorf("MSS %d after the upgrade, want %d - 40", got, up.mssBefore)
 	}
-	if ua.r.TxSPI != ub.r.RxSPI || ub.r.TxSPI != ua.r.RxSPI || ua.r.Version != genl.AESGCM128.String() {
-		t.Errorf("upgrades do not mirror each other: A %+v, B %+v", ua.r, ub.r)
-	}
-	if got := mss(t, ta); got != mssBefore-40 {
-		t.Errorf("MSS %d after the upgrade, want %d - 40", got, mssBefore)
-	}
-
 	msg := bytes.Repeat([]byte("pspd-psp-canary "), 4096)
-	go func() {
-		io.Copy(connB, connB) // B echoes
-	}()
-	connA.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := connA.Write(msg); err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, len(msg))
-	if _, err := io.ReadFull(connA, got); err != nil || !bytes.Equal(got, msg) {
+	if err := echo(up.a, msg, 10*time.Second); err != nil {
 		t.Fatalf("echo through PSP: %v", err)
 	}
 	after := pspStats(t, a)
@@ -284,17 +342,7 @@ func TestVMUpgrade(t *testing.T) {
 
 	// A device-key rotation: the connection still works, and pspd says the
 	// next rotation will end it.
-	stale := make(chan struct{})
-	ectx, stopEvents := context.WithCancel(ctx)
-	defer stopEvents()
-	go ca.Events(ectx, func(ev localapi.Event) error {
-		if ev.Kind == "psp-stale-soon" && strings.Contains(ev.Detail, "10.81.0.2:7000") {
-			close(stale)
-			return io.EOF
-		}
-		return nil
-	})
-	time.Sleep(200 * time.Millisecond) // the event stream is subscribed
+	stale := watchEvent(ctx, t, ca, "psp-stale-soon", up.a.RemoteAddr().String())
 	if _, err := ca.RotateDevice(ctx, devs[0].ID); err != nil {
 		t.Fatal(err)
 	}
@@ -303,10 +351,7 @@ func TestVMUpgrade(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("no psp-stale-soon event after the rotation")
 	}
-	if _, err := connA.Write([]byte("after")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(connA, got[:5]); err != nil || string(got[:5]) != "after" {
+	if err := echo(up.a, []byte("after"), 10*time.Second); err != nil {
 		t.Fatalf("echo after one rotation: %v", err)
 	}
 	devs, _ = ca.Devices(ctx)
@@ -320,18 +365,63 @@ func TestVMUpgrade(t *testing.T) {
 	}
 }
 
+// TestVMRotateTwice is the device-key rotation scenario: B rotates its
+// device key twice while a connection is open. After the first rotation
+// pspd tells the application the next one will end the connection; the
+// application opens and upgrades a new one and moves its traffic there,
+// and after the second rotation the new connection carries on while the
+// old one, as the kernel promises, can no longer receive.
+func TestVMRotateTwice(t *testing.T) {
+	a, b := pair(t, 3205, "10.83.0")
+	cb := client.New(b.sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	waitSession(ctx, t, a, b)
+	devs, err := cb.Devices(ctx)
+	if err != nil || len(devs) != 1 {
+		t.Fatalf("B's PSP devices: %+v, %v", devs, err)
+	}
+	old := upgradedConn(ctx, t, a, b, 7000)
+	if err := echo(old.a, []byte("first"), 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	stale := watchEvent(ctx, t, cb, "psp-stale-soon", old.a.LocalAddr().String())
+	start := time.Now()
+	if _, err := cb.RotateDevice(ctx, devs[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-stale:
+	case <-ctx.Done():
+		t.Fatal("no psp-stale-soon event for the old connection after the first rotation")
+	}
+	warned := time.Since(start)
+	fresh := upgradedConn(ctx, t, a, b, 7001)
+	if err := echo(fresh.a, []byte("moved"), 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := echo(old.a, []byte("still"), 10*time.Second); err != nil {
+		t.Fatalf("the old connection stopped after one rotation: %v", err)
+	}
+	if _, err := cb.RotateDevice(ctx, devs[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		if err := echo(fresh.a, fmt.Appendf(nil, "after second rotation %d", i), 5*time.Second); err != nil {
+			t.Fatalf("the re-established connection stalled after the second rotation: %v", err)
+		}
+	}
+	if err := echo(old.a, []byte("dead"), 2*time.Second); err == nil {
+		t.Error("the old connection still receives after two rotations; the kernel should have ended its key")
+	}
+	st := pspStats(t, b)
+	t.Logf("stale warning %v after the first rotation; B's device: %d rotations, %d stale events", warned.Round(time.Millisecond), st.KeyRotations, st.StaleEvents)
+}
+
 // TestVMUpgradeErrors: a socket handed over for an unknown peer, and one
 // whose peer application never upgrades, get errors that say what to do.
 func TestVMUpgradeErrors(t *testing.T) {
-	if os.Getenv("PSPD_IN_VM") != "1" {
-		t.Skip("kernel lacks PSP and netdevsim: run make vmtest (PSPD_IN_VM unset)")
-	}
-	a, b := newHost(t, "a", 3203, "10.82.0.1"), newHost(t, "b", 3204, "10.82.0.2")
-	if err := nsim.Link(a.port, b.port); err != nil {
-		t.Fatal(err)
-	}
-	a.start(t, b)
-	b.start(t, a)
+	a, b := pair(t, 3203, "10.82.0")
 	ca := client.New(a.sock)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
