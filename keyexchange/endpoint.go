@@ -79,6 +79,15 @@ type Config struct {
 	// Suites this host accepts; zero means both AES-GCM suites.
 	Suites wire.Suites
 	Logger *slog.Logger
+	// Offers are backends the Hello advertises besides the installers':
+	// kernel PSP, whose keys travel as ExplicitKey rather than through an
+	// Installer.
+	Offers wire.Backends
+	// ExplicitKeys receives the kernel PSP keys peers send
+	// (wire.ExplicitKey), only ever on their authenticated sessions. It
+	// owns the key and must wipe it, and must not block: the session
+	// reads nothing else while it runs. Nil drops and wipes them.
+	ExplicitKeys func(peer identity.PublicKey, k wire.ExplicitKey)
 	// Control, when set, runs on the control socket before it is bound
 	// (as in net.ListenConfig). The XFRM backend uses it to exempt the
 	// socket from IPsec policies that cover the peers' addresses.
@@ -259,7 +268,7 @@ func (e *Endpoint) Close() error {
 }
 
 func (e *Endpoint) hello(peer identity.PublicKey) wire.Hello {
-	var bs wire.Backends
+	bs := e.cfg.Offers
 	for b := range e.cfg.Installers {
 		bs |= wire.NewBackends(b)
 	}

@@ -1,8 +1,13 @@
 package keyexchange
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"github.com/pspd/pspd/internal/secret"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/wire"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -281,4 +286,61 @@ func TestActivateOnlyAfterPeerInstalled(t *testing.T) {
 	for _, v := range violations {
 		t.Error(v)
 	}
+}
+
+// TestExplicitKey carries a PSP receive key both ways on a real session:
+// it arrives intact with its connection endpoints, the receiver owns (and
+// here wipes) it, a host without a handler drops it without ending the
+// session, and no log line holds the key.
+func TestExplicitKey(t *testing.T) {
+	type keyFrom struct {
+		peer identity.PublicKey
+		k    wire.ExplicitKey
+	}
+	got := make(chan keyFrom, 1)
+	a, b := orderedIdentities(t)
+	ini := newNode(t, a, nil)
+	resp := newNode(t, b, func(c *Config) {
+		c.ExplicitKeys = func(peer identity.PublicKey, k wire.ExplicitKey) { got <- keyFrom{peer, k} }
+	})
+	pr, err := resp.ep.AddPeer(peerCfg(ini))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pi, err := ini.ep.AddPeer(peerCfg(resp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t, 10*time.Second)
+	if _, err := pi.Wait(ctx, func(SA) bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	raw := bytes.Repeat([]byte{0x5a, 0xc3}, 16)
+	k := wire.ExplicitKey{Assoc: 7, Generation: 1, Suite: kdf.AESGCM256, SPI: 0x80001234, Key: secret.New(raw),
+		Local: netip.MustParseAddrPort("192.0.2.1:40000"), Remote: netip.MustParseAddrPort("192.0.2.2:443")}
+	if err := pi.SendExplicitKey(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case kf := <-got:
+		r, from := kf.k, kf.peer
+		if from != ini.ep.Public() || r.SPI != k.SPI || r.Local != k.Local || r.Remote != k.Remote || r.Suite != k.Suite || !r.Key.Equal(k.Key) {
+			t.Errorf("received %v from %s, sent %v", r, from.Fingerprint(), k)
+		}
+		r.Key.Wipe()
+	case <-ctx.Done():
+		t.Fatal("the key did not arrive")
+	}
+	// The initiator has no handler: the key is dropped, the session stays.
+	if err := pr.SendExplicitKey(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return bytes.Contains(ini.logs.Bytes(), []byte("dropped")) })
+	if pi.Session() == nil || pr.Session() == nil {
+		t.Error("an unexpected key ended the session")
+	}
+	for _, n := range []*node{ini, resp} {
+		logscan.AssertNoKeys(t, n.logs.Bytes(), k.Key)
+	}
+	k.Key.Wipe()
 }

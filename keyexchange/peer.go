@@ -157,6 +157,19 @@ func (p *Peer) Session() *Session {
 	return p.sess
 }
 
+// ErrNoSession means there is no session with the peer right now.
+var ErrNoSession = errors.New("no session with the peer")
+
+// SendExplicitKey sends a kernel PSP receive key to the peer on the
+// current session. The caller keeps ownership of k.Key.
+func (p *Peer) SendExplicitKey(ctx context.Context, k wire.ExplicitKey) error {
+	s := p.Session()
+	if s == nil {
+		return peerErr(p.cfg.Key, "send ExplicitKey", ErrNoSession)
+	}
+	return s.send(ctx, k)
+}
+
 // Current is the confirmed SA in use, without its keys (they live in the
 // installer).
 func (p *Peer) Current() (SA, bool) {
@@ -393,6 +406,14 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 			},
 			confirmed: p.commit,
 			deleted:   p.deleted,
+			key: func(k wire.ExplicitKey) {
+				if f := p.e.cfg.ExplicitKeys; f != nil {
+					f(p.cfg.Key, k)
+					return
+				}
+				k.Key.Wipe()
+				p.log.Warn("peer sent a PSP key but this host does not manage PSP; dropped")
+			},
 			rekey: func(a wire.AssocID) {
 				if a != p.cfg.Assoc {
 					return

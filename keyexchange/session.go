@@ -64,6 +64,9 @@ func (s *Session) Role() kdf.Role { return s.role }
 // restarts.
 func (s *Session) PeerBootID() wire.BootID { return s.hello.BootID }
 
+// PeerBackends are the backends the peer offered in its Hello.
+func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
+
 // Close ends the session, telling the peer why, and wipes its master keys.
 func (s *Session) Close(cause error) {
 	code, msg := closeNormal, "closed"
@@ -414,6 +417,7 @@ type handlers struct {
 	confirmed func(*SA)                               // responder: an SA is confirmed
 	deleted   func(wire.AssocID, uint32)              // peer deleted a generation
 	rekey     func(wire.AssocID)                      // peer asks for a rekey
+	key       func(wire.ExplicitKey)                  // peer sent a PSP key; owns it
 }
 
 // serve handles the streams the peer opens until the session ends, and
@@ -452,8 +456,11 @@ func (s *Session) handle(str *quic.Stream, h handlers) error {
 	case wire.Delete:
 		str.Close()
 		h.deleted(m.Assoc, m.Generation)
+	case wire.ExplicitKey:
+		str.Close()
+		h.key(m)
 	default:
-		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey or Delete"))
+		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey, Delete or ExplicitKey"))
 	}
 	return nil
 }

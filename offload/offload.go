@@ -107,6 +107,9 @@ func Candidates(want policy.Backend, local Report) ([]wire.Backend, error) {
 		if !ok {
 			return nil, fmt.Errorf("offload: unknown backend %q", want)
 		}
+		if b == wire.BackendPSP {
+			return nil, errors.New("offload: backend psp protects TCP connections that applications hand to pspd, not a host's traffic to a peer; set backend to auto, xfrm or userspace (PSP upgrades work whatever it is)")
+		}
 		if !slices.Contains(mine, b) {
 			return nil, fmt.Errorf("offload: backend %s was configured but this host cannot run it: %s", b, local.reason(b))
 		}

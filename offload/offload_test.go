@@ -29,7 +29,7 @@ func TestChoose(t *testing.T) {
 		{policy.BackendAuto, both, wire.BackendUserspace, ""},
 		{policy.BackendUserspace, both, wire.BackendUserspace, ""},
 		{policy.BackendXFRM, both, 0, "backend xfrm was configured but this host cannot run it: kernel lacks ESP"},
-		{policy.BackendPSP, nil, 0, "CONFIG_INET_PSP"},
+		{policy.BackendPSP, nil, 0, "backend psp protects TCP connections that applications hand to pspd"},
 		{policy.BackendUserspace, []wire.Backend{wire.BackendXFRM}, 0, "the peer does not offer it (it offers xfrm)"},
 		{policy.BackendAuto, []wire.Backend{wire.BackendXFRM}, 0, "no common backend: this host offers userspace, the peer offers xfrm"},
 	} {

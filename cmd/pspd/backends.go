@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/offload/psp"
 	"github.com/pspd/pspd/policy"
 	userspacebackend "github.com/pspd/pspd/userspace/backend"
 	xfrmbackend "github.com/pspd/pspd/xfrm/backend"
@@ -15,14 +17,16 @@ import (
 // probe finds out which backends this host can run for pc, best first.
 func probe(ctx context.Context, pc *policy.Config) offload.Report {
 	return offload.Probe(ctx, []offload.Prober{
+		{Backend: wire.BackendPSP, Probe: func(context.Context) error { return psp.Probe(0) }},
 		{Backend: wire.BackendXFRM, Probe: func(ctx context.Context) error { return xfrmbackend.Probe(ctx, pc, 0) }},
 		{Backend: wire.BackendUserspace, Probe: userspacebackend.Probe},
 	})
 }
 
 // setupBackends probes what this host can run and starts the backends the
-// configuration may use. On error nothing is left running.
-func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ offload.Report, _ map[wire.Backend]offload.Backend, err error) {
+// configuration may use, and the PSP manager when the host has kernel PSP.
+// On error nothing is left running.
+func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ offload.Report, _ map[wire.Backend]offload.Backend, _ *psp.Manager, err error) {
 	report := probe(ctx, pc)
 	// Only the backends some peer may use are started (a userspace data
 	// plane nobody uses would still hold a TUN device and a port). With
@@ -56,16 +60,22 @@ func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ 
 		case b == wire.BackendXFRM:
 			xb, err := xfrmbackend.New(ctx, xfrmbackend.Config{Policy: pc, Logger: log.With("part", "xfrm")})
 			if err != nil {
-				return nil, nil, fmt.Errorf("pspd: %w", err)
+				return nil, nil, nil, fmt.Errorf("pspd: %w", err)
 			}
 			backends[b] = xb
 		case b == wire.BackendUserspace:
 			ub, err := userspacebackend.New(ctx, pc, log)
 			if err != nil {
-				return nil, nil, fmt.Errorf("pspd: %w", err)
+				return nil, nil, nil, fmt.Errorf("pspd: %w", err)
 			}
 			backends[b] = ub
 		}
 	}
-	return report, backends, nil
+	var pm *psp.Manager
+	if slices.Contains(report.Available(), wire.BackendPSP) {
+		if pm, err = psp.New(ctx, psp.Config{Suite: pc.Suite, Rotation: pc.PSPRotation, Logger: log.With("part", "psp")}); err != nil {
+			return nil, nil, nil, fmt.Errorf("pspd: %w", err)
+		}
+	}
+	return report, backends, pm, nil
 }

@@ -75,14 +75,17 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 		return err
 	}
 	defer ln.Close()
-	report, backends, err := setupBackends(ctx, pc, log)
+	report, backends, pm, err := setupBackends(ctx, pc, log)
 	if err != nil {
 		return err
 	}
-	d, err := daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report, Backends: backends})
+	d, err := daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report, Backends: backends, PSP: pm})
 	if err != nil {
 		for _, b := range backends {
 			b.Close()
+		}
+		if pm != nil {
+			pm.Close()
 		}
 		return err
 	}

@@ -26,6 +26,7 @@ import (
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/offload/psp"
 	"github.com/pspd/pspd/policy"
 )
 
@@ -41,6 +42,9 @@ type Config struct {
 	Backends map[wire.Backend]offload.Backend
 	// Group is the local API's read group (default localapi.DefaultGroup).
 	Group string
+	// PSP manages kernel PSP devices and socket upgrades; nil on a host
+	// without them. The daemon closes it.
+	PSP *psp.Manager
 }
 
 // Daemon is a running pspd.
@@ -49,6 +53,7 @@ type Daemon struct {
 	id       *identity.Identity
 	report   offload.Report
 	backends map[wire.Backend]offload.Backend
+	psp      *psp.Manager
 	ep       *keyexchange.Endpoint
 	started  time.Time
 	bootID   string
@@ -98,7 +103,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	rand.Read(boot[:])
 	dctx, cancel := context.WithCancel(ctx)
 	d = &Daemon{
-		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, started: time.Now(),
+		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(),
 		bootID: hex.EncodeToString(boot[:]), events: newHub(), ctx: dctx, cancel: cancel,
 		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
 	}
@@ -121,6 +126,12 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		}); ok {
 			kc.Control = c.Control
 		}
+	}
+	if d.psp != nil {
+		kc.Offers = wire.NewBackends(wire.BackendPSP)
+		kc.ExplicitKeys = d.psp.PeerKey
+		d.wg.Add(1)
+		go d.servePSPEvents()
 	}
 	d.ep, err = keyexchange.NewEndpoint(dctx, kc)
 	if err != nil {
@@ -238,6 +249,20 @@ func (d *Daemon) watch(ctx context.Context, p *peer) {
 	}
 }
 
+// servePSPEvents publishes device-key rotations and the connections they
+// doom, so applications can re-establish those in time.
+func (d *Daemon) servePSPEvents() {
+	defer d.wg.Done()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case ev := <-d.psp.Events():
+			d.events.publish(localapi.Event{Kind: ev.Kind, Detail: ev.Detail})
+		}
+	}
+}
+
 // serveRekeys rekeys a peer whose data plane reports its TX key reached
 // the packet budget or its age.
 func (d *Daemon) serveRekeys(wanted <-chan identity.PublicKey) {
@@ -348,6 +373,9 @@ func (d *Daemon) Close() {
 	d.wg.Wait()
 	for _, b := range d.backends {
 		b.Close()
+	}
+	if d.psp != nil {
+		d.psp.Close()
 	}
 	d.log.Info("pspd stopped")
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
 )
 
@@ -144,43 +145,45 @@ func (d *Daemon) errNoPSP() error {
 }
 
 func (d *Daemon) Devices(context.Context) ([]localapi.Device, error) {
-	if pd, ok := d.pspDevices(); ok {
-		return pd.Devices()
+	if d.psp == nil {
+		return []localapi.Device{}, nil
 	}
-	return []localapi.Device{}, nil
+	return d.psp.Devices()
 }
 
 func (d *Daemon) RotateDevice(ctx context.Context, id uint32) (localapi.Device, error) {
-	if pd, ok := d.pspDevices(); ok {
-		return pd.RotateDevice(ctx, id)
+	if d.psp == nil {
+		return localapi.Device{}, d.errNoPSP()
 	}
-	return localapi.Device{}, d.errNoPSP()
+	return d.psp.RotateDevice(ctx, id)
 }
 
+// UpgradePSP binds PSP to an application's connected TCP socket with the
+// key the named peer's pspd sends for the same connection.
 func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string) (localapi.UpgradeResult, error) {
 	defer sock.Close()
 	d.mu.Lock()
-	_, known := d.peers[peerName]
+	p := d.peers[peerName]
 	d.mu.Unlock()
-	if !known {
+	if p == nil {
 		return localapi.UpgradeResult{}, fmt.Errorf("unknown peer %q (see pspctl peer list): %w", peerName, localapi.ErrNotFound)
 	}
-	return localapi.UpgradeResult{}, d.errNoPSP()
-}
-
-// pspDeviceManager is implemented by the kernel PSP backend.
-type pspDeviceManager interface {
-	Devices() ([]localapi.Device, error)
-	RotateDevice(ctx context.Context, id uint32) (localapi.Device, error)
-}
-
-func (d *Daemon) pspDevices() (pspDeviceManager, bool) {
-	for _, b := range d.backends {
-		if m, ok := b.(pspDeviceManager); ok {
-			return m, true
-		}
+	if d.psp == nil {
+		return localapi.UpgradeResult{}, d.errNoPSP()
 	}
-	return nil, false
+	if s := p.kx.Session(); s == nil {
+		return localapi.UpgradeResult{}, fmt.Errorf("no session with peer %s right now (see pspctl peer list); the socket was not touched", peerName)
+	} else if !s.PeerBackends().Has(wire.BackendPSP) {
+		return localapi.UpgradeResult{}, fmt.Errorf("peer %s has no kernel PSP; the socket was not touched", peerName)
+	}
+	r, err := d.psp.Upgrade(ctx, sock, p.cfg.PublicKey, p.kx.SendExplicitKey)
+	if err != nil {
+		d.log.Warn("PSP upgrade failed", "peer", peerName, "err", err)
+		return localapi.UpgradeResult{}, err
+	}
+	d.events.publish(localapi.Event{Kind: "psp-upgrade", Peer: peerName,
+		Detail: fmt.Sprintf("device %d %s rx %#x tx %#x", r.Device, r.Version, r.RxSPI, r.TxSPI)})
+	return localapi.UpgradeResult{Peer: peerName, Device: r.Device, Version: r.Version.String(), RxSPI: r.RxSPI, TxSPI: r.TxSPI}, nil
 }
 
 func (d *Daemon) Events(ctx context.Context) (<-chan localapi.Event, error) {

@@ -236,3 +236,14 @@ func (c *Client) UpgradePSP(ctx context.Context, conn syscall.Conn, peer string)
 	}
 	return res, nil
 }
+
+// Upgrade hands an application's connected TCP connection to the pspd of
+// this host (at localapi.DefaultSocket), which upgrades it to kernel PSP
+// with the named peer. The application at the other end must hand its end
+// of the same connection to its pspd at about the same time. Upgrade
+// before sending data: the kernel refuses the transmit key while clear
+// data is queued, and on failure the connection should be closed, since
+// its receive side may already expect PSP.
+func Upgrade(ctx context.Context, conn *net.TCPConn, peer string) (localapi.UpgradeResult, error) {
+	return New("").UpgradePSP(ctx, conn, peer)
+}

@@ -15,7 +15,7 @@ import (
 // defaultPkgs are the packages whose tests TestVM runs inside the VM when PSPD_VM_PKGS is unset.
 // A default package whose directory is not in the tree yet is reported as a skipped subtest;
 // one named in PSPD_VM_PKGS must exist.
-var defaultPkgs = []string{"./tests/vm/kernelcheck", "./genl", "./xfrm", "./xfrm/backend", "./internal/nsim", "./tests/netns"}
+var defaultPkgs = []string{"./tests/vm/kernelcheck", "./genl", "./xfrm", "./xfrm/backend", "./offload/psp", "./internal/nsim", "./tests/netns"}
 
 // TestVM builds the in-VM test binaries, boots the kernel once and reports every in-VM test
 // as a subtest with the same outcome. It runs only with PSPD_VM=auto|required (make vmtest),

@@ -137,9 +137,11 @@ func New(ctx context.Context, cfg Config) (b *Backend, err error) {
 	if err != nil {
 		return nil, err
 	}
-	links, err := vnl.NewHandleAt(netns.NsHandle(cfg.NetNS), unix.NETLINK_ROUTE)
+	var links *vnl.Handle
 	if cfg.NetNS == 0 {
 		links, err = vnl.NewHandle(unix.NETLINK_ROUTE)
+	} else {
+		links, err = vnl.NewHandleAt(netns.NsHandle(cfg.NetNS), unix.NETLINK_ROUTE)
 	}
 	if err != nil {
 		h.Close()
