@@ -250,7 +250,7 @@ func TestVMKeyExchangeOverXFRM(t *testing.T) {
 		pols, _ := hd.ListPolicies(ctx)
 		hd.Close()
 		if len(sas) != 0 || len(pols) != 0 {
-			t.Errorf("left in the kernel after a graceful stop: %d SAs, %d policies", len(sas), len(pols))
+			t.Errorf("left in the kernel after a graceful stop: SAs %+v, policies %v\nlog:\n%s", sas, pols, h.logs.String())
 		}
 	}
 }
