@@ -20,7 +20,9 @@ type TUN interface {
 	// ReadBatch blocks until a packet is readable, then reads up to
 	// len(bufs) packets: packet i is bufs[i][:lens[i]].
 	ReadBatch(bufs [][]byte, lens []int) (int, error)
-	Write(p []byte) (int, error)
+	// WriteBatch writes packets and returns how many were written; on an
+	// error the packet at that index failed.
+	WriteBatch(pkts [][]byte) (int, error)
 	Close() error
 }
 
@@ -410,18 +412,27 @@ func (d *Dataplane) rxLoop() {
 	for i := range msgs {
 		msgs[i].Buf = make([]byte, maxPayload)
 	}
-	for d.rxBatch(msgs) {
+	s := &rxState{msgs: msgs, pkts: make([][]byte, 0, d.cfg.Batch), peers: make([]*peer, 0, d.cfg.Batch)}
+	for d.rxBatch(s) {
 	}
 }
 
-func (d *Dataplane) rxBatch(msgs []Message) (more bool) {
+// rxState is the RX loop's preallocated batch: the underlay's messages and
+// the inner packets opened from them, with their peers.
+type rxState struct {
+	msgs  []Message
+	pkts  [][]byte
+	peers []*peer
+}
+
+func (d *Dataplane) rxBatch(s *rxState) (more bool) {
 	defer func() {
 		if r := recover(); r != nil {
 			d.recovered("rx", r)
 			more = !d.closing.Load()
 		}
 	}()
-	n, err := d.cfg.Underlay.ReadBatch(msgs)
+	n, err := d.cfg.Underlay.ReadBatch(s.msgs)
 	if err != nil {
 		if d.closing.Load() {
 			return false
@@ -431,8 +442,9 @@ func (d *Dataplane) rxBatch(msgs []Message) (more bool) {
 		return true
 	}
 	t := d.table.Load()
+	s.pkts, s.peers = s.pkts[:0], s.peers[:0]
 	for i := range n {
-		m := &msgs[i]
+		m := &s.msgs[i]
 		p := t.byEndpoint[m.Addr]
 		if p == nil {
 			d.drops[DropNoPeer].Add(1)
@@ -447,15 +459,27 @@ func (d *Dataplane) rxBatch(msgs []Message) (more bool) {
 			p.drops[DropSrcNotAllowed].Add(1)
 			continue
 		}
-		if _, err := d.cfg.TUN.Write(pkt); err != nil {
+		s.pkts = append(s.pkts, pkt)
+		s.peers = append(s.peers, p)
+	}
+	// One batch write lets the TUN device hand runs of one TCP flow to the
+	// kernel as one packet.
+	for off := 0; off < len(s.pkts); {
+		w, err := d.cfg.TUN.WriteBatch(s.pkts[off:])
+		for _, p := range s.peers[off : off+w] {
+			p.rxPkts.Add(1)
+		}
+		off += w
+		if err != nil {
 			if d.closing.Load() {
 				return false
 			}
-			p.drops[DropTUNWrite].Add(1)
-			continue
+			s.peers[off].drops[DropTUNWrite].Add(1)
+			off++
 		}
-		p.rxPkts.Add(1)
 	}
+	clear(s.pkts)
+	clear(s.peers) // do not pin removed peers
 	return true
 }
 

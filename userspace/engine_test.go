@@ -39,8 +39,8 @@ func (f *panickyTUN) ReadBatch(bufs [][]byte, lens []int) (int, error) {
 	return 0, os.ErrClosed
 }
 
-func (f *panickyTUN) Write(p []byte) (int, error) { return len(p), nil }
-func (f *panickyTUN) Close() error                { close(f.closed); return nil }
+func (f *panickyTUN) WriteBatch(p [][]byte) (int, error) { return len(p), nil }
+func (f *panickyTUN) Close() error                       { close(f.closed); return nil }
 
 func TestPanicBecomesCountedDrop(t *testing.T) {
 	u, err := udp.Listen(netip.MustParseAddrPort("127.0.0.1:0"), 8)

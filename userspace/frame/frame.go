@@ -7,6 +7,7 @@ package frame
 import (
 	"encoding/binary"
 	"errors"
+	"github.com/pspd/pspd/userspace/internal/csum"
 	"net/netip"
 )
 
@@ -80,7 +81,7 @@ func PutIPUDP(b []byte, src, dst netip.AddrPort, payloadLen int) int {
 		s4, d4 := sa.As4(), da.As4()
 		copy(h[12:16], s4[:])
 		copy(h[16:20], d4[:])
-		binary.BigEndian.PutUint16(h[10:12], ^fold(sum(h[:IPv4Len], 0)))
+		binary.BigEndian.PutUint16(h[10:12], csum.Checksum(h[:IPv4Len]))
 		putUDP(h[IPv4Len:], src.Port(), dst.Port(), udpLen)
 		return IPv4Len + UDPLen
 	}
@@ -95,9 +96,9 @@ func PutIPUDP(b []byte, src, dst netip.AddrPort, payloadLen int) int {
 	u := h[IPv6Len:]
 	putUDP(u, src.Port(), dst.Port(), udpLen)
 	// Pseudo-header: addresses, UDP length, next header.
-	c := sum(h[8:40], uint32(udpLen)+protoUDP)
-	c = sum(b[IPv6Len:IPv6Len+udpLen], c)
-	ck := ^fold(c)
+	c := csum.Sum(h[8:40], uint64(udpLen)+protoUDP)
+	c = csum.Sum(b[IPv6Len:IPv6Len+udpLen], c)
+	ck := ^csum.Fold(c)
 	if ck == 0 {
 		ck = 0xffff
 	}
@@ -112,27 +113,8 @@ func putUDP(u []byte, sport, dport uint16, udpLen int) {
 	binary.BigEndian.PutUint16(u[6:8], 0)
 }
 
-// sum adds b as big-endian 16-bit words to the one's-complement accumulator.
-func sum(b []byte, acc uint32) uint32 {
-	for len(b) >= 2 {
-		acc += uint32(b[0])<<8 | uint32(b[1])
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		acc += uint32(b[0]) << 8
-	}
-	return acc
-}
-
-func fold(acc uint32) uint16 {
-	for acc > 0xffff {
-		acc = acc>>16 + acc&0xffff
-	}
-	return uint16(acc)
-}
-
 // Checksum is the Internet checksum (RFC 1071) of b.
-func Checksum(b []byte) uint16 { return ^fold(sum(b, 0)) }
+func Checksum(b []byte) uint16 { return csum.Checksum(b) }
 
 // ParseEthernet returns the EtherType and the bytes after the Ethernet
 // header. VLAN tags are not accepted: the data plane binds untagged links.
@@ -173,7 +155,7 @@ func ParseIPUDP(p []byte) (UDP, error) {
 		if hl < IPv4Len || total < hl || total > len(p) {
 			return UDP{}, ErrIPHeader
 		}
-		if fold(sum(p[:hl], 0)) != 0xffff {
+		if csum.Fold(csum.Sum(p[:hl], 0)) != 0xffff {
 			return UDP{}, ErrIPChecksum
 		}
 		if binary.BigEndian.Uint16(p[6:8])&0x3fff != 0 { // MF or offset

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"github.com/pspd/pspd/userspace/internal/csum"
 	"net/netip"
 	"testing"
 )
@@ -50,8 +51,8 @@ func TestRoundTrip(t *testing.T) {
 		}
 		if !dst.Addr().Is4() {
 			// A correct UDP checksum sums, with the pseudo-header, to 0xffff.
-			c := sum(ip[8:40], uint32(UDPLen+len(payload))+protoUDP)
-			if got := fold(sum(ip[IPv6Len:], c)); got != 0xffff {
+			c := csum.Sum(ip[8:40], uint64(UDPLen+len(payload))+protoUDP)
+			if got := csum.Fold(csum.Sum(ip[IPv6Len:], c)); got != 0xffff {
 				t.Errorf("IPv6 UDP checksum does not verify: %#x", got)
 			}
 		}
