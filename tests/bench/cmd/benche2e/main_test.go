@@ -1,0 +1,98 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+// An abridged `iperf3 -u -J` client report from iperf 3.12 on this machine.
+const iperfUDP = `{"start":{},"intervals":[],"end":{
+"sum":{"bits_per_second":1487975528.1,"lost_packets":8670,"packets":286151,"lost_percent":3.03,"seconds":2.0,"sender":true},
+"sum_sent":{"bits_per_second":1487975528.1,"lost_packets":0,"packets":286151,"lost_percent":0,"seconds":2.0},
+"sum_received":{"bits_per_second":1442829779.9,"lost_packets":8670,"packets":286151,"lost_percent":3.03,"seconds":2.0}}}`
+
+func TestParseIperf(t *testing.T) {
+	r, err := parseIperf([]byte(iperfUDP))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := r.End.SumReceived
+	if s.BitsPerSecond != 1442829779.9 || s.Packets != 286151 || s.LostPackets != 8670 || s.LostPercent != 3.03 {
+		t.Fatalf("read the wrong totals: %+v", s)
+	}
+	if _, err := parseIperf([]byte(`{"error":"unable to connect to server: Connection refused"}`)); err == nil || !strings.Contains(err.Error(), "Connection refused") {
+		t.Fatalf("iperf3's error was not reported: %v", err)
+	}
+	if _, err := parseIperf([]byte("iperf3: error")); err == nil {
+		t.Fatal("non-JSON output accepted")
+	}
+}
+
+func TestMedianSkipsUnmeasured(t *testing.T) {
+	f := func(x sample) float64 { return x.TCP1 }
+	for _, c := range []struct {
+		in   []float64
+		want float64
+	}{{nil, 0}, {[]float64{0, 0}, 0}, {[]float64{3, 1, 2}, 2}, {[]float64{4, 0, 1, 3}, 3}, {[]float64{4, 2, 1, 3}, 2.5}} {
+		var xs []sample
+		for _, v := range c.in {
+			xs = append(xs, sample{TCP1: v})
+		}
+		if got := median(xs, f); got != c.want {
+			t.Errorf("median(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+}
+
+func TestPercentile(t *testing.T) {
+	var d []time.Duration
+	for i := 1; i <= 1000; i++ {
+		d = append(d, time.Duration(i))
+	}
+	if p := percentile(d, 50); p != 500 {
+		t.Errorf("p50 = %v", p)
+	}
+	if p := percentile(d, 99); p != 990 {
+		t.Errorf("p99 = %v", p)
+	}
+	if p := percentile(d[:1], 99); p != 1 {
+		t.Errorf("p99 of one = %v", p)
+	}
+	if p := percentile([]time.Duration(nil), 50); p != 0 {
+		t.Errorf("p50 of none = %v", p)
+	}
+}
+
+func TestTableRatios(t *testing.T) {
+	res := newResults(allSystems[:3])
+	res.samples["plain veth"] = []sample{{TCP1: 10e9, TCP2: 20e9, UDP: 2e9, UDPPPS: 190e3, RRP50: 20, RRP99: 50}}
+	res.samples["wireguard-go"] = []sample{{TCP1: 2e9, TCP2: 2e9, UDP: 0.4e9, UDPPPS: 38e3, RRP50: 200, RRP99: 400}}
+	res.samples["pspd userspace io=udp"] = []sample{{TCP1: 1e9, TCP2: 1.5e9, RRP50: 100, RRP99: 300}}
+	res.errs["pspd userspace io=udp"] = []string{"round 2: boom"}
+	var b bytes.Buffer
+	res.table(&b)
+	out := b.String()
+	for _, want := range []string{
+		"| plain veth | 10.00 Gbit/s | 20.00 Gbit/s | 2.00 Gbit/s (190 k pkt/s) | 20 µs | 50 µs | 1 |",
+		"| wireguard-go | plain veth | 0.20x | 0.10x | 0.20x | 0.10x |",
+		"| pspd userspace io=udp | plain veth | 0.10x | 0.07x | – | 0.20x |",
+		"| pspd userspace io=udp | wireguard-go | 0.50x | 0.75x | – | 2.00x |",
+		"round 2: boom",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestPick(t *testing.T) {
+	ss, err := pick("veth,pspd:af_xdp")
+	if err != nil || len(ss) != 2 || ss[1].io != "af_xdp" {
+		t.Fatalf("pick = %v, %v", ss, err)
+	}
+	if _, err := pick("wireguard"); err == nil || !strings.Contains(err.Error(), "wireguard-go") {
+		t.Fatalf("unknown name not refused with the list: %v", err)
+	}
+}
