@@ -25,12 +25,13 @@ func main() {
 	out := flag.String("out", "", "also write the report to this markdown file")
 	rounds := flag.Int("rounds", 3, "rounds; systems are interleaved within each round")
 	dur := flag.Duration("time", 5*time.Second, "duration of each TCP run")
+	prof := flag.Bool("profile", true, "after the rounds, profile each tunnel under one TCP stream with perf")
 	only := flag.String("systems", "", "comma-separated system names to run (default all): "+names(allSystems))
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, log, *root, *out, *rounds, *dur, *only); err != nil {
+	if err := run(ctx, log, *root, *out, *rounds, *dur, *only, *prof); err != nil {
 		log.Error("bench-e2e failed", "err", err)
 		os.Exit(1)
 	}
@@ -63,7 +64,7 @@ func pick(only string) ([]system, error) {
 	return ss, nil
 }
 
-func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d time.Duration, only string) error {
+func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d time.Duration, only string, prof bool) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root to create network namespaces")
 	}
@@ -106,6 +107,18 @@ func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d 
 			res.samples[s.Name] = append(res.samples[s.Name], smp)
 		}
 	}
+	for _, s := range systems {
+		if !prof || s.kind == "veth" || ctx.Err() != nil {
+			continue
+		}
+		log.Info("profiling", "system", s.Name)
+		p, err := profile(ctx, t, s, d)
+		if err != nil {
+			log.Error("profile failed", "system", s.Name, "err", err)
+			p = fmt.Sprintf("%s: profile failed: %v\n", s.Name, err)
+		}
+		res.profiles = append(res.profiles, p)
+	}
 	var table bytes.Buffer
 	res.table(&table)
 	fmt.Print(table.String())
@@ -140,11 +153,26 @@ func writeDoc(path string, res *results, table string, rounds int, d time.Durati
 		"The machine is shared and noisy: only ratios taken in the same run compare.\n\n", rounds, d, udpStep, rrTime)
 	b.WriteString(table)
 	b.WriteString(topology)
+	if len(res.profiles) > 0 {
+		b.WriteString("\n## Where the CPU goes\n\n")
+		b.WriteString(strings.Join(res.profiles, "\n"))
+	}
+	// The analysis is written by hand from a run's figures; a new run
+	// keeps it so that regenerating the numbers does not erase it.
+	if old, err := os.ReadFile(path); err == nil {
+		if i := bytes.Index(old, []byte(whyHeading)); i >= 0 {
+			b.WriteString("\n")
+			b.Write(old[i:])
+		}
+	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
 	return os.WriteFile(path, b.Bytes(), 0o644)
 }
+
+// whyHeading starts the hand-written analysis, the file's last section.
+const whyHeading = "## Why pspd is where it is"
 
 const topology = `
 ## What is measured

@@ -13,10 +13,11 @@ import (
 
 // results are every round's samples per system, in table order.
 type results struct {
-	systems []system
-	samples map[string][]sample
-	startup map[string][]startupSample
-	errs    map[string][]string
+	systems  []system
+	samples  map[string][]sample
+	startup  map[string][]startupSample
+	errs     map[string][]string
+	profiles []string // perf summaries, markdown
 }
 
 func newResults(systems []system) *results {
@@ -96,6 +97,9 @@ func (r *results) table(w io.Writer) {
 		case "wireguard-go":
 			wg = &r.systems[i]
 		}
+	}
+	if veth == nil && wg == nil {
+		return
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Ratios of the medians (throughput: higher is better; round trip: the other system's p50 over this one's, higher is better):")

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/pspd/pspd/tests/netns"
@@ -45,8 +47,17 @@ type env struct {
 // close stops everything env started and deletes its namespaces.
 func (e *env) close() {
 	for _, p := range e.procs {
-		p.Process.Kill()
-		p.Wait()
+		// SIGTERM lets wireguard-go remove its control socket; a stale
+		// one would make the next run's wg fall back to the kernel.
+		p.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { p.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			p.Process.Kill()
+			<-done
+		}
 	}
 	e.lab.Close()
 }
@@ -158,6 +169,8 @@ func (t *tools) wireguard(ctx context.Context, e *env) error {
 	}
 	for i, h := range hosts {
 		dev := fmt.Sprintf("%swg%s", prefix, h.Name)
+		sock := fmt.Sprintf("/var/run/wireguard/%s.sock", dev)
+		os.Remove(sock) // left by a killed run
 		cmd := h.Command(context.Background(), t.wireguardGo, dev)
 		cmd.Env = append(os.Environ(), "WG_PROCESS_FOREGROUND=1", "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1")
 		logf, err := os.Create(filepath.Join(e.lab.Dir, dev+".log"))
@@ -171,7 +184,7 @@ func (t *tools) wireguard(ctx context.Context, e *env) error {
 		}
 		logf.Close()
 		e.procs = append(e.procs, cmd)
-		if err := waitFile(fmt.Sprintf("/var/run/wireguard/%s.sock", dev), 5*time.Second); err != nil {
+		if err := waitSocket(sock, 5*time.Second); err != nil {
 			return fmt.Errorf("wireguard-go in %s: %w", h.NS, err)
 		}
 		wg := h.Command(ctx, "wg", "set", dev, "listen-port", "51820", "private-key", keys[i],
@@ -189,11 +202,13 @@ func (t *tools) wireguard(ctx context.Context, e *env) error {
 	return nil
 }
 
-func waitFile(path string, d time.Duration) error {
+// waitSocket waits until a unix socket accepts connections.
+func waitSocket(path string, d time.Duration) error {
 	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(path); err == nil {
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
 			return nil
 		}
 	}
-	return fmt.Errorf("%s did not appear within %v", path, d)
+	return fmt.Errorf("%s accepted no connection within %v", path, d)
 }
