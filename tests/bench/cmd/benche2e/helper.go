@@ -29,14 +29,14 @@ func maybeHelper() {
 	var err error
 	switch role {
 	case "rr-server":
-		err = rrServer(args[0])
+		err = rrServer(args[0], os.Stdout)
 	case "rr-client":
 		var d time.Duration
 		if d, err = time.ParseDuration(args[1]); err == nil {
-			err = rrClient(args[0], d)
+			err = rrClient(args[0], d, os.Stdout)
 		}
 	case "first-sink":
-		err = firstSink(args[0])
+		err = firstSink(args[0], os.Stdout)
 	case "spray":
 		err = spray(args[0])
 	default:
@@ -62,12 +62,12 @@ func helper(ctx context.Context, h *netns.Host, role string, args ...string) (*e
 
 // rrServer answers every byte it reads with one byte, one connection at a
 // time, like netperf's TCP_RR with 1-byte messages.
-func rrServer(addr string) error {
+func rrServer(addr string, w io.Writer) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	fmt.Println("listening")
+	fmt.Fprintln(w, "listening")
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -95,7 +95,7 @@ type rrReport struct {
 
 // rrClient does 1-byte request/response round trips for d and prints an
 // rrReport. Go sets TCP_NODELAY, so each request is one segment.
-func rrClient(addr string, d time.Duration) error {
+func rrClient(addr string, d time.Duration, w io.Writer) error {
 	var c net.Conn
 	var err error
 	for range 50 {
@@ -124,25 +124,25 @@ func rrClient(addr string, d time.Duration) error {
 	}
 	slices.Sort(rtts)
 	us := func(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
-	return json.NewEncoder(os.Stdout).Encode(rrReport{N: len(rtts), P50: us(percentile(rtts, 50)), P99: us(percentile(rtts, 99))})
+	return json.NewEncoder(w).Encode(rrReport{N: len(rtts), P50: us(percentile(rtts, 50)), P99: us(percentile(rtts, 99))})
 }
 
 // firstSink waits for one datagram on port and prints the wall-clock time
 // it arrived, in Unix nanoseconds, so the runner can measure from its own
 // clock without counting this process's exit.
-func firstSink(port string) error {
+func firstSink(port string, w io.Writer) error {
 	c, err := net.ListenPacket("udp", net.JoinHostPort("0.0.0.0", port))
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	fmt.Println("listening")
+	fmt.Fprintln(w, "listening")
 	c.SetReadDeadline(time.Now().Add(90 * time.Second))
 	buf := make([]byte, 64)
 	if _, _, err := c.ReadFrom(buf); err != nil {
 		return err
 	}
-	fmt.Println("arrived", time.Now().UnixNano())
+	fmt.Fprintln(w, "arrived", time.Now().UnixNano())
 	return nil
 }
 

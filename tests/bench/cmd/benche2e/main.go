@@ -8,6 +8,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -94,17 +95,18 @@ func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d 
 			}
 			log.Info("measuring", "round", round+1, "system", s.Name)
 			smp, st, err := once(ctx, t, s, d)
-			if st != nil && err == nil {
-				log.Info("startup", "round", round+1, "system", s.Name, "cold", st.Cold, "kill_to_first", st.KillToFirst, "restart_to_first", st.RestartToFirst)
-				res.startup[s.Name] = append(res.startup[s.Name], *st)
-			}
 			if err != nil {
 				log.Error("round failed", "round", round+1, "system", s.Name, "err", err)
 				res.errs[s.Name] = append(res.errs[s.Name], fmt.Sprintf("round %d: %v", round+1, err))
-				continue
 			}
-			log.Info("measured", "round", round+1, "system", s.Name, "tcp1", gbit(smp.TCP1), "tcp2", gbit(smp.TCP2), "udp", gbit(smp.UDP), "rr_p50_us", smp.RRP50, "rr_p99_us", smp.RRP99)
-			res.samples[s.Name] = append(res.samples[s.Name], smp)
+			if smp != (sample{}) {
+				log.Info("measured", "round", round+1, "system", s.Name, "tcp1", gbit(smp.TCP1), "tcp2", gbit(smp.TCP2), "udp", gbit(smp.UDP), "rr_p50_us", smp.RRP50, "rr_p99_us", smp.RRP99)
+				res.samples[s.Name] = append(res.samples[s.Name], smp)
+			}
+			if st != nil && *st != (startupSample{}) {
+				log.Info("startup", "round", round+1, "system", s.Name, "cold", st.Cold, "initiator_restart", st.Initiator, "responder_restart", st.Responder)
+				res.startup[s.Name] = append(res.startup[s.Name], *st)
+			}
 		}
 	}
 	for _, s := range systems {
@@ -138,11 +140,14 @@ func once(ctx context.Context, t *tools, s system, d time.Duration) (sample, *st
 	}
 	defer e.close()
 	smp, err := measure(ctx, e, d)
-	if err != nil || !s.isPspd() {
+	if !s.isPspd() || ctx.Err() != nil {
 		return smp, nil, err
 	}
-	st, err := startup(ctx, e)
-	return smp, &st, err
+	st, serr := startup(ctx, e)
+	if serr != nil {
+		serr = fmt.Errorf("start and restart times: %w", serr)
+	}
+	return smp, &st, errors.Join(err, serr)
 }
 
 func writeDoc(path string, res *results, table string, rounds int, d time.Duration) error {

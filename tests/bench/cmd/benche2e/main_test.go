@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -94,5 +97,70 @@ func TestPick(t *testing.T) {
 	}
 	if _, err := pick("wireguard"); err == nil || !strings.Contains(err.Error(), "wireguard-go") {
 		t.Fatalf("unknown name not refused with the list: %v", err)
+	}
+}
+
+// freePort is a loopback TCP or UDP port nothing listens on right now.
+func freePort(t *testing.T, network string) string {
+	t.Helper()
+	var addr net.Addr
+	switch network {
+	case "tcp":
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = l.Addr()
+		l.Close()
+	default:
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = c.LocalAddr()
+		c.Close()
+	}
+	_, port, _ := net.SplitHostPort(addr.String())
+	return port
+}
+
+// The helpers the runner execs in the namespaces, here in-process over
+// loopback: the real code, only without the namespaces.
+func TestRoundTripHelpers(t *testing.T) {
+	addr := net.JoinHostPort("127.0.0.1", freePort(t, "tcp"))
+	var srvOut syncBuffer
+	go rrServer(addr, &srvOut)
+	var out bytes.Buffer
+	if err := rrClient(addr, 300*time.Millisecond, &out); err != nil {
+		t.Fatal(err)
+	}
+	var r rrReport
+	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
+		t.Fatalf("rr-client printed %q: %v", out.Bytes(), err)
+	}
+	if r.N < 10 || r.P50 <= 0 || r.P99 < r.P50 {
+		t.Fatalf("implausible round trips over loopback: %+v", r)
+	}
+}
+
+func TestFirstSinkSeesSpray(t *testing.T) {
+	port := freePort(t, "udp")
+	var out syncBuffer
+	done := make(chan error, 1)
+	go func() { done <- firstSink(port, &out) }()
+	for !bytes.Contains(out.Bytes(), []byte("listening")) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	before := time.Now()
+	go spray(net.JoinHostPort("127.0.0.1", port))
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var ns int64
+	if _, err := fmt.Sscanf(string(out.Bytes()), "listening\narrived %d", &ns); err != nil {
+		t.Fatalf("first-sink printed %q: %v", out.Bytes(), err)
+	}
+	if at := time.Unix(0, ns); at.Before(before) || time.Since(at) > 5*time.Second {
+		t.Fatalf("arrival time %v is not after the spray started at %v", at, before)
 	}
 }

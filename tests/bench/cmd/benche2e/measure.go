@@ -94,7 +94,7 @@ func tcpRate(ctx context.Context, e *env, streams int, d time.Duration) (float64
 }
 
 // udpRates is the offered-load ladder of the sweep, in Mbit/s.
-var udpRates = []int{100, 200, 300, 400, 500, 650, 800, 1000, 1250, 1500, 1800, 2100, 2500, 3000, 3500, 4000}
+var udpRates = []int{50, 100, 200, 300, 400, 500, 650, 800, 1000, 1250, 1500, 1800, 2100, 2500, 3000, 3500, 4000}
 
 // udpSweep offers 1300-byte datagrams at rising rates and returns the
 // highest received rate with under 1% loss. It stops after two failing
@@ -170,7 +170,9 @@ func startListening(cmd *exec.Cmd, out *syncBuffer) error {
 	return fmt.Errorf("helper did not start listening: %s", out.Bytes())
 }
 
-// measure takes one round of every figure for e.
+// measure takes one round of every figure for e. A part that fails
+// leaves its figure zero (medians skip it) and the others still run, so
+// one noisy UDP sweep does not discard a round's TCP figures.
 func measure(ctx context.Context, e *env, d time.Duration) (sample, error) {
 	var s sample
 	stop, err := iperfServer(ctx, e)
@@ -178,17 +180,20 @@ func measure(ctx context.Context, e *env, d time.Duration) (sample, error) {
 		return s, err
 	}
 	defer stop()
+	var errs []error
 	if s.TCP1, err = tcpRate(ctx, e, 1, d); err != nil {
-		return s, err
+		errs = append(errs, fmt.Errorf("tcp 1 stream: %w", err))
 	}
 	if s.TCP2, err = tcpRate(ctx, e, 2, d); err != nil {
-		return s, err
+		errs = append(errs, fmt.Errorf("tcp 2 streams: %w", err))
 	}
 	if s.UDP, s.UDPPPS, err = udpSweep(ctx, e, udpStep); err != nil {
-		return s, err
+		errs = append(errs, err)
 	}
-	s.RRP50, s.RRP99, err = roundTrips(ctx, e, rrTime)
-	return s, err
+	if s.RRP50, s.RRP99, err = roundTrips(ctx, e, rrTime); err != nil {
+		errs = append(errs, fmt.Errorf("round trips: %w", err))
+	}
+	return s, errors.Join(errs...)
 }
 
 const (

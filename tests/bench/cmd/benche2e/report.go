@@ -122,7 +122,7 @@ func (r *results) table(w io.Writer) {
 	}
 	if len(r.startup) > 0 {
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| system | daemon start → first protected packet delivered | kill -9 of one daemon → first packet after its restart | its restart → first packet |")
+		fmt.Fprintln(w, "| system | both daemons started → first protected packet delivered | kill -9 of the initiator, restarted at once → first packet | the same for the responder |")
 		fmt.Fprintln(w, "|---|---|---|---|")
 		for _, s := range r.systems {
 			xs, ok := r.startup[s.Name]
@@ -138,8 +138,8 @@ func (r *results) table(w io.Writer) {
 			}
 			fmt.Fprintf(w, "| %s | %s | %s | %s |\n", s.Name,
 				ms(func(x startupSample) float64 { return ms64(x.Cold) }),
-				ms(func(x startupSample) float64 { return ms64(x.KillToFirst) }),
-				ms(func(x startupSample) float64 { return ms64(x.RestartToFirst) }))
+				ms(func(x startupSample) float64 { return ms64(x.Initiator) }),
+				ms(func(x startupSample) float64 { return ms64(x.Responder) }))
 		}
 	}
 	for _, s := range r.systems {

@@ -8,14 +8,19 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/tests/netns"
 )
 
 // startupSample is how long pspd takes to carry traffic: from starting
-// both daemons, and after one of them is killed with SIGKILL.
+// both daemons, and from a SIGKILL of one daemon (restarted at once) for
+// each side of the key exchange. Which side initiates depends on the
+// keys, and a restarted responder waits before dialling itself.
 type startupSample struct {
-	Cold           time.Duration // start of both daemons → first datagram delivered
-	KillToFirst    time.Duration // SIGKILL of b → first datagram delivered after b's restart
-	RestartToFirst time.Duration // start of the new b → first datagram delivered
+	Cold      time.Duration // start of both daemons → first datagram delivered
+	Initiator time.Duration // kill -9 of the initiator → first datagram after its restart
+	Responder time.Duration // the same for the responder
 }
 
 // probePort is where first-sink listens.
@@ -56,22 +61,44 @@ func startup(ctx context.Context, e *env) (startupSample, error) {
 	}
 	s.Cold = at.Sub(t0)
 
-	// The sink starts after the kill: until then the old association
-	// still delivers.
-	t0 = time.Now()
-	p.B.Kill()
-	if sink, err = firstArrival(ctx, e); err != nil {
+	as, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
 		return s, err
 	}
-	t1 := time.Now()
-	if err := p.B.Start(ctx); err != nil {
-		return s, err
+	// The receive SPI carries the role of the side that allocated it.
+	bRole := kdf.SPI(as[1].RxSPI).Role()
+	for _, d := range []*netns.Daemon{p.B, p.A} {
+		took, err := restart(ctx, e, d)
+		if err != nil {
+			return s, err
+		}
+		if (d == p.B) == (bRole == kdf.Initiator) {
+			s.Initiator = took
+		} else {
+			s.Responder = took
+		}
 	}
-	if at, err = sink(); err != nil {
-		return s, fmt.Errorf("restart after kill -9: %w", err)
-	}
-	s.KillToFirst, s.RestartToFirst = at.Sub(t0), at.Sub(t1)
 	return s, nil
+}
+
+// restart kills d with SIGKILL, starts it again at once and returns the
+// time from the kill to the first datagram delivered. The sink starts
+// after the kill: until then the old association still delivers.
+func restart(ctx context.Context, e *env, d *netns.Daemon) (time.Duration, error) {
+	t0 := time.Now()
+	d.Kill()
+	sink, err := firstArrival(ctx, e)
+	if err != nil {
+		return 0, err
+	}
+	if err := d.Start(ctx); err != nil {
+		return 0, err
+	}
+	at, err := sink()
+	if err != nil {
+		return 0, fmt.Errorf("restart of %s after kill -9: %w", d.Host.Name, err)
+	}
+	return at.Sub(t0), nil
 }
 
 // firstArrival starts a first-sink in e's server; wait returns when the
