@@ -164,3 +164,21 @@ func TestFirstSinkSeesSpray(t *testing.T) {
 		t.Fatalf("arrival time %v is not after the spray started at %v", at, before)
 	}
 }
+
+func TestPerfStatAndShare(t *testing.T) {
+	// `perf stat -x ,` as perf 6.x prints it, and a by-command report.
+	m, err := parsePerfStat([]byte("4273,,raw_syscalls:sys_enter,44431658,100.00,,\n244,,context-switches,44482964,100.00,,\n"))
+	if err != nil || m["raw_syscalls:sys_enter"] != 4273 || m["context-switches"] != 244 {
+		t.Fatalf("parsePerfStat = %v, %v", m, err)
+	}
+	if _, err := parsePerfStat([]byte("<not counted>,,context-switches,0,100.00,,\n")); err == nil {
+		t.Fatal("an uncounted event was read as a count")
+	}
+	report := "  66.40%  wireguard-go\n   6.72%  iperf3\n"
+	if got := commShare(report, "wireguard-go"); got != 66.40 {
+		t.Fatalf("commShare = %v", got)
+	}
+	if got := commShare(report, "pspd"); got != 0 {
+		t.Fatalf("commShare of an absent command = %v", got)
+	}
+}
