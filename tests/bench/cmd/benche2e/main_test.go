@@ -2,9 +2,12 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -180,5 +183,70 @@ func TestPerfStatAndShare(t *testing.T) {
 	}
 	if got := commShare(report, "pspd"); got != 0 {
 		t.Fatalf("commShare of an absent command = %v", got)
+	}
+}
+
+func TestMain(m *testing.M) {
+	maybeHelper() // the tests below exec this binary as the helpers
+	os.Exit(m.Run())
+}
+
+// TestEverySystemCarriesTraffic brings each system up for real, as the
+// runner does, and takes a short measurement through it: the runner's
+// whole path except the long rounds. For pspd it also takes the start
+// and restart times.
+func TestEverySystemCarriesTraffic(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: builds pspd and wireguard-go and runs iperf3 in namespaces (about 15 s)")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	for _, tool := range []string{"iperf3", "wg", "ip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s (tests/deps.sh bench installs it)", tool)
+		}
+	}
+	ctx := context.Background()
+	tl, err := buildTools(ctx, "../../../..", t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range allSystems {
+		t.Run(strings.ReplaceAll(s.Name, " ", "_"), func(t *testing.T) {
+			e, err := tl.up(ctx, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.close()
+			stop, err := iperfServer(ctx, e)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stop()
+			bps, err := tcpRate(ctx, e, 1, time.Second)
+			if err != nil || bps <= 0 {
+				t.Fatalf("tcp: %v bit/s, %v", bps, err)
+			}
+			p50, p99, err := roundTrips(ctx, e, 300*time.Millisecond)
+			if err != nil || p50 <= 0 || p99 < p50 {
+				t.Fatalf("round trips: p50 %v p99 %v, %v", p50, p99, err)
+			}
+			t.Logf("%s: %s, round trip p50 %.0f µs", s.Name, gbit(bps), p50)
+			if !s.isPspd() {
+				return
+			}
+			st, err := startup(ctx, e)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Cold <= 0 || st.Initiator <= 0 || st.Responder <= 0 {
+				t.Fatalf("start and restart times not all measured: %+v", st)
+			}
+			t.Logf("%s: cold %v, initiator restart %v, responder restart %v", s.Name, st.Cold, st.Initiator, st.Responder)
+		})
+	}
+	if out, _ := exec.Command("ip", "netns", "list").Output(); bytes.Contains(out, []byte(prefix)) {
+		t.Fatalf("namespaces left behind:\n%s", out)
 	}
 }
