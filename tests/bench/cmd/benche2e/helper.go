@@ -27,7 +27,11 @@ func maybeHelper() {
 	}
 	args := strings.Fields(os.Getenv(helperEnv + "_ARGS"))
 	var err error
+	if need := map[string]int{"rr-server": 1, "rr-client": 2, "first-sink": 1, "spray": 1}[role]; len(args) < need {
+		role, err = "", fmt.Errorf("helper %s: want %d arguments in %s_ARGS, have %q", os.Getenv(helperEnv), need, helperEnv, args)
+	}
 	switch role {
+	case "":
 	case "rr-server":
 		err = rrServer(args[0], os.Stdout)
 	case "rr-client":

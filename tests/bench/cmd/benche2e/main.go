@@ -41,7 +41,7 @@ func main() {
 func names(ss []system) string {
 	var n []string
 	for _, s := range ss {
-		n = append(n, s.kind+(map[bool]string{true: ":" + s.io}[s.io != ""]))
+		n = append(n, s.id())
 	}
 	return strings.Join(n, ",")
 }
@@ -54,7 +54,7 @@ func pick(only string) ([]system, error) {
 	for _, want := range strings.Split(only, ",") {
 		found := false
 		for _, s := range allSystems {
-			if names([]system{s}) == want {
+			if s.id() == want {
 				ss, found = append(ss, s), true
 			}
 		}

@@ -70,7 +70,7 @@ func iperf(ctx context.Context, e *env, args ...string) (*iperfResult, error) {
 	for range 20 {
 		// iperf3 -J reports its own failures as JSON and exits non-zero;
 		// the exit status matters only when there is no JSON.
-		out, runErr := e.client.Command(ctx, "iperf3", full...).Output()
+		out, runErr := iperfOnce(ctx, e, full)
 		var r *iperfResult
 		if r, err = parseIperf(out); err == nil {
 			return r, nil
@@ -85,6 +85,17 @@ func iperf(ctx context.Context, e *env, args ...string) (*iperfResult, error) {
 	}
 	return nil, fmt.Errorf("%s: iperf3 %s: %w", e.client.NS, strings.Join(full, " "), err)
 }
+
+// iperfOnce runs one iperf3 client, bounded so that a wedged tunnel
+// fails the run instead of hanging it.
+func iperfOnce(ctx context.Context, e *env, args []string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, iperfTimeout)
+	defer cancel()
+	return e.client.Command(ctx, "iperf3", args...).Output()
+}
+
+// iperfTimeout bounds one iperf3 client run, well above any -t used here.
+const iperfTimeout = 2 * time.Minute
 
 func tcpRate(ctx context.Context, e *env, streams int, d time.Duration) (float64, error) {
 	r, err := iperf(ctx, e, "-t", secs(d), "-P", strconv.Itoa(streams))

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -27,6 +28,14 @@ type system struct {
 }
 
 func (s system) isPspd() bool { return s.kind == "pspd" }
+
+// id is how -systems names s: its kind, and pspd's io setting.
+func (s system) id() string {
+	if s.io != "" {
+		return s.kind + ":" + s.io
+	}
+	return s.kind
+}
 
 var allSystems = []system{
 	{Name: "plain veth", kind: "veth"},
@@ -160,7 +169,7 @@ func (t *tools) wireguard(ctx context.Context, e *env) error {
 			return err
 		}
 		pub := exec.CommandContext(ctx, "wg", "pubkey")
-		pub.Stdin = strings.NewReader(string(priv))
+		pub.Stdin = bytes.NewReader(priv)
 		out, err := pub.Output()
 		if err != nil {
 			return fmt.Errorf("wg pubkey: %w", err)
