@@ -71,9 +71,8 @@ lint:
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem -count=6 $(PKGS) | tee bench.txt
 
-
 # Throughput and latency through plain veth, wireguard-go and pspd's userspace
-# data plane between two namespaces (root; about 15 minutes); rewrites
+# data plane between two namespaces (root; about 8 minutes); rewrites
 # docs/benchmarks.md. tests/bench is its own module so that only it depends
 # on wireguard-go. Not part of `make test`.
 bench-e2e:
