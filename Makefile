@@ -6,7 +6,7 @@ FUZZTIME  ?= 10s
 PSPD_VM   ?= auto
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build test unit fips fuzz lint bench vmtest demo deps deps-demo
+.PHONY: all build test unit fips fuzz lint bench bench-e2e vmtest demo deps deps-demo
 
 all: build
 
@@ -71,3 +71,10 @@ lint:
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem -count=6 $(PKGS) | tee bench.txt
 
+# Throughput and latency through plain veth, wireguard-go and pspd's userspace
+# data plane between two namespaces (root; about 8 minutes); rewrites
+# docs/benchmarks.md. tests/bench is its own module so that only it depends
+# on wireguard-go. Not part of `make test`.
+bench-e2e:
+	tests/deps.sh bench
+	cd tests/bench && $(GO) run ./cmd/benche2e -out ../../docs/benchmarks.md

@@ -4,9 +4,13 @@
 # already there, so a second run costs a few dpkg queries.
 #   tests/deps.sh demo    what `make demo` needs
 #   tests/deps.sh test    what `make test` needs (the VM harness included)
+#   tests/deps.sh bench   what `make bench-e2e` needs
 set -euo pipefail
 what=${1:-test}
 pkgs=(iproute2 tcpdump)
+if [ "$what" = bench ]; then
+	pkgs+=(iperf3 wireguard-tools)
+fi
 if [ "$what" = test ]; then
 	pkgs+=(iperf3 ethtool
 		# The VM harness (tests/vm): qemu, a static busybox, tools copied into the VM,
