@@ -332,7 +332,10 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 	go func() {
 		errc <- localapi.NewServer(d, localapi.NewAuthorizer(group), d.log.With("part", "localapi")).Serve(ctx, ln)
 	}()
-	if addr := d.cfg.Metrics; addr != "" {
+	d.mu.Lock() // Reload replaces d.cfg
+	addr := d.cfg.Metrics
+	d.mu.Unlock()
+	if addr != "" {
 		mln, err := net.Listen("tcp", addr)
 		if err != nil {
 			return fmt.Errorf("pspd: metrics listener %s: %w (set metrics: off to disable)", addr, err)

@@ -402,8 +402,20 @@ func (m *Manager) Upgrade(ctx context.Context, sock *os.File, peer identity.Publ
 	if theirs.Suite != m.cfg.Suite {
 		return Result{}, fmt.Errorf("psp: the peer uses %s, this host %s (set the same suite on both; close this socket)", theirs.Suite, m.cfg.Suite)
 	}
-	if err := m.c.TxAssoc(sock, m.version, rx.DevID, genl.AssocKey{SPI: genl.SPI(theirs.SPI), Key: theirs.Key}); err != nil {
-		return Result{}, fmt.Errorf("psp: tx-assoc on %s -> %s: %w (close this socket)", t.local, t.remote, err)
+	// The kernel refuses the transmit key while clear data the peer sent
+	// before its upgrade is still queued; the application drains it.
+	for {
+		err := m.c.TxAssoc(sock, m.version, rx.DevID, genl.AssocKey{SPI: genl.SPI(theirs.SPI), Key: theirs.Key})
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, genl.ErrBusy) || wctx.Err() != nil {
+			return Result{}, fmt.Errorf("psp: tx-assoc on %s -> %s: %w (close this socket)", t.local, t.remote, err)
+		}
+		select {
+		case <-wctx.Done():
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 	m.mu.Lock()
 	m.conns[t] = &conn{dev: rx.DevID}
