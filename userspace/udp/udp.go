@@ -4,6 +4,7 @@
 package udp
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -28,7 +29,18 @@ type Conn struct {
 	v6     bool // AF_INET6 socket: IPv4 peers are v4-mapped
 	closed atomic.Bool
 	rx, tx batch
+	// noGSO is set once the kernel refused a segmented send; later sends
+	// go one datagram per message.
+	noGSO atomic.Bool
+	// ctrl holds one UDP_SEGMENT control message per tx header; groups
+	// maps tx header i to the number of messages it carries.
+	ctrl   [][]byte
+	groups []int
 }
+
+// maxSegments is how many datagrams one segmented send carries
+// (UDP_MAX_SEGMENTS on older kernels).
+const maxSegments = 64
 
 // batch is the preallocated mmsghdr vector of one direction.
 type batch struct {
@@ -63,6 +75,10 @@ func Listen(laddr netip.AddrPort, size int) (*Conn, error) {
 	u.bigBuffers()
 	u.rx.init(size)
 	u.tx.init(size)
+	u.ctrl, u.groups = make([][]byte, size), make([]int, size)
+	for i := range u.ctrl {
+		u.ctrl[i] = make([]byte, unix.CmsgSpace(2))
+	}
 	u.rx.call = u.recv
 	u.tx.call = u.send
 	return u, nil
@@ -120,32 +136,106 @@ func (u *Conn) ReadBatch(msgs []userspace.Message) (int, error) {
 	return b.done, nil
 }
 
-// WriteBatch implements userspace.Underlay. On an error it returns how many
-// messages went out before the one that failed.
+// WriteBatch implements userspace.Underlay. Runs of datagrams to one
+// address of one size (the last may be shorter), which is what a TCP burst
+// becomes, go to the kernel as one segmented send (UDP GSO): one trip
+// through the UDP and IP stack instead of one per datagram. On an error it
+// returns how many messages went out before the one that failed.
 func (u *Conn) WriteBatch(msgs []userspace.Message) (int, error) {
 	sent := 0
 	for sent < len(msgs) {
 		b := &u.tx
-		b.n = min(len(msgs)-sent, len(b.hdrs))
-		for i := range b.n {
-			m := &msgs[sent+i]
-			if m.N == 0 {
-				return sent + i, fmt.Errorf("udp: write: message %d is empty", sent+i)
+		b.n = 0
+		next := sent
+		for next < len(msgs) && b.n < len(b.hdrs) {
+			k, err := u.group(msgs, next, len(b.iovs)-(next-sent))
+			if k == 0 && err == nil {
+				break // no iovec left in this round
 			}
-			b.iovs[i].Base = &m.Buf[m.Off]
-			b.iovs[i].SetLen(m.N)
-			nl, ok := u.toSockaddr(&b.names[i], m.Addr)
-			if !ok {
-				return sent + i, fmt.Errorf("udp: write to %v: address family does not match the socket", m.Addr)
+			if err != nil {
+				if b.n == 0 {
+					return next, err
+				}
+				break // send what is ready; the next call reports it
 			}
-			b.hdrs[i].Hdr.Namelen = nl
+			h := &b.hdrs[b.n]
+			h.Hdr.Iov = &b.iovs[next-sent]
+			h.Hdr.SetIovlen(k)
+			for i := range k {
+				m := &msgs[next+i]
+				b.iovs[next-sent+i].Base = &m.Buf[m.Off]
+				b.iovs[next-sent+i].SetLen(m.N)
+			}
+			nl, _ := u.toSockaddr(&b.names[b.n], msgs[next].Addr)
+			h.Hdr.Namelen = nl
+			h.Hdr.Control, h.Hdr.Controllen = nil, 0
+			if k > 1 {
+				c := u.ctrl[b.n]
+				cm := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
+				cm.Level, cm.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+				cm.SetLen(unix.CmsgLen(2))
+				*(*uint16)(unsafe.Pointer(&c[unix.CmsgLen(0)])) = uint16(msgs[next].N)
+				h.Hdr.Control = &c[0]
+				h.Hdr.SetControllen(len(c))
+			}
+			u.groups[b.n] = k
+			b.n++
+			next += k
 		}
-		if err := u.do(b, u.rc.Write); err != nil {
+		err := u.do(b, u.rc.Write)
+		for _, k := range u.groups[:b.done] {
+			sent += k
+		}
+		if err != nil {
+			if u.groups[b.done] > 1 && !u.noGSO.Load() && gsoRefused(err) {
+				// A kernel or device without UDP GSO: say so once, go on
+				// without it.
+				u.noGSO.Store(true)
+				continue
+			}
 			return sent, fmt.Errorf("udp: sendmmsg to %v: %w", msgs[sent].Addr, err)
 		}
-		sent += b.done
 	}
 	return sent, nil
+}
+
+// gsoRefused tells a kernel or device that cannot segment UDP from other
+// send errors.
+func gsoRefused(err error) bool {
+	return errors.Is(err, unix.EIO) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOPROTOOPT) || errors.Is(err, unix.EOPNOTSUPP)
+}
+
+// group returns how many messages from msgs[i] go out in one send: one
+// without GSO, else the run of one address and one size (the last may be
+// shorter). It checks the messages it takes.
+func (u *Conn) group(msgs []userspace.Message, i, room int) (int, error) {
+	if room <= 0 {
+		return 0, nil
+	}
+	m := &msgs[i]
+	if m.N == 0 {
+		return 0, fmt.Errorf("udp: write: message %d is empty", i)
+	}
+	var sa unix.RawSockaddrInet6
+	if _, ok := u.toSockaddr(&sa, m.Addr); !ok {
+		return 0, fmt.Errorf("udp: write to %v: address family does not match the socket", m.Addr)
+	}
+	if u.noGSO.Load() {
+		return 1, nil
+	}
+	k, total := 1, m.N
+	for i+k < len(msgs) && k < min(maxSegments, room) {
+		q := &msgs[i+k]
+		if q.Addr != m.Addr || q.N == 0 || q.N > m.N || total+q.N > 65000 {
+			break
+		}
+		total += q.N
+		k++
+		if q.N < m.N {
+			break // a shorter datagram ends a segmented send
+		}
+	}
+	return k, nil
 }
 
 func (u *Conn) do(b *batch, io func(func(uintptr) bool) error) error {

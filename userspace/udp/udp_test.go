@@ -129,3 +129,60 @@ func TestZeroAllocs(t *testing.T) {
 		t.Fatalf("%v allocations per batch, want 0", allocs)
 	}
 }
+
+// TestSegmentedSendsKeepBoundaries: runs of equal datagrams to one address
+// go out as one segmented send; a shorter one ends a run, another address
+// or a longer one starts a new one, and the receiver sees every datagram
+// as it was sent, in order.
+func TestSegmentedSendsKeepBoundaries(t *testing.T) {
+	a, err := udp.Listen(netip.MustParseAddrPort("127.0.0.1:0"), 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	var to [2]*udp.Conn
+	for i := range to {
+		if to[i], err = udp.Listen(netip.MustParseAddrPort("127.0.0.1:0"), 64); err != nil {
+			t.Fatal(err)
+		}
+		defer to[i].Close()
+	}
+	sizes := []int{1200, 1200, 1200, 700, 1200, 1200, 1300, 1300, 5, 1200}
+	dest := []int{0, 0, 0, 0, 0, 1, 1, 1, 1, 0}
+	out := msgs(len(sizes), 1400)
+	want := [2][]string{}
+	for i, n := range sizes {
+		p := out[i].Buf[:n]
+		for j := range p {
+			p[j] = byte(i)
+		}
+		copy(p, fmt.Sprintf("%02d", i))
+		out[i].N, out[i].Addr = n, to[dest[i]].LocalAddr()
+		want[dest[i]] = append(want[dest[i]], string(p))
+	}
+	if k, err := a.WriteBatch(out); k != len(out) || err != nil {
+		t.Fatalf("WriteBatch = %d, %v", k, err)
+	}
+	for d := range to {
+		in := msgs(64, 2000)
+		var got []string
+		deadline := time.Now().Add(5 * time.Second)
+		for len(got) < len(want[d]) && time.Now().Before(deadline) {
+			k, err := to[d].ReadBatch(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range k {
+				got = append(got, string(in[i].Payload()))
+			}
+		}
+		if len(got) != len(want[d]) {
+			t.Fatalf("receiver %d got %d datagrams, want %d", d, len(got), len(want[d]))
+		}
+		for i := range got {
+			if got[i] != want[d][i] {
+				t.Errorf("receiver %d datagram %d: %d bytes starting %q, want %d bytes starting %q", d, i, len(got[i]), got[i][:2], len(want[d][i]), want[d][i][:2])
+			}
+		}
+	}
+}
