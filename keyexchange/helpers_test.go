@@ -48,7 +48,7 @@ func (r *recorder) Activate(_ context.Context, sa *SA) error {
 		return errors.New("recorder: activating an SA that is not installed")
 	}
 	if hook != nil {
-		hook(sa.withoutKeys())
+		hook(sa.WithoutKeys())
 	}
 	r.mu.Lock()
 	r.activated[sa.RxSPI] = true
@@ -72,7 +72,7 @@ func (r *recorder) Install(_ context.Context, sa *SA) error {
 	if _, dup := r.live[sa.RxSPI]; dup {
 		return errors.New("recorder: rx SPI already installed")
 	}
-	rec := recorded{sa: sa.withoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone()}
+	rec := recorded{sa: sa.WithoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone()}
 	r.live[sa.RxSPI] = rec
 	r.history = append(r.history, rec)
 	return nil

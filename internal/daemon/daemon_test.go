@@ -15,87 +15,21 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/internal/logscan"
-	"github.com/pspd/pspd/internal/secret"
-	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/identity"
-	"github.com/pspd/pspd/keyexchange/kdf"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/localapi/client"
 	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/offload/offloadtest"
 	"github.com/pspd/pspd/policy"
 )
 
-// recBackend is an in-memory data plane: the seam between the daemon and a
-// backend, recording what would be programmed. The daemon, its key
-// exchange (real QUIC and TLS on loopback) and its API (a real unix
-// socket) are real; the demo and the backend packages' own tests run the
-// real data planes.
-type recBackend struct {
-	kind   wire.Backend
-	mu     sync.Mutex
-	live   map[kdf.SPI]bool
-	active map[kdf.SPI]bool
-	keys   []secret.Key
-	peers  map[string]bool // peers the backend holds (routes, policies)
-}
-
-func newRec() *recBackend { return newRecKind(wire.BackendUserspace) }
-
-func newRecKind(k wire.Backend) *recBackend {
-	return &recBackend{kind: k, live: map[kdf.SPI]bool{}, active: map[kdf.SPI]bool{}, peers: map[string]bool{}}
-}
-
-func (r *recBackend) Kind() wire.Backend { return r.kind }
-func (r *recBackend) AddPeer(p policy.Peer) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.peers[p.Name] = true
-	return nil
-}
-func (r *recBackend) RemovePeer(p policy.Peer) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	delete(r.peers, p.Name)
-}
-func (r *recBackend) holds(name string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.peers[name]
-}
-func (r *recBackend) Install(_ context.Context, sa *keyexchange.SA) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.live[sa.RxSPI] = true
-	r.keys = append(r.keys, sa.RxKey.Clone(), sa.TxKey.Clone())
-	return nil
-}
-func (r *recBackend) Activate(_ context.Context, sa *keyexchange.SA) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.active[sa.RxSPI] = true
-	return nil
-}
-func (r *recBackend) Remove(_ context.Context, sa *keyexchange.SA) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	delete(r.live, sa.RxSPI)
-	delete(r.active, sa.RxSPI)
-	return nil
-}
-func (r *recBackend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return offload.Traffic{PacketsIn: uint64(sa.RxSPI.Counter()), BytesIn: 100}, r.live[sa.RxSPI]
-}
-func (r *recBackend) Drops() map[string]uint64 { return map[string]uint64{"replay": 3} }
-func (r *recBackend) Close() error             { return nil }
-func (r *recBackend) allKeys() []secret.Key {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]secret.Key(nil), r.keys...)
-}
+// The daemon's tests run a real key exchange (QUIC and TLS on loopback)
+// and a real local API (a unix socket) around offloadtest's fake data
+// plane; the backend packages and tests/netns run the real data planes.
+func newRec() *offloadtest.Backend { return offloadtest.New(assoc.BackendUserspace, nil) }
 
 type syncBuf struct {
 	mu sync.Mutex
@@ -119,7 +53,7 @@ type host struct {
 	id     *identity.Identity
 	port   int
 	d      *Daemon
-	rec    *recBackend
+	rec    *offloadtest.Backend
 	logs   *syncBuf
 	sock   string
 	cancel context.CancelFunc
@@ -176,12 +110,12 @@ func (h *host) start(t *testing.T, pc *policy.Config) {
 
 // startWith runs the daemon with the given backends, which must match
 // the report.
-func (h *host) startWith(t *testing.T, pc *policy.Config, report offload.Report, recs ...*recBackend) {
+func (h *host) startWith(t *testing.T, pc *policy.Config, report offload.Report, recs ...*offloadtest.Backend) {
 	h.logs = &syncBuf{}
 	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	bs := map[wire.Backend]offload.Backend{}
+	bs := map[assoc.Backend]offload.Backend{}
 	for _, r := range recs {
-		bs[r.kind] = r
+		bs[r.Kind()] = r
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, Config{Policy: pc, Logger: log, Report: report, Backends: bs})
@@ -261,7 +195,7 @@ func TestTwoDaemons(t *testing.T) {
 		as, _ := c.Assocs(context.Background())
 		json.NewEncoder(&listing).Encode(as)
 	}
-	keys := append(a.rec.allKeys(), b.rec.allKeys()...)
+	keys := append(a.rec.Keys(), b.rec.Keys()...)
 	if len(keys) < 4 {
 		t.Fatalf("recorded %d keys", len(keys))
 	}
@@ -318,11 +252,11 @@ func TestBackendAgreement(t *testing.T) {
 		t.Skip("needs root: the local API answers root or the pspd group only")
 	}
 	a, b := newHost(t, "a"), newHost(t, "b")
-	xa, ua := newRecKind(wire.BackendXFRM), newRecKind(wire.BackendUserspace)
+	xa, ua := offloadtest.New(assoc.BackendXFRM, nil), offloadtest.New(assoc.BackendUserspace, nil)
 	a.startWith(t, a.config(t, "backend: auto\n", b),
 		offload.Report{{Backend: wire.BackendXFRM, Available: true}, {Backend: wire.BackendUserspace, Available: true}}, xa, ua)
-	if !xa.holds("b") || ua.holds("b") {
-		t.Fatalf("before any session the best backend should hold the peer: xfrm %v, userspace %v", xa.holds("b"), ua.holds("b"))
+	if !xa.Holds("b") || ua.Holds("b") {
+		t.Fatalf("before any session the best backend should hold the peer: xfrm %v, userspace %v", xa.Holds("b"), ua.Holds("b"))
 	}
 	b.rec = newRec()
 	b.startWith(t, b.config(t, "backend: auto\n", a),
@@ -331,10 +265,10 @@ func TestBackendAgreement(t *testing.T) {
 	if aa.Backend != "userspace" || ab.Backend != "userspace" {
 		t.Fatalf("backends %s/%s, want userspace on both", aa.Backend, ab.Backend)
 	}
-	if xa.holds("b") || !ua.holds("b") {
-		t.Errorf("after settling on userspace: xfrm holds the peer %v, userspace %v", xa.holds("b"), ua.holds("b"))
+	if xa.Holds("b") || !ua.Holds("b") {
+		t.Errorf("after settling on userspace: xfrm holds the peer %v, userspace %v", xa.Holds("b"), ua.Holds("b"))
 	}
-	if len(xa.allKeys()) != 0 {
+	if len(xa.Keys()) != 0 {
 		t.Error("the unused backend was given keys")
 	}
 	mfs, err := a.d.metrics.Gather()

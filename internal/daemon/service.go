@@ -20,7 +20,7 @@ func (d *Daemon) Status(context.Context) (localapi.Status, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := localapi.Status{
-		Version: Version, BootID: d.bootID, Started: d.started, PublicKey: d.id.Public().String(),
+		Version: Version, BootID: fmt.Sprintf("%x", d.ep.BootID()), Started: d.started, PublicKey: d.id.Public().String(),
 		Fingerprint: d.id.Public().Fingerprint(), Listen: d.ep.Addr().String(), FIPS: fips140.Enabled(),
 		Peers: len(d.peers),
 	}
