@@ -105,7 +105,7 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 					err = d.Reload(next)
 				}
 				if err != nil {
-					log.Error("reload refused; the running configuration is unchanged", "err", err)
+					log.Error("reload failed", "err", err)
 				}
 			}
 		}
