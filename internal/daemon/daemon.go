@@ -97,14 +97,16 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		return nil, fmt.Errorf("pspd: no data plane can run on this host: %s", cfg.Report.Missing())
 	}
 	dctx, cancel := context.WithCancel(ctx)
-	d = &Daemon{
+	// dd survives the "return nil, err" below for the deferred cleanup.
+	dd := &Daemon{
 		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(),
 		events: newHub(), ctx: dctx, cancel: cancel,
 		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
 	}
+	d = dd
 	defer func() {
 		if err != nil {
-			d.Close()
+			dd.Close()
 		}
 	}()
 	installers := map[wire.Backend]keyexchange.Installer{}

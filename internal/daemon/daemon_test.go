@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -88,7 +90,8 @@ func (h *host) config(t *testing.T, extra string, peers ...*host) *policy.Config
 	src := fmt.Sprintf("identity: %s\nlisten: 127.0.0.1:%d\nsocket: %s\nmetrics: off\nrekey_interval: 1h\n%speers:\n",
 		filepath.Join(h.dir, "id.pem"), h.port, h.sock, extra)
 	for _, p := range peers {
-		src += fmt.Sprintf("  - {name: %s, endpoint: 127.0.0.1:%d, public_key: %s}\n", p.name, p.port, p.id.Public())
+		src += fmt.Sprintf("  - {name: %s, endpoint: 127.0.0.1:%d, public_key: %s, prefixes: [10.%d.%d.0/24]}\n",
+			p.name, p.port, p.id.Public(), 100+p.port>>8&0x7f, p.port&0xff)
 	}
 	if len(peers) == 0 {
 		src += "  []\n"
@@ -285,5 +288,108 @@ func TestBackendAgreement(t *testing.T) {
 	}
 	if !ok {
 		t.Error("pspd_handshakes_total{result=ok} did not count the session")
+	}
+}
+
+// TestStopKeepsFailClosedState: a stop ends the sessions and closes the
+// backends, but peers that require encryption keep their fail-closed
+// state in the kernel; only removing a peer from the configuration
+// takes it away.
+func TestStopKeepsFailClosedState(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b, c := newHost(t, "a"), newHost(t, "b"), newHost(t, "c")
+	a.start(t, a.config(t, "", b, c))
+	b.start(t, b.config(t, "", a))
+	waitAssoc(t, client.New(b.sock), 1)
+	kernel := a.rec.Kernel()
+	if got := kernel.FailClosed(); !slices.Equal(got, []string{"b", "c"}) {
+		t.Fatalf("fail-closed state while running: %v, want b and c", got)
+	}
+	if err := a.d.Reload(a.config(t, "", b)); err != nil {
+		t.Fatal(err)
+	}
+	if got := kernel.FailClosed(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("after removing c: %v, want only b", got)
+	}
+	a.stop()
+	if !a.rec.Closed() || len(a.rec.Live()) != 0 {
+		t.Fatalf("after the stop: closed %v, %d SAs live", a.rec.Closed(), len(a.rec.Live()))
+	}
+	if got := kernel.FailClosed(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("after the stop: fail-closed state %v, want b's kept", got)
+	}
+	for _, call := range a.rec.Calls() {
+		if call == "RemovePeer b" {
+			t.Fatalf("the stop removed peer b from the backend: %v", a.rec.Calls())
+		}
+	}
+}
+
+// TestReloadInPlace: a prefix change updates the peer in its backend and
+// keeps its session; a restart-only setting or a peer the running
+// backends cannot serve refuses the reload before any backend call.
+func TestReloadInPlace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a))
+	before := waitAssoc(t, client.New(a.sock), 1)
+
+	next := a.config(t, "", b)
+	next.Peers[0].Prefixes = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}
+	if err := a.d.Reload(next); err != nil {
+		t.Fatal(err)
+	}
+	spec, ok := a.rec.Peer(b.id.Public())
+	if !ok || len(spec.Prefixes) != 1 || spec.Prefixes[0].String() != "10.9.0.0/16" {
+		t.Fatalf("backend holds %+v after the prefix reload", spec)
+	}
+	after := waitAssoc(t, client.New(a.sock), 1)
+	if after.Generation != before.Generation || after.RxSPI != before.RxSPI {
+		t.Fatalf("prefix reload replaced the association: %+v → %+v", before, after)
+	}
+	calls := len(a.rec.Calls())
+	for _, tc := range []struct {
+		name string
+		edit func(*policy.Config)
+		want string
+	}{
+		{"packet_budget", func(c *policy.Config) { c.PacketBudget *= 2 }, "packet_budget changed"},
+		{"rekey_interval", func(c *policy.Config) { c.RekeyInterval *= 2 }, "rekey_interval changed"},
+		{"offload", func(c *policy.Config) { c.Offload = policy.OffloadCrypto }, "offload changed"},
+		{"backend not running", func(c *policy.Config) { c.Peers[0].Backend = policy.BackendXFRM }, "xfrm"},
+	} {
+		cfg := a.config(t, "", b)
+		cfg.Peers[0].Prefixes = next.Peers[0].Prefixes
+		tc.edit(cfg)
+		err := a.d.Reload(cfg)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: reload = %v, want a refusal naming %q", tc.name, err, tc.want)
+		}
+	}
+	if got := a.rec.Calls(); len(got) != calls {
+		t.Errorf("refused reloads touched the backend: %v", got[calls:])
+	}
+}
+
+// TestNewFailsCleanly: a peer the backend cannot take makes New fail
+// with the reason, without a panic and without leaving the peer in the
+// backend.
+func TestNewFailsCleanly(t *testing.T) {
+	a, b := newHost(t, "a"), newHost(t, "b")
+	pc := a.config(t, "", b)
+	pc.Peers[0].Prefixes = nil
+	rec := newRec()
+	_, err := New(context.Background(), Config{Policy: pc, Logger: slog.New(slog.DiscardHandler),
+		Report: offload.Report{{Backend: assoc.BackendUserspace, Available: true}}, Backends: map[assoc.Backend]offload.Backend{assoc.BackendUserspace: rec}})
+	if err == nil || !strings.Contains(err.Error(), "no prefixes") {
+		t.Fatalf("New = %v, want the peer refused for having no prefixes", err)
+	}
+	if rec.Holds("b") {
+		t.Error("the refused peer was left in the backend")
 	}
 }
