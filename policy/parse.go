@@ -260,20 +260,25 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 		peer   string
 	}
 	var allPrefixes []owned
+	// Prefix nodes per peer, for the underlay checks that need every
+	// peer's endpoint.
+	prefixNodes := make([][]*yaml.Node, len(n.Content))
 	for i, pn := range n.Content {
 		path := fmt.Sprintf("peers[%d].", i)
 		pr := Peer{Backend: BackendAuto, Suite: c.Suite}
-		var keyNode *yaml.Node
+		var keyNode, nameNode, endpointNode *yaml.Node
 		known := []string{"name", "endpoint", "public_key", "prefixes", "backend", "suite"}
 		err := p.fields(pn, path, known, func(k string, v *yaml.Node) (err error) {
 			f := path + k
 			switch k {
 			case "name":
+				nameNode = v
 				pr.Name, err = p.str(v, f)
 				if err == nil && !peerName.MatchString(pr.Name) {
 					err = p.fail(v, f, "%q must be lower-case letters, digits, '.' and '-' (at most 63)", pr.Name)
 				}
 			case "endpoint":
+				endpointNode = v
 				pr.Endpoint, err = p.addrPort(v, f, DefaultListenPort)
 			case "public_key":
 				keyNode = v
@@ -285,6 +290,9 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				}
 			case "prefixes":
 				pr.Prefixes, err = p.prefixes(v, f)
+				if err == nil {
+					prefixNodes[i] = v.Content
+				}
 			case "backend":
 				err = p.enum(v, f, func(s string) (e error) { pr.Backend, e = parseBackend(s); return })
 			case "suite":
@@ -304,24 +312,77 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 			}
 		}
 		if j, dup := names[pr.Name]; dup {
-			return p.fail(pn, path+"name", "%q is already the name of peers[%d]", pr.Name, j)
+			return p.fail(nameNode, path+"name", "%q is already the name of peers[%d]", pr.Name, j)
 		}
 		names[pr.Name] = i
 		if other, dup := keys[pr.PublicKey]; dup {
 			return p.fail(keyNode, path+"public_key", "the same key is pinned for peer %q", other)
 		}
 		keys[pr.PublicKey] = pr.Name
-		for _, pf := range pr.Prefixes {
+		if l := c.Listen.Addr(); !l.IsUnspecified() && underlay(pr.Endpoint.Addr()) == underlay(l) {
+			return p.fail(endpointNode, path+"endpoint", "%v is this host's listen address; give the peer's own address", pr.Endpoint.Addr())
+		}
+		for j, pf := range pr.Prefixes {
+			f := fmt.Sprintf("%sprefixes[%d]", path, j)
+			if err := p.ownUnderlay(c, pr, pf, prefixNodes[i][j], f); err != nil {
+				return err
+			}
 			for _, o := range allPrefixes {
 				if o.prefix.Overlaps(pf) {
-					return p.fail(pn, path+"prefixes", "%v overlaps %v of peer %q: traffic must map to one peer", pf, o.prefix, o.peer)
+					return p.fail(prefixNodes[i][j], f, "%v overlaps %v of peer %q: traffic must map to one peer", pf, o.prefix, o.peer)
 				}
 			}
 			allPrefixes = append(allPrefixes, owned{pf, pr.Name})
 		}
 		c.Peers = append(c.Peers, pr)
 	}
+	// A prefix must not hold another peer's endpoint either: that peer's
+	// outer packets would be routed into this peer's tunnel, so it would
+	// depend on this one being up and never come back on its own.
+	for i, pr := range c.Peers {
+		for j, pf := range pr.Prefixes {
+			for _, o := range c.Peers {
+				if o.Name != pr.Name && containsAddr(pf, o.Endpoint.Addr()) {
+					return p.fail(prefixNodes[i][j], fmt.Sprintf("peers[%d].prefixes[%d]", i, j),
+						"%v contains the endpoint %v of peer %q, whose tunnel's own packets would then be routed into peer %q's tunnel; narrow the prefix to leave %v out",
+						pf, o.Endpoint.Addr(), o.Name, pr.Name, o.Endpoint.Addr())
+				}
+			}
+		}
+	}
 	return nil
+}
+
+// ownUnderlay refuses a prefix that would route pspd's own packets to pr
+// (or from this host) into pr's tunnel. The one exception is the peer's
+// endpoint as its only prefix: XFRM transport mode protects exactly that
+// address, and pspd's control socket bypasses the policies.
+func (p parser) ownUnderlay(c *Config, pr Peer, pf netip.Prefix, n *yaml.Node, field string) error {
+	if pf.Bits() == 0 {
+		return p.fail(n, field, "%v is a default route: it would also carry pspd's own packets to the peers' endpoints, and pspd does not do full-tunnel routing; list the networks behind peer %q instead", pf, pr.Name)
+	}
+	ep := underlay(pr.Endpoint.Addr())
+	if containsAddr(pf, ep) {
+		host := netip.PrefixFrom(ep, ep.BitLen())
+		if pf != host || len(pr.Prefixes) > 1 {
+			return p.fail(n, field, "%v contains peer %q's endpoint %v, so the tunnel's own packets would be routed into the tunnel and the peer would never come back; narrow the prefix to leave %v out (or, for xfrm transport mode, list only the endpoint address)", pf, pr.Name, ep, ep)
+		}
+		if pr.Backend.OrDefault(c.Backend) == BackendUserspace {
+			return p.fail(n, field, "%v is peer %q's endpoint: the userspace backend would route its own outer packets into %s; it protects the networks behind a peer, so list those (transport mode needs backend: xfrm)", pf, pr.Name, c.Userspace.Interface)
+		}
+	}
+	if l := c.Listen.Addr(); !l.IsUnspecified() && containsAddr(pf, l) {
+		return p.fail(n, field, "%v contains this host's listen address %v, so pspd's own packets would be routed into the tunnel; narrow the prefix to leave %v out", pf, underlay(l), underlay(l))
+	}
+	return nil
+}
+
+// underlay is a as the kernel routes it: without a zone, and an
+// IPv4-mapped address as IPv4.
+func underlay(a netip.Addr) netip.Addr { return a.WithZone("").Unmap() }
+
+func containsAddr(pf netip.Prefix, a netip.Addr) bool {
+	return pf.Contains(underlay(a)) || pf.Contains(a.WithZone(""))
 }
 
 func (p parser) prefixes(n *yaml.Node, field string) ([]netip.Prefix, error) {

@@ -43,7 +43,7 @@ peers:
   - name: b
     endpoint: 192.0.2.2:7000
     public_key: ` + kb + `
-    prefixes: [10.1.0.0/16, 2001:db8::/64]
+    prefixes: [10.1.0.0/16, "2001:db8:1::/64"]
   - name: c
     endpoint: "[2001:db8::3]"
     public_key: ` + kc + `
@@ -129,7 +129,7 @@ func TestParseRefuses(t *testing.T) {
 		{"host bits", "identity: /k\npeers:\n  - name: b\n    prefixes: [10.0.0.1/8]\n", "f.yaml:4: peers[0].prefixes[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?"},
 		{"dup name", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: b, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + "}\n", `f.yaml:4: peers[1].name: "b" is already the name of peers[0]`},
 		{"dup key", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + good + "}\n", `f.yaml:4: peers[1].public_key: the same key is pinned for peer "b"`},
-		{"overlap", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + ", prefixes: [10.0.0.0/8]}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + ", prefixes: [10.1.0.0/16]}\n", "peers[1].prefixes: 10.1.0.0/16 overlaps 10.0.0.0/8 of peer \"b\""},
+		{"overlap", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + ", prefixes: [10.0.0.0/8]}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + ", prefixes: [10.1.0.0/16]}\n", "f.yaml:4: peers[1].prefixes[0]: 10.1.0.0/16 overlaps 10.0.0.0/8 of peer \"b\""},
 		{"yaml syntax", "identity: [\n", "policy: f.yaml: yaml: line"},
 		{"userspace unknown", "identity: /k\nuserspace:\n  tun: x\n", "f.yaml:3: userspace.tun: unknown field"},
 		{"userspace ifname", "identity: /k\nuserspace: {interface: this-name-is-too-long}\n", "userspace.interface: \"this-name-is-too-long\" is not a Linux interface name"},
@@ -204,5 +204,64 @@ func TestReload(t *testing.T) {
 	}
 	if _, err := Reload(cur, moved); err == nil || !strings.Contains(err.Error(), "identity changed") || !strings.Contains(err.Error(), "nothing was applied") {
 		t.Fatalf("identity change not refused whole: %v", err)
+	}
+}
+
+// A prefix routed into a peer's tunnel must not carry the tunnel's own
+// underlay packets: a peer whose endpoint (or this host's listen address,
+// or another peer's endpoint) lies inside one of its prefixes never comes
+// back once the route is in place.
+func TestPrefixRefusesUnderlay(t *testing.T) {
+	kb, kc := pubkey(t, elliptic.P256()), pubkey(t, elliptic.P256())
+	peer := func(name, key, endpoint, prefixes, extra string) string {
+		return "  - name: " + name + "\n    endpoint: " + endpoint + "\n    public_key: " + key + "\n    prefixes: " + prefixes + "\n" + extra
+	}
+	for _, tc := range []struct {
+		name, src, want string
+	}{
+		{"own endpoint", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.0/24]", ""),
+			`f.yaml:6: peers[0].prefixes[0]: 192.0.2.0/24 contains peer "b"'s endpoint 192.0.2.2`},
+		{"own endpoint v4-mapped", "identity: /k\npeers:\n" + peer("b", kb, "\"[::ffff:192.0.2.2]\"", "[192.0.2.0/24]", ""),
+			`f.yaml:6: peers[0].prefixes[0]: 192.0.2.0/24 contains peer "b"'s endpoint`},
+		{"own endpoint zone", "identity: /k\npeers:\n" + peer("b", kb, "\"[fe80::2%eth0]\"", "[\"fe80::/64\"]", ""),
+			`f.yaml:6: peers[0].prefixes[0]: fe80::/64 contains peer "b"'s endpoint`},
+		{"default v4", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[10.0.0.0/8, 0.0.0.0/0]", ""),
+			`f.yaml:6: peers[0].prefixes[1]: 0.0.0.0/0 is a default route`},
+		{"default v6", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[\"::/0\"]", ""),
+			`f.yaml:6: peers[0].prefixes[0]: ::/0 is a default route`},
+		{"listen", "identity: /k\nlisten: 198.51.100.1\npeers:\n" + peer("b", kb, "192.0.2.2", "[198.51.100.0/24]", ""),
+			`f.yaml:7: peers[0].prefixes[0]: 198.51.100.0/24 contains this host's listen address 198.51.100.1`},
+		{"endpoint is listen", "identity: /k\nlisten: 192.0.2.1\npeers:\n" + peer("b", kb, "192.0.2.1", "[10.0.0.0/8]", ""),
+			`f.yaml:5: peers[0].endpoint: 192.0.2.1 is this host's listen address`},
+		{"other peer's endpoint", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[198.51.100.0/24]", "") + peer("c", kc, "198.51.100.7", "[10.3.0.0/16]", ""),
+			`f.yaml:6: peers[0].prefixes[0]: 198.51.100.0/24 contains the endpoint 198.51.100.7 of peer "c"`},
+		{"transport plus tunnel", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[10.0.0.0/8, 192.0.2.2]", ""),
+			`f.yaml:6: peers[0].prefixes[1]: 192.0.2.2/32 contains peer "b"'s endpoint 192.0.2.2`},
+		{"transport on userspace", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.2]", "    backend: userspace\n"),
+			`f.yaml:6: peers[0].prefixes[0]: 192.0.2.2/32 is peer "b"'s endpoint: the userspace backend`},
+		{"transport on global userspace", "identity: /k\nbackend: userspace\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.2]", ""),
+			`f.yaml:7: peers[0].prefixes[0]: 192.0.2.2/32 is peer "b"'s endpoint: the userspace backend`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("f.yaml", []byte(tc.src))
+			if err == nil {
+				t.Fatalf("accepted; want error containing %q", tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not contain %q", err, tc.want)
+			}
+		})
+	}
+	for _, tc := range []struct{ name, src string }{
+		{"unspecified listen", "identity: /k\nlisten: 0.0.0.0\npeers:\n" + peer("b", kb, "192.0.2.2", "[10.0.0.0/8]", "")},
+		{"xfrm transport mode", "identity: /k\nbackend: xfrm\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.2]", "")},
+		{"auto transport mode", "identity: /k\nlisten: 192.0.2.1\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.2/32]", "")},
+		{"neighbour prefix", "identity: /k\nlisten: 192.0.2.1\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.128/25]", "")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := Parse("f.yaml", []byte(tc.src)); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
