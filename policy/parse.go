@@ -3,6 +3,8 @@ package policy
 import (
 	"errors"
 	"fmt"
+	"math/bits"
+	"net"
 	"net/netip"
 	"regexp"
 	"strconv"
@@ -32,7 +34,10 @@ func (e *FieldError) Error() string {
 
 func (e *FieldError) Unwrap() error { return e.Err }
 
-type parser struct{ file string }
+type parser struct {
+	file  string
+	lines map[string]int // field path → line of its key (of the entry, in lists)
+}
 
 func (p parser) fail(n *yaml.Node, field, format string, args ...any) error {
 	line := 1
@@ -40,6 +45,25 @@ func (p parser) fail(n *yaml.Node, field, format string, args ...any) error {
 		line = n.Line
 	}
 	return &FieldError{File: p.file, Line: line, Field: field, Err: fmt.Errorf(format, args...)}
+}
+
+// failAt reports a check across fields at the line of field, the one at
+// fault, or at line 1 when the file left it to its default.
+func (p parser) failAt(field, format string, args ...any) error {
+	line := p.lines[field]
+	if line == 0 {
+		line = 1
+	}
+	return &FieldError{File: p.file, Line: line, Field: field, Err: fmt.Errorf(format, args...)}
+}
+
+// where describes field for a message about another one: its line, or
+// that the file leaves it to its default.
+func (p parser) where(field string) string {
+	if l := p.lines[field]; l != 0 {
+		return fmt.Sprintf("(line %d)", l)
+	}
+	return "(the default)"
 }
 
 // fields walks a mapping node, refusing duplicate and unknown keys; set is
@@ -56,6 +80,7 @@ func (p parser) fields(n *yaml.Node, path string, known []string, set func(key s
 			return p.fail(k, field, "set twice")
 		}
 		seen[k.Value] = true
+		p.lines[field] = k.Line
 		if !contains(known, k.Value) {
 			return p.fail(k, field, "unknown field (known: %s)", strings.Join(known, ", "))
 		}
@@ -92,24 +117,64 @@ func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time
 	}
 	d, err := time.ParseDuration(s)
 	if err != nil {
-		return 0, p.fail(n, field, "%q is not a duration like 90s, 10m or 24h", s)
+		if _, err := time.ParseDuration(strings.TrimLeft(s, "+-")); err != nil && strings.ContainsAny(s, "hmsuµn") && strings.TrimLeft(s, "+-0123456789.hmsuµn") == "" {
+			// Well formed but beyond what a time.Duration holds.
+			return 0, p.fail(n, field, "%q is outside %s..%s", s, fmtDuration(lo), fmtDuration(hi))
+		}
+		return 0, p.fail(n, field, "%q is not a duration in %s..%s (like 90s, 10m or 24h)", s, fmtDuration(lo), fmtDuration(hi))
 	}
 	if d < lo || d > hi {
-		return 0, p.fail(n, field, "%v is outside %v..%v", d, lo, hi)
+		return 0, p.fail(n, field, "%s is outside %s..%s", fmtDuration(d), fmtDuration(lo), fmtDuration(hi))
 	}
 	return d, nil
 }
 
-func (p parser) uint(n *yaml.Node, field string, lo uint64) (uint64, error) {
+// fmtDuration is d as an operator writes it: 24h, not 24h0m0s.
+func fmtDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}
+
+// fmtCount is v, and its power of two when it is one: limits are chosen
+// as powers of two and read better that way.
+func fmtCount(v uint64) string {
+	if v >= 1<<20 && v&(v-1) == 0 {
+		return fmt.Sprintf("%d (2^%d)", v, bits.TrailingZeros64(v))
+	}
+	return strconv.FormatUint(v, 10)
+}
+
+// uint parses an integer in lo..hi. A number YAML reads as a float
+// (1e30, 4096.5, or an integer too large for 64 bits) or as a negative
+// integer is refused with the range, never converted: a conversion could
+// wrap into an accepted value.
+func (p parser) uint(n *yaml.Node, field string, lo, hi uint64) (uint64, error) {
+	rng := fmtCount(lo) + ".." + fmtCount(hi)
+	if n.Kind == yaml.ScalarNode && n.Tag == "!!float" {
+		if f, err := strconv.ParseFloat(strings.ReplaceAll(n.Value, "_", ""), 64); err == nil && (f < float64(lo) || f > float64(hi)) {
+			return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
+		}
+		return 0, p.fail(n, field, "%s is not an integer; want an integer in %s", n.Value, rng)
+	}
 	if n.Kind != yaml.ScalarNode || n.Tag != "!!int" {
-		return 0, p.fail(n, field, "expected an integer")
+		return 0, p.fail(n, field, "expected an integer in %s, got %q", rng, n.Value)
 	}
-	v, err := strconv.ParseUint(strings.ReplaceAll(n.Value, "_", ""), 0, 64)
+	s := strings.ReplaceAll(n.Value, "_", "")
+	if strings.HasPrefix(s, "-") {
+		return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
+	}
+	v, err := strconv.ParseUint(strings.TrimPrefix(s, "+"), 0, 64)
+	if errors.Is(err, strconv.ErrRange) || err == nil && (v < lo || v > hi) {
+		return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
+	}
 	if err != nil {
-		return 0, p.fail(n, field, "%q is not a non-negative integer", n.Value)
-	}
-	if v < lo {
-		return 0, p.fail(n, field, "%d is below the minimum %d", v, lo)
+		return 0, p.fail(n, field, "%q is not an integer; want an integer in %s", n.Value, rng)
 	}
 	return v, nil
 }
@@ -121,19 +186,32 @@ func (p parser) boolean(n *yaml.Node, field string) (bool, error) {
 	return n.Value == "true", nil
 }
 
+// addrPort parses an IP address with an optional port (defaultPort when
+// it is left out; required when defaultPort is 0).
 func (p parser) addrPort(n *yaml.Node, field string, defaultPort uint16) (netip.AddrPort, error) {
 	s, err := p.str(n, field)
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
-	if ap, err := netip.ParseAddrPort(s); err == nil {
-		if ap.Port() == 0 {
-			return netip.AddrPort{}, p.fail(n, field, "port 0 in %q", s)
+	if host, port, err := net.SplitHostPort(s); err == nil {
+		a, aerr := netip.ParseAddr(host)
+		if aerr != nil {
+			return netip.AddrPort{}, p.fail(n, field, "%q is not an IP address with optional :port (host names are not resolved)", s)
 		}
-		return ap, nil
+		v, err := strconv.ParseUint(port, 10, 16)
+		if err != nil && !errors.Is(err, strconv.ErrRange) {
+			return netip.AddrPort{}, p.fail(n, field, "port %q in %q is not a number in 1..65535", port, s)
+		}
+		if err != nil || v == 0 {
+			return netip.AddrPort{}, p.fail(n, field, "port %s is outside 1..65535", port)
+		}
+		return netip.AddrPortFrom(a, uint16(v)), nil
 	}
 	bare := strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-	if a, err := netip.ParseAddr(bare); err == nil && defaultPort != 0 {
+	if a, err := netip.ParseAddr(bare); err == nil {
+		if defaultPort == 0 {
+			return netip.AddrPort{}, p.fail(n, field, "%q has no port; want address:port", s)
+		}
 		return netip.AddrPortFrom(a, defaultPort), nil
 	}
 	return netip.AddrPort{}, p.fail(n, field, "%q is not an IP address with optional :port (host names are not resolved)", s)
@@ -141,7 +219,7 @@ func (p parser) addrPort(n *yaml.Node, field string, defaultPort uint16) (netip.
 
 // Parse validates data, read from file, into a Config.
 func Parse(file string, data []byte) (*Config, error) {
-	p := parser{file: file}
+	p := parser{file: file, lines: map[string]int{}}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return nil, fmt.Errorf("policy: %s: %w", file, err)
@@ -152,6 +230,7 @@ func Parse(file string, data []byte) (*Config, error) {
 	root := doc.Content[0]
 	c := &Config{
 		File:              file,
+		lines:             p.lines,
 		Listen:            netip.AddrPortFrom(netip.IPv6Unspecified(), DefaultListenPort),
 		Socket:            DefaultSocket,
 		Metrics:           DefaultMetrics,
@@ -200,9 +279,9 @@ func Parse(file string, data []byte) (*Config, error) {
 		case "rekey_interval":
 			c.RekeyInterval, err = p.duration(v, k, minRekeyInterval, maxRekeyInterval)
 		case "packet_budget":
-			c.PacketBudget, err = p.uint(v, k, minPacketBudget)
+			c.PacketBudget, err = p.uint(v, k, minPacketBudget, maxPacketBudget)
 		case "psp_rotation_interval":
-			c.PSPRotation, err = p.duration(v, k, minPSPRotation, 30*24*time.Hour)
+			c.PSPRotation, err = p.duration(v, k, minPSPRotation, maxPSPRotation)
 		case "require_encryption":
 			c.RequireEncryption, err = p.boolean(v, k)
 		case "userspace":
@@ -221,14 +300,54 @@ func Parse(file string, data []byte) (*Config, error) {
 	if c.PSPRotation <= c.RekeyInterval {
 		// An association survives exactly one device-key rotation, so every
 		// association must be replaced well within one rotation period.
-		return nil, p.fail(root, "psp_rotation_interval", "%v must be longer than rekey_interval %v", c.PSPRotation, c.RekeyInterval)
+		// The field at fault is the one the file sets.
+		if p.lines["psp_rotation_interval"] != 0 {
+			return nil, p.failAt("psp_rotation_interval", "%s must be longer than rekey_interval %s %s: an association must be replaced within one device-key rotation",
+				fmtDuration(c.PSPRotation), fmtDuration(c.RekeyInterval), p.where("rekey_interval"))
+		}
+		return nil, p.failAt("rekey_interval", "%s must be shorter than psp_rotation_interval %s %s: an association must be replaced within one device-key rotation",
+			fmtDuration(c.RekeyInterval), fmtDuration(c.PSPRotation), p.where("psp_rotation_interval"))
 	}
 	if peersNode != nil {
 		if err := p.peers(c, peersNode); err != nil {
 			return nil, err
 		}
 	}
+	if err := p.ports(c); err != nil {
+		return nil, err
+	}
 	return c, nil
+}
+
+// ports refuses a userspace data port equal to the control port: both
+// are UDP on the listen address, so the second socket could not bind (and
+// AF_XDP would steer the control packets to the data plane).
+func (p parser) ports(c *Config) error {
+	if c.Userspace.Port != c.Listen.Port() || !c.mayUseUserspace() {
+		return nil
+	}
+	if p.lines["userspace.port"] != 0 {
+		return p.failAt("userspace.port", "%d is also the port of listen %s; the userspace data plane and the QUIC control socket need different UDP ports", c.Userspace.Port, p.where("listen"))
+	}
+	return p.failAt("listen", "port %d is also the port of userspace.port %s; the QUIC control socket and the userspace data plane need different UDP ports", c.Listen.Port(), p.where("userspace.port"))
+}
+
+// mayUseUserspace reports whether any peer can end up on the userspace
+// data plane.
+func (c *Config) mayUseUserspace() bool {
+	switch c.Backend {
+	case BackendAuto, BackendUserspace:
+		if len(c.Peers) == 0 {
+			return true
+		}
+	}
+	for _, p := range c.Peers {
+		switch p.Backend.OrDefault(c.Backend) {
+		case BackendAuto, BackendUserspace:
+			return true
+		}
+	}
+	return false
 }
 
 func (p parser) enum(n *yaml.Node, field string, set func(string) error) error {
@@ -265,6 +384,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 	prefixNodes := make([][]*yaml.Node, len(n.Content))
 	for i, pn := range n.Content {
 		path := fmt.Sprintf("peers[%d].", i)
+		p.lines[path[:len(path)-1]] = pn.Line
 		pr := Peer{Backend: BackendAuto, Suite: c.Suite}
 		var keyNode, nameNode, endpointNode *yaml.Node
 		known := []string{"name", "endpoint", "public_key", "prefixes", "backend", "suite"}
@@ -395,6 +515,7 @@ func (p parser) prefixes(n *yaml.Node, field string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for i, e := range n.Content {
 		f := fmt.Sprintf("%s[%d]", field, i)
+		p.lines[f] = e.Line
 		s, err := p.str(e, f)
 		if err != nil {
 			return nil, err
@@ -436,9 +557,7 @@ func (p parser) userspace(u *Userspace, n *yaml.Node) error {
 			}
 		case "port":
 			var port uint64
-			if port, err = p.uint(v, f, 1); err == nil && port > 65535 {
-				err = p.fail(v, f, "%d is not a UDP port", port)
-			}
+			port, err = p.uint(v, f, 1, 65535)
 			u.Port = uint16(port)
 		case "framing":
 			err = p.enum(v, f, func(s string) error {

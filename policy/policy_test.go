@@ -114,9 +114,9 @@ func TestParseRefuses(t *testing.T) {
 		{"bad suite", "identity: /k\nsuite: chacha\n", `f.yaml:2: suite: kdf: unknown suite "chacha"`},
 		{"bad duration", "identity: /k\nrekey_interval: soon\n", `f.yaml:2: rekey_interval: "soon" is not a duration`},
 		{"short rekey", "identity: /k\nrekey_interval: 1s\n", "f.yaml:2: rekey_interval: 1s is outside"},
-		{"rotation below rekey", "identity: /k\nrekey_interval: 2h\npsp_rotation_interval: 1h\n", "psp_rotation_interval: 1h0m0s must be longer"},
+		{"rotation below rekey", "identity: /k\nrekey_interval: 2h\npsp_rotation_interval: 1h\n", "f.yaml:3: psp_rotation_interval: 1h must be longer than rekey_interval 2h (line 2)"},
 		{"budget string", "identity: /k\npacket_budget: lots\n", "f.yaml:2: packet_budget: expected an integer"},
-		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is below"},
+		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is outside 1024..549755813888 (2^39)"},
 		{"bool", "identity: /k\nrequire_encryption: maybe\n", "f.yaml:2: require_encryption: expected true or false"},
 		{"relative socket", "identity: /k\nsocket: pspd.sock\n", "f.yaml:2: socket: \"pspd.sock\" must be an absolute path"},
 		{"hostname listen", "identity: /k\nlisten: example:1\n", "f.yaml:2: listen: \"example:1\" is not an IP address"},
@@ -134,7 +134,7 @@ func TestParseRefuses(t *testing.T) {
 		{"userspace unknown", "identity: /k\nuserspace:\n  tun: x\n", "f.yaml:3: userspace.tun: unknown field"},
 		{"userspace ifname", "identity: /k\nuserspace: {interface: this-name-is-too-long}\n", "userspace.interface: \"this-name-is-too-long\" is not a Linux interface name"},
 		{"userspace address", "identity: /k\nuserspace: {address: 10.0.0.1}\n", "userspace.address: \"10.0.0.1\" is not an address with prefix length"},
-		{"userspace port", "identity: /k\nuserspace: {port: 70000}\n", "f.yaml:2: userspace.port: 70000 is not a UDP port"},
+		{"userspace port", "identity: /k\nuserspace: {port: 70000}\n", "f.yaml:2: userspace.port: 70000 is outside 1..65535"},
 		{"userspace framing", "identity: /k\nuserspace: {framing: vxlan}\n", `userspace.framing: "vxlan" is not one of geneve, psp`},
 		{"userspace io", "identity: /k\nuserspace: {io: dpdk}\n", `userspace.io: "dpdk" is not one of auto, af_xdp, udp`},
 	} {
@@ -263,5 +263,106 @@ func TestPrefixRefusesUnderlay(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// Every number that ends up in a kernel limit or a timer is bounded, and
+// no spelling of a number wraps around into an accepted value.
+func TestNumericBounds(t *testing.T) {
+	for _, tc := range []struct {
+		name, src, want string
+	}{
+		{"budget zero", "identity: /k\npacket_budget: 0\n", "f.yaml:2: packet_budget: 0 is outside 1024..549755813888 (2^39)"},
+		{"budget 2^63", "identity: /k\npacket_budget: 9223372036854775808\n", "f.yaml:2: packet_budget: 9223372036854775808 is outside 1024..549755813888 (2^39)"},
+		{"budget 2*2^63", "identity: /k\npacket_budget: 18446744073709551616\n", "f.yaml:2: packet_budget: 18446744073709551616 is outside 1024..549755813888 (2^39)"},
+		{"budget 2^64+1024", "identity: /k\npacket_budget: 18446744073709552640\n", "f.yaml:2: packet_budget: 18446744073709552640 is outside"},
+		{"budget above max", "identity: /k\npacket_budget: 0x8000000001\n", "f.yaml:2: packet_budget: 0x8000000001 is outside 1024..549755813888 (2^39)"},
+		{"budget negative", "identity: /k\npacket_budget: -1\n", "f.yaml:2: packet_budget: -1 is outside 1024..549755813888"},
+		{"budget float", "identity: /k\npacket_budget: 1e30\n", "f.yaml:2: packet_budget: 1e30 is outside 1024..549755813888"},
+		{"budget fraction", "identity: /k\npacket_budget: 4096.5\n", "f.yaml:2: packet_budget: 4096.5 is not an integer"},
+		{"budget expression", "identity: /k\npacket_budget: 2147483648 * 2\n", `f.yaml:2: packet_budget: expected an integer in 1024..549755813888 (2^39), got "2147483648 * 2"`},
+		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is outside 1024.."},
+		{"rekey huge", "identity: /k\nrekey_interval: 9999999999h\n", `f.yaml:2: rekey_interval: "9999999999h" is outside 10s..24h`},
+		{"rekey negative", "identity: /k\nrekey_interval: -5m\n", "f.yaml:2: rekey_interval: -5m is outside 10s..24h"},
+		{"rekey bare number", "identity: /k\nrekey_interval: 600\n", `f.yaml:2: rekey_interval: "600" is not a duration in 10s..24h (like 90s, 10m or 24h)`},
+		{"rotation long", "identity: /k\npsp_rotation_interval: 721h\n", "f.yaml:2: psp_rotation_interval: 721h is outside 1m..720h"},
+		{"listen port", "identity: /k\nlisten: 192.0.2.1:70000\n", `f.yaml:2: listen: port 70000 is outside 1..65535`},
+		{"listen port zero", "identity: /k\nlisten: \"[::]:0\"\n", `f.yaml:2: listen: port 0 is outside 1..65535`},
+		{"metrics port", "identity: /k\nmetrics: 127.0.0.1:99999\n", `f.yaml:2: metrics: port 99999 is outside 1..65535`},
+		{"endpoint port", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2:65536\n", `f.yaml:4: peers[0].endpoint: port 65536 is outside 1..65535`},
+		{"data port zero", "identity: /k\nuserspace: {port: 0}\n", "f.yaml:2: userspace.port: 0 is outside 1..65535"},
+		{"data port big", "identity: /k\nuserspace: {port: 4294973378}\n", "f.yaml:2: userspace.port: 4294973378 is outside 1..65535"},
+		{"data port negative", "identity: /k\nuserspace: {port: -6081}\n", "f.yaml:2: userspace.port: -6081 is outside 1..65535"},
+		{"data port is listen port", "identity: /k\nlisten: 0.0.0.0:7000\nuserspace:\n  port: 7000\n", "f.yaml:4: userspace.port: 7000 is also the port of listen (line 2)"},
+		{"listen port is data port", "identity: /k\nlisten: 0.0.0.0:6081\n", "f.yaml:2: listen: port 6081 is also the port of userspace.port (the default)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("f.yaml", []byte(tc.src))
+			if err == nil {
+				t.Fatalf("accepted; want error containing %q", tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not contain %q", err, tc.want)
+			}
+		})
+	}
+	for _, tc := range []struct {
+		src    string
+		budget uint64
+	}{
+		{"identity: /k\npacket_budget: 549755813888\n", 1 << 39},
+		{"identity: /k\npacket_budget: 1024\n", 1024},
+		{"identity: /k\npacket_budget: 0x10000\n", 1 << 16},
+		{"identity: /k\npacket_budget: 1_000_000\n", 1_000_000},
+		{"identity: /k\npacket_budget: +4096\n", 4096},
+	} {
+		c, err := Parse("f.yaml", []byte(tc.src))
+		if err != nil {
+			t.Fatalf("%q: %v", tc.src, err)
+		}
+		if c.PacketBudget != tc.budget {
+			t.Fatalf("%q: budget %d, want %d", tc.src, c.PacketBudget, tc.budget)
+		}
+		// The backends set the hard limit at twice the budget.
+		if 2*c.PacketBudget < c.PacketBudget {
+			t.Fatalf("%q: twice the budget wraps", tc.src)
+		}
+	}
+	// A data port equal to the control port is fine when no peer can use
+	// the userspace data plane.
+	if _, err := Parse("f.yaml", []byte("identity: /k\nbackend: xfrm\nlisten: 0.0.0.0:6081\n")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A check across fields names the line of the field the file sets, not
+// line 1.
+func TestCrossFieldLines(t *testing.T) {
+	for _, tc := range []struct {
+		name, src, want string
+	}{
+		{"rotation below default rekey", "identity: /k\nbackend: auto\nsuite: aes-gcm-128\nmetrics: off\npsp_rotation_interval: 5m\n",
+			"f.yaml:5: psp_rotation_interval: 5m must be longer than rekey_interval 10m (the default)"},
+		{"rekey above default rotation", "identity: /k\nmetrics: off\nrekey_interval: 24h\n",
+			"f.yaml:3: rekey_interval: 24h must be shorter than psp_rotation_interval 24h (the default)"},
+		{"both set", "identity: /k\npsp_rotation_interval: 20m\nmetrics: off\nrekey_interval: 30m\n",
+			"f.yaml:2: psp_rotation_interval: 20m must be longer than rekey_interval 30m (line 4)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("f.yaml", []byte(tc.src))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+	c, err := Parse("f.yaml", []byte("identity: /k\nmetrics: off\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: "+
+		pubkey(t, elliptic.P256())+"\n    prefixes:\n      - 10.0.0.0/16\n      - 10.9.0.0/16\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for field, line := range map[string]int{"identity": 1, "metrics": 2, "peers": 3, "peers[0]": 4, "peers[0].endpoint": 5, "peers[0].prefixes[1]": 9, "rekey_interval": 0} {
+		if got := c.Line(field); got != line {
+			t.Errorf("Line(%q) = %d, want %d", field, got, line)
+		}
 	}
 }
