@@ -1,15 +1,18 @@
 package policy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math/bits"
 	"net"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 
@@ -35,14 +38,17 @@ func (e *FieldError) Error() string {
 func (e *FieldError) Unwrap() error { return e.Err }
 
 type parser struct {
-	file  string
-	lines map[string]int // field path → line of its key (of the entry, in lists)
+	file    string
+	lines   map[string]int // field path → line of its key (of the entry, in lists)
+	maxLine int
 }
 
 func (p parser) fail(n *yaml.Node, field, format string, args ...any) error {
 	line := 1
 	if n != nil {
-		line = n.Line
+		// yaml.v3 places a node it made up for a missing value (an empty
+		// document, a key without a value at the end) after the input.
+		line = max(min(n.Line, p.maxLine), 1)
 	}
 	return &FieldError{File: p.file, Line: line, Field: field, Err: fmt.Errorf(format, args...)}
 }
@@ -219,10 +225,10 @@ func (p parser) addrPort(n *yaml.Node, field string, defaultPort uint16) (netip.
 
 // Parse validates data, read from file, into a Config.
 func Parse(file string, data []byte) (*Config, error) {
-	p := parser{file: file, lines: map[string]int{}}
+	p := parser{file: file, lines: map[string]int{}, maxLine: maxLine(data)}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
-		return nil, fmt.Errorf("policy: %s: %w", file, err)
+		return nil, syntaxError(file, data, err)
 	}
 	if len(doc.Content) == 0 {
 		return nil, p.fail(nil, "", "empty configuration: at least identity must be set")
@@ -348,6 +354,82 @@ func (c *Config) mayUseUserspace() bool {
 		}
 	}
 	return false
+}
+
+var (
+	yamlLine      = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
+	unknownAnchor = regexp.MustCompile(`^unknown anchor '(.*)' referenced$`)
+)
+
+// yamlParserProblems are the problems yaml.v3's parser (not its scanner)
+// reports. It numbers their lines from 0: "line 1" is the second line.
+var yamlParserProblems = []string{
+	"did not find expected ',' or ']'",
+	"did not find expected ',' or '}'",
+	"did not find expected '-' indicator",
+	"did not find expected <document start>",
+	"did not find expected <stream-start>",
+	"did not find expected key",
+	"did not find expected node content",
+	"found duplicate %TAG directive",
+	"found duplicate %YAML directive",
+	"found incompatible YAML document",
+	"found undefined tag handle",
+}
+
+// syntaxError turns a YAML syntax error into a FieldError at the line of
+// the problem, so that it reads like every other configuration error.
+// Errors yaml.v3 reports without a line (bad UTF-8, control characters,
+// unknown anchors) are located here.
+func syntaxError(file string, data []byte, err error) error {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	line := 0
+	if m := yamlLine.FindStringSubmatch(err.Error()); m != nil {
+		line, _ = strconv.Atoi(m[1])
+		msg = m[2]
+		if slices.Contains(yamlParserProblems, msg) {
+			line++
+		}
+	} else if m := unknownAnchor.FindStringSubmatch(msg); m != nil {
+		if i := bytes.Index(data, []byte("*"+m[1])); i >= 0 {
+			line = 1 + bytes.Count(data[:i], []byte("\n"))
+		}
+	} else if i := badChar(data); i >= 0 {
+		line = 1 + bytes.Count(data[:i], []byte("\n"))
+	}
+	// The off-by-one is not uniform (a problem at the end of the input is
+	// counted from 1): never point past the last line.
+	line = min(line, maxLine(data))
+	return &FieldError{File: file, Line: max(line, 1), Err: fmt.Errorf("YAML syntax: %s", msg)}
+}
+
+// maxLine bounds the number of lines YAML sees in data: it also breaks
+// lines at CR, NEL and the Unicode line and paragraph separators.
+func maxLine(data []byte) int {
+	n := 1
+	for _, sep := range []string{"\n", "\r", "\u0085", "\u2028", "\u2029"} {
+		n += bytes.Count(data, []byte(sep))
+	}
+	return n
+}
+
+// badChar is the offset of the first byte YAML's reader refuses: invalid
+// UTF-8 or a character outside YAML's printable set; -1 if there is none.
+func badChar(data []byte) int {
+	for i := 0; i < len(data); {
+		r, n := utf8.DecodeRune(data[i:])
+		ok := r != utf8.RuneError || n > 1
+		switch {
+		case r == '\t' || r == '\n' || r == '\r' || r == 0x85:
+		case r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0 || r == 0xfffe || r == 0xffff:
+			ok = false
+		}
+		if !ok {
+			return i
+		}
+		i += n
+	}
+	return -1
 }
 
 func (p parser) enum(n *yaml.Node, field string, set func(string) error) error {

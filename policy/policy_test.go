@@ -130,7 +130,7 @@ func TestParseRefuses(t *testing.T) {
 		{"dup name", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: b, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + "}\n", `f.yaml:4: peers[1].name: "b" is already the name of peers[0]`},
 		{"dup key", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + good + "}\n", `f.yaml:4: peers[1].public_key: the same key is pinned for peer "b"`},
 		{"overlap", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + ", prefixes: [10.0.0.0/8]}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + ", prefixes: [10.1.0.0/16]}\n", "f.yaml:4: peers[1].prefixes[0]: 10.1.0.0/16 overlaps 10.0.0.0/8 of peer \"b\""},
-		{"yaml syntax", "identity: [\n", "policy: f.yaml: yaml: line"},
+		{"yaml syntax", "identity: [\n", "f.yaml:2: YAML syntax: did not find expected node content"},
 		{"userspace unknown", "identity: /k\nuserspace:\n  tun: x\n", "f.yaml:3: userspace.tun: unknown field"},
 		{"userspace ifname", "identity: /k\nuserspace: {interface: this-name-is-too-long}\n", "userspace.interface: \"this-name-is-too-long\" is not a Linux interface name"},
 		{"userspace address", "identity: /k\nuserspace: {address: 10.0.0.1}\n", "userspace.address: \"10.0.0.1\" is not an address with prefix length"},
@@ -364,5 +364,33 @@ func TestCrossFieldLines(t *testing.T) {
 		if got := c.Line(field); got != line {
 			t.Errorf("Line(%q) = %d, want %d", field, got, line)
 		}
+	}
+}
+
+// YAML syntax errors come in the same file:line: form as every other
+// error, at the line of the problem.
+func TestSyntaxErrorFormat(t *testing.T) {
+	for _, tc := range []struct {
+		name, src, want string
+	}{
+		{"unclosed flow list", "identity: /k\npeers: [a,\nmetrics: off\n", "f.yaml:2: YAML syntax: did not find expected ',' or ']'"},
+		{"missing colon", "identity: /k\nmetrics: off\nsuite aes-gcm-128\nbackend: auto\n", "f.yaml:3: YAML syntax: could not find expected ':'"},
+		{"bad indentation", "identity: /k\nmetrics: off\n  suite: x\n", "f.yaml:3: YAML syntax: mapping values are not allowed in this context"},
+		{"list in mapping", "identity: /k\nuserspace:\n  - a\n  port: 1\n", "f.yaml:3: YAML syntax: did not find expected '-' indicator"},
+		{"tab", "identity: /k\n\tsuite: x\n", "f.yaml:2: YAML syntax: found a tab character"},
+		{"unknown anchor", "identity: /k\nmetrics: off\nsocket: *nope\n", "f.yaml:3: YAML syntax: unknown anchor 'nope' referenced"},
+		{"not utf-8", "identity: /k\nmetrics: off\nsocket: /x\xff\n", "f.yaml:3: YAML syntax: invalid leading UTF-8 octet"},
+		{"control character", "identity: /k\n\nsocket: /x\x07\n", "f.yaml:3: YAML syntax: control characters are not allowed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("f.yaml", []byte(tc.src))
+			if err == nil || !strings.HasPrefix(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one starting %q", err, tc.want)
+			}
+			var fe *FieldError
+			if !errors.As(err, &fe) {
+				t.Fatalf("%T is not a *FieldError", err)
+			}
+		})
 	}
 }
