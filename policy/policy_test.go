@@ -123,7 +123,7 @@ func TestParseRefuses(t *testing.T) {
 		{"peers not list", "identity: /k\npeers: {}\n", "f.yaml:2: peers: expected a list"},
 		{"peer missing key", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n", "f.yaml:3: peers[0].public_key: required"},
 		{"peer bad key", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: AAAA\n", "f.yaml:5: peers[0].public_key: identity: not a public key (want the line printed by pspd pubkey)"},
-		{"peer p384", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: " + p384 + "\n", "f.yaml:5: peers[0].public_key: identity: not an ECDSA P-256 key"},
+		{"peer p384", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: " + p384 + "\n", "f.yaml:5: peers[0].public_key: identity: ECDSA P-384 key; pspd pins P-256 keys (want the line printed by pspd pubkey)"},
 		{"peer bad name", "identity: /k\npeers:\n  - name: B_1\n", `f.yaml:3: peers[0].name: "B_1" must be lower-case`},
 		{"peer unknown", "identity: /k\npeers:\n  - name: b\n    key: x\n", "f.yaml:4: peers[0].key: unknown field"},
 		{"host bits", "identity: /k\npeers:\n  - name: b\n    prefixes: [10.0.0.1/8]\n", "f.yaml:4: peers[0].prefixes[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?"},
