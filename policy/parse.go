@@ -29,10 +29,17 @@ type FieldError struct {
 }
 
 func (e *FieldError) Error() string {
-	if e.Field == "" {
-		return fmt.Sprintf("%s:%d: %v", e.File, e.Line, e.Err)
+	where := e.File
+	if e.Line > 0 {
+		where = fmt.Sprintf("%s:%d", e.File, e.Line)
 	}
-	return fmt.Sprintf("%s:%d: %s: %v", e.File, e.Line, e.Field, e.Err)
+	if e.Field == "" {
+		return fmt.Sprintf("%s: %v", where, e.Err)
+	}
+	// An error of package identity about field identity says
+	// "identity: " once, not twice.
+	msg := strings.TrimPrefix(e.Err.Error(), e.Field+": ")
+	return fmt.Sprintf("%s: %s: %s", where, e.Field, msg)
 }
 
 func (e *FieldError) Unwrap() error { return e.Err }

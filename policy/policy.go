@@ -146,6 +146,24 @@ func (c *Config) Peer(name string) (Peer, bool) {
 // Parse, such as a reload's, use it to point at the line at fault.
 func (c *Config) Line(field string) int { return c.lines[field] }
 
+// LoadIdentity loads the identity file c names and checks that no peer
+// pins this host's own key. Its errors are FieldErrors at the line of the
+// field at fault: the identity line for a missing or unusable file.
+func (c *Config) LoadIdentity() (*identity.Identity, error) {
+	id, err := identity.Load(c.Identity)
+	if err != nil {
+		return nil, &FieldError{File: c.File, Line: c.Line("identity"), Field: "identity", Err: err}
+	}
+	for i, p := range c.Peers {
+		if p.PublicKey == id.Public() {
+			f := fmt.Sprintf("peers[%d].public_key", i)
+			return nil, &FieldError{File: c.File, Line: c.Line(f), Field: f,
+				Err: fmt.Errorf("is this host's own key (%s); pin the key pspd pubkey prints on peer %q", id.Public().Fingerprint(), p.Name)}
+		}
+	}
+	return id, nil
+}
+
 // Load reads and validates the file at path.
 func Load(path string) (*Config, error) {
 	f, err := os.Open(path)

@@ -7,12 +7,14 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/kdf"
 )
 
@@ -392,5 +394,44 @@ func TestSyntaxErrorFormat(t *testing.T) {
 				t.Fatalf("%T is not a *FieldError", err)
 			}
 		})
+	}
+}
+
+// Errors about the identity file point at the identity line, and a
+// missing file says how to make one.
+func TestLoadIdentity(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "id.pem")
+	c, err := Parse("f.yaml", []byte("metrics: off\nidentity: "+path+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.LoadIdentity()
+	want := "f.yaml:2: identity: " + path + " does not exist"
+	if err == nil || !strings.HasPrefix(err.Error(), want) || !strings.Contains(err.Error(), "run: pspd genkey --identity "+path) || !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("error %v, want one starting %q with the genkey hint", err, want)
+	}
+
+	id, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := identity.WriteFile(path, id, false); err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.LoadIdentity()
+	if err != nil || got.Public() != id.Public() {
+		t.Fatalf("LoadIdentity: %v, %v", got, err)
+	}
+
+	self, err := Parse("f.yaml", []byte("identity: "+path+"\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: "+pubkey(t, elliptic.P256())+
+		"\n  - name: c\n    endpoint: 192.0.2.3\n    public_key: "+id.Public().String()+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = self.LoadIdentity()
+	want = "f.yaml:8: peers[1].public_key: is this host's own key (" + id.Public().Fingerprint() + ")"
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("error %v, want one starting %q", err, want)
 	}
 }
