@@ -528,8 +528,8 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 			return p.fail(keyNode, path+"public_key", "the same key is pinned for peer %q", other)
 		}
 		keys[pr.PublicKey] = pr.Name
-		if l := c.Listen.Addr(); !l.IsUnspecified() && underlay(pr.Endpoint.Addr()) == underlay(l) {
-			return p.fail(endpointNode, path+"endpoint", "%v is this host's listen address; give the peer's own address", pr.Endpoint.Addr())
+		if l := c.Listen; !l.Addr().IsUnspecified() && underlay(pr.Endpoint.Addr()) == underlay(l.Addr()) && pr.Endpoint.Port() == l.Port() {
+			return p.fail(endpointNode, path+"endpoint", "%v is this host's listen address; give the peer's own address", pr.Endpoint)
 		}
 		for j, pf := range pr.Prefixes {
 			f := fmt.Sprintf("%sprefixes[%d]", path, j)

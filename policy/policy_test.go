@@ -234,7 +234,7 @@ func TestPrefixRefusesUnderlay(t *testing.T) {
 		{"listen", "identity: /k\nlisten: 198.51.100.1\npeers:\n" + peer("b", kb, "192.0.2.2", "[198.51.100.0/24]", ""),
 			`f.yaml:7: peers[0].prefixes[0]: 198.51.100.0/24 contains this host's listen address 198.51.100.1`},
 		{"endpoint is listen", "identity: /k\nlisten: 192.0.2.1\npeers:\n" + peer("b", kb, "192.0.2.1", "[10.0.0.0/8]", ""),
-			`f.yaml:5: peers[0].endpoint: 192.0.2.1 is this host's listen address`},
+			`f.yaml:5: peers[0].endpoint: 192.0.2.1:6082 is this host's listen address`},
 		{"other peer's endpoint", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[198.51.100.0/24]", "") + peer("c", kc, "198.51.100.7", "[10.3.0.0/16]", ""),
 			`f.yaml:6: peers[0].prefixes[0]: 198.51.100.0/24 contains the endpoint 198.51.100.7 of peer "c"`},
 		{"transport plus tunnel", "identity: /k\npeers:\n" + peer("b", kb, "192.0.2.2", "[10.0.0.0/8, 192.0.2.2]", ""),
@@ -258,6 +258,7 @@ func TestPrefixRefusesUnderlay(t *testing.T) {
 		{"unspecified listen", "identity: /k\nlisten: 0.0.0.0\npeers:\n" + peer("b", kb, "192.0.2.2", "[10.0.0.0/8]", "")},
 		{"xfrm transport mode", "identity: /k\nbackend: xfrm\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.2]", "")},
 		{"auto transport mode", "identity: /k\nlisten: 192.0.2.1\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.2/32]", "")},
+		{"second pspd on this address", "identity: /k\nlisten: 127.0.0.1:7000\npeers:\n" + peer("b", kb, "127.0.0.1:7001", "[10.0.0.0/8]", "")},
 		{"neighbour prefix", "identity: /k\nlisten: 192.0.2.1\npeers:\n" + peer("b", kb, "192.0.2.2", "[192.0.2.128/25]", "")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
