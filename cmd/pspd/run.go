@@ -15,7 +15,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/pspd/pspd/internal/daemon"
-	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/policy"
 )
@@ -124,21 +123,23 @@ func newCheckCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			id, err := identity.Load(pc.Identity)
+			id, err := pc.LoadIdentity()
 			if err != nil {
-				return fmt.Errorf("%s: identity: %w", cfgPath, err)
-			}
-			for i, p := range pc.Peers {
-				if p.PublicKey == id.Public() {
-					return fmt.Errorf("%s: peers[%d].public_key: is this host's own key", cfgPath, i)
-				}
+				return err
 			}
 			var names []string
 			for _, p := range pc.Peers {
 				names = append(names, p.Name)
 			}
 			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "%s: ok (identity %s, %d peers: %s)\n", cfgPath, id.Public().Fingerprint(), len(pc.Peers), strings.Join(names, ", "))
+			peers := fmt.Sprintf("%d peers: %s", len(pc.Peers), strings.Join(names, ", "))
+			switch len(pc.Peers) {
+			case 0:
+				peers = "no peers"
+			case 1:
+				peers = "1 peer: " + names[0]
+			}
+			fmt.Fprintf(out, "%s: ok (identity %s, %s)\n", cfgPath, id.Public().Fingerprint(), peers)
 			for _, a := range probe(cmd.Context(), pc) {
 				if a.Available {
 					fmt.Fprintf(out, "backend %s: available\n", a.Backend)
