@@ -60,6 +60,9 @@ type Backend struct {
 	link   netlink.Link
 	engine *userspace.Dataplane
 	rekey  chan identity.PublicKey
+	// txKeys outlives every peer's codec: a peer removed and added back
+	// must not be given an earlier TX key either.
+	txKeys *codec.KeyHistory
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*peer
@@ -98,7 +101,7 @@ func New(ctx context.Context, cfg *policy.Config, log *slog.Logger) (b *Backend,
 	if err != nil {
 		return nil, fmt.Errorf("userspace: %w", err)
 	}
-	b = &Backend{cfg: cfg, log: log, peers: map[identity.PublicKey]*peer{}, rekey: make(chan identity.PublicKey, 16)}
+	b = &Backend{cfg: cfg, log: log, peers: map[identity.PublicKey]*peer{}, rekey: make(chan identity.PublicKey, 16), txKeys: codec.NewKeyHistory()}
 	defer func() {
 		if err != nil {
 			b.Close()
@@ -203,6 +206,7 @@ func (b *Backend) AddPeer(p policy.Peer) (err error) {
 	c, err := codec.New(codec.Config{
 		Framing: framing(b.cfg.Userspace.Framing), SoftPackets: b.cfg.PacketBudget, HardPackets: 2 * b.cfg.PacketBudget,
 		SoftLifetime: 2 * b.cfg.RekeyInterval, HardLifetime: life, Logger: b.log.With("peer", p.Name),
+		TXKeys: b.txKeys,
 	})
 	if err != nil {
 		return fmt.Errorf("userspace: peer %s: %w", p.Name, err)

@@ -103,6 +103,10 @@ func (c *Codec) InstallTX(sa SA) error {
 	if err != nil {
 		return fmt.Errorf("codec: install TX spi=%v: %w", sa.SPI, err)
 	}
+	// Last, so that only a key that goes live is recorded.
+	if !c.txKeys.add(sa.Key) {
+		return fmt.Errorf("codec: install TX spi=%v: this key was installed before as a TX key; sealing under it again would repeat nonces (nonce reuse). The key exchange must derive a fresh key: renegotiate with a new SPI", sa.SPI)
+	}
 	now := c.clock()
 	t := &txSA{spi: sa.SPI, suite: sa.Suite, aead: aead, key: sa.Key.Clone(), softAt: now + c.softLife, hardAt: now + c.hardLife}
 	t.stops = append(t.stops, c.afterFunc(c.softLife, c.Maintain), c.afterFunc(c.hardLife, c.Maintain))
