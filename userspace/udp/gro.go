@@ -77,6 +77,9 @@ func (g *groReader) read(msgs []userspace.Message) (int, error) {
 	if g.u.closed.Load() {
 		return 0, fmt.Errorf("udp: read: %w", net.ErrClosed)
 	}
+	if len(msgs) == 0 {
+		return 0, nil // do not take datagrams off the socket for nobody
+	}
 	for i := range msgs {
 		if len(msgs[i].Buf) == 0 {
 			return 0, fmt.Errorf("udp: read: message %d has no buffer", i)
