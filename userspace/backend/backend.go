@@ -154,6 +154,9 @@ func openUnderlay(cfg *policy.Config, log *slog.Logger) (userspace.Underlay, pol
 	if err != nil {
 		return nil, "", fmt.Errorf("userspace: underlay socket on port %d: %w", us.Port, err)
 	}
+	if !conn.GRO() {
+		log.Info("userspace: the kernel refused UDP GRO (needs Linux 5.0); datagrams are read one by one")
+	}
 	return conn, policy.IOUDP, nil
 }
 
