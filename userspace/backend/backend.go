@@ -91,6 +91,9 @@ type Backend struct {
 	link   netlink.Link
 	engine *userspace.Dataplane
 	rekey  chan identity.PublicKey
+	// txKeys outlives every peer's codec: a peer removed and added back
+	// must not be given an earlier TX key either.
+	txKeys *codec.KeyHistory
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*peer
@@ -123,7 +126,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("userspace: %w", err)
 	}
-	b := &Backend{cfg: cfg, log: cfg.Logger, peers: map[identity.PublicKey]*peer{}, rekey: make(chan identity.PublicKey, 16)}
+	b := &Backend{cfg: cfg, log: cfg.Logger, peers: map[identity.PublicKey]*peer{}, rekey: make(chan identity.PublicKey, 16), txKeys: codec.NewKeyHistory()}
 	if err := b.start(ctx, mtu); err != nil {
 		b.Close()
 		return nil, err
@@ -217,6 +220,9 @@ func openUnderlay(cfg Config, log *slog.Logger) (userspace.Underlay, IO, error) 
 	if err != nil {
 		return nil, "", fmt.Errorf("userspace: underlay socket on port %d: %w", cfg.Port, err)
 	}
+	if !conn.GRO() {
+		log.Info("userspace: the kernel refused UDP GRO (needs Linux 5.0); datagrams are read one by one")
+	}
 	return conn, IOUDP, nil
 }
 
@@ -269,6 +275,7 @@ func (b *Backend) AddPeer(_ context.Context, p offload.PeerSpec) (err error) {
 	c, err := codec.New(codec.Config{
 		Framing: b.cfg.Framing, SoftPackets: l.SoftPackets, HardPackets: l.HardPackets,
 		SoftLifetime: l.SoftLifetime, HardLifetime: l.HardLifetime, Logger: b.log.With("peer", p.Name),
+		TXKeys: b.txKeys,
 	})
 	if err != nil {
 		return fmt.Errorf("userspace: peer %s: %w", p.Name, err)
