@@ -49,6 +49,33 @@ type Session struct {
 	mk      *kdf.MasterKeys // nil after close
 	alloc   *kdf.Allocator
 	lastGen map[wire.AssocID]uint32 // responder: generations seen this session
+	used    spiRecord               // every SPI this session derived a key for
+}
+
+// spiRecord is the record of every SPI a session derived a key for, by the
+// side that allocated it. One SPI under one session's master keys is one
+// key, and an AEAD key used twice is a nonce used twice (the counter
+// restarts with every install), so a repeat must never reach an
+// installer, whatever the peer sends. Both sides allocate strictly
+// increasing SPIs (kdf.Allocator), so the record of every SPI a side used
+// is its highest one: an SPI at or below it is a repeat, or one an honest
+// pspd never sends.
+type spiRecord struct {
+	ours, peers kdf.SPI // highest so far; 0: none yet
+}
+
+// use records a pair of SPIs, or refuses if either was used before.
+func (r *spiRecord) use(ours, peers kdf.SPI) error {
+	if ours.KeyID() <= r.ours.KeyID() {
+		// Our allocator never goes back; this is a bug on this host.
+		return fmt.Errorf("internal error: our receive SPI %s repeats or precedes %s already used in this session", ours, r.ours)
+	}
+	if peers.KeyID() <= r.peers.KeyID() {
+		return &wire.ProtocolError{Code: wire.CodeSPIReuse, Msg: fmt.Sprintf(
+			"peer SPI %s repeats or precedes SPI %s it already used in this session; deriving its key again would reuse AES-GCM nonces", peers, r.peers)}
+	}
+	r.ours, r.peers = ours, peers
+	return nil
 }
 
 // Context ends when the session is over; context.Cause says why.
@@ -298,7 +325,8 @@ var (
 
 // derive builds the SA for our rx SPI and the peer's. It checks that the
 // peer's SPI carries the peer's role bit, so the two directions can never
-// share an SPI or a key.
+// share an SPI or a key, and that neither SPI was used before in this
+// session, so no key is ever derived (and installed) twice.
 func (s *Session) derive(peer identity.PublicKey, assoc wire.AssocID, gen uint32, b wire.Backend, suite kdf.Suite, rx, tx kdf.SPI) (*SA, error) {
 	if tx.Role() == s.role || tx.MasterKeyIndex() != 0 || tx.Counter() == 0 {
 		return nil, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("peer SPI %s is not a %s SPI under master key 0", tx, otherRole(s.role))}
@@ -307,6 +335,9 @@ func (s *Session) derive(peer identity.PublicKey, assoc wire.AssocID, gen uint32
 	defer s.mu.Unlock()
 	if s.mk == nil {
 		return nil, errors.New("session closed")
+	}
+	if err := s.used.use(rx, tx); err != nil {
+		return nil, err
 	}
 	rxKey, err := s.mk.Derive(rx, suite)
 	if err != nil {

@@ -259,6 +259,7 @@ const (
 	CodeSPIExhausted ErrorCode = 7 // no SPI left in this session
 	CodeTimeout      ErrorCode = 8 // the peer stalled
 	CodeInternal     ErrorCode = 9
+	CodeSPIReuse     ErrorCode = 10 // the peer repeated an SPI of this session
 )
 
 func (c ErrorCode) String() string {
@@ -281,6 +282,8 @@ func (c ErrorCode) String() string {
 		return "timeout"
 	case CodeInternal:
 		return "internal error"
+	case CodeSPIReuse:
+		return "SPI reused"
 	}
 	return fmt.Sprintf("code(%d)", uint16(c))
 }
