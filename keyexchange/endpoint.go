@@ -101,6 +101,16 @@ type Config struct {
 	// whole 2^30 space); exhaustion ends the session and a new one with
 	// fresh master keys takes over.
 	MaxSAsPerSession uint32
+	// PeerNegotiationBurst and PeerNegotiationInterval bound the
+	// negotiations a peer can make this host run, since each costs key
+	// derivations and kernel installs: beyond a burst of
+	// PeerNegotiationBurst (8), one per PeerNegotiationInterval (1s). As
+	// responder, an SAOffer over the limit ends the session with a
+	// rate-limit error; as initiator, the peer's Rekey requests over the
+	// limit are coalesced and served when the limit allows. Rekeys this
+	// host starts (timer, Peer.Rekey) are not limited.
+	PeerNegotiationBurst    int
+	PeerNegotiationInterval time.Duration
 }
 
 func (c *Config) setDefaults() error {
@@ -130,6 +140,10 @@ func (c *Config) setDefaults() error {
 	def(&c.IdleTimeout, 30*time.Second)
 	def(&c.KeepAlive, 5*time.Second)
 	def(&c.NegotiationTimeout, 5*time.Second)
+	def(&c.PeerNegotiationInterval, time.Second)
+	if c.PeerNegotiationBurst <= 0 {
+		c.PeerNegotiationBurst = 8
+	}
 	return nil
 }
 

@@ -51,6 +51,7 @@ type Peer struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
+	limit       *limiter        // negotiations the peer makes us run
 	incoming    chan *Session   // sessions the peer opened to us
 	rekeyReq    chan chan error // local on-demand rekeys
 	remoteRekey chan struct{}   // the peer asked for a rekey
@@ -114,6 +115,7 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 		log:      e.log.With("peer", cfg.Key.Fingerprint(), "role", role.String()),
 		incoming: make(chan *Session, 1), rekeyReq: make(chan chan error), remoteRekey: make(chan struct{}, 1),
 		old: map[*SA]*time.Timer{}, changed: make(chan struct{}),
+		limit: newLimiter(e.cfg.PeerNegotiationBurst, e.cfg.PeerNegotiationInterval),
 	}
 	p.ctx, p.cancel = context.WithCancel(e.ctx)
 	e.mu.Lock()
@@ -398,12 +400,16 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 	serveErr := make(chan error, 1)
 	go func() {
 		serveErr <- s.serve(handlers{
-			installer: func(b wire.Backend, x kdf.Suite) Installer {
-				if !slices.Contains(p.cfg.Backends, b) || x != p.cfg.Suite {
-					return nil
+			installer: func(a wire.AssocID, b wire.Backend, x kdf.Suite) (Installer, error) {
+				switch {
+				case a != p.cfg.Assoc:
+					return nil, fmt.Errorf("%w: association %d (this host has association %d with the peer)", errUnsupported, a, p.cfg.Assoc)
+				case !slices.Contains(p.cfg.Backends, b) || x != p.cfg.Suite:
+					return nil, fmt.Errorf("%w: backend %s with suite %s", errUnsupported, b, x)
 				}
-				return p.e.cfg.Installers[b]
+				return p.e.cfg.Installers[b], nil
 			},
+			allow:     func() bool { return p.limit.allow(time.Now()) },
 			confirmed: p.commit,
 			deleted:   p.deleted,
 			key: func(k wire.ExplicitKey) {
@@ -446,6 +452,8 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 
 func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, next **Session) error {
 	var timer <-chan time.Time
+	var deferred <-chan time.Time // a Rekey request the limit held back
+	warned := false
 	negotiate := func() error {
 		sa, err := p.negotiate(s)
 		if err == nil {
@@ -467,6 +475,24 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 				return err
 			}
 		case <-p.remoteRekey:
+			if deferred != nil {
+				continue // coalesced into the one already waiting
+			}
+			if d := p.limit.wait(time.Now()); d > 0 {
+				if !warned {
+					warned = true
+					p.log.Warn("peer requests rekeys faster than this host serves them; serving them at the limit", "interval", p.e.cfg.PeerNegotiationInterval, "burst", p.e.cfg.PeerNegotiationBurst)
+				}
+				deferred = time.After(d)
+				continue
+			}
+			p.limit.allow(time.Now())
+			if err := negotiate(); err != nil {
+				return err
+			}
+		case <-deferred:
+			deferred = nil
+			p.limit.allow(time.Now())
 			if err := negotiate(); err != nil {
 				return err
 			}

@@ -45,11 +45,12 @@ type Session struct {
 	ctx     context.Context
 	cancel  context.CancelCauseFunc
 
-	mu      sync.Mutex
-	mk      *kdf.MasterKeys // nil after close
-	alloc   *kdf.Allocator
-	lastGen map[wire.AssocID]uint32 // responder: generations seen this session
-	used    spiRecord               // every SPI this session derived a key for
+	mu       sync.Mutex
+	mk       *kdf.MasterKeys // nil after close
+	alloc    *kdf.Allocator
+	lastGen  map[wire.AssocID]uint32 // responder: generations seen this session
+	genFloor uint32                  // responder: highest generation still installed at attach
+	used     spiRecord               // every SPI this session derived a key for
 }
 
 // spiRecord is the record of every SPI a session derived a key for, by the
@@ -444,11 +445,12 @@ func (s *Session) removeAfterFailure(inst Installer, sa *SA) {
 
 // handlers are what a session reports to its owner.
 type handlers struct {
-	installer func(wire.Backend, kdf.Suite) Installer // nil: not accepted
-	confirmed func(*SA)                               // responder: an SA is confirmed
-	deleted   func(wire.AssocID, uint32)              // peer deleted a generation
-	rekey     func(wire.AssocID)                      // peer asks for a rekey
-	key       func(wire.ExplicitKey)                  // peer sent a PSP key; owns it
+	installer func(wire.AssocID, wire.Backend, kdf.Suite) (Installer, error) // error: not accepted
+	allow     func() bool                                                    // responder: may the peer negotiate now?
+	confirmed func(*SA)                                                      // responder: an SA is confirmed
+	deleted   func(wire.AssocID, uint32)                                     // peer deleted a generation
+	rekey     func(wire.AssocID)                                             // peer asks for a rekey
+	key       func(wire.ExplicitKey)                                         // peer sent a PSP key; owns it
 }
 
 // serve handles the streams the peer opens until the session ends, and
@@ -472,6 +474,9 @@ func (s *Session) handle(str *quic.Stream, h handlers) error {
 	if err != nil {
 		if errors.Is(err, io.EOF) {
 			return s.fail(str, "serve", &wire.ProtocolError{Code: wire.CodeMalformed, Msg: "empty stream"})
+		}
+		if isTimeout(err) {
+			err = fmt.Errorf("no complete message within %s: %w", s.timeout, err)
 		}
 		return s.fail(str, "serve", err)
 	}
@@ -503,18 +508,16 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	if s.role != kdf.Responder {
 		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeType, Msg: "SAOffer sent to the initiator"})
 	}
-	inst := h.installer(offer.Backend, offer.Suite)
-	if inst == nil {
-		return s.fail(str, op, fmt.Errorf("%w: backend %s with suite %s", errUnsupported, offer.Backend, offer.Suite))
+	if !h.allow() {
+		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeRateLimit, Msg: "peer starts negotiations faster than this host serves them (see Config.PeerNegotiationBurst)"})
 	}
-	s.mu.Lock()
-	last := s.lastGen[offer.Assoc]
-	if offer.Generation <= last {
-		s.mu.Unlock()
-		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("generation %d of association %d after %d", offer.Generation, offer.Assoc, last)})
+	inst, err := h.installer(offer.Assoc, offer.Backend, offer.Suite)
+	if err != nil {
+		return s.fail(str, op, err)
 	}
-	s.lastGen[offer.Assoc] = offer.Generation
-	s.mu.Unlock()
+	if err := s.checkGeneration(offer.Assoc, offer.Generation); err != nil {
+		return s.fail(str, op, err)
+	}
 	rx, err := s.alloc.Next()
 	if err != nil {
 		return s.fail(str, op, err)
@@ -533,6 +536,9 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	var m wire.Message
 	if err == nil {
 		m, err = wire.ReadMessage(str)
+		if errors.Is(err, io.EOF) {
+			err = &wire.ProtocolError{Code: wire.CodeMalformed, Msg: "stream ended before SAConfirm"}
+		}
 	}
 	if err == nil {
 		if c, ok := m.(wire.SAConfirm); !ok {
@@ -551,6 +557,39 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	}
 	str.Close()
 	h.confirmed(sa)
+	return nil
+}
+
+// Generations bounds. An honest initiator numbers the offers of one
+// session consecutively, and never comes near maxGeneration (one rekey a
+// second would take 68 years); a peer jumping ahead would otherwise drive
+// the counter to its end, where no later generation can follow.
+const (
+	maxGeneration     = 1 << 31
+	maxGenerationStep = 1024
+)
+
+// checkGeneration refuses a generation that does not follow the ones this
+// session has seen. Across sessions generations are not compared: an
+// initiator whose Peer was re-added starts again at 1, and keys never
+// depend on the generation (the SPI record guards them).
+func (s *Session) checkGeneration(assoc wire.AssocID, gen uint32) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	last := s.lastGen[assoc]
+	var msg string
+	switch {
+	case gen > maxGeneration:
+		msg = fmt.Sprintf("generation %d of association %d is above the limit %d", gen, assoc, uint32(maxGeneration))
+	case gen <= last:
+		msg = fmt.Sprintf("generation %d of association %d after %d", gen, assoc, last)
+	case last != 0 && gen-last > maxGenerationStep:
+		msg = fmt.Sprintf("generation %d of association %d jumps more than %d past %d", gen, assoc, maxGenerationStep, last)
+	}
+	if msg != "" {
+		return &wire.ProtocolError{Code: wire.CodeGeneration, Msg: msg}
+	}
+	s.lastGen[assoc] = gen
 	return nil
 }
 

@@ -260,6 +260,8 @@ const (
 	CodeTimeout      ErrorCode = 8 // the peer stalled
 	CodeInternal     ErrorCode = 9
 	CodeSPIReuse     ErrorCode = 10 // the peer repeated an SPI of this session
+	CodeRateLimit    ErrorCode = 11 // the peer negotiates faster than allowed
+	CodeGeneration   ErrorCode = 12 // a generation out of order or out of range
 )
 
 func (c ErrorCode) String() string {
@@ -284,6 +286,10 @@ func (c ErrorCode) String() string {
 		return "internal error"
 	case CodeSPIReuse:
 		return "SPI reused"
+	case CodeRateLimit:
+		return "rate limited"
+	case CodeGeneration:
+		return "bad generation"
 	}
 	return fmt.Sprintf("code(%d)", uint16(c))
 }
