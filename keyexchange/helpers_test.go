@@ -21,7 +21,7 @@ import (
 type recorder struct {
 	mu       sync.Mutex
 	live     map[recKey]recorded // by peer and rx SPI
-	history  []recorded           // every install, keys cloned
+	history  []recorded          // every install, keys cloned
 	removed  int
 	failNext error
 	// activated records, by rx SPI, which SAs carry outbound traffic;

@@ -2,6 +2,7 @@ package keyexchange
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -144,6 +145,25 @@ func (p *Peer) LastError() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.lastErr
+}
+
+// Status is a snapshot of a Peer for status output and metrics.
+type Status struct {
+	Up         bool        // a session is established
+	Group      tls.CurveID // the session's key exchange group; 0 when down
+	PeerBootID wire.BootID // of the session's peer process; zero when down
+	LastError  error       // why the last dial or session failed, if one did
+}
+
+// Status reports the peer's session state.
+func (p *Peer) Status() Status {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := Status{LastError: p.lastErr}
+	if s := p.sess; s != nil {
+		st.Up, st.Group, st.PeerBootID = true, s.Group(), s.PeerBootID()
+	}
+	return st
 }
 
 // Key is the peer's pinned key.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/hkdf"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -92,6 +93,10 @@ func (s *Session) Role() kdf.Role { return s.role }
 // restarts.
 func (s *Session) PeerBootID() wire.BootID { return s.hello.BootID }
 
+// Group is the TLS key exchange group the session was set up with, such
+// as tls.SecP256r1MLKEM768 (hybrid post-quantum) or tls.CurveP256.
+func (s *Session) Group() tls.CurveID { return s.conn.ConnectionState().TLS.CurveID }
+
 // PeerBackends are the backends the peer offered in its Hello.
 func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
 
@@ -175,7 +180,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 			err = peerErr(peer, "session setup", err)
 			conn.CloseWithError(closeProtocol, err.Error())
 		} else {
-			e.handshakes.Add(1)
+			e.countHandshake(st.TLS.CurveID)
 		}
 	}()
 	if err != nil {
