@@ -288,7 +288,8 @@ func (e *Endpoint) Public() identity.PublicKey { return e.id.Public() }
 // BootID identifies this endpoint instance.
 func (e *Endpoint) BootID() wire.BootID { return e.boot }
 
-// Close stops every peer (removing their SAs) and closes the socket.
+// Close stops every peer (removing their SAs, telling each peer goodbye)
+// and closes the socket.
 func (e *Endpoint) Close() error {
 	e.mu.Lock()
 	peers := make([]*Peer, 0, len(e.peers))
@@ -296,9 +297,12 @@ func (e *Endpoint) Close() error {
 		peers = append(peers, p)
 	}
 	e.mu.Unlock()
+	// In parallel: each says goodbye and waits a moment for the peer.
+	var wg sync.WaitGroup
 	for _, p := range peers {
-		p.Close()
+		wg.Go(func() { p.close(wire.GoodbyeShutdown) })
 	}
+	wg.Wait()
 	e.cancel()
 	e.ln.Close()
 	err := e.tr.Close()

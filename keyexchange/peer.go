@@ -65,7 +65,8 @@ type Peer struct {
 	commits  uint64
 	changed  chan struct{} // closed on every commit, then replaced
 	lastBoot wire.BootID
-	lastErr  error // why the last dial or session failed, for status output
+	lastErr  error              // why the last dial or session failed, for status output
+	bye      wire.GoodbyeReason // what to tell the peer when closing
 }
 
 // AddPeer pins a peer and starts keeping a session with it.
@@ -273,9 +274,17 @@ func (p *Peer) Rekey(ctx context.Context) (SA, error) {
 	}
 }
 
-// Close stops the peer: it tells the peer, ends the session and removes
-// every SA it installed.
-func (p *Peer) Close() {
+// Close stops the peer: it tells the peer (a Goodbye, after which the
+// peer marks this host down at once), ends the session and removes every
+// SA it installed.
+func (p *Peer) Close() { p.close(wire.GoodbyeRemoved) }
+
+func (p *Peer) close(reason wire.GoodbyeReason) {
+	p.mu.Lock()
+	if p.bye == 0 {
+		p.bye = reason
+	}
+	p.mu.Unlock()
 	p.cancel()
 	<-p.done
 	p.e.mu.Lock()
@@ -455,12 +464,20 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 	err := p.drive(s, backoff, serveErr, &next)
 	if p.ctx.Err() != nil {
 		p.sendDelete(s)
+		p.mu.Lock()
+		reason := p.bye
+		p.mu.Unlock()
+		if reason == 0 { // the endpoint's context ended
+			reason = wire.GoodbyeShutdown
+		}
+		s.goodbye(reason)
+	} else {
+		cause := err
+		if next != nil {
+			cause = errReplaced
+		}
+		s.Close(cause)
 	}
-	cause := err
-	if next != nil {
-		cause = errReplaced
-	}
-	s.Close(cause)
 	<-serveErr
 	p.mu.Lock()
 	if p.sess == s {

@@ -31,6 +31,7 @@ const (
 	closeNormal   quic.ApplicationErrorCode = 0
 	closeProtocol quic.ApplicationErrorCode = 1
 	closeReplaced quic.ApplicationErrorCode = 2
+	closeGoodbye  quic.ApplicationErrorCode = 3 // the reason is the close message
 )
 
 // Session is one authenticated QUIC connection to a peer, with its own
@@ -106,6 +107,8 @@ func (s *Session) Close(cause error) {
 	switch {
 	case errors.Is(cause, errReplaced):
 		code, msg = closeReplaced, cause.Error()
+	case errors.Is(cause, errGoodbye):
+		msg = cause.Error()
 	case cause != nil:
 		code, msg = closeProtocol, cause.Error()
 	}
@@ -135,6 +138,37 @@ func (s *Session) Close(cause error) {
 const errorLinger = 250 * time.Millisecond
 
 var errReplaced = errors.New("replaced by a newer session")
+
+// errGoodbye is the cause of a session the peer ended on purpose.
+var errGoodbye = errors.New("peer said goodbye")
+
+func goodbyeErr(reason string) error { return fmt.Errorf("%w: %s", errGoodbye, reason) }
+
+// goodbye ends the session on purpose, telling the peer why so that it
+// marks this side down at once: a Goodbye message, and the same reason in
+// the CONNECTION_CLOSE in case the message does not make it. It waits up
+// to errorLinger for the peer to close first (it does on the Goodbye), so
+// that the close is not lost when the caller shuts the socket next.
+func (s *Session) goodbye(reason wire.GoodbyeReason) {
+	if s.ctx.Err() == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), errorLinger)
+		if err := s.send(ctx, wire.Goodbye{Reason: reason}); err == nil {
+			select {
+			case <-s.conn.Context().Done():
+			case <-ctx.Done():
+			}
+		}
+		cancel()
+	}
+	s.cancel(goodbyeErr("sent: " + reason.String()))
+	s.conn.CloseWithError(closeGoodbye, reason.String())
+	s.mu.Lock()
+	if s.mk != nil {
+		s.mk.Wipe()
+		s.mk = nil
+	}
+	s.mu.Unlock()
+}
 
 // electRole makes the side with the smaller SPKI the initiator. Both sides
 // compute the same answer without a message; equal keys mean someone
@@ -464,7 +498,13 @@ func (s *Session) serve(h handlers) error {
 	for {
 		str, err := s.conn.AcceptStream(s.ctx)
 		if err != nil {
-			return context.Cause(s.ctx)
+			cause := context.Cause(s.ctx)
+			var ae *quic.ApplicationError
+			if errors.As(cause, &ae) && ae.Remote && ae.ErrorCode == closeGoodbye {
+				// The Goodbye message was lost, its CONNECTION_CLOSE was not.
+				cause = goodbyeErr(ae.ErrorMessage)
+			}
+			return peerErr(s.peer, "session", cause)
 		}
 		str.SetDeadline(time.Now().Add(s.timeout))
 		if err := s.handle(str, h); err != nil {
@@ -500,8 +540,11 @@ func (s *Session) handle(str *quic.Stream, h handlers) error {
 	case wire.ExplicitKey:
 		str.Close()
 		h.key(m)
+	case wire.Goodbye:
+		str.Close()
+		return peerErr(s.peer, "session", goodbyeErr(m.Reason.String()))
 	default:
-		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey, Delete or ExplicitKey"))
+		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey, Delete, ExplicitKey or Goodbye"))
 	}
 	return nil
 }

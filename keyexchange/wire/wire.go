@@ -51,6 +51,8 @@ const (
 	TypeRekey
 	TypeDelete
 	TypeError
+	TypeGoodbye
+	typeLast = TypeGoodbye
 )
 
 func (t Type) String() string {
@@ -71,6 +73,8 @@ func (t Type) String() string {
 		return "Delete"
 	case TypeError:
 		return "Error"
+	case TypeGoodbye:
+		return "Goodbye"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -228,6 +232,34 @@ type Error struct {
 	Text string
 }
 
+// Goodbye tells the peer that the sender is ending the session on purpose
+// and will not be back soon: the receiver marks the peer down at once
+// instead of waiting for the idle timeout.
+type Goodbye struct {
+	Reason GoodbyeReason
+}
+
+// GoodbyeReason says why a peer said goodbye.
+type GoodbyeReason uint8
+
+const (
+	GoodbyeShutdown GoodbyeReason = 1 // the sender's pspd is stopping
+	GoodbyeRemoved  GoodbyeReason = 2 // the sender no longer pins the receiver
+)
+
+// Valid reports whether r is a reason this version knows.
+func (r GoodbyeReason) Valid() bool { return r == GoodbyeShutdown || r == GoodbyeRemoved }
+
+func (r GoodbyeReason) String() string {
+	switch r {
+	case GoodbyeShutdown:
+		return "shutting down"
+	case GoodbyeRemoved:
+		return "removed this peer from its configuration"
+	}
+	return fmt.Sprintf("reason(%d)", uint8(r))
+}
+
 func (Hello) Type() Type       { return TypeHello }
 func (SAOffer) Type() Type     { return TypeSAOffer }
 func (SAAck) Type() Type       { return TypeSAAck }
@@ -236,6 +268,7 @@ func (ExplicitKey) Type() Type { return TypeExplicitKey }
 func (Rekey) Type() Type       { return TypeRekey }
 func (Delete) Type() Type      { return TypeDelete }
 func (Error) Type() Type       { return TypeError }
+func (Goodbye) Type() Type     { return TypeGoodbye }
 
 // String never shows the key.
 func (m ExplicitKey) String() string {
@@ -390,7 +423,7 @@ func parseHeader(h []byte) (Type, int, error) {
 		return 0, 0, protoErr(CodeTooLarge, "frame body %d bytes, limit %d", n, MaxBody)
 	}
 	typ := Type(h[1])
-	if typ < TypeHello || typ > TypeError {
+	if typ < TypeHello || typ > typeLast {
 		return 0, 0, protoErr(CodeType, "unknown message type %d", h[1])
 	}
 	return typ, n, nil
@@ -494,6 +527,8 @@ func (m Rekey) appendBody(b []byte) []byte {
 
 func (m Delete) appendBody(b []byte) []byte { return SAConfirm(m).appendBody(b) }
 
+func (m Goodbye) appendBody(b []byte) []byte { return append(b, byte(m.Reason)) }
+
 func (m Error) appendBody(b []byte) []byte {
 	b = binary.BigEndian.AppendUint16(b, uint16(m.Code))
 	t := strings.ToValidUTF8(m.Text, "?")
@@ -570,6 +605,12 @@ func decodeFields(typ Type, r *reader) (Message, error) {
 			return nil, fmt.Errorf("error text must be at most %d bytes of UTF-8", MaxErrorText)
 		}
 		m.Text = string(r.take(len(r.b)))
+		return m, nil
+	case TypeGoodbye:
+		m := Goodbye{Reason: GoodbyeReason(r.u8())}
+		if r.err == nil && !m.Reason.Valid() {
+			return nil, fmt.Errorf("unknown reason %d", uint8(m.Reason))
+		}
 		return m, nil
 	}
 	return nil, fmt.Errorf("unhandled type %d", typ)
