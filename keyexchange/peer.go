@@ -375,28 +375,26 @@ func (p *Peer) run() {
 	}
 }
 
-// knockDelay is how long a freshly started responder waits for the
-// initiator to reach it before it dials the initiator itself.
-const knockDelay = time.Second
-
 // knock is a starting responder's one dial to the initiator. The
 // initiator normally dials, but after this side restarted the initiator
 // may still hold a session with this side's previous incarnation, which
-// it would only notice at the idle timeout; a session arriving from us,
-// with our new boot id, replaces that one at once. The wait first keeps
-// the usual case (both start together, the initiator dials) free of a
-// second, competing session.
+// it would only notice at the idle timeout. A starting responder has no
+// session with the initiator, whatever the initiator believes, so it
+// dials at once; a session arriving from us, with our new boot id,
+// replaces the stale one on the initiator. When both sides start together
+// the initiator's dial and ours race: the initiator keeps the session it
+// dialed and refuses ours as a duplicate (same boot id), and we switch to
+// its session when it arrives (see drive), so both settle on one.
 func (p *Peer) knock() *Session {
 	select {
 	case s := <-p.incoming:
 		return s
-	case <-time.After(knockDelay):
-	case <-p.ctx.Done():
-		return nil
+	default:
 	}
 	if !p.cfg.Addr.IsValid() {
 		return nil
 	}
+	p.log.Debug("responder has no session with the initiator; dialing it now")
 	dctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
 	defer cancel()
 	s, err := p.e.dial(dctx, p.cfg.Addr, p.cfg.Key)
@@ -547,7 +545,17 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 		case err := <-serveErr:
 			serveErr <- err // runSession waits for it too
 			return err
-		case *next = <-p.incoming:
+		case n := <-p.incoming:
+			if p.role == kdf.Initiator && n.PeerBootID() == s.PeerBootID() {
+				// The responder dialed while our own dial was under way
+				// (both started together): keep ours, which the
+				// responder switches to. A restarted responder has a new
+				// boot id and replaces the stale session below.
+				p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
+				n.Close(errDuplicate)
+				continue
+			}
+			*next = n
 			return errReplaced
 		case <-p.ctx.Done():
 			return p.ctx.Err()

@@ -39,6 +39,7 @@ const (
 // or when it is closed; its master keys are wiped then.
 type Session struct {
 	conn    *quic.Conn
+	dialed  bool // this side dialed the connection
 	peer    identity.PublicKey
 	role    kdf.Role
 	hello   wire.Hello // the peer's
@@ -84,6 +85,10 @@ func (r *spiRecord) use(ours, peers kdf.SPI) error {
 // Context ends when the session is over; context.Cause says why.
 func (s *Session) Context() context.Context { return s.ctx }
 
+// Dialed reports whether this side dialed the session (rather than
+// accepted it).
+func (s *Session) Dialed() bool { return s.dialed }
+
 // Peer is the authenticated peer key.
 func (s *Session) Peer() identity.PublicKey { return s.peer }
 
@@ -105,7 +110,7 @@ func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
 func (s *Session) Close(cause error) {
 	code, msg := closeNormal, "closed"
 	switch {
-	case errors.Is(cause, errReplaced):
+	case errors.Is(cause, errReplaced), errors.Is(cause, errDuplicate):
 		code, msg = closeReplaced, cause.Error()
 	case errors.Is(cause, errGoodbye):
 		msg = cause.Error()
@@ -137,7 +142,10 @@ func (s *Session) Close(cause error) {
 
 const errorLinger = 250 * time.Millisecond
 
-var errReplaced = errors.New("replaced by a newer session")
+var (
+	errReplaced  = errors.New("replaced by a newer session")
+	errDuplicate = errors.New("duplicate session: the initiator keeps the one it dialed")
+)
 
 // errGoodbye is the cause of a session the peer ended on purpose.
 var errGoodbye = errors.New("peer said goodbye")
@@ -235,7 +243,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	}
 	sctx, cancel := context.WithCancelCause(conn.Context())
 	s = &Session{
-		conn: conn, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
+		conn: conn, dialed: dialer, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
 		log: e.log.With("peer", peer.Fingerprint(), "role", role.String()),
 		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, lastGen: map[wire.AssocID]uint32{},
 	}
