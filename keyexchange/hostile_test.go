@@ -150,26 +150,6 @@ func (h *hostile) accept() (*quic.Stream, wire.SAOffer) {
 	return str, o
 }
 
-// ack answers an offer with rx as the hostile side's receive SPI and
-// returns the victim's confirm, or the error it answered with.
-func (h *hostile) ack(str *quic.Stream, o wire.SAOffer, rx kdf.SPI) error {
-	h.t.Helper()
-	defer str.Close()
-	a := wire.SAAck(o)
-	a.RxSPI = rx
-	if err := wire.WriteMessage(str, a); err != nil {
-		return err
-	}
-	m, err := wire.ReadMessage(str)
-	if err != nil {
-		return err
-	}
-	if _, ok := m.(wire.SAConfirm); !ok {
-		return remoteErr(m, "SAConfirm")
-	}
-	return nil
-}
-
 func (h *hostile) send(m wire.Message) error {
 	return h.s.send(ctxT(h.t, 5*time.Second), m)
 }

@@ -48,12 +48,11 @@ type Session struct {
 	ctx     context.Context
 	cancel  context.CancelCauseFunc
 
-	mu       sync.Mutex
-	mk       *kdf.MasterKeys // nil after close
-	alloc    *kdf.Allocator
-	lastGen  map[wire.AssocID]uint32 // responder: generations seen this session
-	genFloor uint32                  // responder: highest generation still installed at attach
-	used     spiRecord               // every SPI this session derived a key for
+	mu      sync.Mutex
+	mk      *kdf.MasterKeys // nil after close
+	alloc   *kdf.Allocator
+	lastGen map[wire.AssocID]uint32 // responder: generations seen this session
+	used    spiRecord               // every SPI this session derived a key for
 }
 
 // spiRecord is the record of every SPI a session derived a key for, by the
