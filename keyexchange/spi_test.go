@@ -31,6 +31,7 @@ func TestRxSPIsUniqueAcrossPeers(t *testing.T) {
 				hubID, others = ids[2], ids[:2]
 			}
 			hub := newNode(t, hubID, nil)
+			hub.inst.hostWide = true
 			var hubPeers []*Peer
 			for _, id := range others {
 				n := newNode(t, id, nil)

@@ -1,7 +1,9 @@
 // Package kdf is the PSP key schedule: the SP 800-108 counter-mode KDF with
 // AES-256-CMAC as PRF that turns a 32-byte master key and an SPI into a
-// per-association AES-GCM key, the SPI bit layout pspd uses for derived-key
-// associations, and an allocator for those SPIs.
+// per-association AES-GCM key, the same KDF's separate salt output for
+// backends whose AES-GCM nonce has an implicit salt (ESP, RFC 4106; see
+// DeriveSalt), the SPI bit layout pspd uses for derived-key associations,
+// and an allocator for those SPIs.
 //
 // The derivation matches the PSP architecture specification bit for bit
 // (see psp.md §3.4 in the project's shared reference); the tests hold the
