@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"slices"
 
@@ -23,11 +22,10 @@ func probe(ctx context.Context, pc *policy.Config) offload.Report {
 	})
 }
 
-// setupBackends probes what this host can run and starts the backends the
-// configuration may use, and the PSP manager when the host has kernel PSP.
-// On error nothing is left running.
-func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ offload.Report, _ map[wire.Backend]offload.Backend, _ *psp.Manager, err error) {
-	report := probe(ctx, pc)
+// setupBackends starts the backends the configuration may use, of those
+// the probe report says this host can run, and the PSP manager when the
+// host has kernel PSP. On error nothing is left running.
+func setupBackends(ctx context.Context, pc *policy.Config, report offload.Report, log *slog.Logger) (_ map[wire.Backend]offload.Backend, _ *psp.Manager, err error) {
 	// Only the backends some peer may use are started (a userspace data
 	// plane nobody uses would still hold a TUN device and a port). With
 	// auto that is every one this host can run, because the peer's offer
@@ -60,13 +58,13 @@ func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ 
 		case b == wire.BackendXFRM:
 			xb, err := xfrmbackend.New(ctx, xfrmbackend.Config{Policy: pc, Logger: log.With("part", "xfrm")})
 			if err != nil {
-				return nil, nil, nil, fmt.Errorf("pspd: %w", err)
+				return nil, nil, err
 			}
 			backends[b] = xb
 		case b == wire.BackendUserspace:
 			ub, err := userspacebackend.New(ctx, pc, log)
 			if err != nil {
-				return nil, nil, nil, fmt.Errorf("pspd: %w", err)
+				return nil, nil, err
 			}
 			backends[b] = ub
 		}
@@ -74,8 +72,8 @@ func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ 
 	var pm *psp.Manager
 	if slices.Contains(report.Available(), wire.BackendPSP) {
 		if pm, err = psp.New(ctx, psp.Config{Suite: pc.Suite, Rotation: pc.PSPRotation, Logger: log.With("part", "psp")}); err != nil {
-			return nil, nil, nil, fmt.Errorf("pspd: %w", err)
+			return nil, nil, err
 		}
 	}
-	return report, backends, pm, nil
+	return backends, pm, nil
 }

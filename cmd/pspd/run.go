@@ -15,7 +15,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/pspd/pspd/internal/daemon"
-	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/policy"
 )
@@ -75,7 +74,11 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 		return err
 	}
 	defer ln.Close()
-	report, backends, pm, err := setupBackends(ctx, pc, log)
+	_, report, err := preflight(ctx, pc)
+	if err != nil {
+		return err
+	}
+	backends, pm, err := setupBackends(ctx, pc, report, log)
 	if err != nil {
 		return err
 	}
@@ -117,35 +120,41 @@ func newCheckCmd() *cobra.Command {
 	var cfgPath string
 	cmd := &cobra.Command{
 		Use:   "check --config FILE",
-		Short: "validate a configuration file and the identity it names, then exit",
-		Args:  cobra.NoArgs,
+		Short: "validate a configuration and probe this host as run would, then exit",
+		Long: `check loads the configuration and its identity, probes the backends and
+refuses, with a non-zero exit status, every configuration that run would refuse
+before it opens a socket: a backend this host cannot run, a userspace.interface
+naming a device that is not a TUN device, a peer pinned to this host's own key.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			pc, err := policy.Load(cfgPath)
 			if err != nil {
 				return err
 			}
-			id, err := identity.Load(pc.Identity)
-			if err != nil {
-				return fmt.Errorf("%s: identity: %w", cfgPath, err)
-			}
-			for i, p := range pc.Peers {
-				if p.PublicKey == id.Public() {
-					return fmt.Errorf("%s: peers[%d].public_key: is this host's own key", cfgPath, i)
-				}
-			}
-			var names []string
-			for _, p := range pc.Peers {
-				names = append(names, p.Name)
-			}
+			id, report, err := preflight(cmd.Context(), pc)
 			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "%s: ok (identity %s, %d peers: %s)\n", cfgPath, id.Public().Fingerprint(), len(pc.Peers), strings.Join(names, ", "))
-			for _, a := range probe(cmd.Context(), pc) {
+			for _, a := range report {
 				if a.Available {
 					fmt.Fprintf(out, "backend %s: available\n", a.Backend)
 				} else {
 					fmt.Fprintf(out, "backend %s: not available: %s\n", a.Backend, a.Reason)
 				}
 			}
+			if err != nil {
+				return err
+			}
+			var names []string
+			for _, p := range pc.Peers {
+				names = append(names, p.Name)
+			}
+			peers := fmt.Sprintf("%d peers", len(names))
+			if len(names) == 1 {
+				peers = "1 peer"
+			}
+			if len(names) > 0 {
+				peers += ": " + strings.Join(names, ", ")
+			}
+			fmt.Fprintf(out, "%s: ok (identity %s, %s)\n", cfgPath, id.Public().Fingerprint(), peers)
 			return nil
 		},
 	}
