@@ -94,10 +94,10 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	pc := cfg.Policy
 	id, err := identity.Load(pc.Identity)
 	if err != nil {
-		return nil, fmt.Errorf("pspd: %w", err)
+		return nil, err
 	}
 	if len(cfg.Backends) == 0 {
-		return nil, fmt.Errorf("pspd: no data plane can run on this host: %s", cfg.Report.Missing())
+		return nil, fmt.Errorf("no data plane can run on this host: %s", cfg.Report.Missing())
 	}
 	var boot [8]byte
 	rand.Read(boot[:])
@@ -135,7 +135,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	}
 	d.ep, err = keyexchange.NewEndpoint(dctx, kc)
 	if err != nil {
-		return nil, fmt.Errorf("pspd: %w", err)
+		return nil, err
 	}
 	for _, p := range pc.Peers {
 		if err := d.addPeer(p); err != nil {
@@ -178,7 +178,7 @@ func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]wire.Backe
 func (d *Daemon) addPeer(pc policy.Peer) error {
 	cs, err := d.candidates(pc, d.cfg.Backend)
 	if err != nil {
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	ctx, stop := context.WithCancel(d.ctx)
 	p := &peer{cfg: pc, backend: cs[0], stop: stop, created: map[uint32]time.Time{}, on: map[wire.Backend]int{}}
@@ -187,7 +187,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 	// one the key exchange settles on gets it with the first SA.
 	if err := d.attach(p, cs[0]); err != nil {
 		stop()
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	d.kmu.Lock()
 	d.byKey[pc.PublicKey] = p
@@ -199,7 +199,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 	if err != nil {
 		d.forget(p)
 		stop()
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	d.peers[pc.Name] = p
 	d.wg.Add(1)
@@ -309,7 +309,7 @@ func (d *Daemon) Reload(next *policy.Config) error {
 	// Check every added or changed peer can be served before touching any.
 	for _, p := range slices.Concat(diff.Added, diff.Changed) {
 		if _, err := d.candidates(p, next.Backend); err != nil {
-			return fmt.Errorf("pspd: reload refused, nothing applied: peer %s: %w", p.Name, err)
+			return fmt.Errorf("reload refused, nothing applied: peer %s: %w", p.Name, err)
 		}
 	}
 	for _, p := range slices.Concat(diff.Removed, diff.Changed) {
@@ -338,7 +338,7 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 	if addr != "" {
 		mln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return fmt.Errorf("pspd: metrics listener %s: %w (set metrics: off to disable)", addr, err)
+			return fmt.Errorf("metrics listener %s: %w (set metrics: off to disable)", addr, err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics, promhttp.HandlerOpts{}))
