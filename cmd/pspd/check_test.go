@@ -146,3 +146,33 @@ func TestCheckRefusesNonTUNInterface(t *testing.T) {
 		t.Errorf("check with a free name: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 }
+
+// TestMissingAPIGroupWarns: without the read group the API socket is
+// root-only; run says so at WARN with the fix instead of staying silent.
+func TestMissingAPIGroupWarns(t *testing.T) {
+	dir := t.TempDir()
+	peer, err := run(t, "genkey", "--identity", filepath.Join(dir, "peer.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No identity file: run stops at the preflight, after the socket.
+	cfg := filepath.Join(dir, "pspd.yaml")
+	body := fmt.Sprintf("identity: %s\nsocket: %s\nmetrics: \"off\"\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: %s\n",
+		filepath.Join(dir, "missing.pem"), filepath.Join(dir, "pspd.sock"), strings.TrimSpace(peer))
+	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, stderr, code := pspdExec(t, -1, "run", "--config", cfg, "--log-format", "text", "--api-group", "pspd-test-no-such-group")
+	if code != 1 || !strings.Contains(stderr, "pspd genkey --identity") {
+		t.Fatalf("exit %d, stderr %q; want 1 and the genkey hint", code, stderr)
+	}
+	var warn string
+	for _, l := range strings.Split(stderr, "\n") {
+		if strings.Contains(l, "level=WARN") && strings.Contains(l, "pspd-test-no-such-group") {
+			warn = l
+		}
+	}
+	if !strings.Contains(warn, "root-only") || !strings.Contains(warn, "sysusers") || !strings.Contains(warn, "groupadd --system pspd-test-no-such-group") {
+		t.Errorf("no WARN naming the group, the effect and the fix in %q", stderr)
+	}
+}

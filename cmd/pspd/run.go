@@ -69,7 +69,13 @@ func newRunCmd() *cobra.Command {
 func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, log *slog.Logger) error {
 	// Take the API socket first: a second pspd must fail before it touches
 	// any kernel state the first one owns.
-	ln, err := localapi.Listen(pc.Socket, localapi.NewAuthorizer(group))
+	auth := localapi.NewAuthorizer(group)
+	if !auth.HasGroup {
+		log.Warn("the local API's read group does not exist, so the API socket is root-only",
+			"group", group, "socket", pc.Socket,
+			"fix", "create the group (systemd-sysusers does, with the pspd package's sysusers.d entry; or groupadd --system "+group+") and restart pspd")
+	}
+	ln, err := localapi.Listen(pc.Socket, auth)
 	if err != nil {
 		return err
 	}
