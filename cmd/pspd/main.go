@@ -33,6 +33,6 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetVersionTemplate(versionText())
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey(), newRunCmd(), newCheckCmd(), newVersionCmd(), mancmd.Command("8"))
+	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey(), newRunCmd(), newCheckCmd(), newReloadCmd(), newVersionCmd(), mancmd.Command("8"))
 	return root
 }

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -100,22 +101,47 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 	}
 	defer d.Close()
 
+	// SIGHUP is caught before the state file tells pspd reload where to
+	// send it, and the file before systemd hears READY=1.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	state := reloadStatePath(pc.Socket)
+	if err := writeReloadState(state, reloadState{PID: os.Getpid(), OK: true, Time: time.Now()}); err != nil {
+		return err
+	}
+	defer os.Remove(state)
+	sd := newNotifier()
+	if err := sd.notify("READY=1", "STATUS=running; local API on "+pc.Socket); err != nil {
+		log.Warn("cannot tell systemd that pspd is ready", "err", err)
+	}
+	defer sd.notify("STOPPING=1")
 	go func() {
+		var seq uint64
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-hup:
-				next, err := policy.Load(cfgPath)
-				if err == nil {
-					err = d.Reload(next)
-				}
-				if err != nil {
-					log.Error("reload refused; the running configuration is unchanged", "err", err)
-				}
+			}
+			if err := sd.reloading(); err != nil {
+				log.Warn("cannot tell systemd about the reload", "err", err)
+			}
+			next, err := policy.Load(cfgPath)
+			if err == nil {
+				err = d.Reload(next)
+			}
+			seq++
+			st, status := reloadState{PID: os.Getpid(), Seq: seq, OK: err == nil, Time: time.Now()}, "STATUS=running; configuration reloaded"
+			if err != nil {
+				log.Error("reload refused; the running configuration is unchanged", "err", err)
+				st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
+			}
+			if err := writeReloadState(state, st); err != nil {
+				log.Error("cannot record the reload's result for pspd reload", "err", err)
+			}
+			if err := sd.notify("READY=1", status); err != nil {
+				log.Warn("cannot tell systemd about the reload", "err", err)
 			}
 		}
 	}()
