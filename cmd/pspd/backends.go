@@ -15,6 +15,6 @@ import (
 func probe(ctx context.Context, pc *policy.Config) offload.Report { return daemon.Probe(ctx, pc) }
 
 // setupBackends starts the backends pc may use; see daemon.StartBackends.
-func setupBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (offload.Report, map[assoc.Backend]offload.Backend, *psp.Manager, error) {
-	return daemon.StartBackends(ctx, pc, log)
+func setupBackends(ctx context.Context, pc *policy.Config, report offload.Report, log *slog.Logger) (map[assoc.Backend]offload.Backend, *psp.Manager, error) {
+	return daemon.StartBackends(ctx, pc, report, log)
 }

@@ -1,5 +1,5 @@
-// Command pspd is the pspd daemon (run, check) and its key tools (genkey,
-// pubkey).
+// Command pspd is the pspd daemon (run, check), its key tools (genkey,
+// pubkey) and version.
 package main
 
 import (
@@ -9,7 +9,9 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/pspd/pspd/internal/daemon"
 	"github.com/pspd/pspd/internal/identitycmd"
+	"github.com/pspd/pspd/internal/mancmd"
 )
 
 func main() {
@@ -25,9 +27,12 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 		Short:         "authenticated key exchange and PSP/XFRM/userspace encryption between pinned peers",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       daemon.Version,
 	}
+	// Not a template: the text has no actions, and one function prints it.
+	root.SetVersionTemplate(versionText())
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey(), newRunCmd(), newCheckCmd())
+	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey(), newRunCmd(), newCheckCmd(), newReloadCmd(), newVersionCmd(), mancmd.Command("8"))
 	return root
 }

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -69,12 +70,22 @@ func newRunCmd() *cobra.Command {
 func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, log *slog.Logger) error {
 	// Take the API socket first: a second pspd must fail before it touches
 	// any kernel state the first one owns.
-	ln, err := localapi.Listen(pc.Socket, localapi.NewAuthorizer(group))
+	auth := localapi.NewAuthorizer(group)
+	if !auth.HasGroup {
+		log.Warn("the local API's read group does not exist, so the API socket is root-only",
+			"group", group, "socket", pc.Socket,
+			"fix", "create the group (systemd-sysusers does, with the pspd package's sysusers.d entry; or groupadd --system "+group+") and restart pspd")
+	}
+	ln, err := localapi.Listen(pc.Socket, auth)
 	if err != nil {
 		return err
 	}
 	defer ln.Close()
-	report, backends, pm, err := setupBackends(ctx, pc, log)
+	_, report, err := preflight(ctx, pc)
+	if err != nil {
+		return err
+	}
+	backends, pm, err := setupBackends(ctx, pc, report, log)
 	if err != nil {
 		return err
 	}
@@ -90,22 +101,47 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 	}
 	defer d.Close()
 
+	// SIGHUP is caught before the state file tells pspd reload where to
+	// send it, and the file before systemd hears READY=1.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	state := reloadStatePath(pc.Socket)
+	if err := writeReloadState(state, reloadState{PID: os.Getpid(), OK: true, Time: time.Now()}); err != nil {
+		return err
+	}
+	defer os.Remove(state)
+	sd := newNotifier()
+	if err := sd.notify("READY=1", "STATUS=running; local API on "+pc.Socket); err != nil {
+		log.Warn("cannot tell systemd that pspd is ready", "err", err)
+	}
+	defer sd.notify("STOPPING=1")
 	go func() {
+		var seq uint64
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-hup:
-				next, err := policy.Load(cfgPath)
-				if err == nil {
-					err = d.Reload(next)
-				}
-				if err != nil {
-					log.Error("reload failed", "err", err)
-				}
+			}
+			if err := sd.reloading(); err != nil {
+				log.Warn("cannot tell systemd about the reload", "err", err)
+			}
+			next, err := policy.Load(cfgPath)
+			if err == nil {
+				err = d.Reload(next)
+			}
+			seq++
+			st, status := reloadState{PID: os.Getpid(), Seq: seq, OK: err == nil, Time: time.Now()}, "STATUS=running; configuration reloaded"
+			if err != nil {
+				log.Error("reload failed", "err", err)
+				st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
+			}
+			if err := writeReloadState(state, st); err != nil {
+				log.Error("cannot record the reload's result for pspd reload", "err", err)
+			}
+			if err := sd.notify("READY=1", status); err != nil {
+				log.Warn("cannot tell systemd about the reload", "err", err)
 			}
 		}
 	}()
@@ -116,14 +152,26 @@ func newCheckCmd() *cobra.Command {
 	var cfgPath string
 	cmd := &cobra.Command{
 		Use:   "check --config FILE",
-		Short: "validate a configuration file and the identity it names, then exit",
-		Args:  cobra.NoArgs,
+		Short: "validate a configuration and probe this host as run would, then exit",
+		Long: `check loads the configuration and its identity, probes the backends and
+refuses, with a non-zero exit status, every configuration that run would refuse
+before it opens a socket: a backend this host cannot run, a userspace.interface
+naming a device that is not a TUN device, a peer pinned to this host's own key.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			pc, err := policy.Load(cfgPath)
 			if err != nil {
 				return err
 			}
-			id, err := pc.LoadIdentity()
+			id, report, err := preflight(cmd.Context(), pc)
+			out := cmd.OutOrStdout()
+			for _, a := range report {
+				if a.Available {
+					fmt.Fprintf(out, "backend %s: available\n", a.Backend)
+				} else {
+					fmt.Fprintf(out, "backend %s: not available: %s\n", a.Backend, a.Reason)
+				}
+			}
 			if err != nil {
 				return err
 			}
@@ -131,22 +179,14 @@ func newCheckCmd() *cobra.Command {
 			for _, p := range pc.Peers {
 				names = append(names, p.Name)
 			}
-			out := cmd.OutOrStdout()
-			peers := fmt.Sprintf("%d peers: %s", len(pc.Peers), strings.Join(names, ", "))
-			switch len(pc.Peers) {
-			case 0:
-				peers = "no peers"
-			case 1:
-				peers = "1 peer: " + names[0]
+			peers := fmt.Sprintf("%d peers", len(names))
+			if len(names) == 1 {
+				peers = "1 peer"
+			}
+			if len(names) > 0 {
+				peers += ": " + strings.Join(names, ", ")
 			}
 			fmt.Fprintf(out, "%s: ok (identity %s, %s)\n", cfgPath, id.Public().Fingerprint(), peers)
-			for _, a := range probe(cmd.Context(), pc) {
-				if a.Available {
-					fmt.Fprintf(out, "backend %s: available\n", a.Backend)
-				} else {
-					fmt.Fprintf(out, "backend %s: not available: %s\n", a.Backend, a.Reason)
-				}
-			}
 			return nil
 		},
 	}

@@ -39,11 +39,10 @@ func Probe(ctx context.Context, pc *policy.Config) offload.Report {
 	})
 }
 
-// StartBackends probes what this host can run and starts the backends the
-// configuration may use, and the PSP manager when the host has kernel PSP.
-// On error nothing is left running.
-func StartBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ offload.Report, _ map[assoc.Backend]offload.Backend, _ *psp.Manager, err error) {
-	report := Probe(ctx, pc)
+// StartBackends starts the backends the configuration may use, of those
+// the probe report says this host can run, and the PSP manager when the
+// host has kernel PSP. On error nothing is left running.
+func StartBackends(ctx context.Context, pc *policy.Config, report offload.Report, log *slog.Logger) (_ map[assoc.Backend]offload.Backend, _ *psp.Manager, err error) {
 	// Only the backends some peer may use are started (a userspace data
 	// plane nobody uses would still hold a TUN device and a port). With
 	// auto that is every one this host can run, because the peer's offer
@@ -77,11 +76,11 @@ func StartBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ 
 		case b == assoc.BackendXFRM:
 			mode, err := xfrm.ParseOffloadMode(string(pc.Offload))
 			if err != nil {
-				return nil, nil, nil, fmt.Errorf("offload: %w", err)
+				return nil, nil, fmt.Errorf("offload: %w", err)
 			}
 			xb, err := xfrmbackend.New(ctx, xfrmbackend.Config{Offload: mode, Logger: log.With("part", "xfrm"), Peers: specs(pc, b)})
 			if err != nil {
-				return nil, nil, nil, err
+				return nil, nil, err
 			}
 			backends[b] = xb
 		case b == assoc.BackendUserspace:
@@ -95,7 +94,7 @@ func StartBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ 
 				Framing: fr, IO: userspacebackend.IO(us.IO), Logger: log, Peers: specs(pc, b),
 			})
 			if err != nil {
-				return nil, nil, nil, err
+				return nil, nil, err
 			}
 			backends[b] = ub
 		}
@@ -103,8 +102,8 @@ func StartBackends(ctx context.Context, pc *policy.Config, log *slog.Logger) (_ 
 	var pm *psp.Manager
 	if slices.Contains(report.Available(), assoc.BackendPSP) {
 		if pm, err = psp.New(ctx, psp.Config{Suite: pc.Suite, Rotation: pc.PSPRotation, Logger: log.With("part", "psp")}); err != nil {
-			return nil, nil, nil, err
+			return nil, nil, err
 		}
 	}
-	return report, backends, pm, nil
+	return backends, pm, nil
 }

@@ -89,12 +89,12 @@ type peer struct {
 // left running when it returns an error.
 func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	pc := cfg.Policy
-	id, err := identity.Load(pc.Identity)
+	id, err := pc.LoadIdentity()
 	if err != nil {
-		return nil, fmt.Errorf("pspd: %w", err)
+		return nil, err
 	}
 	if len(cfg.Backends) == 0 {
-		return nil, fmt.Errorf("pspd: no data plane can run on this host: %s", cfg.Report.Missing())
+		return nil, fmt.Errorf("no data plane can run on this host: %s", cfg.Report.Missing())
 	}
 	dctx, cancel := context.WithCancel(ctx)
 	// dd survives the "return nil, err" below for the deferred cleanup.
@@ -132,7 +132,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	}
 	d.ep, err = keyexchange.NewEndpoint(dctx, kc)
 	if err != nil {
-		return nil, fmt.Errorf("pspd: %w", err)
+		return nil, err
 	}
 	for _, p := range pc.Peers {
 		if err := d.addPeer(p); err != nil {
@@ -172,21 +172,21 @@ func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]assoc.Back
 func (d *Daemon) addPeer(pc policy.Peer) error {
 	cs, err := d.candidates(pc, d.cfg.Backend)
 	if err != nil {
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	p := &peer{cfg: pc, backend: cs[0], created: map[uint32]time.Time{}, on: map[assoc.Backend]int{}}
 	// The best backend gets the peer now, so that with
 	// require_encryption its traffic is held back from the start; the
 	// one the key exchange settles on gets it with the first SA.
 	if err := d.attach(d.ctx, p, cs[0]); err != nil {
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	d.kmu.Lock()
 	d.byKey[pc.PublicKey] = p
 	d.kmu.Unlock()
 	if err := d.startKX(p, cs); err != nil {
 		d.forget(d.ctx, p, true)
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	d.peers[pc.Name] = p
 	return nil
@@ -330,7 +330,7 @@ func (d *Daemon) Reload(next *policy.Config) error {
 		return err
 	}
 	refuse := func(p policy.Peer, err error) error {
-		return fmt.Errorf("pspd: reload %s refused, nothing applied: peer %s: %w", next.File, p.Name, err)
+		return fmt.Errorf("reload %s refused, nothing applied: peer %s: %w", next.File, p.Name, err)
 	}
 	// Every peer of the new file is checked, not only those that changed:
 	// a new global backend or require_encryption concerns them all.
@@ -355,7 +355,7 @@ func (d *Daemon) Reload(next *policy.Config) error {
 				d.removePeer(name, true)
 			}
 			d.cfg = prev
-			return fmt.Errorf("pspd: reload %s failed, nothing applied: %w", next.File, err)
+			return fmt.Errorf("reload %s failed, nothing applied: %w", next.File, err)
 		}
 		added = append(added, p.Name)
 	}
@@ -376,7 +376,7 @@ func (d *Daemon) Reload(next *policy.Config) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		d.log.Error("reload applied in part", "file", next.File, "err", err)
-		return fmt.Errorf("pspd: reload %s applied in part: %w", next.File, err)
+		return fmt.Errorf("reload %s applied in part: %w", next.File, err)
 	}
 	d.log.Info("configuration reloaded", "added", len(diff.Added), "removed", len(diff.Removed), "changed", len(diff.Changed))
 	return nil
@@ -433,7 +433,7 @@ func restartOnly(cur, next *policy.Config) error {
 		{"psp_rotation_interval", cur.PSPRotation, next.PSPRotation},
 	} {
 		if f.a != f.b {
-			return fmt.Errorf("pspd: reload %s refused: %s changed from %v to %v, which needs a restart of pspd (the SAs in place were installed with it); nothing was applied", next.File, f.name, f.a, f.b)
+			return fmt.Errorf("reload %s refused: %s changed from %v to %v, which needs a restart of pspd (the SAs in place were installed with it); nothing was applied", next.File, f.name, f.a, f.b)
 		}
 	}
 	return nil
@@ -452,7 +452,7 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 	if addr != "" {
 		mln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return fmt.Errorf("pspd: metrics listener %s: %w (set metrics: off to disable)", addr, err)
+			return fmt.Errorf("metrics listener %s: %w (set metrics: off to disable)", addr, err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics, promhttp.HandlerOpts{}))

@@ -28,7 +28,7 @@ func (i installer) peer(sa *assoc.SA) (*peer, error) {
 	defer i.d.kmu.Unlock()
 	p := i.d.byKey[sa.Peer]
 	if p == nil {
-		return nil, fmt.Errorf("pspd: SA for a peer that is not configured (%s)", sa.Peer.Fingerprint())
+		return nil, fmt.Errorf("SA for a peer that is not configured (%s)", sa.Peer.Fingerprint())
 	}
 	return p, nil
 }
