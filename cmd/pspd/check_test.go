@@ -220,4 +220,20 @@ func TestCheckIdentityErrors(t *testing.T) {
 	if want := "(identity " + id.Public().Fingerprint() + ", 1 peer: b)"; !strings.Contains(out, want) {
 		t.Fatalf("check printed %q, want %q", out, want)
 	}
+
+// TestCheckRefusesAFXDPOnWildcard: io af_xdp with listen 0.0.0.0 cannot
+// work (the XDP program goes on the interface holding the listen
+// address); run refuses it, so check must.
+func TestCheckRefusesAFXDPOnWildcard(t *testing.T) {
+	cfg := writeConfig(t, "backend: userspace\nuserspace:\n  interface: pspdw0\n  io: af_xdp")
+	pc, err := policy.Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range probe(context.Background(), pc) {
+		if a.Backend == wire.BackendUserspace && !a.Available {
+			t.Skipf("no userspace data plane here (%s): run refuses earlier", a.Reason)
+		}
+	}
+	refusedByBoth(t, nstest.New(t, "pspdxdp"), cfg, "userspace.io af_xdp needs a specific listen address")
 }

@@ -55,6 +55,9 @@ func preflight(ctx context.Context, pc *policy.Config) (*identity.Identity, offl
 	}
 	if used[assoc.BackendUserspace] {
 		errs = append(errs, checkTUNName(pc))
+		if pc.Userspace.IO == policy.IOAFXDP && pc.Listen.Addr().IsUnspecified() {
+			errs = append(errs, fmt.Errorf("%s: userspace.io af_xdp needs a specific listen address (the XDP program goes on the interface that holds it), not %v; set listen to this host's address or userspace.io to auto", pc.File, pc.Listen.Addr()))
+		}
 	}
 	return id, report, errors.Join(errs...)
 }
