@@ -179,6 +179,14 @@ func (p parser) uint(n *yaml.Node, field string, lo, hi uint64) (uint64, error) 
 		return 0, p.fail(n, field, "expected an integer in %s, got %q", rng, n.Value)
 	}
 	s := strings.ReplaceAll(n.Value, "_", "")
+	if d := strings.TrimLeft(s, "+"); len(d) > 1 && d[0] == '0' && d[1] >= '0' && d[1] <= '9' {
+		// yaml.v3 reads 0100 as octal 64, YAML 1.2 as decimal 100.
+		digits := strings.TrimLeft(d, "0")
+		if digits == "" {
+			digits = "0"
+		}
+		return 0, p.fail(n, field, "%s has a leading zero, which YAML may read as octal; write %s or 0o%s", n.Value, digits, digits)
+	}
 	if strings.HasPrefix(s, "-") {
 		return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
 	}

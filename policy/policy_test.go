@@ -118,6 +118,8 @@ func TestParseRefuses(t *testing.T) {
 		{"short rekey", "identity: /k\nrekey_interval: 1s\n", "f.yaml:2: rekey_interval: 1s is outside"},
 		{"rotation below rekey", "identity: /k\nrekey_interval: 2h\npsp_rotation_interval: 1h\n", "f.yaml:3: psp_rotation_interval: 1h must be longer than rekey_interval 2h (line 2)"},
 		{"budget string", "identity: /k\npacket_budget: lots\n", "f.yaml:2: packet_budget: expected an integer"},
+		{"budget leading zero", "identity: /k\npacket_budget: 0100000\n", "f.yaml:2: packet_budget: 0100000 has a leading zero, which YAML may read as octal; write 100000 or 0o100000"},
+		{"port leading zero", "identity: /k\nuserspace: {port: 07000}\n", "f.yaml:2: userspace.port: 07000 has a leading zero"},
 		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is outside 1024..549755813888 (2^39)"},
 		{"bool", "identity: /k\nrequire_encryption: maybe\n", "f.yaml:2: require_encryption: expected true or false"},
 		{"relative socket", "identity: /k\nsocket: pspd.sock\n", "f.yaml:2: socket: \"pspd.sock\" must be an absolute path"},
