@@ -130,7 +130,7 @@ func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time
 	}
 	d, err := time.ParseDuration(s)
 	if err != nil {
-		if _, err := time.ParseDuration(strings.TrimLeft(s, "+-")); err != nil && strings.ContainsAny(s, "hmsuµn") && strings.TrimLeft(s, "+-0123456789.hmsuµn") == "" {
+		if durationSyntax.MatchString(s) {
 			// Well formed but beyond what a time.Duration holds.
 			return 0, p.fail(n, field, "%q is outside %s..%s", s, fmtDuration(lo), fmtDuration(hi))
 		}
@@ -141,6 +141,9 @@ func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time
 	}
 	return d, nil
 }
+
+// durationSyntax is what time.ParseDuration takes, whatever the size.
+var durationSyntax = regexp.MustCompile(`^[-+]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+$`)
 
 // fmtDuration is d as an operator writes it: 24h, not 24h0m0s.
 func fmtDuration(d time.Duration) string {

@@ -288,6 +288,8 @@ func TestNumericBounds(t *testing.T) {
 		{"budget expression", "identity: /k\npacket_budget: 2147483648 * 2\n", `f.yaml:2: packet_budget: expected an integer in 1024..549755813888 (2^39), got "2147483648 * 2"`},
 		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is outside 1024.."},
 		{"rekey huge", "identity: /k\nrekey_interval: 9999999999h\n", `f.yaml:2: rekey_interval: "9999999999h" is outside 10s..24h`},
+		{"rekey unit only", "identity: /k\nrekey_interval: h\n", `f.yaml:2: rekey_interval: "h" is not a duration in 10s..24h`},
+		{"rekey huge sum", "identity: /k\nrekey_interval: 2562047h1000000h\n", `f.yaml:2: rekey_interval: "2562047h1000000h" is outside 10s..24h`},
 		{"rekey negative", "identity: /k\nrekey_interval: -5m\n", "f.yaml:2: rekey_interval: -5m is outside 10s..24h"},
 		{"rekey bare number", "identity: /k\nrekey_interval: 600\n", `f.yaml:2: rekey_interval: "600" is not a duration in 10s..24h (like 90s, 10m or 24h)`},
 		{"rotation long", "identity: /k\npsp_rotation_interval: 721h\n", "f.yaml:2: psp_rotation_interval: 721h is outside 1m..720h"},
