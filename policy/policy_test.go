@@ -206,7 +206,7 @@ func TestReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Reload(cur, moved); err == nil || !strings.Contains(err.Error(), "identity changed") || !strings.Contains(err.Error(), "nothing was applied") {
+	if _, err := Reload(cur, moved); err == nil || !strings.Contains(err.Error(), "f:1: identity: changed") || !strings.Contains(err.Error(), "nothing was applied") {
 		t.Fatalf("identity change not refused whole: %v", err)
 	}
 }
@@ -438,5 +438,36 @@ func TestLoadIdentity(t *testing.T) {
 	want = "f.yaml:8: peers[1].public_key: is this host's own key (" + id.Public().Fingerprint() + ")"
 	if err == nil || !strings.HasPrefix(err.Error(), want) {
 		t.Fatalf("error %v, want one starting %q", err, want)
+	}
+}
+
+// A reload refused for a setting that needs a restart names the line of
+// that setting in the new file.
+func TestReloadRefusalLine(t *testing.T) {
+	cur, err := Parse("f.yaml", []byte("identity: /k\nmetrics: off\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := Parse("f.yaml", []byte("identity: /k\nmetrics: off\nsocket: /run/other.sock\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Reload(cur, next)
+	want := `f.yaml:3: socket: changed from "/run/pspd/pspd.sock" to "/run/other.sock", which needs a restart of pspd; reload refused, nothing was applied`
+	if err == nil || err.Error() != want {
+		t.Fatalf("error %v, want %q", err, want)
+	}
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Field != "socket" {
+		t.Fatalf("%#v is not a FieldError for socket", err)
+	}
+}
+
+func TestReloadRefusalToDefault(t *testing.T) {
+	cur, _ := Parse("f.yaml", []byte("identity: /k\nsocket: /run/other.sock\n"))
+	next, _ := Parse("f.yaml", []byte("identity: /k\n"))
+	_, err := Reload(cur, next)
+	if want := `f.yaml: socket: changed from "/run/other.sock" to "/run/pspd/pspd.sock"`; err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("error %v, want one starting %q (no line: the new file leaves socket out)", err, want)
 	}
 }
