@@ -130,7 +130,7 @@ func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time
 	}
 	d, err := time.ParseDuration(s)
 	if err != nil {
-		if _, err := time.ParseDuration(strings.TrimLeft(s, "+-")); err != nil && strings.ContainsAny(s, "hmsuµn") && strings.TrimLeft(s, "+-0123456789.hmsuµn") == "" {
+		if durationSyntax.MatchString(s) {
 			// Well formed but beyond what a time.Duration holds.
 			return 0, p.fail(n, field, "%q is outside %s..%s", s, fmtDuration(lo), fmtDuration(hi))
 		}
@@ -141,6 +141,9 @@ func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time
 	}
 	return d, nil
 }
+
+// durationSyntax is what time.ParseDuration takes, whatever the size.
+var durationSyntax = regexp.MustCompile(`^[-+]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+$`)
 
 // fmtDuration is d as an operator writes it: 24h, not 24h0m0s.
 func fmtDuration(d time.Duration) string {
@@ -179,6 +182,14 @@ func (p parser) uint(n *yaml.Node, field string, lo, hi uint64) (uint64, error) 
 		return 0, p.fail(n, field, "expected an integer in %s, got %q", rng, n.Value)
 	}
 	s := strings.ReplaceAll(n.Value, "_", "")
+	if d := strings.TrimLeft(s, "+"); len(d) > 1 && d[0] == '0' && d[1] >= '0' && d[1] <= '9' {
+		// yaml.v3 reads 0100 as octal 64, YAML 1.2 as decimal 100.
+		digits := strings.TrimLeft(d, "0")
+		if digits == "" {
+			digits = "0"
+		}
+		return 0, p.fail(n, field, "%s has a leading zero, which YAML may read as octal; write %s or 0o%s", n.Value, digits, digits)
+	}
 	if strings.HasPrefix(s, "-") {
 		return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
 	}

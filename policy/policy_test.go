@@ -118,6 +118,8 @@ func TestParseRefuses(t *testing.T) {
 		{"short rekey", "identity: /k\nrekey_interval: 1s\n", "f.yaml:2: rekey_interval: 1s is outside"},
 		{"rotation below rekey", "identity: /k\nrekey_interval: 2h\npsp_rotation_interval: 1h\n", "f.yaml:3: psp_rotation_interval: 1h must be longer than rekey_interval 2h (line 2)"},
 		{"budget string", "identity: /k\npacket_budget: lots\n", "f.yaml:2: packet_budget: expected an integer"},
+		{"budget leading zero", "identity: /k\npacket_budget: 0100000\n", "f.yaml:2: packet_budget: 0100000 has a leading zero, which YAML may read as octal; write 100000 or 0o100000"},
+		{"port leading zero", "identity: /k\nuserspace: {port: 07000}\n", "f.yaml:2: userspace.port: 07000 has a leading zero"},
 		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is outside 1024..549755813888 (2^39)"},
 		{"bool", "identity: /k\nrequire_encryption: maybe\n", "f.yaml:2: require_encryption: expected true or false"},
 		{"relative socket", "identity: /k\nsocket: pspd.sock\n", "f.yaml:2: socket: \"pspd.sock\" must be an absolute path"},
@@ -204,7 +206,7 @@ func TestReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Reload(cur, moved); err == nil || !strings.Contains(err.Error(), "identity changed") || !strings.Contains(err.Error(), "nothing was applied") {
+	if _, err := Reload(cur, moved); err == nil || !strings.Contains(err.Error(), "f:1: identity: changed") || !strings.Contains(err.Error(), "nothing was applied") {
 		t.Fatalf("identity change not refused whole: %v", err)
 	}
 }
@@ -286,6 +288,8 @@ func TestNumericBounds(t *testing.T) {
 		{"budget expression", "identity: /k\npacket_budget: 2147483648 * 2\n", `f.yaml:2: packet_budget: expected an integer in 1024..549755813888 (2^39), got "2147483648 * 2"`},
 		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is outside 1024.."},
 		{"rekey huge", "identity: /k\nrekey_interval: 9999999999h\n", `f.yaml:2: rekey_interval: "9999999999h" is outside 10s..24h`},
+		{"rekey unit only", "identity: /k\nrekey_interval: h\n", `f.yaml:2: rekey_interval: "h" is not a duration in 10s..24h`},
+		{"rekey huge sum", "identity: /k\nrekey_interval: 2562047h1000000h\n", `f.yaml:2: rekey_interval: "2562047h1000000h" is outside 10s..24h`},
 		{"rekey negative", "identity: /k\nrekey_interval: -5m\n", "f.yaml:2: rekey_interval: -5m is outside 10s..24h"},
 		{"rekey bare number", "identity: /k\nrekey_interval: 600\n", `f.yaml:2: rekey_interval: "600" is not a duration in 10s..24h (like 90s, 10m or 24h)`},
 		{"rotation long", "identity: /k\npsp_rotation_interval: 721h\n", "f.yaml:2: psp_rotation_interval: 721h is outside 1m..720h"},
@@ -434,5 +438,36 @@ func TestLoadIdentity(t *testing.T) {
 	want = "f.yaml:8: peers[1].public_key: is this host's own key (" + id.Public().Fingerprint() + ")"
 	if err == nil || !strings.HasPrefix(err.Error(), want) {
 		t.Fatalf("error %v, want one starting %q", err, want)
+	}
+}
+
+// A reload refused for a setting that needs a restart names the line of
+// that setting in the new file.
+func TestReloadRefusalLine(t *testing.T) {
+	cur, err := Parse("f.yaml", []byte("identity: /k\nmetrics: off\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := Parse("f.yaml", []byte("identity: /k\nmetrics: off\nsocket: /run/other.sock\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Reload(cur, next)
+	want := `f.yaml:3: socket: changed from "/run/pspd/pspd.sock" to "/run/other.sock", which needs a restart of pspd; reload refused, nothing was applied`
+	if err == nil || err.Error() != want {
+		t.Fatalf("error %v, want %q", err, want)
+	}
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Field != "socket" {
+		t.Fatalf("%#v is not a FieldError for socket", err)
+	}
+}
+
+func TestReloadRefusalToDefault(t *testing.T) {
+	cur, _ := Parse("f.yaml", []byte("identity: /k\nsocket: /run/other.sock\n"))
+	next, _ := Parse("f.yaml", []byte("identity: /k\n"))
+	_, err := Reload(cur, next)
+	if want := `f.yaml: socket: changed from "/run/other.sock" to "/run/pspd/pspd.sock"`; err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("error %v, want one starting %q (no line: the new file leaves socket out)", err, want)
 	}
 }
