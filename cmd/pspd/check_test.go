@@ -220,6 +220,7 @@ func TestCheckIdentityErrors(t *testing.T) {
 	if want := "(identity " + id.Public().Fingerprint() + ", 1 peer: b)"; !strings.Contains(out, want) {
 		t.Fatalf("check printed %q, want %q", out, want)
 	}
+}
 
 // TestCheckRefusesAFXDPOnWildcard: io af_xdp with listen 0.0.0.0 cannot
 // work (the XDP program goes on the interface holding the listen
