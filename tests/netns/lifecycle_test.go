@@ -235,3 +235,34 @@ func peerPrefixes(t *testing.T, ctx context.Context, d *Daemon) string {
 	}
 	return fmt.Sprint(ps[0]["prefixes"])
 }
+
+// TestCleanStopSeenByPeer: a daemon that stops cleanly says goodbye on
+// its session, so its peer shows it down at once instead of after the
+// 30 s idle timeout.
+func TestCleanStopSeenByPeer(t *testing.T) { perBackend(t, testCleanStop) }
+
+func testCleanStop(t *testing.T, backend string) {
+	ctx, p, _ := upPair(t, "pns-", backend, 2*time.Minute, nil)
+	stopped := time.Now()
+	p.B.Stop()
+	took := time.Since(stopped)
+	for {
+		ps, err := p.A.Ctl(ctx, "peer", "list", "--json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var peers []map[string]any
+		if err := json.Unmarshal([]byte(ps), &peers); err != nil || len(peers) != 1 {
+			t.Fatalf("peer list %q: %v", ps, err)
+		}
+		if peers[0]["state"] != "up" {
+			t.Logf("a shows b %v %v after b's SIGTERM (b took %v to exit)", peers[0]["state"], time.Since(stopped), took)
+			break
+		}
+		// Far below the idle timeout, with room for a loaded machine.
+		if time.Since(stopped) > 3*time.Second {
+			t.Fatalf("a still shows b up %v after b stopped cleanly\n%s", time.Since(stopped), p.A.Tail(20))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
