@@ -147,3 +147,30 @@ func TestNotifyReadyAndReload(t *testing.T) {
 		t.Errorf("state file after stop: %v", err)
 	}
 }
+
+// TestReloadRefusesStaleState: a state file left by a pspd that was
+// killed names a pid that may since belong to another process; pspd reload
+// must not send it SIGHUP when no pspd with that pid serves the socket.
+func TestReloadRefusesStaleState(t *testing.T) {
+	cfg := writeConfig(t, "")
+	sock := filepath.Join(filepath.Dir(cfg), "pspd.sock")
+	bystander := exec.Command("sleep", "30")
+	if err := bystander.Start(); err != nil {
+		t.Fatal(err)
+	}
+	died := make(chan error, 1)
+	go func() { died <- bystander.Wait() }()
+	defer bystander.Process.Kill()
+	if err := writeReloadState(reloadStatePath(sock), reloadState{PID: bystander.Process.Pid, OK: true, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code := pspdExec(t, -1, "reload", "--config", cfg, "--timeout", "1s")
+	if code != 1 || !strings.Contains(errOut, "no pspd is serving") {
+		t.Errorf("exit %d, stderr %q; want 1 and that no pspd serves the socket", code, errOut)
+	}
+	select {
+	case err := <-died:
+		t.Fatalf("pspd reload signalled the stale pid: the bystander died (%v)", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+}
