@@ -41,6 +41,19 @@ func newRunCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "run --config FILE",
 		Short: "run the daemon",
+		Long: `run loads the configuration, refuses it as pspd check would, takes the local
+API socket, starts the data planes the peers may use and keeps a key-exchange
+session with every peer until SIGINT or SIGTERM.
+
+SIGHUP reloads the configuration file; a refused reload is logged and leaves
+the running configuration as it was (pspd reload reports it). Under systemd
+(Type=notify) run reports READY=1 once the local API and control sockets are
+up, and RELOADING=1 / READY=1 around each reload.
+
+The local API socket (socket in the configuration) is readable by root and the
+members of --api-group; when that group does not exist run warns and the socket
+is root-only. Beside the socket, a state file records the last reload's result
+for pspd reload (the socket path with .reload appended).`,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if requireFIPS && !fips140.Enabled() {
