@@ -18,25 +18,42 @@ func reportLatency(b *testing.B, lat []time.Duration) {
 }
 
 // BenchmarkHandshake is a full pspd session setup on loopback: QUIC with
-// Retry, mutual TLS 1.3 with pinning, exporter and HKDF, Hello exchange.
+// Retry, mutual TLS 1.3 with pinning, exporter and HKDF, Hello exchange;
+// with the default hybrid post-quantum key exchange and with
+// ClassicKeyExchange, in one run so that the two compare.
 func BenchmarkHandshake(b *testing.B) {
-	a, c := orderedIdentities(b)
-	ini, resp := newNode(b, a, nil), newNode(b, c, nil)
-	if _, err := resp.ep.AddPeer(peerCfg(ini)); err != nil {
-		b.Fatal(err)
+	for _, tc := range []struct {
+		name    string
+		classic bool
+		want    tls.CurveID
+	}{
+		{"SecP256r1MLKEM768", false, tls.SecP256r1MLKEM768},
+		{"P256", true, tls.CurveP256},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			mod := func(c *Config) { c.ClassicKeyExchange = tc.classic }
+			a, c := orderedIdentities(b)
+			ini, resp := newNode(b, a, mod), newNode(b, c, mod)
+			if _, err := resp.ep.AddPeer(peerCfg(ini)); err != nil {
+				b.Fatal(err)
+			}
+			ctx := context.Background()
+			var lat []time.Duration
+			for b.Loop() {
+				t0 := time.Now()
+				s, err := ini.ep.dial(ctx, resp.ep.Addr(), resp.ep.Public())
+				if err != nil {
+					b.Fatal(err)
+				}
+				lat = append(lat, time.Since(t0))
+				if g := s.Group(); g != tc.want {
+					b.Fatalf("negotiated %s, want %s", g, tc.want)
+				}
+				s.Close(nil)
+			}
+			reportLatency(b, lat)
+		})
 	}
-	ctx := context.Background()
-	var lat []time.Duration
-	for b.Loop() {
-		t0 := time.Now()
-		s, err := ini.ep.dial(ctx, resp.ep.Addr(), resp.ep.Public())
-		if err != nil {
-			b.Fatal(err)
-		}
-		lat = append(lat, time.Since(t0))
-		s.Close(nil)
-	}
-	reportLatency(b, lat)
 }
 
 // BenchmarkHandshakeTLSOverTCP is the baseline for BenchmarkHandshake: a
@@ -60,7 +77,7 @@ func BenchmarkHandshakeTLSOverTCP(b *testing.B) {
 			return nil
 		}
 	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", tlsConfig(lc, pin(a.Public())))
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", tlsConfig(lc, pin(a.Public()), keyExchangeGroups(false, false)))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -78,7 +95,7 @@ func BenchmarkHandshakeTLSOverTCP(b *testing.B) {
 			}()
 		}
 	}()
-	conf := tlsConfig(la, pin(c.Public()))
+	conf := tlsConfig(la, pin(c.Public()), keyExchangeGroups(true, false))
 	var lat []time.Duration
 	for b.Loop() {
 		t0 := time.Now()

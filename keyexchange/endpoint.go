@@ -18,9 +18,12 @@
 // Security properties, and where they come from:
 //
 //   - Authentication is SPKI pinning in VerifyConnection and nothing else;
-//     certificates are self-signed per process. TLS 1.3 only, P-256, ALPN
+//     certificates are self-signed per process. TLS 1.3 only, ALPN
 //     "pspd/1", no session tickets; a resumed or 0-RTT session is refused
-//     after the handshake as well, so every session is a fresh ECDHE.
+//     after the handshake as well, so every session is a fresh key
+//     exchange. The key exchange is hybrid post-quantum by default
+//     (SecP256r1MLKEM768 preferred, X25519MLKEM768 accepted, P-256 as the
+//     fallback; Config.ClassicKeyExchange for P-256 only).
 //   - Each session exports a 32-byte root secret (label
 //     "EXPORTER-pspd-root-v1"), expands it with HKDF-SHA256 into the two
 //     PSP master keys and wipes it; the master keys are wiped when the
@@ -53,6 +56,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"sync"
@@ -101,6 +105,23 @@ type Config struct {
 	// whole 2^30 space); exhaustion ends the session and a new one with
 	// fresh master keys takes over.
 	MaxSAsPerSession uint32
+	// PeerNegotiationBurst and PeerNegotiationInterval bound the
+	// negotiations a peer can make this host run, since each costs key
+	// derivations and kernel installs: beyond a burst of
+	// PeerNegotiationBurst (8), one per PeerNegotiationInterval (1s). As
+	// responder, an SAOffer over the limit ends the session with a
+	// rate-limit error; as initiator, the peer's Rekey requests over the
+	// limit are coalesced and served when the limit allows. Rekeys this
+	// host starts (timer, Peer.Rekey) are not limited.
+	PeerNegotiationBurst    int
+	PeerNegotiationInterval time.Duration
+	// ClassicKeyExchange restricts the TLS key exchange to P-256 ECDHE,
+	// for peers that cannot do the hybrid post-quantum groups. By default
+	// an endpoint prefers SecP256r1MLKEM768, accepts X25519MLKEM768 and
+	// still accepts P-256, so a classic peer and a default one agree on
+	// P-256: the default protects only sessions with peers that can do
+	// better. Peer.Status and Session.Group say what a session used.
+	ClassicKeyExchange bool
 }
 
 func (c *Config) setDefaults() error {
@@ -130,6 +151,10 @@ func (c *Config) setDefaults() error {
 	def(&c.IdleTimeout, 30*time.Second)
 	def(&c.KeepAlive, 5*time.Second)
 	def(&c.NegotiationTimeout, 5*time.Second)
+	def(&c.PeerNegotiationInterval, time.Second)
+	if c.PeerNegotiationBurst <= 0 {
+		c.PeerNegotiationBurst = 8
+	}
 	return nil
 }
 
@@ -150,8 +175,11 @@ type Endpoint struct {
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*Peer
+	rxIDs rxIDSpace
 
 	handshakes, failures atomic.Uint64
+	groupsMu             sync.Mutex
+	groups               map[tls.CurveID]uint64
 }
 
 // Stats counts an Endpoint's handshakes.
@@ -161,11 +189,24 @@ type Stats struct {
 	Handshakes uint64
 	// HandshakeFailures are dials and sessions that failed before that.
 	HandshakeFailures uint64
+	// Groups counts the Handshakes by TLS key exchange group
+	// (tls.SecP256r1MLKEM768, tls.CurveP256, ...).
+	Groups map[tls.CurveID]uint64
 }
 
 // Stats reports the handshake counters.
 func (e *Endpoint) Stats() Stats {
-	return Stats{Handshakes: e.handshakes.Load(), HandshakeFailures: e.failures.Load()}
+	e.groupsMu.Lock()
+	groups := maps.Clone(e.groups)
+	e.groupsMu.Unlock()
+	return Stats{Handshakes: e.handshakes.Load(), HandshakeFailures: e.failures.Load(), Groups: groups}
+}
+
+func (e *Endpoint) countHandshake(g tls.CurveID) {
+	e.handshakes.Add(1)
+	e.groupsMu.Lock()
+	e.groups[g]++
+	e.groupsMu.Unlock()
 }
 
 // NewEndpoint binds the control socket and starts accepting sessions from
@@ -174,7 +215,7 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	e := &Endpoint{cfg: cfg, id: cfg.Identity, peers: map[identity.PublicKey]*Peer{}}
+	e := &Endpoint{cfg: cfg, id: cfg.Identity, peers: map[identity.PublicKey]*Peer{}, groups: map[tls.CurveID]uint64{}}
 	if _, err := rand.Read(e.boot[:]); err != nil {
 		return nil, fmt.Errorf("keyexchange: boot id: %w", err)
 	}
@@ -228,7 +269,7 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 		Allow0RTT:             false,
 		MaxIncomingUniStreams: -1,
 	}
-	e.ln, err = e.tr.Listen(tlsConfig(e.leaf, e.allowInbound), e.qconf)
+	e.ln, err = e.tr.Listen(tlsConfig(e.leaf, e.allowInbound, keyExchangeGroups(false, cfg.ClassicKeyExchange)), e.qconf)
 	if err != nil {
 		e.tr.Close()
 		return nil, fmt.Errorf("keyexchange: listen: %w", err)
@@ -248,7 +289,8 @@ func (e *Endpoint) Public() identity.PublicKey { return e.id.Public() }
 // BootID identifies this endpoint instance.
 func (e *Endpoint) BootID() wire.BootID { return e.boot }
 
-// Close stops every peer (removing their SAs) and closes the socket.
+// Close stops every peer (removing their SAs, telling each peer goodbye)
+// and closes the socket.
 func (e *Endpoint) Close() error {
 	e.mu.Lock()
 	peers := make([]*Peer, 0, len(e.peers))
@@ -256,9 +298,12 @@ func (e *Endpoint) Close() error {
 		peers = append(peers, p)
 	}
 	e.mu.Unlock()
+	// In parallel: each says goodbye and waits a moment for the peer.
+	var wg sync.WaitGroup
 	for _, p := range peers {
-		p.Close()
+		wg.Go(func() { p.close(wire.GoodbyeShutdown) })
 	}
+	wg.Wait()
 	e.cancel()
 	e.ln.Close()
 	err := e.tr.Close()
@@ -326,7 +371,7 @@ func (e *Endpoint) dial(ctx context.Context, addr netip.AddrPort, want identity.
 			return &PeerError{Peer: got, Op: "handshake", Err: fmt.Errorf("presented key is not the pinned key %s", want.Fingerprint())}
 		}
 		return nil
-	})
+	}, keyExchangeGroups(true, e.cfg.ClassicKeyExchange))
 	conn, err := e.tr.Dial(ctx, net.UDPAddrFromAddrPort(addr), conf, e.qconf)
 	if err != nil {
 		e.failures.Add(1)

@@ -61,7 +61,7 @@ func ticketServer(t *testing.T, id *identity.Identity) net.Addr {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conf := tlsConfig(leaf, func(identity.PublicKey) error { return nil })
+	conf := tlsConfig(leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(false, false))
 	conf.SessionTicketsDisabled = false
 	conf.VerifyConnection = nil
 	ln, err := quic.ListenAddrEarly("127.0.0.1:0", conf, &quic.Config{Allow0RTT: true})
@@ -91,7 +91,7 @@ func TestResumptionAndZeroRTTRefused(t *testing.T) {
 
 	// 1. pspd's own TLS config, given a session cache anyway: the resumed
 	//    handshake is refused in VerifyConnection.
-	conf := tlsConfig(ini.ep.leaf, func(identity.PublicKey) error { return nil })
+	conf := tlsConfig(ini.ep.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
 	conf.SessionTicketsDisabled = false
 	conf.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 	dialTwice := func(conf *tls.Config) (*quic.Conn, error) {
@@ -168,7 +168,7 @@ func TestEndpointIssuesNoTickets(t *testing.T) {
 		t.Fatal(err)
 	}
 	ini := pi.e
-	conf := tlsConfig(ini.leaf, func(identity.PublicKey) error { return nil })
+	conf := tlsConfig(ini.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
 	conf.SessionTicketsDisabled = false
 	cache := tls.NewLRUClientSessionCache(4)
 	conf.ClientSessionCache = cache

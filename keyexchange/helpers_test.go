@@ -20,15 +20,28 @@ import (
 // every test using it runs real QUIC and TLS over loopback.
 type recorder struct {
 	mu       sync.Mutex
-	live     map[kdf.SPI]recorded // by rx SPI
-	history  []recorded           // every install, keys cloned
+	live     map[recKey]recorded // by peer and rx SPI
+	history  []recorded          // every install, keys cloned
 	removed  int
 	failNext error
 	// activated records, by rx SPI, which SAs carry outbound traffic;
 	// onActivate, if set, runs before an SA is marked active.
-	activated  map[kdf.SPI]bool
+	activated  map[recKey]bool
 	onActivate func(SA)
+	// hostWide refuses a receive SPI live for any peer, as the kernel's
+	// XFRM does.
+	hostWide bool
 }
+
+// recKey names an inbound SA: receive SPIs are unique per peer (the
+// key exchange allocates them per session); a data plane that needs them
+// unique per host has its own allocator.
+type recKey struct {
+	peer identity.PublicKey
+	spi  kdf.SPI
+}
+
+func keyOf(sa *SA) recKey { return recKey{sa.Peer, sa.RxSPI} }
 
 type recorded struct {
 	sa           SA
@@ -36,22 +49,22 @@ type recorded struct {
 }
 
 func newRecorder() *recorder {
-	return &recorder{live: map[kdf.SPI]recorded{}, activated: map[kdf.SPI]bool{}}
+	return &recorder{live: map[recKey]recorded{}, activated: map[recKey]bool{}}
 }
 
 func (r *recorder) Activate(_ context.Context, sa *SA) error {
 	r.mu.Lock()
 	hook := r.onActivate
-	_, ok := r.live[sa.RxSPI]
+	_, ok := r.live[keyOf(sa)]
 	r.mu.Unlock()
 	if !ok {
 		return errors.New("recorder: activating an SA that is not installed")
 	}
 	if hook != nil {
-		hook(sa.withoutKeys())
+		hook(sa.WithoutKeys())
 	}
 	r.mu.Lock()
-	r.activated[sa.RxSPI] = true
+	r.activated[keyOf(sa)] = true
 	r.mu.Unlock()
 	return nil
 }
@@ -59,7 +72,12 @@ func (r *recorder) Activate(_ context.Context, sa *SA) error {
 func (r *recorder) isActive(spi kdf.SPI) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.activated[spi]
+	for k, on := range r.activated {
+		if k.spi == spi && on {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *recorder) Install(_ context.Context, sa *SA) error {
@@ -69,11 +87,18 @@ func (r *recorder) Install(_ context.Context, sa *SA) error {
 		r.failNext = nil
 		return err
 	}
-	if _, dup := r.live[sa.RxSPI]; dup {
+	if _, dup := r.live[keyOf(sa)]; dup {
 		return errors.New("recorder: rx SPI already installed")
 	}
-	rec := recorded{sa: sa.withoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone()}
-	r.live[sa.RxSPI] = rec
+	if r.hostWide {
+		for k := range r.live {
+			if k.spi == sa.RxSPI {
+				return errors.New("recorder: rx SPI already installed for another peer (the kernel keys inbound SAs by local address and SPI)")
+			}
+		}
+	}
+	rec := recorded{sa: sa.WithoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone()}
+	r.live[keyOf(sa)] = rec
 	r.history = append(r.history, rec)
 	return nil
 }
@@ -81,11 +106,11 @@ func (r *recorder) Install(_ context.Context, sa *SA) error {
 func (r *recorder) Remove(_ context.Context, sa *SA) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if _, ok := r.live[sa.RxSPI]; !ok {
+	if _, ok := r.live[keyOf(sa)]; !ok {
 		return errors.New("recorder: removing an SA that is not installed")
 	}
-	delete(r.live, sa.RxSPI)
-	delete(r.activated, sa.RxSPI)
+	delete(r.live, keyOf(sa))
+	delete(r.activated, keyOf(sa))
 	r.removed++
 	return nil
 }
@@ -111,8 +136,12 @@ func (r *recorder) removedCount() int {
 func (r *recorder) isLive(spi kdf.SPI) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	_, ok := r.live[spi]
-	return ok
+	for k := range r.live {
+		if k.spi == spi {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *recorder) find(gen uint32) (recorded, bool) {

@@ -2,6 +2,7 @@ package keyexchange
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -51,6 +52,7 @@ type Peer struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
+	limit       *limiter        // negotiations the peer makes us run
 	incoming    chan *Session   // sessions the peer opened to us
 	rekeyReq    chan chan error // local on-demand rekeys
 	remoteRekey chan struct{}   // the peer asked for a rekey
@@ -63,7 +65,8 @@ type Peer struct {
 	commits  uint64
 	changed  chan struct{} // closed on every commit, then replaced
 	lastBoot wire.BootID
-	lastErr  error // why the last dial or session failed, for status output
+	lastErr  error              // why the last dial or session failed, for status output
+	bye      wire.GoodbyeReason // what to tell the peer when closing
 }
 
 // AddPeer pins a peer and starts keeping a session with it.
@@ -114,6 +117,7 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 		log:      e.log.With("peer", cfg.Key.Fingerprint(), "role", role.String()),
 		incoming: make(chan *Session, 1), rekeyReq: make(chan chan error), remoteRekey: make(chan struct{}, 1),
 		old: map[*SA]*time.Timer{}, changed: make(chan struct{}),
+		limit: newLimiter(e.cfg.PeerNegotiationBurst, e.cfg.PeerNegotiationInterval),
 	}
 	p.ctx, p.cancel = context.WithCancel(e.ctx)
 	e.mu.Lock()
@@ -142,6 +146,25 @@ func (p *Peer) LastError() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.lastErr
+}
+
+// Status is a snapshot of a Peer for status output and metrics.
+type Status struct {
+	Up         bool        // a session is established
+	Group      tls.CurveID // the session's key exchange group; 0 when down
+	PeerBootID wire.BootID // of the session's peer process; zero when down
+	LastError  error       // why the last dial or session failed, if one did
+}
+
+// Status reports the peer's session state.
+func (p *Peer) Status() Status {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := Status{LastError: p.lastErr}
+	if s := p.sess; s != nil {
+		st.Up, st.Group, st.PeerBootID = true, s.Group(), s.PeerBootID()
+	}
+	return st
 }
 
 // Key is the peer's pinned key.
@@ -178,7 +201,7 @@ func (p *Peer) Current() (SA, bool) {
 	if p.cur == nil {
 		return SA{}, false
 	}
-	return p.cur.withoutKeys(), true
+	return p.cur.WithoutKeys(), true
 }
 
 // Wait blocks until the current SA satisfies ok.
@@ -189,7 +212,7 @@ func (p *Peer) Wait(ctx context.Context, ok func(SA) bool) (SA, error) {
 		var sa SA
 		have := p.cur != nil
 		if have {
-			sa = p.cur.withoutKeys()
+			sa = p.cur.WithoutKeys()
 		}
 		p.mu.Unlock()
 		if have && ok(sa) {
@@ -237,7 +260,7 @@ func (p *Peer) Rekey(ctx context.Context) (SA, error) {
 		ch, n := p.changed, p.commits
 		var sa SA
 		if p.cur != nil {
-			sa = p.cur.withoutKeys()
+			sa = p.cur.WithoutKeys()
 		}
 		p.mu.Unlock()
 		if n > before {
@@ -251,9 +274,17 @@ func (p *Peer) Rekey(ctx context.Context) (SA, error) {
 	}
 }
 
-// Close stops the peer: it tells the peer, ends the session and removes
-// every SA it installed.
-func (p *Peer) Close() {
+// Close stops the peer: it tells the peer (a Goodbye, after which the
+// peer marks this host down at once), ends the session and removes every
+// SA it installed.
+func (p *Peer) Close() { p.close(wire.GoodbyeRemoved) }
+
+func (p *Peer) close(reason wire.GoodbyeReason) {
+	p.mu.Lock()
+	if p.bye == 0 {
+		p.bye = reason
+	}
+	p.mu.Unlock()
 	p.cancel()
 	<-p.done
 	p.e.mu.Lock()
@@ -344,28 +375,26 @@ func (p *Peer) run() {
 	}
 }
 
-// knockDelay is how long a freshly started responder waits for the
-// initiator to reach it before it dials the initiator itself.
-const knockDelay = time.Second
-
 // knock is a starting responder's one dial to the initiator. The
 // initiator normally dials, but after this side restarted the initiator
 // may still hold a session with this side's previous incarnation, which
-// it would only notice at the idle timeout; a session arriving from us,
-// with our new boot id, replaces that one at once. The wait first keeps
-// the usual case (both start together, the initiator dials) free of a
-// second, competing session.
+// it would only notice at the idle timeout. A starting responder has no
+// session with the initiator, whatever the initiator believes, so it
+// dials at once; a session arriving from us, with our new boot id,
+// replaces the stale one on the initiator. When both sides start together
+// the initiator's dial and ours race: the initiator keeps the session it
+// dialed and refuses ours as a duplicate (same boot id), and we switch to
+// its session when it arrives (see drive), so both settle on one.
 func (p *Peer) knock() *Session {
 	select {
 	case s := <-p.incoming:
 		return s
-	case <-time.After(knockDelay):
-	case <-p.ctx.Done():
-		return nil
+	default:
 	}
 	if !p.cfg.Addr.IsValid() {
 		return nil
 	}
+	p.log.Debug("responder has no session with the initiator; dialing it now")
 	dctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
 	defer cancel()
 	s, err := p.e.dial(dctx, p.cfg.Addr, p.cfg.Key)
@@ -398,12 +427,16 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 	serveErr := make(chan error, 1)
 	go func() {
 		serveErr <- s.serve(handlers{
-			installer: func(b wire.Backend, x kdf.Suite) Installer {
-				if !slices.Contains(p.cfg.Backends, b) || x != p.cfg.Suite {
-					return nil
+			installer: func(a wire.AssocID, b wire.Backend, x kdf.Suite) (Installer, error) {
+				switch {
+				case a != p.cfg.Assoc:
+					return nil, fmt.Errorf("%w: association %d (this host has association %d with the peer)", errUnsupported, a, p.cfg.Assoc)
+				case !slices.Contains(p.cfg.Backends, b) || x != p.cfg.Suite:
+					return nil, fmt.Errorf("%w: backend %s with suite %s", errUnsupported, b, x)
 				}
-				return p.e.cfg.Installers[b]
+				return p.e.cfg.Installers[b], nil
 			},
+			allow:     func() bool { return p.limit.allow(time.Now()) },
 			confirmed: p.commit,
 			deleted:   p.deleted,
 			key: func(k wire.ExplicitKey) {
@@ -429,12 +462,20 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 	err := p.drive(s, backoff, serveErr, &next)
 	if p.ctx.Err() != nil {
 		p.sendDelete(s)
+		p.mu.Lock()
+		reason := p.bye
+		p.mu.Unlock()
+		if reason == 0 { // the endpoint's context ended
+			reason = wire.GoodbyeShutdown
+		}
+		s.goodbye(reason)
+	} else {
+		cause := err
+		if next != nil {
+			cause = errReplaced
+		}
+		s.Close(cause)
 	}
-	cause := err
-	if next != nil {
-		cause = errReplaced
-	}
-	s.Close(cause)
 	<-serveErr
 	p.mu.Lock()
 	if p.sess == s {
@@ -446,6 +487,8 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 
 func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, next **Session) error {
 	var timer <-chan time.Time
+	var deferred <-chan time.Time // a Rekey request the limit held back
+	warned := false
 	negotiate := func() error {
 		sa, err := p.negotiate(s)
 		if err == nil {
@@ -467,6 +510,24 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 				return err
 			}
 		case <-p.remoteRekey:
+			if deferred != nil {
+				continue // coalesced into the one already waiting
+			}
+			if d := p.limit.wait(time.Now()); d > 0 {
+				if !warned {
+					warned = true
+					p.log.Warn("peer requests rekeys faster than this host serves them; serving them at the limit", "interval", p.e.cfg.PeerNegotiationInterval, "burst", p.e.cfg.PeerNegotiationBurst)
+				}
+				deferred = time.After(d)
+				continue
+			}
+			p.limit.allow(time.Now())
+			if err := negotiate(); err != nil {
+				return err
+			}
+		case <-deferred:
+			deferred = nil
+			p.limit.allow(time.Now())
 			if err := negotiate(); err != nil {
 				return err
 			}
@@ -484,7 +545,17 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 		case err := <-serveErr:
 			serveErr <- err // runSession waits for it too
 			return err
-		case *next = <-p.incoming:
+		case n := <-p.incoming:
+			if p.role == kdf.Initiator && n.PeerBootID() == s.PeerBootID() {
+				// The responder dialed while our own dial was under way
+				// (both started together): keep ours, which the
+				// responder switches to. A restarted responder has a new
+				// boot id and replaces the stale session below.
+				p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
+				n.Close(errDuplicate)
+				continue
+			}
+			*next = n
 			return errReplaced
 		case <-p.ctx.Done():
 			return p.ctx.Err()

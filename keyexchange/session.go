@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/hkdf"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -30,6 +31,7 @@ const (
 	closeNormal   quic.ApplicationErrorCode = 0
 	closeProtocol quic.ApplicationErrorCode = 1
 	closeReplaced quic.ApplicationErrorCode = 2
+	closeGoodbye  quic.ApplicationErrorCode = 3 // the reason is the close message
 )
 
 // Session is one authenticated QUIC connection to a peer, with its own
@@ -37,6 +39,7 @@ const (
 // or when it is closed; its master keys are wiped then.
 type Session struct {
 	conn    *quic.Conn
+	dialed  bool // this side dialed the connection
 	peer    identity.PublicKey
 	role    kdf.Role
 	hello   wire.Hello // the peer's
@@ -47,12 +50,44 @@ type Session struct {
 
 	mu      sync.Mutex
 	mk      *kdf.MasterKeys // nil after close
-	alloc   *kdf.Allocator
+	alloc   *kdf.Allocator // this session's budget of receive SPIs, above the floor
+	rxIDs   *rxIDSpace     // the endpoint's: makes them unique host-wide
 	lastGen map[wire.AssocID]uint32 // responder: generations seen this session
+	used    spiRecord               // every SPI this session derived a key for
+}
+
+// spiRecord is the record of every SPI a session derived a key for, by the
+// side that allocated it. One SPI under one session's master keys is one
+// key, and an AEAD key used twice is a nonce used twice (the counter
+// restarts with every install), so a repeat must never reach an
+// installer, whatever the peer sends. Both sides allocate strictly
+// increasing SPIs (kdf.Allocator), so the record of every SPI a side used
+// is its highest one: an SPI at or below it is a repeat, or one an honest
+// pspd never sends.
+type spiRecord struct {
+	ours, peers kdf.SPI // highest so far; 0: none yet
+}
+
+// use records a pair of SPIs, or refuses if either was used before.
+func (r *spiRecord) use(ours, peers kdf.SPI) error {
+	if ours.KeyID() <= r.ours.KeyID() {
+		// Our allocator never goes back; this is a bug on this host.
+		return fmt.Errorf("internal error: our receive SPI %s repeats or precedes %s already used in this session", ours, r.ours)
+	}
+	if peers.KeyID() <= r.peers.KeyID() {
+		return &wire.ProtocolError{Code: wire.CodeSPIReuse, Msg: fmt.Sprintf(
+			"peer SPI %s repeats or precedes SPI %s it already used in this session; deriving its key again would reuse AES-GCM nonces", peers, r.peers)}
+	}
+	r.ours, r.peers = ours, peers
+	return nil
 }
 
 // Context ends when the session is over; context.Cause says why.
 func (s *Session) Context() context.Context { return s.ctx }
+
+// Dialed reports whether this side dialed the session (rather than
+// accepted it).
+func (s *Session) Dialed() bool { return s.dialed }
 
 // Peer is the authenticated peer key.
 func (s *Session) Peer() identity.PublicKey { return s.peer }
@@ -64,6 +99,10 @@ func (s *Session) Role() kdf.Role { return s.role }
 // restarts.
 func (s *Session) PeerBootID() wire.BootID { return s.hello.BootID }
 
+// Group is the TLS key exchange group the session was set up with, such
+// as tls.SecP256r1MLKEM768 (hybrid post-quantum) or tls.CurveP256.
+func (s *Session) Group() tls.CurveID { return s.conn.ConnectionState().TLS.CurveID }
+
 // PeerBackends are the backends the peer offered in its Hello.
 func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
 
@@ -71,8 +110,10 @@ func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
 func (s *Session) Close(cause error) {
 	code, msg := closeNormal, "closed"
 	switch {
-	case errors.Is(cause, errReplaced):
+	case errors.Is(cause, errReplaced), errors.Is(cause, errDuplicate):
 		code, msg = closeReplaced, cause.Error()
+	case errors.Is(cause, errGoodbye):
+		msg = cause.Error()
 	case cause != nil:
 		code, msg = closeProtocol, cause.Error()
 	}
@@ -101,7 +142,41 @@ func (s *Session) Close(cause error) {
 
 const errorLinger = 250 * time.Millisecond
 
-var errReplaced = errors.New("replaced by a newer session")
+var (
+	errReplaced  = errors.New("replaced by a newer session")
+	errDuplicate = errors.New("duplicate session: the initiator keeps the one it dialed")
+)
+
+// errGoodbye is the cause of a session the peer ended on purpose.
+var errGoodbye = errors.New("peer said goodbye")
+
+func goodbyeErr(reason string) error { return fmt.Errorf("%w: %s", errGoodbye, reason) }
+
+// goodbye ends the session on purpose, telling the peer why so that it
+// marks this side down at once: a Goodbye message, and the same reason in
+// the CONNECTION_CLOSE in case the message does not make it. It waits up
+// to errorLinger for the peer to close first (it does on the Goodbye), so
+// that the close is not lost when the caller shuts the socket next.
+func (s *Session) goodbye(reason wire.GoodbyeReason) {
+	if s.ctx.Err() == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), errorLinger)
+		if err := s.send(ctx, wire.Goodbye{Reason: reason}); err == nil {
+			select {
+			case <-s.conn.Context().Done():
+			case <-ctx.Done():
+			}
+		}
+		cancel()
+	}
+	s.cancel(goodbyeErr("sent: " + reason.String()))
+	s.conn.CloseWithError(closeGoodbye, reason.String())
+	s.mu.Lock()
+	if s.mk != nil {
+		s.mk.Wipe()
+		s.mk = nil
+	}
+	s.mu.Unlock()
+}
 
 // electRole makes the side with the smaller SPKI the initiator. Both sides
 // compute the same answer without a message; equal keys mean someone
@@ -147,7 +222,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 			err = peerErr(peer, "session setup", err)
 			conn.CloseWithError(closeProtocol, err.Error())
 		} else {
-			e.handshakes.Add(1)
+			e.countHandshake(st.TLS.CurveID)
 		}
 	}()
 	if err != nil {
@@ -168,9 +243,9 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	}
 	sctx, cancel := context.WithCancelCause(conn.Context())
 	s = &Session{
-		conn: conn, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
+		conn: conn, dialed: dialer, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
 		log: e.log.With("peer", peer.Fingerprint(), "role", role.String()),
-		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, lastGen: map[wire.AssocID]uint32{},
+		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, rxIDs: &e.rxIDs, lastGen: map[wire.AssocID]uint32{},
 	}
 	if s.hello, err = e.exchangeHello(ctx, conn, peer, dialer); err != nil {
 		s.Close(err)
@@ -196,6 +271,46 @@ func newAllocator(role kdf.Role, floor, perSession uint32) (*kdf.Allocator, erro
 		last = floor + perSession
 	}
 	return kdf.NewAllocatorRange(0, role, floor+1, last)
+}
+
+// rxIDSpace hands out the key ids of every receive SPI of an endpoint,
+// across all its peers and sessions, each once. The kernel keys an inbound
+// ESP SA by (destination address, SPI, mark), the same for every peer, so
+// two peers of the same role must never get the same receive SPI; and an
+// SPI still held by a retiring SA of an earlier session is never handed
+// out again either.
+type rxIDSpace struct {
+	mu   sync.Mutex
+	next uint32
+}
+
+// take returns an id of at least min that was never returned before.
+func (r *rxIDSpace) take(min uint32) (uint32, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	id := max(min, r.next)
+	if id == 0 || id > kdf.MaxKeyID {
+		return 0, kdf.ErrSPIExhausted
+	}
+	r.next = id + 1
+	return id, nil
+}
+
+// nextRxSPI allocates a receive SPI: within the session's budget and
+// above its floor, and unique among all of the endpoint's.
+func (s *Session) nextRxSPI() (kdf.SPI, error) {
+	s.mu.Lock()
+	a := s.alloc
+	s.mu.Unlock()
+	spi, err := a.Next()
+	if err != nil {
+		return 0, err
+	}
+	id, err := s.rxIDs.take(spi.Counter())
+	if err != nil {
+		return 0, err
+	}
+	return kdf.MakeSPI(spi.MasterKeyIndex(), s.role, id)
 }
 
 // raiseFloor makes the session allocate above floor, so that it never
@@ -298,7 +413,8 @@ var (
 
 // derive builds the SA for our rx SPI and the peer's. It checks that the
 // peer's SPI carries the peer's role bit, so the two directions can never
-// share an SPI or a key.
+// share an SPI or a key, and that neither SPI was used before in this
+// session, so no key is ever derived (and installed) twice.
 func (s *Session) derive(peer identity.PublicKey, assoc wire.AssocID, gen uint32, b wire.Backend, suite kdf.Suite, rx, tx kdf.SPI) (*SA, error) {
 	if tx.Role() == s.role || tx.MasterKeyIndex() != 0 || tx.Counter() == 0 {
 		return nil, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("peer SPI %s is not a %s SPI under master key 0", tx, otherRole(s.role))}
@@ -307,6 +423,9 @@ func (s *Session) derive(peer identity.PublicKey, assoc wire.AssocID, gen uint32
 	defer s.mu.Unlock()
 	if s.mk == nil {
 		return nil, errors.New("session closed")
+	}
+	if err := s.used.use(rx, tx); err != nil {
+		return nil, err
 	}
 	rxKey, err := s.mk.Derive(rx, suite)
 	if err != nil {
@@ -356,7 +475,7 @@ func (s *Session) negotiate(ctx context.Context, inst Installer, assoc wire.Asso
 	if !s.hello.Backends.Has(b) || !s.hello.Suites.Has(suite) {
 		return nil, s.fail(nil, op, fmt.Errorf("%w: peer does not offer backend %s with suite %s", errUnsupported, b, suite))
 	}
-	rx, err := s.alloc.Next()
+	rx, err := s.nextRxSPI()
 	if err != nil {
 		return nil, s.fail(nil, op, err)
 	}
@@ -413,11 +532,12 @@ func (s *Session) removeAfterFailure(inst Installer, sa *SA) {
 
 // handlers are what a session reports to its owner.
 type handlers struct {
-	installer func(wire.Backend, kdf.Suite) Installer // nil: not accepted
-	confirmed func(*SA)                               // responder: an SA is confirmed
-	deleted   func(wire.AssocID, uint32)              // peer deleted a generation
-	rekey     func(wire.AssocID)                      // peer asks for a rekey
-	key       func(wire.ExplicitKey)                  // peer sent a PSP key; owns it
+	installer func(wire.AssocID, wire.Backend, kdf.Suite) (Installer, error) // error: not accepted
+	allow     func() bool                                                    // responder: may the peer negotiate now?
+	confirmed func(*SA)                                                      // responder: an SA is confirmed
+	deleted   func(wire.AssocID, uint32)                                     // peer deleted a generation
+	rekey     func(wire.AssocID)                                             // peer asks for a rekey
+	key       func(wire.ExplicitKey)                                         // peer sent a PSP key; owns it
 }
 
 // serve handles the streams the peer opens until the session ends, and
@@ -426,7 +546,13 @@ func (s *Session) serve(h handlers) error {
 	for {
 		str, err := s.conn.AcceptStream(s.ctx)
 		if err != nil {
-			return context.Cause(s.ctx)
+			cause := context.Cause(s.ctx)
+			var ae *quic.ApplicationError
+			if errors.As(cause, &ae) && ae.Remote && ae.ErrorCode == closeGoodbye {
+				// The Goodbye message was lost, its CONNECTION_CLOSE was not.
+				cause = goodbyeErr(ae.ErrorMessage)
+			}
+			return peerErr(s.peer, "session", cause)
 		}
 		str.SetDeadline(time.Now().Add(s.timeout))
 		if err := s.handle(str, h); err != nil {
@@ -441,6 +567,9 @@ func (s *Session) handle(str *quic.Stream, h handlers) error {
 	if err != nil {
 		if errors.Is(err, io.EOF) {
 			return s.fail(str, "serve", &wire.ProtocolError{Code: wire.CodeMalformed, Msg: "empty stream"})
+		}
+		if isTimeout(err) {
+			err = fmt.Errorf("no complete message within %s: %w", s.timeout, err)
 		}
 		return s.fail(str, "serve", err)
 	}
@@ -459,8 +588,11 @@ func (s *Session) handle(str *quic.Stream, h handlers) error {
 	case wire.ExplicitKey:
 		str.Close()
 		h.key(m)
+	case wire.Goodbye:
+		str.Close()
+		return peerErr(s.peer, "session", goodbyeErr(m.Reason.String()))
 	default:
-		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey, Delete or ExplicitKey"))
+		return s.fail(str, "serve", unexpected(m, "SAOffer, Rekey, Delete, ExplicitKey or Goodbye"))
 	}
 	return nil
 }
@@ -472,19 +604,17 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	if s.role != kdf.Responder {
 		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeType, Msg: "SAOffer sent to the initiator"})
 	}
-	inst := h.installer(offer.Backend, offer.Suite)
-	if inst == nil {
-		return s.fail(str, op, fmt.Errorf("%w: backend %s with suite %s", errUnsupported, offer.Backend, offer.Suite))
+	if !h.allow() {
+		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeRateLimit, Msg: "peer starts negotiations faster than this host serves them (see Config.PeerNegotiationBurst)"})
 	}
-	s.mu.Lock()
-	last := s.lastGen[offer.Assoc]
-	if offer.Generation <= last {
-		s.mu.Unlock()
-		return s.fail(str, op, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("generation %d of association %d after %d", offer.Generation, offer.Assoc, last)})
+	inst, err := h.installer(offer.Assoc, offer.Backend, offer.Suite)
+	if err != nil {
+		return s.fail(str, op, err)
 	}
-	s.lastGen[offer.Assoc] = offer.Generation
-	s.mu.Unlock()
-	rx, err := s.alloc.Next()
+	if err := s.checkGeneration(offer.Assoc, offer.Generation); err != nil {
+		return s.fail(str, op, err)
+	}
+	rx, err := s.nextRxSPI()
 	if err != nil {
 		return s.fail(str, op, err)
 	}
@@ -502,6 +632,9 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	var m wire.Message
 	if err == nil {
 		m, err = wire.ReadMessage(str)
+		if errors.Is(err, io.EOF) {
+			err = &wire.ProtocolError{Code: wire.CodeMalformed, Msg: "stream ended before SAConfirm"}
+		}
 	}
 	if err == nil {
 		if c, ok := m.(wire.SAConfirm); !ok {
@@ -520,6 +653,39 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	}
 	str.Close()
 	h.confirmed(sa)
+	return nil
+}
+
+// Generations bounds. An honest initiator numbers the offers of one
+// session consecutively, and never comes near maxGeneration (one rekey a
+// second would take 68 years); a peer jumping ahead would otherwise drive
+// the counter to its end, where no later generation can follow.
+const (
+	maxGeneration     = 1 << 31
+	maxGenerationStep = 1024
+)
+
+// checkGeneration refuses a generation that does not follow the ones this
+// session has seen. Across sessions generations are not compared: an
+// initiator whose Peer was re-added starts again at 1, and keys never
+// depend on the generation (the SPI record guards them).
+func (s *Session) checkGeneration(assoc wire.AssocID, gen uint32) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	last := s.lastGen[assoc]
+	var msg string
+	switch {
+	case gen > maxGeneration:
+		msg = fmt.Sprintf("generation %d of association %d is above the limit %d", gen, assoc, uint32(maxGeneration))
+	case gen <= last:
+		msg = fmt.Sprintf("generation %d of association %d after %d", gen, assoc, last)
+	case last != 0 && gen-last > maxGenerationStep:
+		msg = fmt.Sprintf("generation %d of association %d jumps more than %d past %d", gen, assoc, maxGenerationStep, last)
+	}
+	if msg != "" {
+		return &wire.ProtocolError{Code: wire.CodeGeneration, Msg: msg}
+	}
+	s.lastGen[assoc] = gen
 	return nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"slices"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -45,14 +46,48 @@ func selfSignedLeaf(id *identity.Identity, now time.Time) (tls.Certificate, erro
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: id.Signer(), Leaf: leaf}, nil
 }
 
+// Key exchange groups. Every SA key derives from the TLS exporter, so a
+// recorded session whose key exchange a quantum computer breaks later
+// yields every key of that session; a hybrid keeps the session secret
+// unless both ML-KEM and the elliptic curve fall.
+//
+// crypto/tls ignores the order of CurvePreferences (the client sends its
+// one key share for the first group in Go's fixed order, and the server
+// takes a group it has a share for), so preference is expressed by what
+// each side offers. A pspd dialer offers SecP256r1MLKEM768, whose parts
+// are both FIPS-approved (it stays inside Go's FIPS 140-3 module), with
+// the P-256 share as fallback; a pspd listener also accepts
+// X25519MLKEM768, what most other TLS stacks send. Two default pspds thus
+// agree on SecP256r1MLKEM768 in one round trip, and a default one and one
+// with ClassicKeyExchange on P-256 without a retry. TLS 1.3 signs the
+// transcript, so an attacker on the path cannot push two hybrid-capable
+// peers down to P-256.
+var (
+	dialGroups    = []tls.CurveID{tls.SecP256r1MLKEM768, tls.CurveP256}
+	listenGroups  = []tls.CurveID{tls.SecP256r1MLKEM768, tls.X25519MLKEM768, tls.CurveP256}
+	classicGroups = []tls.CurveID{tls.CurveP256}
+)
+
+// keyExchangeGroups are the groups offered when dialing or listening.
+func keyExchangeGroups(dial, classic bool) []tls.CurveID {
+	switch {
+	case classic:
+		return classicGroups
+	case dial:
+		return dialGroups
+	}
+	return listenGroups
+}
+
 // tlsConfig is the TLS 1.3 configuration for both directions. allowed is
 // the pin check: for a dial it accepts exactly the dialed peer, for the
-// listener any registered peer.
-func tlsConfig(leaf tls.Certificate, allowed func(identity.PublicKey) error) *tls.Config {
+// listener any registered peer. groups are the key exchange groups
+// (keyExchangeGroups).
+func tlsConfig(leaf tls.Certificate, allowed func(identity.PublicKey) error, groups []tls.CurveID) *tls.Config {
 	return &tls.Config{
 		MinVersion:             tls.VersionTLS13,
 		MaxVersion:             tls.VersionTLS13,
-		CurvePreferences:       []tls.CurveID{tls.CurveP256},
+		CurvePreferences:       slices.Clone(groups),
 		NextProtos:             []string{ALPN},
 		Certificates:           []tls.Certificate{leaf},
 		ClientAuth:             tls.RequireAnyClientCert,

@@ -4,13 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"strings"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/keyexchange/identity"
-	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/policy"
 )
@@ -26,26 +25,19 @@ import (
 // The report is returned with the error too (nil if the probe did not
 // run), so that check can show what the host lacks.
 func preflight(ctx context.Context, pc *policy.Config) (*identity.Identity, offload.Report, error) {
-	id, err := identity.Load(pc.Identity)
+	id, err := pc.LoadIdentity()
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil, fmt.Errorf("%s: %w (pspd genkey --identity %s creates it)", pc.File, err, pc.Identity)
-		}
-		return nil, nil, fmt.Errorf("%s: %w", pc.File, err)
-	}
-	for i, p := range pc.Peers {
-		if p.PublicKey == id.Public() {
-			return nil, nil, fmt.Errorf("%s: peers[%d].public_key: is this host's own key", pc.File, i)
-		}
+		return nil, nil, err
 	}
 	report := probe(ctx, pc)
 	for i, a := range report {
 		// The report names the backend; its reason need not again.
 		report[i].Reason = strings.TrimPrefix(a.Reason, a.Backend.String()+": ")
 	}
-	used := map[wire.Backend]bool{}
+	used := map[assoc.Backend]bool{}
 	check := func(what string, want policy.Backend) error {
-		cs, err := offload.Candidates(want, report)
+		b, _ := assoc.ParseBackend(string(want)) // auto: 0
+		cs, err := offload.Candidates(b, report)
 		if err != nil {
 			return fmt.Errorf("%s: %s: %w", pc.File, what, err)
 		}
@@ -61,7 +53,7 @@ func preflight(ctx context.Context, pc *policy.Config) (*identity.Identity, offl
 	for _, p := range pc.Peers {
 		errs = append(errs, check("peer "+p.Name, p.Backend.OrDefault(pc.Backend)))
 	}
-	if used[wire.BackendUserspace] {
+	if used[assoc.BackendUserspace] {
 		errs = append(errs, checkTUNName(pc))
 		if pc.Userspace.IO == policy.IOAFXDP && pc.Listen.Addr().IsUnspecified() {
 			errs = append(errs, fmt.Errorf("%s: userspace.io af_xdp needs a specific listen address (the XDP program goes on the interface that holds it), not %v; set listen to this host's address or userspace.io to auto", pc.File, pc.Listen.Addr()))

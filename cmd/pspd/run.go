@@ -147,7 +147,7 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 			seq++
 			st, status := reloadState{PID: os.Getpid(), Seq: seq, OK: err == nil, Time: time.Now()}, "STATUS=running; configuration reloaded"
 			if err != nil {
-				log.Error("reload refused; the running configuration is unchanged", "err", err)
+				log.Error("reload failed", "err", err)
 				st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
 			}
 			if err := writeReloadState(state, st); err != nil {

@@ -23,6 +23,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/kdf"
 )
@@ -51,6 +52,8 @@ const (
 	TypeRekey
 	TypeDelete
 	TypeError
+	TypeGoodbye
+	typeLast = TypeGoodbye
 )
 
 func (t Type) String() string {
@@ -71,6 +74,8 @@ func (t Type) String() string {
 		return "Delete"
 	case TypeError:
 		return "Error"
+	case TypeGoodbye:
+		return "Goodbye"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -81,28 +86,15 @@ type Message interface {
 	appendBody(b []byte) []byte
 }
 
-// Backend is a data plane that can install SAs.
-type Backend uint8
+// Backend is a data plane that can install SAs (package assoc owns the
+// type).
+type Backend = assoc.Backend
 
 const (
-	BackendPSP       Backend = 1 // kernel PSP: explicit device keys
-	BackendXFRM      Backend = 2 // kernel XFRM ESP: derived keys
-	BackendUserspace Backend = 3 // pspd's own data plane: derived keys
+	BackendPSP       = assoc.BackendPSP
+	BackendXFRM      = assoc.BackendXFRM
+	BackendUserspace = assoc.BackendUserspace
 )
-
-func (b Backend) Valid() bool { return b >= BackendPSP && b <= BackendUserspace }
-
-func (b Backend) String() string {
-	switch b {
-	case BackendPSP:
-		return "psp"
-	case BackendXFRM:
-		return "xfrm"
-	case BackendUserspace:
-		return "userspace"
-	}
-	return fmt.Sprintf("backend(%d)", uint8(b))
-}
 
 // Backends is a set of backends.
 type Backends uint8
@@ -160,9 +152,9 @@ func (s Suites) Has(x kdf.Suite) bool { return x.Valid() && s&(1<<x) != 0 }
 // knows the other side restarted and lost every key.
 type BootID [16]byte
 
-// AssocID names an association between two peers; it stays the same across
-// rekeys, which bump the generation.
-type AssocID uint64
+// AssocID names an association between two peers (package assoc owns the
+// type).
+type AssocID = assoc.ID
 
 // Hello opens a session in both directions.
 type Hello struct {
@@ -228,6 +220,34 @@ type Error struct {
 	Text string
 }
 
+// Goodbye tells the peer that the sender is ending the session on purpose
+// and will not be back soon: the receiver marks the peer down at once
+// instead of waiting for the idle timeout.
+type Goodbye struct {
+	Reason GoodbyeReason
+}
+
+// GoodbyeReason says why a peer said goodbye.
+type GoodbyeReason uint8
+
+const (
+	GoodbyeShutdown GoodbyeReason = 1 // the sender's pspd is stopping
+	GoodbyeRemoved  GoodbyeReason = 2 // the sender no longer pins the receiver
+)
+
+// Valid reports whether r is a reason this version knows.
+func (r GoodbyeReason) Valid() bool { return r == GoodbyeShutdown || r == GoodbyeRemoved }
+
+func (r GoodbyeReason) String() string {
+	switch r {
+	case GoodbyeShutdown:
+		return "shutting down"
+	case GoodbyeRemoved:
+		return "removed this peer from its configuration"
+	}
+	return fmt.Sprintf("reason(%d)", uint8(r))
+}
+
 func (Hello) Type() Type       { return TypeHello }
 func (SAOffer) Type() Type     { return TypeSAOffer }
 func (SAAck) Type() Type       { return TypeSAAck }
@@ -236,6 +256,7 @@ func (ExplicitKey) Type() Type { return TypeExplicitKey }
 func (Rekey) Type() Type       { return TypeRekey }
 func (Delete) Type() Type      { return TypeDelete }
 func (Error) Type() Type       { return TypeError }
+func (Goodbye) Type() Type     { return TypeGoodbye }
 
 // String never shows the key.
 func (m ExplicitKey) String() string {
@@ -259,6 +280,9 @@ const (
 	CodeSPIExhausted ErrorCode = 7 // no SPI left in this session
 	CodeTimeout      ErrorCode = 8 // the peer stalled
 	CodeInternal     ErrorCode = 9
+	CodeSPIReuse     ErrorCode = 10 // the peer repeated an SPI of this session
+	CodeRateLimit    ErrorCode = 11 // the peer negotiates faster than allowed
+	CodeGeneration   ErrorCode = 12 // a generation out of order or out of range
 )
 
 func (c ErrorCode) String() string {
@@ -281,6 +305,12 @@ func (c ErrorCode) String() string {
 		return "timeout"
 	case CodeInternal:
 		return "internal error"
+	case CodeSPIReuse:
+		return "SPI reused"
+	case CodeRateLimit:
+		return "rate limited"
+	case CodeGeneration:
+		return "bad generation"
 	}
 	return fmt.Sprintf("code(%d)", uint16(c))
 }
@@ -381,7 +411,7 @@ func parseHeader(h []byte) (Type, int, error) {
 		return 0, 0, protoErr(CodeTooLarge, "frame body %d bytes, limit %d", n, MaxBody)
 	}
 	typ := Type(h[1])
-	if typ < TypeHello || typ > TypeError {
+	if typ < TypeHello || typ > typeLast {
 		return 0, 0, protoErr(CodeType, "unknown message type %d", h[1])
 	}
 	return typ, n, nil
@@ -485,6 +515,8 @@ func (m Rekey) appendBody(b []byte) []byte {
 
 func (m Delete) appendBody(b []byte) []byte { return SAConfirm(m).appendBody(b) }
 
+func (m Goodbye) appendBody(b []byte) []byte { return append(b, byte(m.Reason)) }
+
 func (m Error) appendBody(b []byte) []byte {
 	b = binary.BigEndian.AppendUint16(b, uint16(m.Code))
 	t := strings.ToValidUTF8(m.Text, "?")
@@ -561,6 +593,12 @@ func decodeFields(typ Type, r *reader) (Message, error) {
 			return nil, fmt.Errorf("error text must be at most %d bytes of UTF-8", MaxErrorText)
 		}
 		m.Text = string(r.take(len(r.b)))
+		return m, nil
+	case TypeGoodbye:
+		m := Goodbye{Reason: GoodbyeReason(r.u8())}
+		if r.err == nil && !m.Reason.Valid() {
+			return nil, fmt.Errorf("unknown reason %d", uint8(m.Reason))
+		}
 		return m, nil
 	}
 	return nil, fmt.Errorf("unhandled type %d", typ)

@@ -31,6 +31,8 @@ func samples() []Message {
 		Rekey{Assoc: 99},
 		Delete{Assoc: 7, Generation: 2},
 		Error{Code: CodeInstall, Text: "xfrm: add SA spi=0x5: no such device"},
+		Goodbye{Reason: GoodbyeShutdown},
+		Goodbye{Reason: GoodbyeRemoved},
 	}
 }
 
@@ -137,7 +139,7 @@ func TestUnknownVersionAndType(t *testing.T) {
 	if _, err := Decode(b); code(err) != CodeVersion {
 		t.Errorf("version 2: %v", err)
 	}
-	for _, typ := range []byte{0, byte(TypeError) + 1, 0xff} {
+	for _, typ := range []byte{0, byte(TypeGoodbye) + 1, 0xff} {
 		b := frame(t, Rekey{Assoc: 1})
 		b[1] = typ
 		if _, err := Decode(b); code(err) != CodeType {
@@ -166,6 +168,11 @@ func TestInvalidFieldsRejected(t *testing.T) {
 	for i, m := range bad {
 		if _, err := Decode(frame(t, m)); code(err) != CodeMalformed {
 			t.Errorf("bad[%d] %T accepted: %v", i, m, err)
+		}
+	}
+	for _, r := range []byte{0, 3, 0xff} {
+		if _, err := Decode([]byte{Version, byte(TypeGoodbye), 0, 1, r}); code(err) != CodeMalformed {
+			t.Errorf("goodbye reason %d: %v", r, err)
 		}
 	}
 	b := frame(t, Error{Code: 1, Text: "ok"})

@@ -1,0 +1,62 @@
+package keyexchange
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestGoodbyeMarksPeerDown: when one side stops cleanly (its endpoint
+// closes, or it removes the peer), the other side learns at once from the
+// goodbye, not after the idle timeout, and says why.
+func TestGoodbyeMarksPeerDown(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		initiator bool // the initiator is the one that stops
+		endpoint  bool // Endpoint.Close rather than Peer.Close
+		reason    string
+	}{
+		{"initiator shuts down", true, true, "shutting down"},
+		{"responder shuts down", false, true, "shutting down"},
+		{"initiator removes the peer", true, false, "removed"},
+		{"responder removes the peer", false, false, "removed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// An idle timeout far beyond the 1 s budget: only the goodbye
+			// can mark the peer down in time.
+			long := func(c *Config) { c.IdleTimeout, c.KeepAlive = 30*time.Second, 5*time.Second }
+			ini, resp, pi, pr := pair(t, long, nil)
+			for _, p := range []*Peer{pi, pr} {
+				if _, err := p.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			stopping, other, otherNode := ini, pr, resp
+			stopPeer := pi
+			if !tc.initiator {
+				stopping, other, otherNode, stopPeer = resp, pi, ini, pr
+			}
+			start := time.Now()
+			if tc.endpoint {
+				stopping.ep.Close()
+			} else {
+				stopPeer.Close()
+			}
+			for other.Status().Up {
+				if time.Since(start) > time.Second {
+					t.Fatalf("peer still up %s after it stopped", time.Since(start))
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			t.Logf("peer down %s after it stopped", time.Since(start))
+			err := other.Status().LastError
+			if err == nil || !strings.Contains(err.Error(), "goodbye") || !strings.Contains(err.Error(), tc.reason) ||
+				!strings.Contains(err.Error(), stopping.ep.Public().Fingerprint()) {
+				t.Fatalf("LastError %v: want the goodbye with its reason, naming the peer", err)
+			}
+			if !strings.Contains(string(otherNode.logs.Bytes()), "goodbye") {
+				t.Fatal("goodbye not logged")
+			}
+		})
+	}
+}

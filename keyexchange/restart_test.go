@@ -1,0 +1,82 @@
+package keyexchange
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestRestartedResponderDialsAtOnce: a responder that starts has no
+// session with the initiator, so it dials the initiator at once (no fixed
+// wait), and the initiator, seeing a new boot id, replaces the session it
+// still holds with the previous incarnation. The idle timeout is far off
+// and the initiator dials a stale address, so only the responder's own
+// dial can bring the pair back.
+func TestRestartedResponderDialsAtOnce(t *testing.T) {
+	long := func(c *Config) { c.IdleTimeout, c.KeepAlive = 60*time.Second, 30*time.Second }
+	ini, resp, pi, _ := pair(t, long, nil)
+	if _, err := pi.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
+		t.Fatal(err)
+	}
+	old, _ := ini.inst.find(1)
+	stale := pi.Session()
+	resp.ep.udp.Close() // crash: no goodbye
+
+	start := time.Now()
+	restarted := newNode(t, resp.ep.id, long)
+	pr, err := restarted.ep.AddPeer(peerCfg(ini))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, err := pr.WaitGeneration(ctxT(t, 10*time.Second), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("restarted responder associated %s after start (generation %d)", time.Since(start), sa.Generation)
+	s := pr.Session()
+	if s == nil || !s.Dialed() {
+		t.Fatal("the restarted responder's session is not one it dialed")
+	}
+	if !strings.Contains(string(restarted.logs.Bytes()), "no session with the initiator; dialing it now") {
+		t.Fatal("the responder did not dial because it had no session")
+	}
+	if pi.Session() == stale || pi.Session().PeerBootID() != restarted.ep.BootID() {
+		t.Fatal("the initiator kept the session with the previous incarnation")
+	}
+	ini.inst.mu.Lock()
+	for _, rec := range ini.inst.live {
+		if rec.rxKey.Equal(old.rxKey) {
+			t.Error("the initiator kept the SA of the previous incarnation")
+		}
+	}
+	ini.inst.mu.Unlock()
+	if !strings.Contains(string(ini.logs.Bytes()), "peer restarted") {
+		t.Fatal("restart not noticed")
+	}
+}
+
+// TestSimultaneousStartOneSession: when both sides start at once, the
+// initiator's dial and the responder's race; both settle on the session
+// the initiator dialed, and stay on it.
+func TestSimultaneousStartOneSession(t *testing.T) {
+	for range 5 {
+		_, _, pi, pr := pair(t, nil, nil)
+		for _, p := range []*Peer{pi, pr} {
+			if _, err := p.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, func() bool {
+			si, sr := pi.Session(), pr.Session()
+			return si != nil && sr != nil && si.Dialed() && !sr.Dialed() &&
+				si.conn.LocalAddr().String() == sr.conn.RemoteAddr().String()
+		})
+		time.Sleep(50 * time.Millisecond)
+		si, sr := pi.Session(), pr.Session()
+		if si == nil || sr == nil || si.conn.LocalAddr().String() != sr.conn.RemoteAddr().String() {
+			t.Fatal("the two sides left the session they agreed on")
+		}
+		pi.Close()
+		pr.Close()
+	}
+}
