@@ -23,8 +23,8 @@ func main() {
 
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
-		Use:           "pspd",
-		Short:         "authenticated key exchange and PSP/XFRM/userspace encryption between pinned peers",
+		Use:   "pspd",
+		Short: "authenticated key exchange and PSP/XFRM/userspace encryption between pinned peers",
 		Long: `pspd authenticates peers over QUIC with mutual TLS 1.3 and pinned P-256 keys,
 derives per-association keys with the PSP key schedule and programs them into
 kernel PSP, kernel XFRM (ESP) or its own userspace data plane.

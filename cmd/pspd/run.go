@@ -54,7 +54,7 @@ The local API socket (socket in the configuration) is readable by root and the
 members of --api-group; when that group does not exist run warns and the socket
 is root-only. Beside the socket, a state file records the last reload's result
 for pspd reload (the socket path with .reload appended).`,
-		Args:  cobra.NoArgs,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if requireFIPS && !fips140.Enabled() {
 				return errors.New("--require-fips: Go's FIPS 140-3 mode is off; start pspd with GODEBUG=fips140=on")
