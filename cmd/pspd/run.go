@@ -150,11 +150,13 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 				log.Error("reload failed", "err", err)
 				st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
 			}
-			if err := writeReloadState(state, st); err != nil {
-				log.Error("cannot record the reload's result for pspd reload", "err", err)
-			}
+			// systemd hears READY=1 before pspd reload (ExecReload) sees
+			// the result and exits, so the reload job ends in state active.
 			if err := sd.notify("READY=1", status); err != nil {
 				log.Warn("cannot tell systemd about the reload", "err", err)
+			}
+			if err := writeReloadState(state, st); err != nil {
+				log.Error("cannot record the reload's result for pspd reload", "err", err)
 			}
 		}
 	}()
