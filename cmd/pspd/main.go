@@ -23,8 +23,15 @@ func main() {
 
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
-		Use:           "pspd",
-		Short:         "authenticated key exchange and PSP/XFRM/userspace encryption between pinned peers",
+		Use:   "pspd",
+		Short: "authenticated key exchange and PSP/XFRM/userspace encryption between pinned peers",
+		Long: `pspd authenticates peers over QUIC with mutual TLS 1.3 and pinned P-256 keys,
+derives per-association keys with the PSP key schedule and programs them into
+kernel PSP, kernel XFRM (ESP) or its own userspace data plane.
+
+The configuration is /etc/pspd/pspd.yaml (fields in /usr/share/doc/pspd/README.md);
+this host's key is the file its identity field names, created by pspd genkey.
+pspctl(1) inspects and steers the running daemon.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Version:       daemon.Version,

@@ -41,6 +41,33 @@ func (n *notifySocket) next(t *testing.T, timeout time.Duration) string {
 	return string(buf[:k])
 }
 
+// startPspd starts pspd run --config cfg in the namespace ns, telling sd;
+// the test's cleanup kills it and logs its stderr if the test failed.
+func startPspd(t *testing.T, ns int, cfg string, sd *notifySocket) (*exec.Cmd, chan error) {
+	t.Helper()
+	var daemon *exec.Cmd
+	var stderr strings.Builder
+	nstest.Do(t, ns, func() {
+		daemon = exec.Command(os.Args[0], "run", "--config", cfg, "--log-format", "text")
+		daemon.Env = append(os.Environ(), "PSPD_TEST_AS_PSPD=1", "NOTIFY_SOCKET="+sd.path)
+		daemon.Stderr = &stderr
+		if err := daemon.Start(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	exited := make(chan error, 1)
+	go func() { exited <- daemon.Wait() }()
+	t.Cleanup(func() {
+		daemon.Process.Kill()
+		err := <-exited
+		exited <- err
+		if t.Failed() {
+			t.Logf("pspd stderr:\n%s", stderr.String())
+		}
+	})
+	return daemon, exited
+}
+
 // TestNotifyReadyAndReload: under Type=notify, pspd says READY=1 once its
 // API socket answers; pspd reload (ExecReload) succeeds for an applied
 // reload and fails, with the daemon's reason, for a refused one or a
@@ -56,25 +83,7 @@ func TestNotifyReadyAndReload(t *testing.T) {
 	}
 	sock := filepath.Join(filepath.Dir(cfg), "pspd.sock")
 
-	var daemon *exec.Cmd
-	var stderr strings.Builder
-	nstest.Do(t, ns, func() {
-		daemon = exec.Command(os.Args[0], "run", "--config", cfg, "--log-format", "text")
-		daemon.Env = append(os.Environ(), "PSPD_TEST_AS_PSPD=1", "NOTIFY_SOCKET="+sd.path)
-		daemon.Stderr = &stderr
-		if err := daemon.Start(); err != nil {
-			t.Fatal(err)
-		}
-	})
-	exited := make(chan error, 1)
-	go func() { exited <- daemon.Wait() }()
-	t.Cleanup(func() {
-		daemon.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("pspd stderr:\n%s", stderr.String())
-		}
-	})
+	daemon, exited := startPspd(t, ns, cfg, sd)
 
 	if msg := sd.next(t, 20*time.Second); !strings.Contains(msg, "READY=1") {
 		t.Fatalf("first message %q, want READY=1", msg)
@@ -145,5 +154,32 @@ func TestNotifyReadyAndReload(t *testing.T) {
 	}
 	if _, err := os.Stat(reloadStatePath(sock)); !os.IsNotExist(err) {
 		t.Errorf("state file after stop: %v", err)
+	}
+}
+
+// TestReloadRefusesStaleState: a state file left by a pspd that was
+// killed names a pid that may since belong to another process; pspd reload
+// must not send it SIGHUP when no pspd with that pid serves the socket.
+func TestReloadRefusesStaleState(t *testing.T) {
+	cfg := writeConfig(t, "")
+	sock := filepath.Join(filepath.Dir(cfg), "pspd.sock")
+	bystander := exec.Command("sleep", "30")
+	if err := bystander.Start(); err != nil {
+		t.Fatal(err)
+	}
+	died := make(chan error, 1)
+	go func() { died <- bystander.Wait() }()
+	defer bystander.Process.Kill()
+	if err := writeReloadState(reloadStatePath(sock), reloadState{PID: bystander.Process.Pid, OK: true, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code := pspdExec(t, -1, "reload", "--config", cfg, "--timeout", "1s")
+	if code != 1 || !strings.Contains(errOut, "no pspd is serving") {
+		t.Errorf("exit %d, stderr %q; want 1 and that no pspd serves the socket", code, errOut)
+	}
+	select {
+	case err := <-died:
+		t.Fatalf("pspd reload signalled the stale pid: the bystander died (%v)", err)
+	case <-time.After(200 * time.Millisecond):
 	}
 }

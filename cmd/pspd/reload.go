@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/policy"
 )
 
@@ -86,6 +88,16 @@ the running configuration unchanged). It is the systemd unit's ExecReload.`,
 			if pid != 0 && pid != before.PID {
 				return fmt.Errorf("%s is pid %d's, not --pid %d's; is another pspd using socket %s?", path, before.PID, pid, pc.Socket)
 			}
+			// A pspd that was killed leaves its state file, and its pid may
+			// be another process's by now: signal only the one serving the
+			// socket.
+			server, err := socketServer(pc.Socket)
+			if err != nil {
+				return fmt.Errorf("no pspd is serving %s (%v); %s is stale", pc.Socket, err, path)
+			}
+			if server != before.PID {
+				return fmt.Errorf("%s names pid %d, but pid %d serves %s", path, before.PID, server, pc.Socket)
+			}
 			if err := syscall.Kill(before.PID, syscall.SIGHUP); err != nil {
 				return fmt.Errorf("signal pspd (pid %d): %w", before.PID, err)
 			}
@@ -115,4 +127,19 @@ the running configuration unchanged). It is the systemd unit's ExecReload.`,
 	cmd.Flags().IntVar(&pid, "pid", 0, "the pspd expected to answer (systemd's $MAINPID); 0: whichever serves the socket")
 	cmd.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the daemon's verdict")
 	return cmd
+}
+
+// socketServer is the pid of the process listening on the unix socket
+// path (SO_PEERCRED of a connection to it).
+func socketServer(path string) (int, error) {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	cred, err := localapi.PeerCred(c.(*net.UnixConn))
+	if err != nil {
+		return 0, err
+	}
+	return int(cred.PID), nil
 }

@@ -41,7 +41,20 @@ func newRunCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "run --config FILE",
 		Short: "run the daemon",
-		Args:  cobra.NoArgs,
+		Long: `run loads the configuration, refuses it as pspd check would, takes the local
+API socket, starts the data planes the peers may use and keeps a key-exchange
+session with every peer until SIGINT or SIGTERM.
+
+SIGHUP reloads the configuration file; a refused reload is logged and leaves
+the running configuration as it was (pspd reload reports it). Under systemd
+(Type=notify) run reports READY=1 once the local API and control sockets are
+up, and RELOADING=1 / READY=1 around each reload.
+
+The local API socket (socket in the configuration) is readable by root and the
+members of --api-group; when that group does not exist run warns and the socket
+is root-only. Beside the socket, a state file records the last reload's result
+for pspd reload (the socket path with .reload appended).`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if requireFIPS && !fips140.Enabled() {
 				return errors.New("--require-fips: Go's FIPS 140-3 mode is off; start pspd with GODEBUG=fips140=on")
@@ -137,11 +150,13 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 				log.Error("reload failed", "err", err)
 				st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
 			}
-			if err := writeReloadState(state, st); err != nil {
-				log.Error("cannot record the reload's result for pspd reload", "err", err)
-			}
+			// systemd hears READY=1 before pspd reload (ExecReload) sees
+			// the result and exits, so the reload job ends in state active.
 			if err := sd.notify("READY=1", status); err != nil {
 				log.Warn("cannot tell systemd about the reload", "err", err)
+			}
+			if err := writeReloadState(state, st); err != nil {
+				log.Error("cannot record the reload's result for pspd reload", "err", err)
 			}
 		}
 	}()
