@@ -49,9 +49,9 @@ type Session struct {
 	cancel  context.CancelCauseFunc
 
 	mu      sync.Mutex
-	mk      *kdf.MasterKeys // nil after close
-	alloc   *kdf.Allocator // this session's budget of receive SPIs, above the floor
-	rxIDs   *rxIDSpace     // the endpoint's: makes them unique host-wide
+	mk      *kdf.MasterKeys         // nil after close
+	alloc   *kdf.Allocator          // this session's budget of receive SPIs, above the floor
+	rxIDs   *rxIDSpace              // the endpoint's: makes them unique host-wide
 	lastGen map[wire.AssocID]uint32 // responder: generations seen this session
 	used    spiRecord               // every SPI this session derived a key for
 }
