@@ -38,7 +38,7 @@ build:
 # Everything CI runs: lint, unit and netns tests, short fuzzing, the real-kernel VM tests.
 # It first installs what is missing (apt packages, staticcheck, Go modules).
 test: deps
-	$(MAKE) lint unit fips fuzz vmtest
+	$(MAKE) lint unit fips fuzz package-test vmtest
 
 deps:
 	tests/deps.sh test
