@@ -2,11 +2,17 @@ package netns
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pspd/pspd/localapi"
 )
 
 // TestLifecycle takes one pair, per backend, with require_encryption on,
@@ -265,4 +271,148 @@ func testCleanStop(t *testing.T, backend string) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestHub: one hub with 8 peers, each on its own veth (the test VM's
+// kernel has no bridge), half of them on each side of the role order
+// (the smaller key negotiates), all associated and carrying traffic; then
+// one peer is killed and restarted and the others keep their
+// associations undisturbed.
+func TestHub(t *testing.T) { perBackend(t, testHub) }
+
+func testHub(t *testing.T, backend string) {
+	const n = 8
+	l := newLab(t, "pnb-")
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	var ds []*Daemon
+	for i := range n + 1 {
+		h, err := l.Host(ctx, fmt.Sprintf("h%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := l.NewDaemon(ctx, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds = append(ds, d)
+	}
+	// The median key is the hub's: four peers negotiate with it, it
+	// negotiates with the other four.
+	slices.SortFunc(ds, func(a, b *Daemon) int { return strings.Compare(spki(t, a), spki(t, b)) })
+	hub, spokes := ds[n/2], slices.Delete(slices.Clone(ds), n/2, n/2+1)
+	hubInner := "10.200.0.1"
+	inner := func(i int) string { return fmt.Sprintf("10.200.1.%d", i+1) }
+	hubPeers := ""
+	for i, s := range spokes {
+		hubAddr := netip.MustParsePrefix(fmt.Sprintf("192.0.%d.1/24", 2+i))
+		spokeAddr := netip.MustParsePrefix(fmt.Sprintf("192.0.%d.2/24", 2+i))
+		if err := l.Link(ctx, hub.Host, s.Host, hubAddr, spokeAddr); err != nil {
+			t.Fatal(err)
+		}
+		hubPeers += fmt.Sprintf("  - {name: %s, endpoint: %s, public_key: %s, prefixes: [%s/32]}\n", s.Host.Name, spokeAddr.Addr(), s.PubKey, inner(i))
+		cfg := fmt.Sprintf("listen: %s\nmetrics: off\nbackend: %s\nrequire_encryption: true\n", spokeAddr.Addr(), backend)
+		if backend == "userspace" {
+			cfg += fmt.Sprintf("userspace: {address: %s/16, io: udp}\n", inner(i))
+		} else {
+			if err := s.Host.IP(ctx, "addr", "add", inner(i)+"/32", "dev", "lo"); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Host.IP(ctx, "route", "add", hubInner+"/32", "via", hubAddr.Addr().String(), "src", inner(i)); err != nil {
+				t.Fatal(err)
+			}
+			if err := hub.Host.IP(ctx, "route", "add", inner(i)+"/32", "via", spokeAddr.Addr().String(), "src", hubInner); err != nil && !strings.Contains(err.Error(), "exists") {
+				t.Fatal(err)
+			}
+		}
+		cfg += fmt.Sprintf("peers:\n  - {name: hub, endpoint: %s, public_key: %s, prefixes: [%s/32]}\n", hubAddr.Addr(), hub.PubKey, hubInner)
+		if err := s.WriteConfig(cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hubCfg := fmt.Sprintf("listen: 0.0.0.0\nmetrics: off\nbackend: %s\nrequire_encryption: true\n", backend)
+	if backend == "userspace" {
+		hubCfg += fmt.Sprintf("userspace: {address: %s/16, io: udp}\n", hubInner)
+	} else if err := hub.Host.IP(ctx, "addr", "add", hubInner+"/32", "dev", "lo"); err != nil {
+		t.Fatal(err)
+	}
+	if err := hub.WriteConfig(hubCfg + "peers:\n" + hubPeers); err != nil {
+		t.Fatal(err)
+	}
+	if err := hub.Available(ctx, backend); err != nil {
+		var u *UnavailableError
+		if errors.As(err, &u) {
+			t.Skipf("%v (pspd check in the lab); the test VM's kernel has it: make vmtest", err)
+		}
+		t.Fatal(err)
+	}
+	start := time.Now()
+	for _, d := range ds {
+		if err := d.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	byPeer := func() map[string]localapi.Assoc {
+		as, err := hub.Assocs(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]localapi.Assoc{}
+		for _, a := range as {
+			m[a.Peer] = a
+		}
+		return m
+	}
+	var up map[string]localapi.Assoc
+	for up = byPeer(); len(up) < n; up = byPeer() {
+		if time.Since(start) > 90*time.Second {
+			t.Fatalf("%d of %d associations after 90 s\n%s", len(up), n, hub.Tail(30))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("%d associations (%s) up %v after start", n, backend, time.Since(start))
+	for i, s := range spokes {
+		if _, err := EchoTCP(ctx, s.Host, hub.Host, hubInner, 16<<10, lifecycleCanary); err != nil {
+			t.Fatalf("peer %s (%d) to the hub: %v\n%s", s.Host.Name, i, err, xfrmDiag(ctx, hub.Host))
+		}
+	}
+	victim := spokes[0]
+	victim.Kill()
+	restart := time.Now()
+	if err := victim.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		now := byPeer()
+		if a, ok := now[victim.Host.Name]; ok && (a.RxSPI != up[victim.Host.Name].RxSPI || a.Generation != up[victim.Host.Name].Generation) {
+			t.Logf("restarted peer %s back %v after its restart", victim.Host.Name, time.Since(restart))
+			break
+		}
+		if time.Since(restart) > 20*time.Second {
+			t.Fatalf("restarted peer %s has no new association 20 s later\n%s", victim.Host.Name, hub.Tail(20))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	now := byPeer()
+	for _, s := range spokes[1:] {
+		a, b := up[s.Host.Name], now[s.Host.Name]
+		if a.Generation != b.Generation || a.RxSPI != b.RxSPI {
+			t.Errorf("peer %s disturbed by another's restart: %d/%#x → %d/%#x", s.Host.Name, a.Generation, a.RxSPI, b.Generation, b.RxSPI)
+		}
+	}
+	for _, s := range []*Daemon{spokes[0], spokes[n-1]} {
+		if _, err := EchoTCP(ctx, s.Host, hub.Host, hubInner, 16<<10, lifecycleCanary); err != nil {
+			t.Fatalf("peer %s to the hub after the restart: %v", s.Host.Name, err)
+		}
+	}
+}
+
+// spki is d's public key as bytes, in the order that elects roles.
+func spki(t *testing.T, d *Daemon) string {
+	t.Helper()
+	b, err := base64.StdEncoding.DecodeString(d.PubKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
