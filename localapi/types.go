@@ -42,13 +42,16 @@ type Status struct {
 
 // Peer is one configured remote pspd.
 type Peer struct {
-	Name          string    `json:"name"`
-	Endpoint      string    `json:"endpoint"`
-	Prefixes      []string  `json:"prefixes"`
-	Fingerprint   string    `json:"fingerprint"`
-	State         string    `json:"state"` // connecting, up, backoff
-	Backend       string    `json:"backend,omitempty"`
-	PeerBootID    string    `json:"peer_boot_id,omitempty"`
+	Name        string   `json:"name"`
+	Endpoint    string   `json:"endpoint"`
+	Prefixes    []string `json:"prefixes"`
+	Fingerprint string   `json:"fingerprint"`
+	State       string   `json:"state"` // connecting, up, backoff
+	Backend     string   `json:"backend,omitempty"`
+	PeerBootID  string   `json:"peer_boot_id,omitempty"`
+	// KeyExchange is the TLS key exchange group of the session, e.g.
+	// SecP256r1MLKEM768 (hybrid post-quantum) or P256 (classic).
+	KeyExchange   string    `json:"key_exchange,omitempty"`
 	LastHandshake time.Time `json:"last_handshake,omitzero"`
 	LastError     string    `json:"last_error,omitempty"`
 	Assocs        int       `json:"assocs"`

@@ -265,6 +265,7 @@ func Parse(file string, data []byte) (*Config, error) {
 		PacketBudget:      DefaultPacketBudget,
 		PSPRotation:       DefaultPSPRotation,
 		RequireEncryption: true,
+		KeyExchange:       KeyExchangeHybrid,
 		Userspace: Userspace{
 			Interface: DefaultInterface,
 			Port:      DefaultDataPort,
@@ -274,7 +275,7 @@ func Parse(file string, data []byte) (*Config, error) {
 	}
 	var peersNode *yaml.Node
 	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "suite",
-		"rekey_interval", "packet_budget", "psp_rotation_interval", "require_encryption", "userspace", "peers"}
+		"rekey_interval", "packet_budget", "psp_rotation_interval", "require_encryption", "key_exchange", "userspace", "peers"}
 	err := p.fields(root, "", known, func(k string, v *yaml.Node) (err error) {
 		switch k {
 		case "identity":
@@ -308,6 +309,8 @@ func Parse(file string, data []byte) (*Config, error) {
 			c.PSPRotation, err = p.duration(v, k, minPSPRotation, maxPSPRotation)
 		case "require_encryption":
 			c.RequireEncryption, err = p.boolean(v, k)
+		case "key_exchange":
+			err = p.enum(v, k, func(s string) (e error) { c.KeyExchange, e = parseKeyExchange(s); return })
 		case "userspace":
 			err = p.userspace(&c.Userspace, v)
 		case "peers":

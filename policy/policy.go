@@ -30,6 +30,29 @@ const (
 	BackendUserspace Backend = "userspace"
 )
 
+// KeyExchange is the TLS key exchange of the control sessions.
+type KeyExchange string
+
+const (
+	// KeyExchangeHybrid prefers SecP256r1MLKEM768 (P-256 ECDHE with
+	// ML-KEM-768, inside the FIPS 140-3 module), accepts X25519MLKEM768,
+	// and falls back to P-256 for a peer that offers nothing else, so that
+	// a recorded session cannot be decrypted later by a quantum computer
+	// unless both sides allowed the fallback.
+	KeyExchangeHybrid KeyExchange = "hybrid"
+	// KeyExchangeClassic is P-256 ECDHE only, for peers that cannot do
+	// better.
+	KeyExchangeClassic KeyExchange = "classic"
+)
+
+func parseKeyExchange(s string) (KeyExchange, error) {
+	switch k := KeyExchange(s); k {
+	case KeyExchangeHybrid, KeyExchangeClassic:
+		return k, nil
+	}
+	return "", fmt.Errorf("%q is not one of hybrid, classic", s)
+}
+
 // Offload is how the XFRM backend uses NIC crypto offload.
 type Offload string
 
@@ -87,6 +110,7 @@ type Config struct {
 	PacketBudget      uint64
 	PSPRotation       time.Duration
 	RequireEncryption bool
+	KeyExchange       KeyExchange
 	Userspace         Userspace
 	Peers             []Peer
 

@@ -152,9 +152,9 @@ func (c *cli) peerList(cmd *cobra.Command, _ []string) error {
 		if !p.LastHandshake.IsZero() {
 			hs = age(c.now(), p.LastHandshake) + " ago"
 		}
-		rows = append(rows, []string{p.Name, p.Endpoint, p.Fingerprint, p.State, dash(p.Backend), strconv.Itoa(p.Assocs), hs, dash(p.LastError)})
+		rows = append(rows, []string{p.Name, p.Endpoint, p.Fingerprint, p.State, dash(p.Backend), dash(p.KeyExchange), strconv.Itoa(p.Assocs), hs, dash(p.LastError)})
 	}
-	return c.table("PEER\tENDPOINT\tFINGERPRINT\tSTATE\tBACKEND\tASSOCS\tHANDSHAKE\tLAST ERROR", rows)
+	return c.table("PEER\tENDPOINT\tFINGERPRINT\tSTATE\tBACKEND\tKEY EXCHANGE\tASSOCS\tHANDSHAKE\tLAST ERROR", rows)
 }
 
 func (c *cli) assocList(cmd *cobra.Command, _ []string) error {

@@ -25,7 +25,7 @@ func fixture() *apitest.Service {
 		StatusV: localapi.Status{Version: "0.1.0", PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
 			Listen: "[::]:6082", Backends: []string{"userspace"}, Started: now.Add(-90 * time.Minute), Peers: 2, PeersUp: 1, Assocs: 1},
 		PeersV: []localapi.Peer{
-			{Name: "web-2", Endpoint: "192.0.2.2:6082", Fingerprint: "sha256:aa11bb22", State: "up", Backend: "userspace", LastHandshake: now.Add(-42 * time.Second), Assocs: 1},
+			{Name: "web-2", Endpoint: "192.0.2.2:6082", Fingerprint: "sha256:aa11bb22", State: "up", Backend: "userspace", KeyExchange: "SecP256r1MLKEM768", LastHandshake: now.Add(-42 * time.Second), Assocs: 1},
 			{Name: "db-1", Endpoint: "192.0.2.9:6082", Fingerprint: "sha256:cc33dd44", State: "backoff", LastError: "pin mismatch: peer presented sha256:ffff0000"},
 		},
 		AssocsV: []localapi.Assoc{{ID: "web-2/3", Peer: "web-2", Backend: "userspace", Suite: "aes-gcm-256", RxSPI: 0x00000003, TxSPI: 0x40000003,

@@ -117,7 +117,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	// may change it), and the endpoint must not need a restart for that.
 	kc := keyexchange.Config{
 		Identity: id, ListenAddr: pc.Listen.String(), Installers: installers,
-		Logger: d.log.With("part", "keyexchange"),
+		Logger: d.log.With("part", "keyexchange"), ClassicKeyExchange: pc.KeyExchange == policy.KeyExchangeClassic,
 	}
 	for _, b := range cfg.Backends {
 		if c, ok := b.(offload.SocketController); ok {
@@ -431,6 +431,7 @@ func restartOnly(cur, next *policy.Config) error {
 		{"packet_budget", cur.PacketBudget, next.PacketBudget},
 		{"rekey_interval", cur.RekeyInterval, next.RekeyInterval},
 		{"psp_rotation_interval", cur.PSPRotation, next.PSPRotation},
+		{"key_exchange", cur.KeyExchange, next.KeyExchange},
 	} {
 		if f.a != f.b {
 			return fmt.Errorf("reload %s refused: %s changed from %v to %v, which needs a restart of pspd (the SAs in place were installed with it); nothing was applied", next.File, f.name, f.a, f.b)

@@ -180,6 +180,9 @@ func TestTwoDaemons(t *testing.T) {
 	if err != nil || len(ps) != 1 || ps[0].State != "up" || ps[0].Fingerprint != b.id.Public().Fingerprint() {
 		t.Fatalf("peers %+v %v", ps, err)
 	}
+	if ps[0].KeyExchange != "SecP256r1MLKEM768" {
+		t.Errorf("peer list shows key exchange %q, want the hybrid post-quantum SecP256r1MLKEM768 by default", ps[0].KeyExchange)
+	}
 
 	// Rotate from b's side: make-before-break, new SPIs reported.
 	rs, err := cb.Rotate(context.Background(), localapi.RotateRequest{Peer: "a"})
@@ -391,5 +394,23 @@ func TestNewFailsCleanly(t *testing.T) {
 	}
 	if rec.Holds("b") {
 		t.Error("the refused peer was left in the backend")
+	}
+}
+
+// TestClassicKeyExchange: key_exchange: classic on one side makes the
+// pair agree on P-256; both sides show it.
+func TestClassicKeyExchange(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "key_exchange: classic\n", b))
+	b.start(t, b.config(t, "", a))
+	waitAssoc(t, client.New(a.sock), 1)
+	for _, h := range []*host{a, b} {
+		ps, err := client.New(h.sock).Peers(context.Background())
+		if err != nil || len(ps) != 1 || ps[0].KeyExchange != "CurveP256" {
+			t.Errorf("%s: peers %+v %v, want key exchange CurveP256", h.name, ps, err)
+		}
 	}
 }

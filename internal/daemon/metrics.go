@@ -16,11 +16,12 @@ var (
 	descBytes  = prometheus.NewDesc("pspd_bytes_total", "Bytes through current associations.", []string{"peer", "backend", "direction"}, nil)
 	descPkts   = prometheus.NewDesc("pspd_packets_total", "Packets through current associations.", []string{"peer", "backend", "direction"}, nil)
 	descHands  = prometheus.NewDesc("pspd_handshakes_total", "Key-exchange handshakes by result.", []string{"result"}, nil)
+	descGroups = prometheus.NewDesc("pspd_handshake_groups_total", "Key-exchange handshakes that came up, by TLS key exchange group (SecP256r1MLKEM768: hybrid post-quantum).", []string{"group"}, nil)
 	descDrops  = prometheus.NewDesc("pspd_drops_total", "Packets dropped by the data plane, by reason.", []string{"backend", "reason"}, nil)
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPeers, descAssocs, descRekeys, descBytes, descPkts, descHands, descDrops} {
+	for _, d := range []*prometheus.Desc{descPeers, descAssocs, descRekeys, descBytes, descPkts, descHands, descGroups, descDrops} {
 		ch <- d
 	}
 }
@@ -49,6 +50,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	d.mu.Unlock()
 	hs := d.ep.Stats()
 	ch <- prometheus.MustNewConstMetric(descHands, prometheus.CounterValue, float64(hs.Handshakes), "ok")
+	for g, n := range hs.Groups {
+		ch <- prometheus.MustNewConstMetric(descGroups, prometheus.CounterValue, float64(n), g.String())
+	}
 	ch <- prometheus.MustNewConstMetric(descHands, prometheus.CounterValue, float64(hs.HandshakeFailures), "failed")
 	for s, v := range states {
 		ch <- prometheus.MustNewConstMetric(descPeers, prometheus.GaugeValue, v, s)

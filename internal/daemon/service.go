@@ -60,6 +60,7 @@ func (d *Daemon) Peers(context.Context) ([]localapi.Peer, error) {
 		if s := p.kx.Session(); s != nil {
 			lp.State = "up"
 			lp.PeerBootID = fmt.Sprintf("%x", s.PeerBootID())
+			lp.KeyExchange = s.Group().String()
 		} else if err := p.kx.LastError(); err != nil {
 			lp.State = "backoff"
 		}
