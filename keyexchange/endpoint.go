@@ -111,8 +111,9 @@ type Config struct {
 	// PeerNegotiationBurst (8), one per PeerNegotiationInterval (1s). As
 	// responder, an SAOffer over the limit ends the session with a
 	// rate-limit error; as initiator, the peer's Rekey requests over the
-	// limit are coalesced and served when the limit allows. Rekeys this
-	// host starts (timer, Peer.Rekey) are not limited.
+	// limit are coalesced and served when the limit allows, and the
+	// initiator paces every negotiation it starts (timer, Peer.Rekey) to
+	// the same limit, so set the same values on both sides.
 	PeerNegotiationBurst    int
 	PeerNegotiationInterval time.Duration
 	// ClassicKeyExchange restricts the TLS key exchange to P-256 ECDHE,

@@ -57,6 +57,20 @@ func TestGoodbyeMarksPeerDown(t *testing.T) {
 			if !strings.Contains(string(otherNode.logs.Bytes()), "goodbye") {
 				t.Fatal("goodbye not logged")
 			}
+			// The session ended like any other: when the peer comes back,
+			// the pair associates again.
+			if tc.endpoint {
+				back := newNode(t, stopping.ep.id, long)
+				bp, err := back.ep.AddPeer(peerCfg(otherNode))
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range []*Peer{bp, other} {
+					if _, err := p.Wait(ctxT(t, 10*time.Second), func(SA) bool { return p.Status().Up }); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
 		})
 	}
 }

@@ -490,6 +490,19 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 	var deferred <-chan time.Time // a Rekey request the limit held back
 	warned := false
 	negotiate := func() error {
+		// Every negotiation costs the responder a token of its limit;
+		// pace ours to the same limit (the default on both sides) so that
+		// an honest initiator never trips it.
+		for !p.limit.allow(time.Now()) {
+			select {
+			case <-time.After(p.limit.wait(time.Now())):
+			case err := <-serveErr:
+				serveErr <- err
+				return err
+			case <-p.ctx.Done():
+				return p.ctx.Err()
+			}
+		}
 		sa, err := p.negotiate(s)
 		if err == nil {
 			p.commit(sa)
@@ -521,13 +534,11 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 				deferred = time.After(d)
 				continue
 			}
-			p.limit.allow(time.Now())
 			if err := negotiate(); err != nil {
 				return err
 			}
 		case <-deferred:
 			deferred = nil
-			p.limit.allow(time.Now())
 			if err := negotiate(); err != nil {
 				return err
 			}
