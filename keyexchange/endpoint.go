@@ -109,8 +109,8 @@ type Config struct {
 	// negotiations a peer can make this host run, since each costs key
 	// derivations and kernel installs: beyond a burst of
 	// PeerNegotiationBurst (8), one per PeerNegotiationInterval (1s). As
-	// responder, an SAOffer over the limit ends the session with a
-	// rate-limit error; as initiator, the peer's Rekey requests over the
+	// responder (allowing one more than the burst, for jitter), an SAOffer
+	// over the limit ends the session with a rate-limit error; as initiator, the peer's Rekey requests over the
 	// limit are coalesced and served when the limit allows, and the
 	// initiator paces every negotiation it starts (timer, Peer.Rekey) to
 	// the same limit, so set the same values on both sides.

@@ -319,7 +319,7 @@ func TestHostileInitiator(t *testing.T) {
 				}
 			}
 			return nil
-		}, wire.CodeRateLimit, "faster than", 3, 3},
+		}, wire.CodeRateLimit, "faster than", 4, 4}, // the burst of 3, and one of slack
 		{"oversize frame instead of the confirm", func(h *hostile) error {
 			return h.rawNegotiation(offerOf(1, x), oversizeFrame)
 		}, wire.CodeTooLarge, "SAConfirm", 1, 0},
