@@ -176,6 +176,7 @@ type Endpoint struct {
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*Peer
+	rxIDs rxIDSpace
 
 	handshakes, failures atomic.Uint64
 	groupsMu             sync.Mutex

@@ -28,6 +28,9 @@ type recorder struct {
 	// onActivate, if set, runs before an SA is marked active.
 	activated  map[recKey]bool
 	onActivate func(SA)
+	// hostWide refuses a receive SPI live for any peer, as the kernel's
+	// XFRM does.
+	hostWide bool
 }
 
 // recKey names an inbound SA: receive SPIs are unique per peer (the
@@ -58,7 +61,7 @@ func (r *recorder) Activate(_ context.Context, sa *SA) error {
 		return errors.New("recorder: activating an SA that is not installed")
 	}
 	if hook != nil {
-		hook(sa.withoutKeys())
+		hook(sa.WithoutKeys())
 	}
 	r.mu.Lock()
 	r.activated[keyOf(sa)] = true
@@ -87,7 +90,14 @@ func (r *recorder) Install(_ context.Context, sa *SA) error {
 	if _, dup := r.live[keyOf(sa)]; dup {
 		return errors.New("recorder: rx SPI already installed")
 	}
-	rec := recorded{sa: sa.withoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone()}
+	if r.hostWide {
+		for k := range r.live {
+			if k.spi == sa.RxSPI {
+				return errors.New("recorder: rx SPI already installed for another peer (the kernel keys inbound SAs by local address and SPI)")
+			}
+		}
+	}
+	rec := recorded{sa: sa.WithoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone()}
 	r.live[keyOf(sa)] = rec
 	r.history = append(r.history, rec)
 	return nil

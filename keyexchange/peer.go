@@ -209,7 +209,7 @@ func (p *Peer) Current() (SA, bool) {
 	if p.cur == nil {
 		return SA{}, false
 	}
-	return p.cur.withoutKeys(), true
+	return p.cur.WithoutKeys(), true
 }
 
 // Wait blocks until the current SA satisfies ok.
@@ -220,7 +220,7 @@ func (p *Peer) Wait(ctx context.Context, ok func(SA) bool) (SA, error) {
 		var sa SA
 		have := p.cur != nil
 		if have {
-			sa = p.cur.withoutKeys()
+			sa = p.cur.WithoutKeys()
 		}
 		p.mu.Unlock()
 		if have && ok(sa) {
@@ -268,7 +268,7 @@ func (p *Peer) Rekey(ctx context.Context) (SA, error) {
 		ch, n := p.changed, p.commits
 		var sa SA
 		if p.cur != nil {
-			sa = p.cur.withoutKeys()
+			sa = p.cur.WithoutKeys()
 		}
 		p.mu.Unlock()
 		if n > before {

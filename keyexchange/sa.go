@@ -2,54 +2,12 @@ package keyexchange
 
 import (
 	"context"
-	"fmt"
-	"log/slog"
 
-	"github.com/pspd/pspd/internal/secret"
-	"github.com/pspd/pspd/keyexchange/identity"
-	"github.com/pspd/pspd/keyexchange/kdf"
-	"github.com/pspd/pspd/keyexchange/wire"
+	"github.com/pspd/pspd/assoc"
 )
 
-// SA is one generation of an association with a peer: a pair of simplex
-// security associations, one per direction.
-type SA struct {
-	Peer       identity.PublicKey
-	ID         wire.AssocID
-	Backend    wire.Backend
-	Suite      kdf.Suite
-	Generation uint32
-	RxSPI      kdf.SPI // we receive and decrypt under this SPI
-	TxSPI      kdf.SPI // we encrypt to the peer under this SPI
-	RxKey      secret.Key
-	TxKey      secret.Key
-}
-
-// Wipe zeroes both keys.
-func (sa *SA) Wipe() {
-	sa.RxKey.Wipe()
-	sa.TxKey.Wipe()
-}
-
-// withoutKeys is what the SA looks like to anyone but the installer.
-func (sa *SA) withoutKeys() SA {
-	c := *sa
-	c.RxKey, c.TxKey = secret.Key{}, secret.Key{}
-	return c
-}
-
-func (sa *SA) String() string {
-	return fmt.Sprintf("sa{peer=%s id=%d gen=%d %s/%s rx=%s tx=%s}",
-		sa.Peer.Fingerprint(), sa.ID, sa.Generation, sa.Backend, sa.Suite, sa.RxSPI, sa.TxSPI)
-}
-
-// LogValue logs the SA without its keys.
-func (sa *SA) LogValue() slog.Value {
-	return slog.GroupValue(
-		slog.Uint64("id", uint64(sa.ID)), slog.Uint64("gen", uint64(sa.Generation)),
-		slog.String("backend", sa.Backend.String()), slog.String("suite", sa.Suite.String()),
-		slog.String("rx_spi", sa.RxSPI.String()), slog.String("tx_spi", sa.TxSPI.String()))
-}
+// SA is one generation of an association (package assoc owns the type).
+type SA = assoc.SA
 
 // Installer is a data plane (kernel PSP, XFRM, userspace) as the key
 // exchange sees it. A new generation goes live in two steps, so that no

@@ -49,8 +49,9 @@ type Session struct {
 	cancel  context.CancelCauseFunc
 
 	mu      sync.Mutex
-	mk      *kdf.MasterKeys // nil after close
-	alloc   *kdf.Allocator
+	mk      *kdf.MasterKeys         // nil after close
+	alloc   *kdf.Allocator          // this session's budget of receive SPIs, above the floor
+	rxIDs   *rxIDSpace              // the endpoint's: makes them unique host-wide
 	lastGen map[wire.AssocID]uint32 // responder: generations seen this session
 	used    spiRecord               // every SPI this session derived a key for
 }
@@ -244,7 +245,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	s = &Session{
 		conn: conn, dialed: dialer, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
 		log: e.log.With("peer", peer.Fingerprint(), "role", role.String()),
-		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, lastGen: map[wire.AssocID]uint32{},
+		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, rxIDs: &e.rxIDs, lastGen: map[wire.AssocID]uint32{},
 	}
 	if s.hello, err = e.exchangeHello(ctx, conn, peer, dialer); err != nil {
 		s.Close(err)
@@ -270,6 +271,46 @@ func newAllocator(role kdf.Role, floor, perSession uint32) (*kdf.Allocator, erro
 		last = floor + perSession
 	}
 	return kdf.NewAllocatorRange(0, role, floor+1, last)
+}
+
+// rxIDSpace hands out the key ids of every receive SPI of an endpoint,
+// across all its peers and sessions, each once. The kernel keys an inbound
+// ESP SA by (destination address, SPI, mark), the same for every peer, so
+// two peers of the same role must never get the same receive SPI; and an
+// SPI still held by a retiring SA of an earlier session is never handed
+// out again either.
+type rxIDSpace struct {
+	mu   sync.Mutex
+	next uint32
+}
+
+// take returns an id of at least min that was never returned before.
+func (r *rxIDSpace) take(min uint32) (uint32, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	id := max(min, r.next)
+	if id == 0 || id > kdf.MaxKeyID {
+		return 0, kdf.ErrSPIExhausted
+	}
+	r.next = id + 1
+	return id, nil
+}
+
+// nextRxSPI allocates a receive SPI: within the session's budget and
+// above its floor, and unique among all of the endpoint's.
+func (s *Session) nextRxSPI() (kdf.SPI, error) {
+	s.mu.Lock()
+	a := s.alloc
+	s.mu.Unlock()
+	spi, err := a.Next()
+	if err != nil {
+		return 0, err
+	}
+	id, err := s.rxIDs.take(spi.Counter())
+	if err != nil {
+		return 0, err
+	}
+	return kdf.MakeSPI(spi.MasterKeyIndex(), s.role, id)
 }
 
 // raiseFloor makes the session allocate above floor, so that it never
@@ -434,7 +475,7 @@ func (s *Session) negotiate(ctx context.Context, inst Installer, assoc wire.Asso
 	if !s.hello.Backends.Has(b) || !s.hello.Suites.Has(suite) {
 		return nil, s.fail(nil, op, fmt.Errorf("%w: peer does not offer backend %s with suite %s", errUnsupported, b, suite))
 	}
-	rx, err := s.alloc.Next()
+	rx, err := s.nextRxSPI()
 	if err != nil {
 		return nil, s.fail(nil, op, err)
 	}
@@ -573,7 +614,7 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	if err := s.checkGeneration(offer.Assoc, offer.Generation); err != nil {
 		return s.fail(str, op, err)
 	}
-	rx, err := s.alloc.Next()
+	rx, err := s.nextRxSPI()
 	if err != nil {
 		return s.fail(str, op, err)
 	}

@@ -44,6 +44,7 @@ type Status struct {
 type Peer struct {
 	Name          string    `json:"name"`
 	Endpoint      string    `json:"endpoint"`
+	Prefixes      []string  `json:"prefixes"`
 	Fingerprint   string    `json:"fingerprint"`
 	State         string    `json:"state"` // connecting, up, backoff
 	Backend       string    `json:"backend,omitempty"`

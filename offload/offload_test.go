@@ -6,42 +6,40 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/pspd/pspd/keyexchange/wire"
-	"github.com/pspd/pspd/policy"
+	"github.com/pspd/pspd/assoc"
 )
 
-func TestChoose(t *testing.T) {
+func TestCandidates(t *testing.T) {
 	report := Probe(context.Background(), []Prober{
-		{wire.BackendPSP, func(context.Context) error {
+		{assoc.BackendPSP, func(context.Context) error {
 			return errors.New("no generic netlink family psp (kernel built without CONFIG_INET_PSP)")
 		}},
-		{wire.BackendXFRM, func(context.Context) error { return errors.New("kernel lacks ESP rfc4106(gcm(aes))") }},
-		{wire.BackendUserspace, func(context.Context) error { return nil }},
+		{assoc.BackendXFRM, func(context.Context) error { return errors.New("kernel lacks ESP rfc4106(gcm(aes))") }},
+		{assoc.BackendUserspace, func(context.Context) error { return nil }},
 	})
-	both := []wire.Backend{wire.BackendXFRM, wire.BackendUserspace}
 	for _, tc := range []struct {
-		want    policy.Backend
-		peer    []wire.Backend
-		got     wire.Backend
+		want    assoc.Backend
+		got     []assoc.Backend
 		errText string
 	}{
-		{policy.BackendAuto, nil, wire.BackendUserspace, ""},
-		{policy.BackendAuto, both, wire.BackendUserspace, ""},
-		{policy.BackendUserspace, both, wire.BackendUserspace, ""},
-		{policy.BackendXFRM, both, 0, "backend xfrm was configured but this host cannot run it: kernel lacks ESP"},
-		{policy.BackendPSP, nil, 0, "backend psp protects TCP connections that applications hand to pspd"},
-		{policy.BackendUserspace, []wire.Backend{wire.BackendXFRM}, 0, "the peer does not offer it (it offers xfrm)"},
-		{policy.BackendAuto, []wire.Backend{wire.BackendXFRM}, 0, "no common backend: this host offers userspace, the peer offers xfrm"},
+		{0, []assoc.Backend{assoc.BackendUserspace}, ""},
+		{assoc.BackendUserspace, []assoc.Backend{assoc.BackendUserspace}, ""},
+		{assoc.BackendXFRM, nil, "backend xfrm was configured but this host cannot run it: kernel lacks ESP"},
+		{assoc.BackendPSP, nil, "backend psp protects TCP connections that applications hand to pspd"},
 	} {
-		b, err := Choose(tc.want, report, tc.peer)
+		got, err := Candidates(tc.want, report)
 		if tc.errText != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.errText) {
-				t.Errorf("Choose(%s, %v) = %v, %v; want error containing %q", tc.want, tc.peer, b, err, tc.errText)
+				t.Errorf("Candidates(%s) = %v, %v; want error containing %q", tc.want, got, err, tc.errText)
 			}
 			continue
 		}
-		if err != nil || b != tc.got {
-			t.Errorf("Choose(%s, %v) = %v, %v; want %v", tc.want, tc.peer, b, err, tc.got)
+		if err != nil || len(got) != len(tc.got) || got[0] != tc.got[0] {
+			t.Errorf("Candidates(%s) = %v, %v; want %v", tc.want, got, err, tc.got)
 		}
+	}
+	none := Probe(context.Background(), []Prober{{assoc.BackendUserspace, func(context.Context) error { return errors.New("no /dev/net/tun") }}})
+	if _, err := Candidates(0, none); !errors.Is(err, ErrNoCommonBackend) || !strings.Contains(err.Error(), "no /dev/net/tun") {
+		t.Errorf("Candidates(auto) on a host with nothing = %v; want ErrNoCommonBackend with the reason", err)
 	}
 }

@@ -1,13 +1,18 @@
 package policy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"math/bits"
+	"net"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 
@@ -24,22 +29,54 @@ type FieldError struct {
 }
 
 func (e *FieldError) Error() string {
-	if e.Field == "" {
-		return fmt.Sprintf("%s:%d: %v", e.File, e.Line, e.Err)
+	where := e.File
+	if e.Line > 0 {
+		where = fmt.Sprintf("%s:%d", e.File, e.Line)
 	}
-	return fmt.Sprintf("%s:%d: %s: %v", e.File, e.Line, e.Field, e.Err)
+	if e.Field == "" {
+		return fmt.Sprintf("%s: %v", where, e.Err)
+	}
+	// An error of package identity about field identity says
+	// "identity: " once, not twice.
+	msg := strings.TrimPrefix(e.Err.Error(), e.Field+": ")
+	return fmt.Sprintf("%s: %s: %s", where, e.Field, msg)
 }
 
 func (e *FieldError) Unwrap() error { return e.Err }
 
-type parser struct{ file string }
+type parser struct {
+	file    string
+	lines   map[string]int // field path → line of its key (of the entry, in lists)
+	maxLine int
+}
 
 func (p parser) fail(n *yaml.Node, field, format string, args ...any) error {
 	line := 1
 	if n != nil {
-		line = n.Line
+		// yaml.v3 places a node it made up for a missing value (an empty
+		// document, a key without a value at the end) after the input.
+		line = max(min(n.Line, p.maxLine), 1)
 	}
 	return &FieldError{File: p.file, Line: line, Field: field, Err: fmt.Errorf(format, args...)}
+}
+
+// failAt reports a check across fields at the line of field, the one at
+// fault, or at line 1 when the file left it to its default.
+func (p parser) failAt(field, format string, args ...any) error {
+	line := p.lines[field]
+	if line == 0 {
+		line = 1
+	}
+	return &FieldError{File: p.file, Line: line, Field: field, Err: fmt.Errorf(format, args...)}
+}
+
+// where describes field for a message about another one: its line, or
+// that the file leaves it to its default.
+func (p parser) where(field string) string {
+	if l := p.lines[field]; l != 0 {
+		return fmt.Sprintf("(line %d)", l)
+	}
+	return "(the default)"
 }
 
 // fields walks a mapping node, refusing duplicate and unknown keys; set is
@@ -56,6 +93,7 @@ func (p parser) fields(n *yaml.Node, path string, known []string, set func(key s
 			return p.fail(k, field, "set twice")
 		}
 		seen[k.Value] = true
+		p.lines[field] = k.Line
 		if !contains(known, k.Value) {
 			return p.fail(k, field, "unknown field (known: %s)", strings.Join(known, ", "))
 		}
@@ -92,24 +130,75 @@ func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time
 	}
 	d, err := time.ParseDuration(s)
 	if err != nil {
-		return 0, p.fail(n, field, "%q is not a duration like 90s, 10m or 24h", s)
+		if durationSyntax.MatchString(s) {
+			// Well formed but beyond what a time.Duration holds.
+			return 0, p.fail(n, field, "%q is outside %s..%s", s, fmtDuration(lo), fmtDuration(hi))
+		}
+		return 0, p.fail(n, field, "%q is not a duration in %s..%s (like 90s, 10m or 24h)", s, fmtDuration(lo), fmtDuration(hi))
 	}
 	if d < lo || d > hi {
-		return 0, p.fail(n, field, "%v is outside %v..%v", d, lo, hi)
+		return 0, p.fail(n, field, "%s is outside %s..%s", fmtDuration(d), fmtDuration(lo), fmtDuration(hi))
 	}
 	return d, nil
 }
 
-func (p parser) uint(n *yaml.Node, field string, lo uint64) (uint64, error) {
+// durationSyntax is what time.ParseDuration takes, whatever the size.
+var durationSyntax = regexp.MustCompile(`^[-+]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+$`)
+
+// fmtDuration is d as an operator writes it: 24h, not 24h0m0s.
+func fmtDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}
+
+// fmtCount is v, and its power of two when it is one: limits are chosen
+// as powers of two and read better that way.
+func fmtCount(v uint64) string {
+	if v >= 1<<20 && v&(v-1) == 0 {
+		return fmt.Sprintf("%d (2^%d)", v, bits.TrailingZeros64(v))
+	}
+	return strconv.FormatUint(v, 10)
+}
+
+// uint parses an integer in lo..hi. A number YAML reads as a float
+// (1e30, 4096.5, or an integer too large for 64 bits) or as a negative
+// integer is refused with the range, never converted: a conversion could
+// wrap into an accepted value.
+func (p parser) uint(n *yaml.Node, field string, lo, hi uint64) (uint64, error) {
+	rng := fmtCount(lo) + ".." + fmtCount(hi)
+	if n.Kind == yaml.ScalarNode && n.Tag == "!!float" {
+		if f, err := strconv.ParseFloat(strings.ReplaceAll(n.Value, "_", ""), 64); err == nil && (f < float64(lo) || f > float64(hi)) {
+			return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
+		}
+		return 0, p.fail(n, field, "%s is not an integer; want an integer in %s", n.Value, rng)
+	}
 	if n.Kind != yaml.ScalarNode || n.Tag != "!!int" {
-		return 0, p.fail(n, field, "expected an integer")
+		return 0, p.fail(n, field, "expected an integer in %s, got %q", rng, n.Value)
 	}
-	v, err := strconv.ParseUint(strings.ReplaceAll(n.Value, "_", ""), 0, 64)
+	s := strings.ReplaceAll(n.Value, "_", "")
+	if d := strings.TrimLeft(s, "+"); len(d) > 1 && d[0] == '0' && d[1] >= '0' && d[1] <= '9' {
+		// yaml.v3 reads 0100 as octal 64, YAML 1.2 as decimal 100.
+		digits := strings.TrimLeft(d, "0")
+		if digits == "" {
+			digits = "0"
+		}
+		return 0, p.fail(n, field, "%s has a leading zero, which YAML may read as octal; write %s or 0o%s", n.Value, digits, digits)
+	}
+	if strings.HasPrefix(s, "-") {
+		return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
+	}
+	v, err := strconv.ParseUint(strings.TrimPrefix(s, "+"), 0, 64)
+	if errors.Is(err, strconv.ErrRange) || err == nil && (v < lo || v > hi) {
+		return 0, p.fail(n, field, "%s is outside %s", n.Value, rng)
+	}
 	if err != nil {
-		return 0, p.fail(n, field, "%q is not a non-negative integer", n.Value)
-	}
-	if v < lo {
-		return 0, p.fail(n, field, "%d is below the minimum %d", v, lo)
+		return 0, p.fail(n, field, "%q is not an integer; want an integer in %s", n.Value, rng)
 	}
 	return v, nil
 }
@@ -121,19 +210,32 @@ func (p parser) boolean(n *yaml.Node, field string) (bool, error) {
 	return n.Value == "true", nil
 }
 
+// addrPort parses an IP address with an optional port (defaultPort when
+// it is left out; required when defaultPort is 0).
 func (p parser) addrPort(n *yaml.Node, field string, defaultPort uint16) (netip.AddrPort, error) {
 	s, err := p.str(n, field)
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
-	if ap, err := netip.ParseAddrPort(s); err == nil {
-		if ap.Port() == 0 {
-			return netip.AddrPort{}, p.fail(n, field, "port 0 in %q", s)
+	if host, port, err := net.SplitHostPort(s); err == nil {
+		a, aerr := netip.ParseAddr(host)
+		if aerr != nil {
+			return netip.AddrPort{}, p.fail(n, field, "%q is not an IP address with optional :port (host names are not resolved)", s)
 		}
-		return ap, nil
+		v, err := strconv.ParseUint(port, 10, 16)
+		if err != nil && !errors.Is(err, strconv.ErrRange) {
+			return netip.AddrPort{}, p.fail(n, field, "port %q in %q is not a number in 1..65535", port, s)
+		}
+		if err != nil || v == 0 {
+			return netip.AddrPort{}, p.fail(n, field, "port %s is outside 1..65535", port)
+		}
+		return netip.AddrPortFrom(a, uint16(v)), nil
 	}
 	bare := strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-	if a, err := netip.ParseAddr(bare); err == nil && defaultPort != 0 {
+	if a, err := netip.ParseAddr(bare); err == nil {
+		if defaultPort == 0 {
+			return netip.AddrPort{}, p.fail(n, field, "%q has no port; want address:port", s)
+		}
 		return netip.AddrPortFrom(a, defaultPort), nil
 	}
 	return netip.AddrPort{}, p.fail(n, field, "%q is not an IP address with optional :port (host names are not resolved)", s)
@@ -141,10 +243,10 @@ func (p parser) addrPort(n *yaml.Node, field string, defaultPort uint16) (netip.
 
 // Parse validates data, read from file, into a Config.
 func Parse(file string, data []byte) (*Config, error) {
-	p := parser{file: file}
+	p := parser{file: file, lines: map[string]int{}, maxLine: maxLine(data)}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
-		return nil, fmt.Errorf("policy: %s: %w", file, err)
+		return nil, syntaxError(file, data, err)
 	}
 	if len(doc.Content) == 0 {
 		return nil, p.fail(nil, "", "empty configuration: at least identity must be set")
@@ -152,6 +254,7 @@ func Parse(file string, data []byte) (*Config, error) {
 	root := doc.Content[0]
 	c := &Config{
 		File:              file,
+		lines:             p.lines,
 		Listen:            netip.AddrPortFrom(netip.IPv6Unspecified(), DefaultListenPort),
 		Socket:            DefaultSocket,
 		Metrics:           DefaultMetrics,
@@ -200,9 +303,9 @@ func Parse(file string, data []byte) (*Config, error) {
 		case "rekey_interval":
 			c.RekeyInterval, err = p.duration(v, k, minRekeyInterval, maxRekeyInterval)
 		case "packet_budget":
-			c.PacketBudget, err = p.uint(v, k, minPacketBudget)
+			c.PacketBudget, err = p.uint(v, k, minPacketBudget, maxPacketBudget)
 		case "psp_rotation_interval":
-			c.PSPRotation, err = p.duration(v, k, minPSPRotation, 30*24*time.Hour)
+			c.PSPRotation, err = p.duration(v, k, minPSPRotation, maxPSPRotation)
 		case "require_encryption":
 			c.RequireEncryption, err = p.boolean(v, k)
 		case "userspace":
@@ -221,14 +324,130 @@ func Parse(file string, data []byte) (*Config, error) {
 	if c.PSPRotation <= c.RekeyInterval {
 		// An association survives exactly one device-key rotation, so every
 		// association must be replaced well within one rotation period.
-		return nil, p.fail(root, "psp_rotation_interval", "%v must be longer than rekey_interval %v", c.PSPRotation, c.RekeyInterval)
+		// The field at fault is the one the file sets.
+		if p.lines["psp_rotation_interval"] != 0 {
+			return nil, p.failAt("psp_rotation_interval", "%s must be longer than rekey_interval %s %s: an association must be replaced within one device-key rotation",
+				fmtDuration(c.PSPRotation), fmtDuration(c.RekeyInterval), p.where("rekey_interval"))
+		}
+		return nil, p.failAt("rekey_interval", "%s must be shorter than psp_rotation_interval %s %s: an association must be replaced within one device-key rotation",
+			fmtDuration(c.RekeyInterval), fmtDuration(c.PSPRotation), p.where("psp_rotation_interval"))
 	}
 	if peersNode != nil {
 		if err := p.peers(c, peersNode); err != nil {
 			return nil, err
 		}
 	}
+	if err := p.ports(c); err != nil {
+		return nil, err
+	}
 	return c, nil
+}
+
+// ports refuses a userspace data port equal to the control port: both
+// are UDP on the listen address, so the second socket could not bind (and
+// AF_XDP would steer the control packets to the data plane).
+func (p parser) ports(c *Config) error {
+	if c.Userspace.Port != c.Listen.Port() || !c.mayUseUserspace() {
+		return nil
+	}
+	if p.lines["userspace.port"] != 0 {
+		return p.failAt("userspace.port", "%d is also the port of listen %s; the userspace data plane and the QUIC control socket need different UDP ports", c.Userspace.Port, p.where("listen"))
+	}
+	return p.failAt("listen", "port %d is also the port of userspace.port %s; the QUIC control socket and the userspace data plane need different UDP ports", c.Listen.Port(), p.where("userspace.port"))
+}
+
+// mayUseUserspace reports whether any peer can end up on the userspace
+// data plane.
+func (c *Config) mayUseUserspace() bool {
+	switch c.Backend {
+	case BackendAuto, BackendUserspace:
+		if len(c.Peers) == 0 {
+			return true
+		}
+	}
+	for _, p := range c.Peers {
+		switch p.Backend.OrDefault(c.Backend) {
+		case BackendAuto, BackendUserspace:
+			return true
+		}
+	}
+	return false
+}
+
+var (
+	yamlLine      = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
+	unknownAnchor = regexp.MustCompile(`^unknown anchor '(.*)' referenced$`)
+)
+
+// yamlParserProblems are the problems yaml.v3's parser (not its scanner)
+// reports. It numbers their lines from 0: "line 1" is the second line.
+var yamlParserProblems = []string{
+	"did not find expected ',' or ']'",
+	"did not find expected ',' or '}'",
+	"did not find expected '-' indicator",
+	"did not find expected <document start>",
+	"did not find expected <stream-start>",
+	"did not find expected key",
+	"did not find expected node content",
+	"found duplicate %TAG directive",
+	"found duplicate %YAML directive",
+	"found incompatible YAML document",
+	"found undefined tag handle",
+}
+
+// syntaxError turns a YAML syntax error into a FieldError at the line of
+// the problem, so that it reads like every other configuration error.
+// Errors yaml.v3 reports without a line (bad UTF-8, control characters,
+// unknown anchors) are located here.
+func syntaxError(file string, data []byte, err error) error {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	line := 0
+	if m := yamlLine.FindStringSubmatch(err.Error()); m != nil {
+		line, _ = strconv.Atoi(m[1])
+		msg = m[2]
+		if slices.Contains(yamlParserProblems, msg) {
+			line++
+		}
+	} else if m := unknownAnchor.FindStringSubmatch(msg); m != nil {
+		if i := bytes.Index(data, []byte("*"+m[1])); i >= 0 {
+			line = 1 + bytes.Count(data[:i], []byte("\n"))
+		}
+	} else if i := badChar(data); i >= 0 {
+		line = 1 + bytes.Count(data[:i], []byte("\n"))
+	}
+	// The off-by-one is not uniform (a problem at the end of the input is
+	// counted from 1): never point past the last line.
+	line = min(line, maxLine(data))
+	return &FieldError{File: file, Line: max(line, 1), Err: fmt.Errorf("YAML syntax: %s", msg)}
+}
+
+// maxLine bounds the number of lines YAML sees in data: it also breaks
+// lines at CR, NEL and the Unicode line and paragraph separators.
+func maxLine(data []byte) int {
+	n := 1
+	for _, sep := range []string{"\n", "\r", "\u0085", "\u2028", "\u2029"} {
+		n += bytes.Count(data, []byte(sep))
+	}
+	return n
+}
+
+// badChar is the offset of the first byte YAML's reader refuses: invalid
+// UTF-8 or a character outside YAML's printable set; -1 if there is none.
+func badChar(data []byte) int {
+	for i := 0; i < len(data); {
+		r, n := utf8.DecodeRune(data[i:])
+		ok := r != utf8.RuneError || n > 1
+		switch {
+		case r == '\t' || r == '\n' || r == '\r' || r == 0x85:
+		case r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0 || r == 0xfffe || r == 0xffff:
+			ok = false
+		}
+		if !ok {
+			return i
+		}
+		i += n
+	}
+	return -1
 }
 
 func (p parser) enum(n *yaml.Node, field string, set func(string) error) error {
@@ -260,20 +479,26 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 		peer   string
 	}
 	var allPrefixes []owned
+	// Prefix nodes per peer, for the underlay checks that need every
+	// peer's endpoint.
+	prefixNodes := make([][]*yaml.Node, len(n.Content))
 	for i, pn := range n.Content {
 		path := fmt.Sprintf("peers[%d].", i)
+		p.lines[path[:len(path)-1]] = pn.Line
 		pr := Peer{Backend: BackendAuto, Suite: c.Suite}
-		var keyNode *yaml.Node
+		var keyNode, nameNode, endpointNode *yaml.Node
 		known := []string{"name", "endpoint", "public_key", "prefixes", "backend", "suite"}
 		err := p.fields(pn, path, known, func(k string, v *yaml.Node) (err error) {
 			f := path + k
 			switch k {
 			case "name":
+				nameNode = v
 				pr.Name, err = p.str(v, f)
 				if err == nil && !peerName.MatchString(pr.Name) {
 					err = p.fail(v, f, "%q must be lower-case letters, digits, '.' and '-' (at most 63)", pr.Name)
 				}
 			case "endpoint":
+				endpointNode = v
 				pr.Endpoint, err = p.addrPort(v, f, DefaultListenPort)
 			case "public_key":
 				keyNode = v
@@ -285,6 +510,9 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				}
 			case "prefixes":
 				pr.Prefixes, err = p.prefixes(v, f)
+				if err == nil {
+					prefixNodes[i] = v.Content
+				}
 			case "backend":
 				err = p.enum(v, f, func(s string) (e error) { pr.Backend, e = parseBackend(s); return })
 			case "suite":
@@ -304,24 +532,77 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 			}
 		}
 		if j, dup := names[pr.Name]; dup {
-			return p.fail(pn, path+"name", "%q is already the name of peers[%d]", pr.Name, j)
+			return p.fail(nameNode, path+"name", "%q is already the name of peers[%d]", pr.Name, j)
 		}
 		names[pr.Name] = i
 		if other, dup := keys[pr.PublicKey]; dup {
 			return p.fail(keyNode, path+"public_key", "the same key is pinned for peer %q", other)
 		}
 		keys[pr.PublicKey] = pr.Name
-		for _, pf := range pr.Prefixes {
+		if l := c.Listen; !l.Addr().IsUnspecified() && underlay(pr.Endpoint.Addr()) == underlay(l.Addr()) && pr.Endpoint.Port() == l.Port() {
+			return p.fail(endpointNode, path+"endpoint", "%v is this host's listen address; give the peer's own address", pr.Endpoint)
+		}
+		for j, pf := range pr.Prefixes {
+			f := fmt.Sprintf("%sprefixes[%d]", path, j)
+			if err := p.ownUnderlay(c, pr, pf, prefixNodes[i][j], f); err != nil {
+				return err
+			}
 			for _, o := range allPrefixes {
 				if o.prefix.Overlaps(pf) {
-					return p.fail(pn, path+"prefixes", "%v overlaps %v of peer %q: traffic must map to one peer", pf, o.prefix, o.peer)
+					return p.fail(prefixNodes[i][j], f, "%v overlaps %v of peer %q: traffic must map to one peer", pf, o.prefix, o.peer)
 				}
 			}
 			allPrefixes = append(allPrefixes, owned{pf, pr.Name})
 		}
 		c.Peers = append(c.Peers, pr)
 	}
+	// A prefix must not hold another peer's endpoint either: that peer's
+	// outer packets would be routed into this peer's tunnel, so it would
+	// depend on this one being up and never come back on its own.
+	for i, pr := range c.Peers {
+		for j, pf := range pr.Prefixes {
+			for _, o := range c.Peers {
+				if o.Name != pr.Name && containsAddr(pf, o.Endpoint.Addr()) {
+					return p.fail(prefixNodes[i][j], fmt.Sprintf("peers[%d].prefixes[%d]", i, j),
+						"%v contains the endpoint %v of peer %q, whose tunnel's own packets would then be routed into peer %q's tunnel; narrow the prefix to leave %v out",
+						pf, o.Endpoint.Addr(), o.Name, pr.Name, o.Endpoint.Addr())
+				}
+			}
+		}
+	}
 	return nil
+}
+
+// ownUnderlay refuses a prefix that would route pspd's own packets to pr
+// (or from this host) into pr's tunnel. The one exception is the peer's
+// endpoint as its only prefix: XFRM transport mode protects exactly that
+// address, and pspd's control socket bypasses the policies.
+func (p parser) ownUnderlay(c *Config, pr Peer, pf netip.Prefix, n *yaml.Node, field string) error {
+	if pf.Bits() == 0 {
+		return p.fail(n, field, "%v is a default route: it would also carry pspd's own packets to the peers' endpoints, and pspd does not do full-tunnel routing; list the networks behind peer %q instead", pf, pr.Name)
+	}
+	ep := underlay(pr.Endpoint.Addr())
+	if containsAddr(pf, ep) {
+		host := netip.PrefixFrom(ep, ep.BitLen())
+		if pf != host || len(pr.Prefixes) > 1 {
+			return p.fail(n, field, "%v contains peer %q's endpoint %v, so the tunnel's own packets would be routed into the tunnel and the peer would never come back; narrow the prefix to leave %v out (or, for xfrm transport mode, list only the endpoint address)", pf, pr.Name, ep, ep)
+		}
+		if pr.Backend.OrDefault(c.Backend) == BackendUserspace {
+			return p.fail(n, field, "%v is peer %q's endpoint: the userspace backend would route its own outer packets into %s; it protects the networks behind a peer, so list those (transport mode needs backend: xfrm)", pf, pr.Name, c.Userspace.Interface)
+		}
+	}
+	if l := c.Listen.Addr(); !l.IsUnspecified() && containsAddr(pf, l) {
+		return p.fail(n, field, "%v contains this host's listen address %v, so pspd's own packets would be routed into the tunnel; narrow the prefix to leave %v out", pf, underlay(l), underlay(l))
+	}
+	return nil
+}
+
+// underlay is a as the kernel routes it: without a zone, and an
+// IPv4-mapped address as IPv4.
+func underlay(a netip.Addr) netip.Addr { return a.WithZone("").Unmap() }
+
+func containsAddr(pf netip.Prefix, a netip.Addr) bool {
+	return pf.Contains(underlay(a)) || pf.Contains(a.WithZone(""))
 }
 
 func (p parser) prefixes(n *yaml.Node, field string) ([]netip.Prefix, error) {
@@ -334,6 +615,7 @@ func (p parser) prefixes(n *yaml.Node, field string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for i, e := range n.Content {
 		f := fmt.Sprintf("%s[%d]", field, i)
+		p.lines[f] = e.Line
 		s, err := p.str(e, f)
 		if err != nil {
 			return nil, err
@@ -375,9 +657,7 @@ func (p parser) userspace(u *Userspace, n *yaml.Node) error {
 			}
 		case "port":
 			var port uint64
-			if port, err = p.uint(v, f, 1); err == nil && port > 65535 {
-				err = p.fail(v, f, "%d is not a UDP port", port)
-			}
+			port, err = p.uint(v, f, 1, 65535)
 			u.Port = uint16(port)
 		case "framing":
 			err = p.enum(v, f, func(s string) error {

@@ -54,9 +54,23 @@ const (
 	maxRekeyInterval     = 24 * time.Hour
 	minPacketBudget      = 1 << 10
 	minPSPRotation       = time.Minute
+	maxPSPRotation       = 30 * 24 * time.Hour
 	maxPeers             = 4096
 	maxPrefixesPerPeer   = 256
 	maxConfigFileBytes   = 1 << 20
+
+	// maxPacketBudget bounds packet_budget, the packet count at which a
+	// key asks to be replaced; the backends stop using the key at twice
+	// that. 2^39 makes the hard limit 2^40, the userspace codec's own
+	// default: 2^40 packets of at most 2^7 AES blocks (a 1500-byte MTU)
+	// are σ = 2^47 blocks, an AES-GCM confidentiality advantage of about
+	// σ²/2^129 = 2^-35 (2^-31 with 9000-byte jumbo frames). The ESP
+	// sequence carries it: a 64-bit ESN by far, and an SA without ESN
+	// (some offload devices refuse ESN) is capped by the xfrm package
+	// below its 32-bit sequence space whatever the budget. Twice the
+	// bound cannot wrap, so the hard limit is never 0, which XFRM reads
+	// as "no limit".
+	maxPacketBudget = 1 << 39
 )
 
 // Config is a validated pspd configuration.
@@ -75,6 +89,8 @@ type Config struct {
 	RequireEncryption bool
 	Userspace         Userspace
 	Peers             []Peer
+
+	lines map[string]int // field path → line, for errors found after parsing
 }
 
 // Userspace configures pspd's own data plane: the inner interface the host
@@ -122,6 +138,30 @@ func (c *Config) Peer(name string) (Peer, bool) {
 		return Peer{}, false
 	}
 	return c.Peers[i], true
+}
+
+// Line is the line of field (a dotted path as in FieldError, such as
+// "rekey_interval" or "peers[1].prefixes[0]") in the file, or 0 when the
+// file leaves it out or c was not parsed from a file. Checks made after
+// Parse, such as a reload's, use it to point at the line at fault.
+func (c *Config) Line(field string) int { return c.lines[field] }
+
+// LoadIdentity loads the identity file c names and checks that no peer
+// pins this host's own key. Its errors are FieldErrors at the line of the
+// field at fault: the identity line for a missing or unusable file.
+func (c *Config) LoadIdentity() (*identity.Identity, error) {
+	id, err := identity.Load(c.Identity)
+	if err != nil {
+		return nil, &FieldError{File: c.File, Line: c.Line("identity"), Field: "identity", Err: err}
+	}
+	for i, p := range c.Peers {
+		if p.PublicKey == id.Public() {
+			f := fmt.Sprintf("peers[%d].public_key", i)
+			return nil, &FieldError{File: c.File, Line: c.Line(f), Field: f,
+				Err: fmt.Errorf("is this host's own key (%s); pin the key pspd pubkey prints on peer %q", id.Public().Fingerprint(), p.Name)}
+		}
+	}
+	return id, nil
 }
 
 // Load reads and validates the file at path.

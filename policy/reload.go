@@ -20,8 +20,9 @@ func (d *Diff) Empty() bool {
 
 // Reload computes the changes from cur to next. Settings that only take
 // effect at start (identity, listen address, sockets) make the whole reload
-// fail: applying part of a file would leave the daemon running a
-// configuration that is in no file.
+// fail, with a FieldError at the setting's line in next: applying part of
+// a file would leave the daemon running a configuration that is in no
+// file.
 func Reload(cur, next *Config) (*Diff, error) {
 	for _, f := range []struct {
 		name      string
@@ -34,7 +35,9 @@ func Reload(cur, next *Config) (*Diff, error) {
 		{"userspace", fmt.Sprintf("%+v", cur.Userspace), fmt.Sprintf("%+v", next.Userspace)},
 	} {
 		if f.old != f.new_ {
-			return nil, fmt.Errorf("policy: reload %s refused: %s changed from %q to %q, which needs a restart of pspd; nothing was applied", next.File, f.name, f.old, f.new_)
+			// Line 0 (left out) when the new file takes the default.
+			return nil, &FieldError{File: next.File, Line: next.Line(f.name), Field: f.name,
+				Err: fmt.Errorf("changed from %q to %q, which needs a restart of pspd; reload refused, nothing was applied", f.old, f.new_)}
 		}
 	}
 	d := &Diff{Settings: next}

@@ -15,7 +15,9 @@ if [ "$what" = test ]; then
 	pkgs+=(iperf3 ethtool
 		# The VM harness (tests/vm): qemu, a static busybox, tools copied into the VM,
 		# and what building the kernel needs.
-		qemu-system-x86 busybox-static cpio kmod make gcc flex bison bc xz-utils perl libelf-dev libssl-dev)
+		qemu-system-x86 busybox-static cpio kmod make gcc flex bison bc xz-utils perl libelf-dev libssl-dev
+		# promtool (contrib's alert rules); the package test: dpkg-deb, man, systemd-analyze, systemd-sysusers.
+		prometheus dpkg man-db systemd)
 fi
 need=()
 for pkg in "${pkgs[@]}"; do

@@ -15,11 +15,13 @@ import (
 // through the tunnel and, as the baseline in the same run, over one TCP
 // connection between the veth addresses the tunnel runs on. It reports
 // both rates, their ratio and the allocations per tunnelled packet.
+// udp-nogro is the UDP underlay without UDP GRO on receive, to compare
+// with udp in the same run.
 func BenchmarkTunnelTCP(b *testing.B) {
 	for _, bench := range []struct {
 		underlay string
 		fr       codec.Framing
-	}{{"udp", codec.Geneve}, {"udp", codec.PSPTunnel}, {"afxdp", codec.Geneve}, {"afxdp", codec.PSPTunnel}} {
+	}{{"udp", codec.Geneve}, {"udp-nogro", codec.Geneve}, {"udp", codec.PSPTunnel}, {"afxdp", codec.Geneve}, {"afxdp", codec.PSPTunnel}} {
 		fr := bench.fr
 		b.Run(bench.underlay+"/"+fr.String(), func(b *testing.B) {
 			tn := newTunnelIO(b, fr, bench.underlay)

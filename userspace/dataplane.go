@@ -203,6 +203,28 @@ func Start(ctx context.Context, cfg Config) (*Dataplane, error) {
 // AddPeer adds p. It refuses a peer whose endpoint or one of whose prefixes
 // another peer already has.
 func (d *Dataplane) AddPeer(p Peer) error {
+	if err := d.check(p); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	old := d.table.Load()
+	if _, ok := old.byEndpoint[p.Endpoint]; ok {
+		return fmt.Errorf("userspace: add peer %v: endpoint already has a peer", p.Endpoint)
+	}
+	for _, r := range old.routes {
+		if slices.Contains(p.Prefixes, r.pfx) {
+			return fmt.Errorf("userspace: add peer %v: prefix %v already routes to peer %v", p.Endpoint, r.pfx, r.p.Endpoint)
+		}
+	}
+	np := &peer{Peer: p}
+	np.Prefixes = slices.Clone(p.Prefixes)
+	d.table.Store(old.with(np, nil))
+	return nil
+}
+
+// check validates a peer for AddPeer and UpdatePeer.
+func (d *Dataplane) check(p Peer) error {
 	if !p.Endpoint.IsValid() || p.Endpoint.Port() == 0 {
 		return fmt.Errorf("userspace: add peer: endpoint %v: want address and non-zero port", p.Endpoint)
 	}
@@ -220,20 +242,42 @@ func (d *Dataplane) AddPeer(p Peer) error {
 			return fmt.Errorf("userspace: add peer %v: prefix %v: want a valid masked prefix (%v)", p.Endpoint, pfx, pfx.Masked())
 		}
 	}
+	return nil
+}
+
+// UpdatePeer replaces the endpoint and prefixes of the peer at old,
+// keeping its codec (and with it its SAs) and its counters. Packets in
+// flight during the switch are attributed to the old or the new entry.
+func (d *Dataplane) UpdatePeer(old netip.AddrPort, p Peer) error {
+	if err := d.check(p); err != nil {
+		return err
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	old := d.table.Load()
-	if _, ok := old.byEndpoint[p.Endpoint]; ok {
-		return fmt.Errorf("userspace: add peer %v: endpoint already has a peer", p.Endpoint)
+	t := d.table.Load()
+	cur, ok := t.byEndpoint[old]
+	if !ok {
+		return fmt.Errorf("userspace: update peer %v: no such peer", old)
 	}
-	for _, r := range old.routes {
-		if slices.Contains(p.Prefixes, r.pfx) {
-			return fmt.Errorf("userspace: add peer %v: prefix %v already routes to peer %v", p.Endpoint, r.pfx, r.p.Endpoint)
+	if cur.Codec != p.Codec {
+		return fmt.Errorf("userspace: update peer %v: the codec of a peer cannot change", old)
+	}
+	if other, ok := t.byEndpoint[p.Endpoint]; ok && other != cur {
+		return fmt.Errorf("userspace: update peer %v: endpoint %v already has a peer", old, p.Endpoint)
+	}
+	for _, r := range t.routes {
+		if r.p != cur && slices.Contains(p.Prefixes, r.pfx) {
+			return fmt.Errorf("userspace: update peer %v: prefix %v already routes to peer %v", old, r.pfx, r.p.Endpoint)
 		}
 	}
 	np := &peer{Peer: p}
 	np.Prefixes = slices.Clone(p.Prefixes)
-	d.table.Store(old.with(np, nil))
+	np.txPkts.Store(cur.txPkts.Load())
+	np.rxPkts.Store(cur.rxPkts.Load())
+	for i := range cur.drops {
+		np.drops[i].Store(cur.drops[i].Load())
+	}
+	d.table.Store(t.with(np, cur))
 	return nil
 }
 

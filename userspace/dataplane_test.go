@@ -54,8 +54,9 @@ type tunnel struct {
 
 func newTunnel(t testing.TB, f codec.Framing) *tunnel { return newTunnelIO(t, f, "udp") }
 
-// newTunnelIO is newTunnel with the underlay io: "udp" (batched sockets)
-// or "afxdp" (AF_XDP with the XDP program).
+// newTunnelIO is newTunnel with the underlay io: "udp" (batched sockets),
+// "udp-nogro" (the same without UDP GRO) or "afxdp" (AF_XDP with the XDP
+// program).
 func newTunnelIO(t testing.TB, f codec.Framing, underlay string) *tunnel {
 	t.Helper()
 	nstest.RequireRoot(t)
@@ -100,7 +101,8 @@ func (s *side) start(t testing.TB, f codec.Framing, underlay string, self, peer,
 			})
 			return nil
 		}
-		conn, err = udp.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), f.Port()), 64)
+		// "udp-nogro" is the path of a kernel without UDP GRO, for benchmarks.
+		conn, err = udp.ListenConfig{Batch: 64, NoGRO: underlay == "udp-nogro"}.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), f.Port()))
 		return err
 	}); err != nil {
 		t.Fatal(err)

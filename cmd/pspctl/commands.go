@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/pspd/pspd/internal/identitycmd"
+	"github.com/pspd/pspd/internal/mancmd"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/localapi/client"
 )
@@ -79,6 +80,7 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 	dev.AddCommand(&cobra.Command{Use: "rotate ID", Short: "Rotate a PSP device key now", Args: cobra.ExactArgs(1), RunE: c.devRotate})
 	root.AddCommand(dev)
 	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey())
+	root.AddCommand(mancmd.Command("1")) // hidden: make install writes the pages
 	return root
 }
 

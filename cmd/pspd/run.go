@@ -11,11 +11,11 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/pspd/pspd/internal/daemon"
-	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/policy"
 )
@@ -41,7 +41,20 @@ func newRunCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "run --config FILE",
 		Short: "run the daemon",
-		Args:  cobra.NoArgs,
+		Long: `run loads the configuration, refuses it as pspd check would, takes the local
+API socket, starts the data planes the peers may use and keeps a key-exchange
+session with every peer until SIGINT or SIGTERM.
+
+SIGHUP reloads the configuration file; a refused reload is logged and leaves
+the running configuration as it was (pspd reload reports it). Under systemd
+(Type=notify) run reports READY=1 once the local API and control sockets are
+up, and RELOADING=1 / READY=1 around each reload.
+
+The local API socket (socket in the configuration) is readable by root and the
+members of --api-group; when that group does not exist run warns and the socket
+is root-only. Beside the socket, a state file records the last reload's result
+for pspd reload (the socket path with .reload appended).`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if requireFIPS && !fips140.Enabled() {
 				return errors.New("--require-fips: Go's FIPS 140-3 mode is off; start pspd with GODEBUG=fips140=on")
@@ -70,12 +83,22 @@ func newRunCmd() *cobra.Command {
 func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, log *slog.Logger) error {
 	// Take the API socket first: a second pspd must fail before it touches
 	// any kernel state the first one owns.
-	ln, err := localapi.Listen(pc.Socket, localapi.NewAuthorizer(group))
+	auth := localapi.NewAuthorizer(group)
+	if !auth.HasGroup {
+		log.Warn("the local API's read group does not exist, so the API socket is root-only",
+			"group", group, "socket", pc.Socket,
+			"fix", "create the group (systemd-sysusers does, with the pspd package's sysusers.d entry; or groupadd --system "+group+") and restart pspd")
+	}
+	ln, err := localapi.Listen(pc.Socket, auth)
 	if err != nil {
 		return err
 	}
 	defer ln.Close()
-	report, backends, pm, err := setupBackends(ctx, pc, log)
+	_, report, err := preflight(ctx, pc)
+	if err != nil {
+		return err
+	}
+	backends, pm, err := setupBackends(ctx, pc, report, log)
 	if err != nil {
 		return err
 	}
@@ -91,22 +114,49 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 	}
 	defer d.Close()
 
+	// SIGHUP is caught before the state file tells pspd reload where to
+	// send it, and the file before systemd hears READY=1.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	state := reloadStatePath(pc.Socket)
+	if err := writeReloadState(state, reloadState{PID: os.Getpid(), OK: true, Time: time.Now()}); err != nil {
+		return err
+	}
+	defer os.Remove(state)
+	sd := newNotifier()
+	if err := sd.notify("READY=1", "STATUS=running; local API on "+pc.Socket); err != nil {
+		log.Warn("cannot tell systemd that pspd is ready", "err", err)
+	}
+	defer sd.notify("STOPPING=1")
 	go func() {
+		var seq uint64
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-hup:
-				next, err := policy.Load(cfgPath)
-				if err == nil {
-					err = d.Reload(next)
-				}
-				if err != nil {
-					log.Error("reload refused; the running configuration is unchanged", "err", err)
-				}
+			}
+			if err := sd.reloading(); err != nil {
+				log.Warn("cannot tell systemd about the reload", "err", err)
+			}
+			next, err := policy.Load(cfgPath)
+			if err == nil {
+				err = d.Reload(next)
+			}
+			seq++
+			st, status := reloadState{PID: os.Getpid(), Seq: seq, OK: err == nil, Time: time.Now()}, "STATUS=running; configuration reloaded"
+			if err != nil {
+				log.Error("reload failed", "err", err)
+				st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
+			}
+			// systemd hears READY=1 before pspd reload (ExecReload) sees
+			// the result and exits, so the reload job ends in state active.
+			if err := sd.notify("READY=1", status); err != nil {
+				log.Warn("cannot tell systemd about the reload", "err", err)
+			}
+			if err := writeReloadState(state, st); err != nil {
+				log.Error("cannot record the reload's result for pspd reload", "err", err)
 			}
 		}
 	}()
@@ -117,35 +167,41 @@ func newCheckCmd() *cobra.Command {
 	var cfgPath string
 	cmd := &cobra.Command{
 		Use:   "check --config FILE",
-		Short: "validate a configuration file and the identity it names, then exit",
-		Args:  cobra.NoArgs,
+		Short: "validate a configuration and probe this host as run would, then exit",
+		Long: `check loads the configuration and its identity, probes the backends and
+refuses, with a non-zero exit status, every configuration that run would refuse
+before it opens a socket: a backend this host cannot run, a userspace.interface
+naming a device that is not a TUN device, a peer pinned to this host's own key.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			pc, err := policy.Load(cfgPath)
 			if err != nil {
 				return err
 			}
-			id, err := identity.Load(pc.Identity)
-			if err != nil {
-				return fmt.Errorf("%s: identity: %w", cfgPath, err)
-			}
-			for i, p := range pc.Peers {
-				if p.PublicKey == id.Public() {
-					return fmt.Errorf("%s: peers[%d].public_key: is this host's own key", cfgPath, i)
-				}
-			}
-			var names []string
-			for _, p := range pc.Peers {
-				names = append(names, p.Name)
-			}
+			id, report, err := preflight(cmd.Context(), pc)
 			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "%s: ok (identity %s, %d peers: %s)\n", cfgPath, id.Public().Fingerprint(), len(pc.Peers), strings.Join(names, ", "))
-			for _, a := range probe(cmd.Context(), pc) {
+			for _, a := range report {
 				if a.Available {
 					fmt.Fprintf(out, "backend %s: available\n", a.Backend)
 				} else {
 					fmt.Fprintf(out, "backend %s: not available: %s\n", a.Backend, a.Reason)
 				}
 			}
+			if err != nil {
+				return err
+			}
+			var names []string
+			for _, p := range pc.Peers {
+				names = append(names, p.Name)
+			}
+			peers := fmt.Sprintf("%d peers", len(names))
+			if len(names) == 1 {
+				peers = "1 peer"
+			}
+			if len(names) > 0 {
+				peers += ": " + strings.Join(names, ", ")
+			}
+			fmt.Fprintf(out, "%s: ok (identity %s, %s)\n", cfgPath, id.Public().Fingerprint(), peers)
 			return nil
 		},
 	}

@@ -6,8 +6,6 @@ package daemon
 import (
 	"context"
 	"crypto/fips140"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -15,12 +13,12 @@ import (
 	"net/http"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/wire"
@@ -39,7 +37,7 @@ type Config struct {
 	Policy   *policy.Config
 	Logger   *slog.Logger
 	Report   offload.Report
-	Backends map[wire.Backend]offload.Backend
+	Backends map[assoc.Backend]offload.Backend
 	// Group is the local API's read group (default localapi.DefaultGroup).
 	Group string
 	// PSP manages kernel PSP devices and socket upgrades; nil on a host
@@ -52,11 +50,10 @@ type Daemon struct {
 	log      *slog.Logger
 	id       *identity.Identity
 	report   offload.Report
-	backends map[wire.Backend]offload.Backend
+	backends map[assoc.Backend]offload.Backend
 	psp      *psp.Manager
 	ep       *keyexchange.Endpoint
 	started  time.Time
-	bootID   string
 	events   *hub
 	metrics  *prometheus.Registry
 	ctx      context.Context
@@ -75,14 +72,14 @@ type Daemon struct {
 
 type peer struct {
 	cfg     policy.Peer
-	backend wire.Backend // the best candidate; SA.Backend is the one in use
+	backend assoc.Backend // the best candidate; SA.Backend is the one in use
 	kx      *keyexchange.Peer
 
 	// bmu guards on: the backends holding the peer (routes, policies),
 	// with the number of the peer's SAs each has installed.
 	bmu     sync.Mutex
-	on      map[wire.Backend]int
-	stop    context.CancelFunc
+	on      map[assoc.Backend]int
+	stop    context.CancelFunc // stops the watch of the current kx
 	rekeys  uint64
 	created map[uint32]time.Time // generation → when it became current
 }
@@ -92,38 +89,38 @@ type peer struct {
 // left running when it returns an error.
 func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	pc := cfg.Policy
-	id, err := identity.Load(pc.Identity)
+	id, err := pc.LoadIdentity()
 	if err != nil {
-		return nil, fmt.Errorf("pspd: %w", err)
+		return nil, err
 	}
 	if len(cfg.Backends) == 0 {
-		return nil, fmt.Errorf("pspd: no data plane can run on this host: %s", cfg.Report.Missing())
+		return nil, fmt.Errorf("no data plane can run on this host: %s", cfg.Report.Missing())
 	}
-	var boot [8]byte
-	rand.Read(boot[:])
 	dctx, cancel := context.WithCancel(ctx)
-	d = &Daemon{
+	// dd survives the "return nil, err" below for the deferred cleanup.
+	dd := &Daemon{
 		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(),
-		bootID: hex.EncodeToString(boot[:]), events: newHub(), ctx: dctx, cancel: cancel,
+		events: newHub(), ctx: dctx, cancel: cancel,
 		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
 	}
+	d = dd
 	defer func() {
 		if err != nil {
-			d.Close()
+			dd.Close()
 		}
 	}()
 	installers := map[wire.Backend]keyexchange.Installer{}
 	for k := range cfg.Backends {
 		installers[k] = installer{d, k}
 	}
+	// Both suites are enabled: each peer accepts only its own (so a reload
+	// may change it), and the endpoint must not need a restart for that.
 	kc := keyexchange.Config{
 		Identity: id, ListenAddr: pc.Listen.String(), Installers: installers,
-		Suites: wire.NewSuites(pc.Suite), Logger: d.log.With("part", "keyexchange"),
+		Logger: d.log.With("part", "keyexchange"),
 	}
 	for _, b := range cfg.Backends {
-		if c, ok := b.(interface {
-			Control(network, address string, c syscall.RawConn) error
-		}); ok {
+		if c, ok := b.(offload.SocketController); ok {
 			kc.Control = c.Control
 		}
 	}
@@ -135,7 +132,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	}
 	d.ep, err = keyexchange.NewEndpoint(dctx, kc)
 	if err != nil {
-		return nil, fmt.Errorf("pspd: %w", err)
+		return nil, err
 	}
 	for _, p := range pc.Peers {
 		if err := d.addPeer(p); err != nil {
@@ -143,12 +140,8 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		}
 	}
 	for _, b := range cfg.Backends {
-		if rw, ok := b.(interface {
-			RekeyWanted() <-chan identity.PublicKey
-		}); ok {
-			d.wg.Add(1)
-			go d.serveRekeys(rw.RekeyWanted())
-		}
+		d.wg.Add(1)
+		go d.serveRekeys(b.RekeyWanted())
 	}
 	d.metrics = newMetrics(d)
 	d.log.Info("pspd started", "version", Version, "listen", d.ep.Addr(), "public_key", id.Public().String(),
@@ -158,12 +151,13 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 
 // candidates lists the backends a peer may use, best first, among those
 // this daemon runs.
-func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]wire.Backend, error) {
-	cs, err := offload.Candidates(pc.Backend.OrDefault(global), d.report)
+func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]assoc.Backend, error) {
+	want, _ := assoc.ParseBackend(string(pc.Backend.OrDefault(global))) // auto: 0
+	cs, err := offload.Candidates(want, d.report)
 	if err != nil {
 		return nil, err
 	}
-	var out []wire.Backend
+	var out []assoc.Backend
 	for _, b := range cs {
 		if d.backends[b] != nil {
 			out = append(out, b)
@@ -178,53 +172,71 @@ func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]wire.Backe
 func (d *Daemon) addPeer(pc policy.Peer) error {
 	cs, err := d.candidates(pc, d.cfg.Backend)
 	if err != nil {
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
-	ctx, stop := context.WithCancel(d.ctx)
-	p := &peer{cfg: pc, backend: cs[0], stop: stop, created: map[uint32]time.Time{}, on: map[wire.Backend]int{}}
+	p := &peer{cfg: pc, backend: cs[0], created: map[uint32]time.Time{}, on: map[assoc.Backend]int{}}
 	// The best backend gets the peer now, so that with
 	// require_encryption its traffic is held back from the start; the
 	// one the key exchange settles on gets it with the first SA.
-	if err := d.attach(p, cs[0]); err != nil {
-		stop()
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+	if err := d.attach(d.ctx, p, cs[0]); err != nil {
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	d.kmu.Lock()
 	d.byKey[pc.PublicKey] = p
 	d.kmu.Unlock()
-	p.kx, err = d.ep.AddPeer(keyexchange.PeerConfig{
-		Key: pc.PublicKey, Addr: pc.Endpoint, Backends: cs, Suite: pc.Suite,
-		RekeyInterval: d.cfg.RekeyInterval,
-	})
-	if err != nil {
-		d.forget(p)
-		stop()
-		return fmt.Errorf("pspd: peer %s: %w", pc.Name, err)
+	if err := d.startKX(p, cs); err != nil {
+		d.forget(d.ctx, p, true)
+		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	d.peers[pc.Name] = p
-	d.wg.Add(1)
-	go d.watch(ctx, p)
 	return nil
 }
 
-func (d *Daemon) removePeer(name string) {
+// startKX starts keeping a session with the peer.
+func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
+	kx, err := d.ep.AddPeer(keyexchange.PeerConfig{
+		Key: p.cfg.PublicKey, Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
+		RekeyInterval: d.cfg.RekeyInterval,
+	})
+	if err != nil {
+		return err
+	}
+	ctx, stop := context.WithCancel(d.ctx)
+	p.kx, p.stop, p.backend = kx, stop, cs[0]
+	d.wg.Add(1)
+	go d.watch(ctx, p, kx)
+	return nil
+}
+
+// stopKX ends the peer's session, removing its SAs through the backends;
+// the backends keep the peer itself.
+func (d *Daemon) stopKX(p *peer) {
+	p.stop()
+	p.kx.Close()
+}
+
+// removePeer stops the peer's session and, with removeState, takes
+// everything of it out of the backends, fail-closed state included (the
+// operator removed it); without, what a stop leaves stays.
+func (d *Daemon) removePeer(name string, removeState bool) {
 	p := d.peers[name]
 	if p == nil {
 		return
 	}
 	delete(d.peers, name)
-	p.stop()
-	p.kx.Close() // removes the peer's SAs through the backends
-	d.forget(p)
-	d.events.publish(localapi.Event{Kind: "peer-removed", Peer: name})
+	d.stopKX(p)
+	d.forget(d.ctx, p, removeState)
+	if removeState {
+		d.events.publish(localapi.Event{Kind: "peer-removed", Peer: name})
+	}
 }
 
 // watch turns a peer's generations into events.
-func (d *Daemon) watch(ctx context.Context, p *peer) {
+func (d *Daemon) watch(ctx context.Context, p *peer, kx *keyexchange.Peer) {
 	defer d.wg.Done()
 	var last uint32
 	for {
-		sa, err := p.kx.Wait(ctx, func(sa keyexchange.SA) bool { return sa.Generation != last })
+		sa, err := kx.Wait(ctx, func(sa keyexchange.SA) bool { return sa.Generation != last })
 		if err != nil {
 			return
 		}
@@ -273,21 +285,22 @@ func (d *Daemon) serveRekeys(wanted <-chan identity.PublicKey) {
 			return
 		case key := <-wanted:
 			d.mu.Lock()
-			var target *peer
+			var kx *keyexchange.Peer
+			var name string
 			for _, p := range d.peers {
 				if p.cfg.PublicKey == key {
-					target = p
+					kx, name = p.kx, p.cfg.Name
 				}
 			}
 			d.mu.Unlock()
-			if target == nil {
+			if kx == nil {
 				continue
 			}
 			go func() {
 				ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
 				defer cancel()
-				if _, err := target.kx.Rekey(ctx); err != nil {
-					d.log.Warn("rekey asked for by the data plane failed", "peer", target.cfg.Name, "err", err)
+				if _, err := kx.Rekey(ctx); err != nil {
+					d.log.Warn("rekey asked for by the data plane failed", "peer", name, "err", err)
 				}
 			}()
 		}
@@ -298,7 +311,14 @@ func assocID(peer string, sa keyexchange.SA) string {
 	return fmt.Sprintf("%s/%d", peer, sa.ID)
 }
 
-// Reload applies a new configuration or refuses it whole.
+// Reload applies a new configuration or refuses it whole, with the
+// reason: everything is checked against what the running daemon can do
+// before anything is touched. Peers whose prefixes (or the global
+// require_encryption) change keep their session and SAs and are updated
+// in place; peers whose endpoint, suite or backend change are
+// re-negotiated while their backends keep holding them, so that with
+// require_encryption no packet leaves in clear meanwhile; a peer whose key
+// changes is a new peer.
 func (d *Daemon) Reload(next *policy.Config) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -306,22 +326,116 @@ func (d *Daemon) Reload(next *policy.Config) error {
 	if err != nil {
 		return err
 	}
-	// Check every added or changed peer can be served before touching any.
-	for _, p := range slices.Concat(diff.Added, diff.Changed) {
-		if _, err := d.candidates(p, next.Backend); err != nil {
-			return fmt.Errorf("pspd: reload refused, nothing applied: peer %s: %w", p.Name, err)
+	if err := restartOnly(d.cfg, next); err != nil {
+		return err
+	}
+	refuse := func(p policy.Peer, err error) error {
+		return fmt.Errorf("reload %s refused, nothing applied: peer %s: %w", next.File, p.Name, err)
+	}
+	// Every peer of the new file is checked, not only those that changed:
+	// a new global backend or require_encryption concerns them all.
+	for _, p := range next.Peers {
+		cs, err := d.candidates(p, next.Backend)
+		if err != nil {
+			return refuse(p, err)
+		}
+		for _, b := range cs {
+			if _, err := spec(p, next, b); err != nil {
+				return refuse(p, err)
+			}
 		}
 	}
-	for _, p := range slices.Concat(diff.Removed, diff.Changed) {
-		d.removePeer(p.Name)
-	}
+	prev := d.cfg
 	d.cfg = next
-	for _, p := range slices.Concat(diff.Added, diff.Changed) {
+	ctx := d.ctx
+	var added []string
+	for _, p := range diff.Added {
 		if err := d.addPeer(p); err != nil {
-			d.log.Error("reload: peer could not be added", "peer", p.Name, "err", err)
+			for _, name := range added {
+				d.removePeer(name, true)
+			}
+			d.cfg = prev
+			return fmt.Errorf("reload %s failed, nothing applied: %w", next.File, err)
 		}
+		added = append(added, p.Name)
+	}
+	var errs []error
+	updated := 0
+	for _, np := range next.Peers {
+		p := d.peers[np.Name]
+		if p == nil || slices.Contains(added, np.Name) {
+			continue
+		}
+		if err := d.reconfigure(ctx, p, np, prev, next); err != nil {
+			errs = append(errs, fmt.Errorf("peer %s: %w", np.Name, err))
+		}
+		updated++
+	}
+	for _, p := range diff.Removed {
+		d.removePeer(p.Name, true)
+	}
+	if err := errors.Join(errs...); err != nil {
+		d.log.Error("reload applied in part", "file", next.File, "err", err)
+		return fmt.Errorf("reload %s applied in part: %w", next.File, err)
 	}
 	d.log.Info("configuration reloaded", "added", len(diff.Added), "removed", len(diff.Removed), "changed", len(diff.Changed))
+	return nil
+}
+
+// reconfigure applies a peer's new settings: in place when its session
+// can stay, by a new session (the backends keep holding the peer) when it
+// cannot.
+func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev, next *policy.Config) error {
+	old := p.cfg
+	cs, err := d.candidates(np, next.Backend)
+	if err != nil {
+		return err
+	}
+	oldCs, _ := d.candidates(old, prev.Backend)
+	if np.PublicKey != old.PublicKey {
+		d.removePeer(np.Name, true)
+		return d.addPeer(np)
+	}
+	renegotiate := np.Endpoint != old.Endpoint || np.Suite != old.Suite || !slices.Equal(cs, oldCs)
+	p.bmu.Lock()
+	p.cfg = np
+	err = d.update(ctx, p, next)
+	if err != nil {
+		p.cfg = old
+		d.update(ctx, p, prev)
+	}
+	p.bmu.Unlock()
+	if err != nil || !renegotiate {
+		return err
+	}
+	d.log.Info("peer re-negotiated after a reload", "peer", np.Name)
+	d.stopKX(p)
+	p.bmu.Lock()
+	if _, ok := p.on[cs[0]]; !ok {
+		if err := d.attach(ctx, p, cs[0]); err != nil {
+			d.log.Warn("reload: the peer's new backend could not take it yet", "peer", np.Name, "backend", cs[0], "err", err)
+		}
+	}
+	p.bmu.Unlock()
+	return d.startKX(p, cs)
+}
+
+// restartOnly refuses a reload that changes a setting the running data
+// planes were started with.
+func restartOnly(cur, next *policy.Config) error {
+	for _, f := range []struct {
+		name string
+		a, b any
+	}{
+		{"offload", cur.Offload, next.Offload},
+		{"packet_budget", cur.PacketBudget, next.PacketBudget},
+		{"rekey_interval", cur.RekeyInterval, next.RekeyInterval},
+		{"psp_rotation_interval", cur.PSPRotation, next.PSPRotation},
+	} {
+		if f.a != f.b {
+			return fmt.Errorf("reload %s refused: %s changed from %v to %v, which needs a restart of pspd (the SAs in place were installed with it); nothing was applied", next.File, f.name, f.a, f.b)
+		}
+	}
 	return nil
 }
 
@@ -338,7 +452,7 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 	if addr != "" {
 		mln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return fmt.Errorf("pspd: metrics listener %s: %w (set metrics: off to disable)", addr, err)
+			return fmt.Errorf("metrics listener %s: %w (set metrics: off to disable)", addr, err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics, promhttp.HandlerOpts{}))
@@ -361,12 +475,13 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 	}
 }
 
-// Close stops every peer (removing their SAs), the control socket and the
-// backends.
+// Close stops pspd: every session ends (its SAs are removed), then every
+// backend stops, leaving the fail-closed state of peers that require
+// encryption in the kernel for the next start (see package offload).
 func (d *Daemon) Close() {
 	d.mu.Lock()
 	for name := range d.peers {
-		d.removePeer(name)
+		d.removePeer(name, false)
 	}
 	d.mu.Unlock()
 	if d.ep != nil {
@@ -375,7 +490,9 @@ func (d *Daemon) Close() {
 	d.cancel()
 	d.wg.Wait()
 	for _, b := range d.backends {
-		b.Close()
+		if err := b.Close(); err != nil {
+			d.log.Warn("backend stopped with errors", "backend", b.Kind(), "err", err)
+		}
 	}
 	if d.psp != nil {
 		d.psp.Close()

@@ -8,94 +8,30 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/internal/logscan"
-	"github.com/pspd/pspd/internal/secret"
-	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/identity"
-	"github.com/pspd/pspd/keyexchange/kdf"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/localapi/client"
 	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/offload/offloadtest"
 	"github.com/pspd/pspd/policy"
 )
 
-// recBackend is an in-memory data plane: the seam between the daemon and a
-// backend, recording what would be programmed. The daemon, its key
-// exchange (real QUIC and TLS on loopback) and its API (a real unix
-// socket) are real; the demo and the backend packages' own tests run the
-// real data planes.
-type recBackend struct {
-	kind   wire.Backend
-	mu     sync.Mutex
-	live   map[kdf.SPI]bool
-	active map[kdf.SPI]bool
-	keys   []secret.Key
-	peers  map[string]bool // peers the backend holds (routes, policies)
-}
-
-func newRec() *recBackend { return newRecKind(wire.BackendUserspace) }
-
-func newRecKind(k wire.Backend) *recBackend {
-	return &recBackend{kind: k, live: map[kdf.SPI]bool{}, active: map[kdf.SPI]bool{}, peers: map[string]bool{}}
-}
-
-func (r *recBackend) Kind() wire.Backend { return r.kind }
-func (r *recBackend) AddPeer(p policy.Peer) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.peers[p.Name] = true
-	return nil
-}
-func (r *recBackend) RemovePeer(p policy.Peer) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	delete(r.peers, p.Name)
-}
-func (r *recBackend) holds(name string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.peers[name]
-}
-func (r *recBackend) Install(_ context.Context, sa *keyexchange.SA) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.live[sa.RxSPI] = true
-	r.keys = append(r.keys, sa.RxKey.Clone(), sa.TxKey.Clone())
-	return nil
-}
-func (r *recBackend) Activate(_ context.Context, sa *keyexchange.SA) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.active[sa.RxSPI] = true
-	return nil
-}
-func (r *recBackend) Remove(_ context.Context, sa *keyexchange.SA) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	delete(r.live, sa.RxSPI)
-	delete(r.active, sa.RxSPI)
-	return nil
-}
-func (r *recBackend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return offload.Traffic{PacketsIn: uint64(sa.RxSPI.Counter()), BytesIn: 100}, r.live[sa.RxSPI]
-}
-func (r *recBackend) Drops() map[string]uint64 { return map[string]uint64{"replay": 3} }
-func (r *recBackend) Close() error             { return nil }
-func (r *recBackend) allKeys() []secret.Key {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]secret.Key(nil), r.keys...)
-}
+// The daemon's tests run a real key exchange (QUIC and TLS on loopback)
+// and a real local API (a unix socket) around offloadtest's fake data
+// plane; the backend packages and tests/netns run the real data planes.
+func newRec() *offloadtest.Backend { return offloadtest.New(assoc.BackendUserspace, nil) }
 
 type syncBuf struct {
 	mu sync.Mutex
@@ -119,7 +55,7 @@ type host struct {
 	id     *identity.Identity
 	port   int
 	d      *Daemon
-	rec    *recBackend
+	rec    *offloadtest.Backend
 	logs   *syncBuf
 	sock   string
 	cancel context.CancelFunc
@@ -154,7 +90,8 @@ func (h *host) config(t *testing.T, extra string, peers ...*host) *policy.Config
 	src := fmt.Sprintf("identity: %s\nlisten: 127.0.0.1:%d\nsocket: %s\nmetrics: off\nrekey_interval: 1h\n%speers:\n",
 		filepath.Join(h.dir, "id.pem"), h.port, h.sock, extra)
 	for _, p := range peers {
-		src += fmt.Sprintf("  - {name: %s, endpoint: 127.0.0.1:%d, public_key: %s}\n", p.name, p.port, p.id.Public())
+		src += fmt.Sprintf("  - {name: %s, endpoint: 127.0.0.1:%d, public_key: %s, prefixes: [10.%d.%d.0/24]}\n",
+			p.name, p.port, p.id.Public(), 100+p.port>>8&0x7f, p.port&0xff)
 	}
 	if len(peers) == 0 {
 		src += "  []\n"
@@ -176,12 +113,12 @@ func (h *host) start(t *testing.T, pc *policy.Config) {
 
 // startWith runs the daemon with the given backends, which must match
 // the report.
-func (h *host) startWith(t *testing.T, pc *policy.Config, report offload.Report, recs ...*recBackend) {
+func (h *host) startWith(t *testing.T, pc *policy.Config, report offload.Report, recs ...*offloadtest.Backend) {
 	h.logs = &syncBuf{}
 	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	bs := map[wire.Backend]offload.Backend{}
+	bs := map[assoc.Backend]offload.Backend{}
 	for _, r := range recs {
-		bs[r.kind] = r
+		bs[r.Kind()] = r
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, Config{Policy: pc, Logger: log, Report: report, Backends: bs})
@@ -261,7 +198,7 @@ func TestTwoDaemons(t *testing.T) {
 		as, _ := c.Assocs(context.Background())
 		json.NewEncoder(&listing).Encode(as)
 	}
-	keys := append(a.rec.allKeys(), b.rec.allKeys()...)
+	keys := append(a.rec.Keys(), b.rec.Keys()...)
 	if len(keys) < 4 {
 		t.Fatalf("recorded %d keys", len(keys))
 	}
@@ -318,11 +255,11 @@ func TestBackendAgreement(t *testing.T) {
 		t.Skip("needs root: the local API answers root or the pspd group only")
 	}
 	a, b := newHost(t, "a"), newHost(t, "b")
-	xa, ua := newRecKind(wire.BackendXFRM), newRecKind(wire.BackendUserspace)
+	xa, ua := offloadtest.New(assoc.BackendXFRM, nil), offloadtest.New(assoc.BackendUserspace, nil)
 	a.startWith(t, a.config(t, "backend: auto\n", b),
 		offload.Report{{Backend: wire.BackendXFRM, Available: true}, {Backend: wire.BackendUserspace, Available: true}}, xa, ua)
-	if !xa.holds("b") || ua.holds("b") {
-		t.Fatalf("before any session the best backend should hold the peer: xfrm %v, userspace %v", xa.holds("b"), ua.holds("b"))
+	if !xa.Holds("b") || ua.Holds("b") {
+		t.Fatalf("before any session the best backend should hold the peer: xfrm %v, userspace %v", xa.Holds("b"), ua.Holds("b"))
 	}
 	b.rec = newRec()
 	b.startWith(t, b.config(t, "backend: auto\n", a),
@@ -331,10 +268,10 @@ func TestBackendAgreement(t *testing.T) {
 	if aa.Backend != "userspace" || ab.Backend != "userspace" {
 		t.Fatalf("backends %s/%s, want userspace on both", aa.Backend, ab.Backend)
 	}
-	if xa.holds("b") || !ua.holds("b") {
-		t.Errorf("after settling on userspace: xfrm holds the peer %v, userspace %v", xa.holds("b"), ua.holds("b"))
+	if xa.Holds("b") || !ua.Holds("b") {
+		t.Errorf("after settling on userspace: xfrm holds the peer %v, userspace %v", xa.Holds("b"), ua.Holds("b"))
 	}
-	if len(xa.allKeys()) != 0 {
+	if len(xa.Keys()) != 0 {
 		t.Error("the unused backend was given keys")
 	}
 	mfs, err := a.d.metrics.Gather()
@@ -351,5 +288,108 @@ func TestBackendAgreement(t *testing.T) {
 	}
 	if !ok {
 		t.Error("pspd_handshakes_total{result=ok} did not count the session")
+	}
+}
+
+// TestStopKeepsFailClosedState: a stop ends the sessions and closes the
+// backends, but peers that require encryption keep their fail-closed
+// state in the kernel; only removing a peer from the configuration
+// takes it away.
+func TestStopKeepsFailClosedState(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b, c := newHost(t, "a"), newHost(t, "b"), newHost(t, "c")
+	a.start(t, a.config(t, "", b, c))
+	b.start(t, b.config(t, "", a))
+	waitAssoc(t, client.New(b.sock), 1)
+	kernel := a.rec.Kernel()
+	if got := kernel.FailClosed(); !slices.Equal(got, []string{"b", "c"}) {
+		t.Fatalf("fail-closed state while running: %v, want b and c", got)
+	}
+	if err := a.d.Reload(a.config(t, "", b)); err != nil {
+		t.Fatal(err)
+	}
+	if got := kernel.FailClosed(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("after removing c: %v, want only b", got)
+	}
+	a.stop()
+	if !a.rec.Closed() || len(a.rec.Live()) != 0 {
+		t.Fatalf("after the stop: closed %v, %d SAs live", a.rec.Closed(), len(a.rec.Live()))
+	}
+	if got := kernel.FailClosed(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("after the stop: fail-closed state %v, want b's kept", got)
+	}
+	for _, call := range a.rec.Calls() {
+		if call == "RemovePeer b" {
+			t.Fatalf("the stop removed peer b from the backend: %v", a.rec.Calls())
+		}
+	}
+}
+
+// TestReloadInPlace: a prefix change updates the peer in its backend and
+// keeps its session; a restart-only setting or a peer the running
+// backends cannot serve refuses the reload before any backend call.
+func TestReloadInPlace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a))
+	before := waitAssoc(t, client.New(a.sock), 1)
+
+	next := a.config(t, "", b)
+	next.Peers[0].Prefixes = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}
+	if err := a.d.Reload(next); err != nil {
+		t.Fatal(err)
+	}
+	spec, ok := a.rec.Peer(b.id.Public())
+	if !ok || len(spec.Prefixes) != 1 || spec.Prefixes[0].String() != "10.9.0.0/16" {
+		t.Fatalf("backend holds %+v after the prefix reload", spec)
+	}
+	after := waitAssoc(t, client.New(a.sock), 1)
+	if after.Generation != before.Generation || after.RxSPI != before.RxSPI {
+		t.Fatalf("prefix reload replaced the association: %+v → %+v", before, after)
+	}
+	calls := len(a.rec.Calls())
+	for _, tc := range []struct {
+		name string
+		edit func(*policy.Config)
+		want string
+	}{
+		{"packet_budget", func(c *policy.Config) { c.PacketBudget *= 2 }, "packet_budget changed"},
+		{"rekey_interval", func(c *policy.Config) { c.RekeyInterval *= 2 }, "rekey_interval changed"},
+		{"offload", func(c *policy.Config) { c.Offload = policy.OffloadCrypto }, "offload changed"},
+		{"backend not running", func(c *policy.Config) { c.Peers[0].Backend = policy.BackendXFRM }, "xfrm"},
+	} {
+		cfg := a.config(t, "", b)
+		cfg.Peers[0].Prefixes = next.Peers[0].Prefixes
+		tc.edit(cfg)
+		err := a.d.Reload(cfg)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: reload = %v, want a refusal naming %q", tc.name, err, tc.want)
+		}
+	}
+	if got := a.rec.Calls(); len(got) != calls {
+		t.Errorf("refused reloads touched the backend: %v", got[calls:])
+	}
+}
+
+// TestNewFailsCleanly: a peer the backend cannot take makes New fail
+// with the reason, without a panic and without leaving the peer in the
+// backend.
+func TestNewFailsCleanly(t *testing.T) {
+	a, b := newHost(t, "a"), newHost(t, "b")
+	pc := a.config(t, "", b)
+	pc.Peers[0].Prefixes = nil
+	rec := newRec()
+	_, err := New(context.Background(), Config{Policy: pc, Logger: slog.New(slog.DiscardHandler),
+		Report: offload.Report{{Backend: assoc.BackendUserspace, Available: true}}, Backends: map[assoc.Backend]offload.Backend{assoc.BackendUserspace: rec}})
+	if err == nil || !strings.Contains(err.Error(), "no prefixes") {
+		t.Fatalf("New = %v, want the peer refused for having no prefixes", err)
+	}
+	if rec.Holds("b") {
+		t.Error("the refused peer was left in the backend")
 	}
 }

@@ -3,9 +3,11 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"net/netip"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/keyexchange"
-	"github.com/pspd/pspd/keyexchange/wire"
+	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/policy"
 )
 
@@ -16,20 +18,22 @@ import (
 // SA there is gone while another backend carries the peer.
 type installer struct {
 	d *Daemon
-	b wire.Backend
+	b assoc.Backend
 }
 
-func (i installer) peer(sa *keyexchange.SA) (*peer, error) {
+var _ keyexchange.Installer = installer{}
+
+func (i installer) peer(sa *assoc.SA) (*peer, error) {
 	i.d.kmu.Lock()
 	defer i.d.kmu.Unlock()
 	p := i.d.byKey[sa.Peer]
 	if p == nil {
-		return nil, fmt.Errorf("pspd: SA for a peer that is not configured (%s)", sa.Peer.Fingerprint())
+		return nil, fmt.Errorf("SA for a peer that is not configured (%s)", sa.Peer.Fingerprint())
 	}
 	return p, nil
 }
 
-func (i installer) Install(ctx context.Context, sa *keyexchange.SA) error {
+func (i installer) Install(ctx context.Context, sa *assoc.SA) error {
 	p, err := i.peer(sa)
 	if err != nil {
 		return err
@@ -37,7 +41,7 @@ func (i installer) Install(ctx context.Context, sa *keyexchange.SA) error {
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
 	if _, ok := p.on[i.b]; !ok {
-		if err := i.d.attach(p, i.b); err != nil {
+		if err := i.d.attach(ctx, p, i.b); err != nil {
 			return err
 		}
 	}
@@ -47,17 +51,17 @@ func (i installer) Install(ctx context.Context, sa *keyexchange.SA) error {
 	p.on[i.b]++
 	for b, n := range p.on {
 		if b != i.b && n == 0 {
-			i.d.detach(p, b)
+			i.d.detach(ctx, p, b)
 		}
 	}
 	return nil
 }
 
-func (i installer) Activate(ctx context.Context, sa *keyexchange.SA) error {
+func (i installer) Activate(ctx context.Context, sa *assoc.SA) error {
 	return i.d.backends[i.b].Activate(ctx, sa)
 }
 
-func (i installer) Remove(ctx context.Context, sa *keyexchange.SA) error {
+func (i installer) Remove(ctx context.Context, sa *assoc.SA) error {
 	p, err := i.peer(sa)
 	if err != nil {
 		return err
@@ -71,7 +75,7 @@ func (i installer) Remove(ctx context.Context, sa *keyexchange.SA) error {
 	if p.on[i.b] == 0 {
 		for b, n := range p.on {
 			if b != i.b && n > 0 {
-				i.d.detach(p, i.b) // another backend carries the peer now
+				i.d.detach(ctx, p, i.b) // another backend carries the peer now
 				break
 			}
 		}
@@ -79,35 +83,78 @@ func (i installer) Remove(ctx context.Context, sa *keyexchange.SA) error {
 	return err
 }
 
-// attach gives backend b the peer. Callers hold p.bmu or own p alone.
-func (d *Daemon) attach(p *peer, b wire.Backend) error {
-	if bk, ok := d.backends[b].(interface{ AddPeer(policy.Peer) error }); ok {
-		if err := bk.AddPeer(p.cfg); err != nil {
-			return err
+// spec is the one place that turns a configured peer into what backend b
+// is given.
+func spec(pc policy.Peer, cfg *policy.Config, b assoc.Backend) (offload.PeerSpec, error) {
+	s := offload.PeerSpec{
+		Name: pc.Name, Key: pc.PublicKey, Endpoint: pc.Endpoint, Local: cfg.Listen.Addr(),
+		Prefixes: pc.Prefixes, RequireEncryption: cfg.RequireEncryption, Suite: pc.Suite,
+		Limits: offload.Limits{
+			SoftPackets: cfg.PacketBudget, HardPackets: 2 * cfg.PacketBudget,
+			SoftLifetime: 2 * cfg.RekeyInterval, HardLifetime: 3 * cfg.RekeyInterval,
+		},
+	}
+	if len(s.Prefixes) == 0 {
+		if b != assoc.BackendXFRM {
+			return s, fmt.Errorf("peer %s has no prefixes: the %s backend routes a peer's prefixes into the tunnel (set prefixes, or backend: xfrm to protect the traffic between the two hosts)", pc.Name, b)
 		}
+		// Between the two hosts themselves: transport mode.
+		a := pc.Endpoint.Addr().Unmap()
+		s.Prefixes = []netip.Prefix{netip.PrefixFrom(a, a.BitLen())}
+	}
+	return s, nil
+}
+
+// attach gives backend b the peer. Callers hold p.bmu or own p alone.
+func (d *Daemon) attach(ctx context.Context, p *peer, b assoc.Backend) error {
+	s, err := spec(p.cfg, d.cfg, b)
+	if err != nil {
+		return err
+	}
+	if err := d.backends[b].AddPeer(ctx, s); err != nil {
+		return err
 	}
 	p.on[b] = 0
 	return nil
 }
 
 // detach takes the peer from backend b. Callers hold p.bmu.
-func (d *Daemon) detach(p *peer, b wire.Backend) {
-	if bk, ok := d.backends[b].(interface{ RemovePeer(policy.Peer) }); ok {
-		bk.RemovePeer(p.cfg)
+func (d *Daemon) detach(ctx context.Context, p *peer, b assoc.Backend) {
+	if err := d.backends[b].RemovePeer(ctx, p.cfg.PublicKey); err != nil {
+		d.log.Warn("backend could not remove all of a peer's state", "peer", p.cfg.Name, "backend", b, "err", err)
 	}
 	delete(p.on, b)
 }
 
-// forget takes a peer whose key exchange is closed from every backend.
-func (d *Daemon) forget(p *peer) {
+// update gives every backend holding the peer its new spec. Callers hold
+// p.bmu.
+func (d *Daemon) update(ctx context.Context, p *peer, cfg *policy.Config) error {
+	for b := range p.on {
+		s, err := spec(p.cfg, cfg, b)
+		if err != nil {
+			return err
+		}
+		if err := d.backends[b].UpdatePeer(ctx, s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// forget takes a peer out of the daemon's table and, with removeState,
+// out of every backend, fail-closed state included.
+func (d *Daemon) forget(ctx context.Context, p *peer, removeState bool) {
 	d.kmu.Lock()
 	if d.byKey[p.cfg.PublicKey] == p {
 		delete(d.byKey, p.cfg.PublicKey)
 	}
 	d.kmu.Unlock()
+	if !removeState {
+		return
+	}
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
 	for b := range p.on {
-		d.detach(p, b)
+		d.detach(ctx, p, b)
 	}
 }

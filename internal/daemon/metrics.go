@@ -25,11 +25,6 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
-// dropCounter is implemented by backends that count drops by reason.
-type dropCounter interface {
-	Drops() map[string]uint64
-}
-
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	d := c.d
 	d.mu.Lock()
@@ -62,10 +57,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descAssocs, prometheus.GaugeValue, v, b)
 	}
 	for kind, b := range d.backends {
-		if dc, ok := b.(dropCounter); ok {
-			for reason, v := range dc.Drops() {
-				ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(v), kind.String(), reason)
-			}
+		for reason, v := range b.Drops() {
+			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(v), kind.String(), reason)
 		}
 	}
 }

@@ -20,7 +20,7 @@ func (d *Daemon) Status(context.Context) (localapi.Status, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := localapi.Status{
-		Version: Version, BootID: d.bootID, Started: d.started, PublicKey: d.id.Public().String(),
+		Version: Version, BootID: fmt.Sprintf("%x", d.ep.BootID()), Started: d.started, PublicKey: d.id.Public().String(),
 		Fingerprint: d.id.Public().Fingerprint(), Listen: d.ep.Addr().String(), FIPS: fips140.Enabled(),
 		Peers: len(d.peers),
 	}
@@ -53,7 +53,10 @@ func (d *Daemon) Peers(context.Context) ([]localapi.Peer, error) {
 	out := []localapi.Peer{}
 	for _, p := range d.sortedPeers() {
 		lp := localapi.Peer{Name: p.cfg.Name, Endpoint: p.cfg.Endpoint.String(), Fingerprint: p.cfg.PublicKey.Fingerprint(),
-			State: "connecting", Backend: p.backend.String()}
+			State: "connecting", Backend: p.backend.String(), Prefixes: []string{}}
+		for _, pf := range p.cfg.Prefixes {
+			lp.Prefixes = append(lp.Prefixes, pf.String())
+		}
 		if s := p.kx.Session(); s != nil {
 			lp.State = "up"
 			lp.PeerBootID = fmt.Sprintf("%x", s.PeerBootID())

@@ -10,10 +10,13 @@ package identity
 import (
 	"bytes"
 	"crypto"
+	"crypto/ecdh"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/hkdf"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
@@ -21,10 +24,16 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pspd/pspd/internal/secret"
 )
@@ -96,14 +105,31 @@ func (id *Identity) MarshalPEM() ([]byte, error) {
 }
 
 // ParsePEM parses a PKCS#8 PEM ECDSA P-256 private key.
-func ParsePEM(b []byte) (*Identity, error) {
+func ParsePEM(b []byte) (*Identity, error) { return parsePEM(b, "KEY") }
+
+// parsePEM is ParsePEM for a key read from file, which the hints for
+// converting a key name.
+func parsePEM(b []byte, file string) (*Identity, error) {
 	blk, rest := pem.Decode(b)
 	if blk == nil {
 		return nil, errors.New("identity: no PEM block (want a PKCS#8 \"PRIVATE KEY\" written by pspd genkey)")
 	}
 	defer secret.Zero(blk.Bytes)
-	if blk.Type != pemType {
-		return nil, fmt.Errorf("identity: PEM block type %q, want %q (PKCS#8)", blk.Type, pemType)
+	switch blk.Type {
+	case pemType:
+	case "EC PRIVATE KEY":
+		if k, err := x509.ParseECPrivateKey(blk.Bytes); err == nil && k.Curve != elliptic.P256() {
+			return nil, unusable(k)
+		}
+		return nil, fmt.Errorf("identity: %s holds a SEC1 \"EC PRIVATE KEY\"; pspd reads PKCS#8 (%q): convert it with: openssl pkcs8 -topk8 -nocrypt -in %s -out %s.pkcs8 (then chmod 600 it and point identity at it)", file, pemType, file, file)
+	case "ENCRYPTED PRIVATE KEY":
+		return nil, fmt.Errorf("identity: %s is encrypted; pspd needs it unencrypted (mode 0600 protects it): openssl pkcs8 -in %s -out %s.pkcs8 (then chmod 600 it and point identity at it)", file, file, file)
+	case "RSA PRIVATE KEY":
+		return nil, errors.New("identity: RSA key; pspd needs ECDSA P-256 (pspd genkey makes one)")
+	case "OPENSSH PRIVATE KEY":
+		return nil, errors.New("identity: OpenSSH key; pspd needs a PKCS#8 ECDSA P-256 key (pspd genkey makes one)")
+	default:
+		return nil, fmt.Errorf("identity: PEM block type %q, want %q (PKCS#8, as pspd genkey writes it)", blk.Type, pemType)
 	}
 	if len(bytes.TrimSpace(rest)) != 0 {
 		return nil, errors.New("identity: trailing data after the PEM block")
@@ -114,18 +140,59 @@ func ParsePEM(b []byte) (*Identity, error) {
 	}
 	ek, ok := k.(*ecdsa.PrivateKey)
 	if !ok || ek.Curve != elliptic.P256() {
-		return nil, fmt.Errorf("identity: key is %T, want an ECDSA P-256 key", k)
+		return nil, unusable(k)
 	}
 	return fromPrivate(ek)
 }
 
-// Load reads an identity file. It refuses a file that group or others can
-// access, as ssh does, because such a key must be assumed compromised.
-func Load(path string) (*Identity, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("identity: %w", err)
+// unusable names a private key pspd cannot use by what it is.
+func unusable(k any) error {
+	if ek, ok := k.(*ecdsa.PrivateKey); ok {
+		return fmt.Errorf("identity: ECDSA %s key; pspd needs P-256 (pspd genkey makes one)", ek.Curve.Params().Name)
 	}
+	return fmt.Errorf("identity: %s key; pspd needs ECDSA P-256 (pspd genkey makes one)", keyKind(k))
+}
+
+// keyKind is what an operator calls a key of type k.
+func keyKind(k any) string {
+	switch k := k.(type) {
+	case *ecdsa.PrivateKey:
+		return "ECDSA " + k.Curve.Params().Name
+	case *ecdsa.PublicKey:
+		return "ECDSA " + k.Curve.Params().Name
+	case *rsa.PrivateKey:
+		return fmt.Sprintf("RSA %d-bit", k.N.BitLen())
+	case *rsa.PublicKey:
+		return fmt.Sprintf("RSA %d-bit", k.N.BitLen())
+	case ed25519.PrivateKey, ed25519.PublicKey:
+		return "Ed25519"
+	case *ecdh.PrivateKey:
+		return fmt.Sprint(k.Curve())
+	case *ecdh.PublicKey:
+		return fmt.Sprint(k.Curve())
+	}
+	return fmt.Sprintf("%T", k)
+}
+
+// maxKeyFile bounds what Load reads: a pspd key file is about 240 bytes.
+const maxKeyFile = 16 << 10
+
+// Load reads an identity file. It refuses a file that group or others can
+// access, as ssh does, because such a key must be assumed compromised, and
+// one that another user owns, who could have replaced it. The file is
+// opened without following a final symbolic link and every check is made
+// on the opened descriptor, so what is checked is what is read.
+func Load(path string) (*Identity, error) { return load(path, os.Geteuid()) }
+
+// load is Load as seen by a process running as uid.
+func load(path string, uid int) (*Identity, error) {
+	// O_NONBLOCK: a FIFO in the key's place must not hang start-up (it
+	// is refused below); on a regular file it changes nothing.
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, openError(path, err)
+	}
+	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
 	st, err := f.Stat()
 	if err != nil {
@@ -134,20 +201,54 @@ func Load(path string) (*Identity, error) {
 	if !st.Mode().IsRegular() {
 		return nil, fmt.Errorf("identity: %s is not a regular file", path)
 	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		if owner := int(sys.Uid); owner != uid && owner != 0 {
+			return nil, fmt.Errorf("identity: %s is owned by uid %d%s, not by uid %d%s that pspd runs as, nor by root: that user could have replaced this host's key; check it, then chown %d %s",
+				path, owner, userName(owner), uid, userName(uid), uid, path)
+		}
+	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("identity: %s has mode %#o; it must not be accessible by group or others (chmod 600 %s)", path, perm, path)
 	}
-	b := make([]byte, st.Size()+1)
-	n, err := f.Read(b)
+	b := make([]byte, maxKeyFile+1)
 	defer secret.Zero(b)
-	if err != nil {
+	n, err := io.ReadFull(f, b)
+	switch {
+	case err == nil:
+		return nil, fmt.Errorf("identity: %s is larger than %d bytes; a pspd key file is about 240 (pspd genkey makes one)", path, maxKeyFile)
+	case err != io.EOF && err != io.ErrUnexpectedEOF:
 		return nil, fmt.Errorf("identity: read %s: %w", path, err)
 	}
-	id, err := ParsePEM(b[:n])
+	id, err := parsePEM(b[:n], path)
 	if err != nil {
-		return nil, fmt.Errorf("%w (file %s)", err, path)
+		if !strings.Contains(err.Error(), path) {
+			err = fmt.Errorf("%w (file %s)", err, path)
+		}
+		return nil, err
 	}
 	return id, nil
+}
+
+// openError explains why the key file could not be opened, with the fix.
+func openError(path string, err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("identity: %s does not exist (%w); run: pspd genkey --identity %s", path, err, path)
+	case errors.Is(err, syscall.ELOOP):
+		if target, lerr := os.Readlink(path); lerr == nil {
+			return fmt.Errorf("identity: %s is a symbolic link (to %s); pspd opens its key by the file's own path, since a link can be re-pointed: set identity to the file itself", path, target)
+		}
+	}
+	return fmt.Errorf("identity: %w", &fs.PathError{Op: "open", Path: path, Err: err})
+}
+
+// userName is " (name)" for a uid with a name, or "".
+func userName(uid int) string {
+	u, err := user.LookupId(strconv.Itoa(uid))
+	if err != nil {
+		return ""
+	}
+	return " (" + u.Username + ")"
 }
 
 // ErrExists is returned by WriteFile when the file exists and force is off.
@@ -158,6 +259,9 @@ var ErrExists = errors.New("identity: file exists (use --force to replace it)")
 // writes a temporary file beside it and renames it over the old one, so a
 // crash leaves either the old or the new key, never a torn one.
 func WriteFile(path string, id *Identity, force bool) error {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		return fmt.Errorf("identity: %s is a directory; give the path of the key file to create, like %s", path, filepath.Join(path, "identity.pem"))
+	}
 	b, err := id.MarshalPEM()
 	if err != nil {
 		return err
@@ -174,7 +278,7 @@ func WriteFile(path string, id *Identity, force bool) error {
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
-		return fmt.Errorf("identity: %w", err)
+		return createError(path, err)
 	}
 	defer os.Remove(tmp.Name()) // no-op after a successful rename
 	if err := fillAndClose(tmp, b); err != nil {
@@ -189,13 +293,23 @@ func WriteFile(path string, id *Identity, force bool) error {
 func writeExclusive(path string, b []byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return fmt.Errorf("identity: create %s: %w", path, err)
+		if errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		return createError(path, err)
 	}
 	if err := fillAndClose(f, b); err != nil {
 		os.Remove(path)
 		return err
 	}
 	return nil
+}
+
+func createError(path string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("identity: create %s: %w; create its directory first: mkdir -p -m 700 %s", path, err, filepath.Dir(path))
+	}
+	return fmt.Errorf("identity: create %s: %w", path, err)
 }
 
 // fillAndClose writes b, forces mode 0600 regardless of umask or of the
@@ -245,8 +359,11 @@ func PublicKeyFromSPKI(der []byte) (PublicKey, error) {
 		return PublicKey{}, fmt.Errorf("identity: not a public key (want the line printed by pspd pubkey): %v", err)
 	}
 	ek, ok := k.(*ecdsa.PublicKey)
-	if !ok || ek.Curve != elliptic.P256() {
-		return PublicKey{}, fmt.Errorf("identity: not an ECDSA P-256 key (want the line printed by pspd pubkey)")
+	if !ok {
+		return PublicKey{}, fmt.Errorf("identity: %s key; pspd pins ECDSA P-256 keys (want the line printed by pspd pubkey)", keyKind(k))
+	}
+	if ek.Curve != elliptic.P256() {
+		return PublicKey{}, fmt.Errorf("identity: %s key; pspd pins P-256 keys (want the line printed by pspd pubkey)", keyKind(k))
 	}
 	// Re-encode so that two encodings of one key pin identically.
 	canon, err := x509.MarshalPKIXPublicKey(ek)

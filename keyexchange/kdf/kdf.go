@@ -14,6 +14,7 @@ import (
 	"encoding/binary"
 	"fmt"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/cmac"
 )
@@ -21,38 +22,13 @@ import (
 // MasterKeyLen is the length of a PSP master (device) key.
 const MasterKeyLen = 32
 
-// Suite is an AEAD suite. Its numeric value is the PSP version codepoint,
-// which is also what goes on the wire of the control protocol.
-type Suite uint8
+// Suite is an AEAD suite (package assoc owns the type).
+type Suite = assoc.Suite
 
 const (
-	AESGCM128 Suite = 0 // PSP v0, hdr0-aes-gcm-128
-	AESGCM256 Suite = 1 // PSP v1, hdr0-aes-gcm-256
+	AESGCM128 = assoc.AESGCM128 // PSP v0, hdr0-aes-gcm-128
+	AESGCM256 = assoc.AESGCM256 // PSP v1, hdr0-aes-gcm-256
 )
-
-// KeyLen is the AEAD key length of the suite, or 0 for an unknown suite.
-func (s Suite) KeyLen() int {
-	switch s {
-	case AESGCM128:
-		return 16
-	case AESGCM256:
-		return 32
-	}
-	return 0
-}
-
-// Valid reports whether s is a suite pspd implements.
-func (s Suite) Valid() bool { return s.KeyLen() != 0 }
-
-func (s Suite) String() string {
-	switch s {
-	case AESGCM128:
-		return "aes-gcm-128"
-	case AESGCM256:
-		return "aes-gcm-256"
-	}
-	return fmt.Sprintf("suite(%d)", uint8(s))
-}
 
 // ParseSuite accepts the names String returns.
 func ParseSuite(name string) (Suite, error) {

@@ -4,43 +4,27 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+
+	"github.com/pspd/pspd/assoc"
 )
 
-// SPI is a PSP security parameter index as pspd lays it out for derived-key
-// associations:
-//
-//	bit 31      master-key selector (PSP key phase)
-//	bit 30      role of the allocating (receiving) side
-//	bits 29..0  key id, never zero
-//
-// The role bit partitions the SPI space between the two peers of a session,
-// so the SPI one side receives on can never equal the SPI the other side
-// receives on, and the two directions never derive the same key.
-type SPI uint32
-
-const (
-	masterBit = 1 << 31
-	roleBit   = 1 << 30
-	idMask    = roleBit - 1
-
-	// MaxKeyID is the largest key id an allocator hands out.
-	MaxKeyID = idMask
-)
+// SPI is a PSP security parameter index; package assoc owns the type and
+// documents its layout.
+type SPI = assoc.SPI
 
 // Role is the side of a session that allocated an SPI.
-type Role uint8
+type Role = assoc.Role
 
 const (
-	Initiator Role = 0
-	Responder Role = 1
-)
+	Initiator = assoc.Initiator
+	Responder = assoc.Responder
 
-func (r Role) String() string {
-	if r == Initiator {
-		return "initiator"
-	}
-	return "responder"
-}
+	// MaxKeyID is the largest key id an allocator hands out.
+	MaxKeyID = assoc.MaxKeyID
+
+	masterBit = 1 << 31
+	roleBit   = 1 << 30
+)
 
 // MakeSPI builds an SPI. It returns an error for a zero or too-large key id.
 func MakeSPI(master int, role Role, id uint32) (SPI, error) {
@@ -62,21 +46,6 @@ func MakeSPI(master int, role Role, id uint32) (SPI, error) {
 	}
 	return s, nil
 }
-
-// MasterKeyIndex is 0 or 1 (bit 31).
-func (s SPI) MasterKeyIndex() int { return int(s >> 31) }
-
-// Role is the role bit (bit 30).
-func (s SPI) Role() Role { return Role(s >> 30 & 1) }
-
-// KeyID is the low 31 bits as PSP defines them (role bit included); PSP
-// requires it to be non-zero.
-func (s SPI) KeyID() uint32 { return uint32(s) &^ masterBit }
-
-// Counter is bits 29..0, the allocator's counter.
-func (s SPI) Counter() uint32 { return uint32(s) & idMask }
-
-func (s SPI) String() string { return fmt.Sprintf("%#08x", uint32(s)) }
 
 // ErrSPIExhausted means an allocator has handed out every key id for its
 // master key and role; the session must be re-established (fresh master

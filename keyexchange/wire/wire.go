@@ -23,6 +23,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/kdf"
 )
@@ -85,28 +86,15 @@ type Message interface {
 	appendBody(b []byte) []byte
 }
 
-// Backend is a data plane that can install SAs.
-type Backend uint8
+// Backend is a data plane that can install SAs (package assoc owns the
+// type).
+type Backend = assoc.Backend
 
 const (
-	BackendPSP       Backend = 1 // kernel PSP: explicit device keys
-	BackendXFRM      Backend = 2 // kernel XFRM ESP: derived keys
-	BackendUserspace Backend = 3 // pspd's own data plane: derived keys
+	BackendPSP       = assoc.BackendPSP
+	BackendXFRM      = assoc.BackendXFRM
+	BackendUserspace = assoc.BackendUserspace
 )
-
-func (b Backend) Valid() bool { return b >= BackendPSP && b <= BackendUserspace }
-
-func (b Backend) String() string {
-	switch b {
-	case BackendPSP:
-		return "psp"
-	case BackendXFRM:
-		return "xfrm"
-	case BackendUserspace:
-		return "userspace"
-	}
-	return fmt.Sprintf("backend(%d)", uint8(b))
-}
 
 // Backends is a set of backends.
 type Backends uint8
@@ -164,9 +152,9 @@ func (s Suites) Has(x kdf.Suite) bool { return x.Valid() && s&(1<<x) != 0 }
 // knows the other side restarted and lost every key.
 type BootID [16]byte
 
-// AssocID names an association between two peers; it stays the same across
-// rekeys, which bump the generation.
-type AssocID uint64
+// AssocID names an association between two peers (package assoc owns the
+// type).
+type AssocID = assoc.ID
 
 // Hello opens a session in both directions.
 type Hello struct {

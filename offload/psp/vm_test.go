@@ -32,6 +32,7 @@ import (
 	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/offload/psp"
 	"github.com/pspd/pspd/policy"
+	"github.com/pspd/pspd/xfrm"
 	xfrmbackend "github.com/pspd/pspd/xfrm/backend"
 )
 
@@ -125,7 +126,7 @@ func (h *host) start(t *testing.T, peer *host) {
 	pc.Identity = idPath
 	log := slog.New(slog.NewTextHandler(&h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	ctx, cancel := context.WithCancel(context.Background())
-	xb, err := xfrmbackend.New(ctx, xfrmbackend.Config{Policy: pc, Logger: log, NetNS: h.ns})
+	xb, err := xfrmbackend.New(ctx, xfrmbackend.Config{Offload: xfrm.OffloadNone, Logger: log, NetNS: h.ns})
 	if err != nil {
 		t.Fatal(err)
 	}

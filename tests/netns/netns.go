@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/pspd/pspd/internal/nsim"
@@ -182,6 +183,7 @@ type Daemon struct {
 	Log    string
 	PubKey string
 
+	body string // the configuration after the identity and socket lines
 	cmd  *exec.Cmd
 	done chan error
 }
@@ -208,7 +210,45 @@ func (l *Lab) NewDaemon(ctx context.Context, h *Host) (*Daemon, error) {
 // the identity and socket lines.
 func (d *Daemon) WriteConfig(body string) error {
 	head := fmt.Sprintf("identity: %s\nsocket: %s\n", filepath.Join(d.Dir, "identity.pem"), d.Socket)
+	d.body = body
 	return os.WriteFile(d.Config, []byte(head+body), 0o600)
+}
+
+// EditConfig rewrites the body WriteConfig last wrote with edit.
+func (d *Daemon) EditConfig(edit func(body string) string) error {
+	return d.WriteConfig(edit(d.body))
+}
+
+// Reload sends SIGHUP and waits until the daemon's log has a new line
+// containing one of outcomes (what a successful or a refused reload
+// logs), which it returns.
+func (d *Daemon) Reload(ctx context.Context, outcomes ...string) (string, error) {
+	before, _ := os.ReadFile(d.Log)
+	if d.cmd == nil || d.cmd.Process == nil {
+		return "", fmt.Errorf("netns: reload of pspd in %s, which is not running", d.Host.Name)
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		return "", err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile(d.Log)
+		if len(b) > len(before) {
+			for _, line := range strings.Split(string(b[len(before):]), "\n") {
+				for _, o := range outcomes {
+					if strings.Contains(line, o) {
+						return line, nil
+					}
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return "", fmt.Errorf("netns: pspd in %s logged none of %q within 10s of SIGHUP; log:\n%s", d.Host.Name, outcomes, d.Tail(20))
 }
 
 // Start runs pspd in its host and waits until its API answers.

@@ -1,13 +1,16 @@
-// Package backend is the userspace data plane as pspd's key exchange sees
-// it: one engine (a TUN device and a UDP underlay), one codec per peer,
-// and the keyexchange.Installer that feeds each negotiated SA into the
-// right codec, inbound first and outbound only when the peer receives.
+// Package backend is the userspace data plane as the daemon drives it: one
+// engine (a TUN device and a UDP or AF_XDP underlay), one codec per peer,
+// and the offload.Backend that feeds each negotiated SA into the right
+// codec, inbound first and outbound only when the peer receives. That
+// package states what every lifecycle transition leaves in the kernel.
 //
 // It also owns the host side of the tunnel: the TUN device's address, a
-// route into it for every peer prefix, and, when encryption is required,
-// a lower-priority "prohibit" route for each prefix that outlives the
-// TUN device, so that while pspd is down (crashed, restarting) traffic to
-// a peer is refused instead of leaving in clear.
+// route into it for every peer prefix, and, for a peer that requires
+// encryption, a lower-priority "prohibit" route for each prefix that
+// outlives the TUN device, so that while pspd is down (stopped,
+// restarting, crashed) traffic to the peer is refused instead of leaving
+// in clear. Those routes carry pspd's routing protocol number, so that the
+// next start finds and reconciles them.
 package backend
 
 import (
@@ -18,16 +21,15 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/keyexchange/identity"
-	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/offload"
-	"github.com/pspd/pspd/policy"
 	"github.com/pspd/pspd/userspace"
 	"github.com/pspd/pspd/userspace/codec"
 	"github.com/pspd/pspd/userspace/netutil"
@@ -38,6 +40,11 @@ import (
 
 // prohibitMetric places the fail-closed routes behind the TUN routes.
 const prohibitMetric = 4096
+
+// routeProto marks the routes pspd installs (rtnetlink's rtm_protocol;
+// values above RTPROT_STATIC are for routing daemons), so that a restart
+// can tell its own fail-closed routes from everybody else's.
+const routeProto netlink.RouteProtocol = 0x9e
 
 // underlayMTU is assumed for the outer path; the inner MTU is derived
 // from it.
@@ -52,21 +59,48 @@ func Probe(context.Context) error {
 	return f.Close()
 }
 
+// IO is how the data plane moves outer packets.
+type IO string
+
+const (
+	IOAuto  IO = "auto"   // AF_XDP where it works, else UDP sockets
+	IOAFXDP IO = "af_xdp" // require AF_XDP
+	IOUDP   IO = "udp"    // batched UDP sockets
+)
+
+// Config is what the data plane is started with.
+type Config struct {
+	Interface string       // TUN device name
+	Address   netip.Prefix // this host's inner address; unset: none
+	Listen    netip.Addr   // underlay address; unspecified: all
+	Port      uint16       // outer UDP port, the same on both peers
+	Framing   codec.Framing
+	IO        IO
+	Logger    *slog.Logger
+	// Peers are the peers configured at start: the fail-closed routes of
+	// those that require encryption are kept, the others pspd left behind
+	// are removed.
+	Peers []offload.PeerSpec
+}
+
 // Backend is the running userspace data plane.
 type Backend struct {
-	cfg    *policy.Config
+	cfg    Config
 	log    *slog.Logger
 	dev    *tun.Device
 	link   netlink.Link
 	engine *userspace.Dataplane
 	rekey  chan identity.PublicKey
+	// txKeys outlives every peer's codec: a peer removed and added back
+	// must not be given an earlier TX key either.
+	txKeys *codec.KeyHistory
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*peer
 }
 
 type peer struct {
-	cfg    policy.Peer
+	cfg    offload.PeerSpec
 	codec  *codec.Codec
 	outer  netip.AddrPort
 	routes []netlink.Route
@@ -75,18 +109,12 @@ type peer struct {
 
 var _ offload.Backend = (*Backend)(nil)
 
-func framing(f policy.Framing) codec.Framing {
-	if f == policy.FramingPSP {
-		return codec.PSPTunnel
-	}
-	return codec.Geneve
-}
-
-// New opens the TUN device and the underlay socket and starts the engine.
-// On error nothing stays open.
-func New(ctx context.Context, cfg *policy.Config, log *slog.Logger) (b *Backend, err error) {
-	us := cfg.Userspace
-	fr := framing(us.Framing)
+// New opens the TUN device and the underlay socket, starts the engine and
+// removes the fail-closed routes an earlier pspd left for peers that are
+// no longer configured (or no longer require encryption). On error
+// nothing stays open or installed.
+func New(ctx context.Context, cfg Config) (*Backend, error) {
+	fr := cfg.Framing
 	// A scratch codec tells the framing's overhead.
 	probe, err := codec.New(codec.Config{Framing: fr})
 	if err != nil {
@@ -94,64 +122,108 @@ func New(ctx context.Context, cfg *policy.Config, log *slog.Logger) (b *Backend,
 	}
 	overhead := probe.Overhead()
 	probe.Close()
-	mtu, err := netutil.InnerMTU(underlayMTU, cfg.Listen.Addr(), overhead)
+	mtu, err := netutil.InnerMTU(underlayMTU, cfg.Listen, overhead)
 	if err != nil {
 		return nil, fmt.Errorf("userspace: %w", err)
 	}
-	b = &Backend{cfg: cfg, log: log, peers: map[identity.PublicKey]*peer{}, rekey: make(chan identity.PublicKey, 16)}
-	defer func() {
-		if err != nil {
-			b.Close()
-		}
-	}()
-	if b.dev, err = tun.Open(us.Interface, mtu); err != nil {
-		return nil, fmt.Errorf("userspace: open TUN %s: %w", us.Interface, err)
-	}
-	if b.link, err = netlink.LinkByName(us.Interface); err != nil {
-		return nil, fmt.Errorf("userspace: %s: %w", us.Interface, err)
-	}
-	if us.Address.IsValid() {
-		addr := &netlink.Addr{IPNet: toIPNet(us.Address)}
-		if err := netlink.AddrReplace(b.link, addr); err != nil {
-			return nil, fmt.Errorf("userspace: address %v on %s: %w", us.Address, us.Interface, err)
-		}
-	}
-	conn, io, err := openUnderlay(cfg, log)
-	if err != nil {
+	b := &Backend{cfg: cfg, log: cfg.Logger, peers: map[identity.PublicKey]*peer{}, rekey: make(chan identity.PublicKey, 16), txKeys: codec.NewKeyHistory()}
+	if err := b.start(ctx, mtu); err != nil {
+		b.Close()
 		return nil, err
 	}
+	return b, nil
+}
+
+func (b *Backend) start(ctx context.Context, mtu int) (err error) {
+	cfg := b.cfg
+	if b.dev, err = tun.Open(cfg.Interface, mtu); err != nil {
+		return fmt.Errorf("userspace: open TUN %s: %w (is another pspd running, or another interface of that name? set userspace.interface)", cfg.Interface, err)
+	}
+	if b.link, err = netlink.LinkByName(cfg.Interface); err != nil {
+		return fmt.Errorf("userspace: %s: %w", cfg.Interface, err)
+	}
+	if cfg.Address.IsValid() {
+		addr := &netlink.Addr{IPNet: toIPNet(cfg.Address)}
+		if err := netlink.AddrReplace(b.link, addr); err != nil {
+			return fmt.Errorf("userspace: address %v on %s: %w", cfg.Address, cfg.Interface, err)
+		}
+	}
+	conn, io, err := openUnderlay(cfg, b.log)
+	if err != nil {
+		return err
+	}
 	dev := b.dev
-	b.engine, err = userspace.Start(ctx, userspace.Config{TUN: dev, Underlay: conn, MTU: mtu, Framing: fr, Logger: log.With("part", "userspace")})
+	b.engine, err = userspace.Start(ctx, userspace.Config{TUN: dev, Underlay: conn, MTU: mtu, Framing: cfg.Framing, Logger: b.log.With("part", "userspace")})
 	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("userspace: %w", err)
+		return fmt.Errorf("userspace: %w", err)
 	}
 	b.dev = nil // the engine owns it now
-	log.Info("userspace data plane up", "interface", us.Interface, "mtu", mtu, "framing", fr, "port", us.Port, "io", io)
-	return b, nil
+	b.reconcileRoutes()
+	b.log.Info("userspace data plane up", "interface", cfg.Interface, "mtu", mtu, "framing", cfg.Framing, "port", cfg.Port, "io", io)
+	return nil
+}
+
+// reconcileRoutes removes pspd's fail-closed routes that no peer of the
+// start-up configuration keeps; AddPeer replaces the others.
+func (b *Backend) reconcileRoutes() {
+	keep := map[netip.Prefix]bool{}
+	for _, p := range b.cfg.Peers {
+		if p.RequireEncryption {
+			for _, pf := range p.Prefixes {
+				keep[pf.Masked()] = true
+			}
+		}
+	}
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: routeProto, Type: unix.RTN_PROHIBIT},
+		netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TYPE)
+	if err != nil {
+		b.log.Warn("userspace: list fail-closed routes an earlier pspd left", "err", err)
+		return
+	}
+	removed := 0
+	for _, r := range routes {
+		if r.Dst == nil {
+			continue
+		}
+		pf, ok := netipPrefix(r.Dst)
+		if ok && keep[pf] {
+			continue
+		}
+		if err := netlink.RouteDel(&r); err != nil {
+			b.log.Warn("userspace: remove stale fail-closed route", "dst", r.Dst, "err", err)
+			continue
+		}
+		removed++
+	}
+	if removed > 0 {
+		b.log.Info("userspace: removed fail-closed routes of peers no longer configured", "routes", removed)
+	}
 }
 
 // openUnderlay opens the outer side as configured: AF_XDP on the
 // interface that holds the listen address, or batched UDP sockets. With
 // io auto, AF_XDP is used when it can be and UDP otherwise, and the log
 // says why.
-func openUnderlay(cfg *policy.Config, log *slog.Logger) (userspace.Underlay, policy.IO, error) {
-	us := cfg.Userspace
-	if us.IO != policy.IOUDP {
-		u, err := openXDP(cfg.Listen.Addr(), us.Port)
+func openUnderlay(cfg Config, log *slog.Logger) (userspace.Underlay, IO, error) {
+	if cfg.IO != IOUDP {
+		u, err := openXDP(cfg.Listen, cfg.Port)
 		if err == nil {
-			return u, policy.IOAFXDP, nil
+			return u, IOAFXDP, nil
 		}
-		if us.IO == policy.IOAFXDP {
+		if cfg.IO == IOAFXDP {
 			return nil, "", fmt.Errorf("userspace: io af_xdp: %w (set userspace.io to udp or auto)", err)
 		}
 		log.Info("userspace: AF_XDP not used; batched UDP sockets instead", "reason", err)
 	}
-	conn, err := udp.Listen(netip.AddrPortFrom(cfg.Listen.Addr(), us.Port), userspace.DefaultBatch)
+	conn, err := udp.Listen(netip.AddrPortFrom(cfg.Listen, cfg.Port), userspace.DefaultBatch)
 	if err != nil {
-		return nil, "", fmt.Errorf("userspace: underlay socket on port %d: %w", us.Port, err)
+		return nil, "", fmt.Errorf("userspace: underlay socket on port %d: %w", cfg.Port, err)
 	}
-	return conn, policy.IOUDP, nil
+	if !conn.GRO() {
+		log.Info("userspace: the kernel refused UDP GRO (needs Linux 5.0); datagrams are read one by one")
+	}
+	return conn, IOUDP, nil
 }
 
 func openXDP(listen netip.Addr, port uint16) (userspace.Underlay, error) {
@@ -185,55 +257,116 @@ func linkWithAddr(a netip.Addr) (netlink.Link, error) {
 }
 
 // Kind implements offload.Backend.
-func (b *Backend) Kind() wire.Backend { return wire.BackendUserspace }
+func (b *Backend) Kind() assoc.Backend { return assoc.BackendUserspace }
 
 // RekeyWanted delivers the peers whose TX key reached its packet budget or
 // age; the daemon rekeys them.
 func (b *Backend) RekeyWanted() <-chan identity.PublicKey { return b.rekey }
 
-// AddPeer gives a configured peer a codec, a place in the engine and
-// routes for its prefixes.
-func (b *Backend) AddPeer(p policy.Peer) (err error) {
+// AddPeer implements offload.Backend: a codec for the peer, its place in
+// the engine, and routes for its prefixes.
+func (b *Backend) AddPeer(_ context.Context, p offload.PeerSpec) (err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.peers[p.PublicKey] != nil {
+	if b.peers[p.Key] != nil {
 		return fmt.Errorf("userspace: peer %s added twice", p.Name)
 	}
-	life := 3 * b.cfg.RekeyInterval
+	l := p.Limits
 	c, err := codec.New(codec.Config{
-		Framing: framing(b.cfg.Userspace.Framing), SoftPackets: b.cfg.PacketBudget, HardPackets: 2 * b.cfg.PacketBudget,
-		SoftLifetime: 2 * b.cfg.RekeyInterval, HardLifetime: life, Logger: b.log.With("peer", p.Name),
+		Framing: b.cfg.Framing, SoftPackets: l.SoftPackets, HardPackets: l.HardPackets,
+		SoftLifetime: l.SoftLifetime, HardLifetime: l.HardLifetime, Logger: b.log.With("peer", p.Name),
+		TXKeys: b.txKeys,
 	})
 	if err != nil {
 		return fmt.Errorf("userspace: peer %s: %w", p.Name, err)
 	}
-	pr := &peer{cfg: p, codec: c, outer: netip.AddrPortFrom(p.Endpoint.Addr(), b.cfg.Userspace.Port)}
+	pr := &peer{cfg: p, codec: c, outer: netip.AddrPortFrom(p.Endpoint.Addr(), b.cfg.Port)}
 	defer func() {
 		if err != nil {
-			b.dropRoutes(pr)
+			b.dropRoutes(pr.routes)
 			c.Close()
 		}
 	}()
 	if err := b.engine.AddPeer(userspace.Peer{Endpoint: pr.outer, Prefixes: p.Prefixes, Codec: c}); err != nil {
 		return fmt.Errorf("userspace: peer %s: %w", p.Name, err)
 	}
-	for _, pf := range p.Prefixes {
-		routes := []netlink.Route{{LinkIndex: b.link.Attrs().Index, Dst: toIPNet(pf), Scope: netlink.SCOPE_LINK}}
-		if b.cfg.RequireEncryption {
-			routes = append(routes, netlink.Route{Dst: toIPNet(pf), Type: unix.RTN_PROHIBIT, Priority: prohibitMetric})
-		}
-		for _, r := range routes {
-			if err := netlink.RouteReplace(&r); err != nil {
-				b.engine.RemovePeer(pr.outer)
-				return fmt.Errorf("userspace: peer %s: route %v: %w", p.Name, pf, err)
-			}
-			pr.routes = append(pr.routes, r)
-		}
+	if pr.routes, err = b.addRoutes(p, p.Prefixes, nil); err != nil {
+		b.engine.RemovePeer(pr.outer)
+		return err
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	pr.stop = stop
-	go b.forwardRekeys(ctx, p.PublicKey, c)
-	b.peers[p.PublicKey] = pr
+	go b.forwardRekeys(ctx, p.Key, c)
+	b.peers[p.Key] = pr
+	return nil
+}
+
+// routes are the routes for one prefix of p: into the TUN device, and
+// behind it the fail-closed one when p requires encryption.
+func (b *Backend) routes(p offload.PeerSpec, pf netip.Prefix) []netlink.Route {
+	rs := []netlink.Route{{LinkIndex: b.link.Attrs().Index, Dst: toIPNet(pf), Scope: netlink.SCOPE_LINK, Protocol: routeProto}}
+	if p.RequireEncryption {
+		rs = append(rs, netlink.Route{Dst: toIPNet(pf), Type: unix.RTN_PROHIBIT, Priority: prohibitMetric, Protocol: routeProto})
+	}
+	return rs
+}
+
+// addRoutes installs the routes of prefixes for p, all or none, leaving
+// alone those already in have.
+func (b *Backend) addRoutes(p offload.PeerSpec, prefixes []netip.Prefix, have []netlink.Route) ([]netlink.Route, error) {
+	var added []netlink.Route
+	for _, pf := range prefixes {
+		for _, r := range b.routes(p, pf) {
+			if slices.ContainsFunc(have, func(h netlink.Route) bool { return sameRoute(h, r) }) {
+				continue
+			}
+			if err := netlink.RouteReplace(&r); err != nil {
+				b.dropRoutes(added)
+				return nil, fmt.Errorf("userspace: peer %s: route %v: %w", p.Name, pf, err)
+			}
+			added = append(added, r)
+		}
+	}
+	return added, nil
+}
+
+func sameRoute(a, b netlink.Route) bool {
+	return a.Dst.String() == b.Dst.String() && a.Type == b.Type && a.Priority == b.Priority && a.LinkIndex == b.LinkIndex
+}
+
+// UpdatePeer implements offload.Backend: routes for new prefixes (and new
+// fail-closed routes) go in before the dropped ones go out; the codec and
+// its SAs stay. The codec's limits are those of AddPeer.
+func (b *Backend) UpdatePeer(_ context.Context, p offload.PeerSpec) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	pr := b.peers[p.Key]
+	if pr == nil {
+		return fmt.Errorf("userspace: update of peer %s that was never added", p.Name)
+	}
+	outer := netip.AddrPortFrom(p.Endpoint.Addr(), b.cfg.Port)
+	var want []netlink.Route
+	for _, pf := range p.Prefixes {
+		want = append(want, b.routes(p, pf)...)
+	}
+	added, err := b.addRoutes(p, p.Prefixes, pr.routes)
+	if err != nil {
+		return err
+	}
+	if err := b.engine.UpdatePeer(pr.outer, userspace.Peer{Endpoint: outer, Prefixes: p.Prefixes, Codec: pr.codec}); err != nil {
+		b.dropRoutes(added)
+		return fmt.Errorf("userspace: peer %s: %w", p.Name, err)
+	}
+	var kept, dropped []netlink.Route
+	for _, r := range pr.routes {
+		if slices.ContainsFunc(want, func(w netlink.Route) bool { return sameRoute(w, r) }) {
+			kept = append(kept, r)
+		} else {
+			dropped = append(dropped, r)
+		}
+	}
+	b.dropRoutes(dropped)
+	pr.cfg, pr.outer, pr.routes = p, outer, append(kept, added...)
 	return nil
 }
 
@@ -251,32 +384,32 @@ func (b *Backend) forwardRekeys(ctx context.Context, key identity.PublicKey, c *
 	}
 }
 
-func (b *Backend) dropRoutes(pr *peer) {
-	for _, r := range pr.routes {
+func (b *Backend) dropRoutes(routes []netlink.Route) {
+	for _, r := range routes {
 		if err := netlink.RouteDel(&r); err != nil {
 			b.log.Warn("userspace: remove route", "dst", r.Dst, "err", err)
 		}
 	}
-	pr.routes = nil
 }
 
-// RemovePeer takes a peer out of the engine and removes its routes,
-// including the fail-closed ones: the operator removed the peer.
-func (b *Backend) RemovePeer(p policy.Peer) {
+// RemovePeer implements offload.Backend: the peer leaves the engine and
+// its routes go, the fail-closed ones included.
+func (b *Backend) RemovePeer(_ context.Context, key identity.PublicKey) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	pr := b.peers[p.PublicKey]
+	pr := b.peers[key]
 	if pr == nil {
-		return
+		return nil
 	}
-	delete(b.peers, p.PublicKey)
+	delete(b.peers, key)
 	pr.stop()
 	b.engine.RemovePeer(pr.outer)
-	b.dropRoutes(pr)
+	b.dropRoutes(pr.routes)
 	pr.codec.Close()
+	return nil
 }
 
-func (b *Backend) codecFor(sa *keyexchange.SA) (*codec.Codec, error) {
+func (b *Backend) codecFor(sa *assoc.SA) (*codec.Codec, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	pr := b.peers[sa.Peer]
@@ -286,9 +419,9 @@ func (b *Backend) codecFor(sa *keyexchange.SA) (*codec.Codec, error) {
 	return pr.codec, nil
 }
 
-// Install implements keyexchange.Installer: the inbound SA goes live, the
+// Install implements offload.Backend: the inbound SA goes live, the
 // outbound one waits for Activate.
-func (b *Backend) Install(_ context.Context, sa *keyexchange.SA) error {
+func (b *Backend) Install(_ context.Context, sa *assoc.SA) error {
 	c, err := b.codecFor(sa)
 	if err != nil {
 		return err
@@ -296,8 +429,8 @@ func (b *Backend) Install(_ context.Context, sa *keyexchange.SA) error {
 	return c.InstallRX(codec.SA{SPI: sa.RxSPI, Suite: sa.Suite, Key: sa.RxKey})
 }
 
-// Activate implements keyexchange.Installer: TX moves to the new SA.
-func (b *Backend) Activate(_ context.Context, sa *keyexchange.SA) error {
+// Activate implements offload.Backend: TX moves to the new SA.
+func (b *Backend) Activate(_ context.Context, sa *assoc.SA) error {
 	c, err := b.codecFor(sa)
 	if err != nil {
 		return err
@@ -305,9 +438,9 @@ func (b *Backend) Activate(_ context.Context, sa *keyexchange.SA) error {
 	return c.InstallTX(codec.SA{SPI: sa.TxSPI, Suite: sa.Suite, Key: sa.TxKey})
 }
 
-// Remove implements keyexchange.Installer. A replaced TX SA is already
+// Remove implements offload.Backend. A replaced TX SA is already
 // gone from the codec; the inbound one goes now.
-func (b *Backend) Remove(_ context.Context, sa *keyexchange.SA) error {
+func (b *Backend) Remove(_ context.Context, sa *assoc.SA) error {
 	c, err := b.codecFor(sa)
 	if err != nil {
 		return nil // the peer, and with it every SA, is gone already
@@ -317,7 +450,7 @@ func (b *Backend) Remove(_ context.Context, sa *keyexchange.SA) error {
 }
 
 // Traffic implements offload.Backend from the codec's per-SA counters.
-func (b *Backend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
+func (b *Backend) Traffic(sa *assoc.SA) (offload.Traffic, bool) {
 	c, err := b.codecFor(sa)
 	if err != nil {
 		return offload.Traffic{}, false
@@ -339,8 +472,8 @@ func (b *Backend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
 	return t, found
 }
 
-// Drops implements the daemon's drop counter: codec and engine drops by
-// reason, over all peers.
+// Drops implements offload.Backend: codec and engine drops by reason,
+// over all peers.
 func (b *Backend) Drops() map[string]uint64 {
 	out := map[string]uint64{}
 	st := b.engine.Stats()
@@ -363,9 +496,10 @@ func (b *Backend) Drops() map[string]uint64 {
 	return out
 }
 
-// Close stops the engine, wipes every key, and removes the routes into
-// the TUN device. The fail-closed routes go too: pspd was stopped on
-// purpose. A crash leaves them in place.
+// Close implements offload.Backend: it stops the engine and wipes every
+// key. The routes into the TUN device go with it; the fail-closed routes
+// of peers that require encryption stay, so that their traffic is refused
+// until the next start.
 func (b *Backend) Close() error {
 	b.mu.Lock()
 	peers := b.peers
@@ -373,7 +507,13 @@ func (b *Backend) Close() error {
 	b.mu.Unlock()
 	for _, pr := range peers {
 		pr.stop()
-		b.dropRoutes(pr)
+		var drop []netlink.Route
+		for _, r := range pr.routes {
+			if r.Type != unix.RTN_PROHIBIT || !pr.cfg.RequireEncryption {
+				drop = append(drop, r)
+			}
+		}
+		b.dropRoutes(drop)
 		pr.codec.Close()
 	}
 	var errs []error

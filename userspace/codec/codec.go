@@ -31,9 +31,11 @@
 // InstallRX and InstallTX copy the key of an SA (the caller keeps and
 // wipes its own copy) and build the AEAD once. They refuse SPIs whose low
 // 31 bits are zero, keys of the wrong length or all zero, a key equal to
-// one of the other direction, a duplicate RX SPI, and re-installing the
-// live TX SA with the same key (its counter would restart at 0 under the
-// same key: GCM nonce reuse). Every new TX SA starts its counter at zero;
+// one of the other direction, a duplicate RX SPI, and any TX key that was
+// installed before, live or long retired, under any SPI (its counter would
+// restart at 0 under the same key: GCM nonce reuse). The record of earlier
+// TX keys is a KeyHistory of fingerprints, shared by the codecs of a data
+// plane through Config.TXKeys. Every new TX SA starts its counter at zero;
 // the first packet carries counter 1, as the PSP reference does.
 //
 // Rekeying is make-before-break. A new RX SA is installed next to the
@@ -140,6 +142,11 @@ type Config struct {
 	// Logger receives install/remove events (never key bytes). Default:
 	// discard.
 	Logger *slog.Logger
+	// TXKeys is the record of TX keys installed before, which InstallTX
+	// refuses to install again. Share one among all codecs of a data
+	// plane: a peer's keys must stay refused after its codec is closed
+	// (see KeyHistory). Default: a history of this codec's own.
+	TXKeys *KeyHistory
 }
 
 // SA is one direction's security association as the control plane hands
@@ -192,6 +199,7 @@ type Codec struct {
 	afterFunc func(time.Duration, func()) (stop func() bool)
 	log       *slog.Logger
 	rekey     chan RekeyEvent
+	txKeys    *KeyHistory
 
 	mu     sync.Mutex // serialises writers of tab
 	closed bool
@@ -257,6 +265,7 @@ func New(cfg Config) (*Codec, error) {
 		now:      cfg.Now,
 		log:      cfg.Logger,
 		rekey:    make(chan RekeyEvent, 1),
+		txKeys:   cfg.TXKeys,
 	}
 	if c.hardPkts == 0 {
 		c.hardPkts = DefaultHardPackets
@@ -293,6 +302,9 @@ func New(cfg Config) (*Codec, error) {
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
+	}
+	if c.txKeys == nil {
+		c.txKeys = NewKeyHistory()
 	}
 	c.epoch = c.now()
 	c.afterFunc = func(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }

@@ -103,6 +103,10 @@ func (c *Codec) InstallTX(sa SA) error {
 	if err != nil {
 		return fmt.Errorf("codec: install TX spi=%v: %w", sa.SPI, err)
 	}
+	// Last, so that only a key that goes live is recorded.
+	if !c.txKeys.add(sa.Key) {
+		return fmt.Errorf("codec: install TX spi=%v: key was installed before as a TX key (sealing under it again would repeat its nonces: nonce reuse); renegotiate so that the key exchange derives a fresh key", sa.SPI)
+	}
 	now := c.clock()
 	t := &txSA{spi: sa.SPI, suite: sa.Suite, aead: aead, key: sa.Key.Clone(), softAt: now + c.softLife, hardAt: now + c.hardLife}
 	t.stops = append(t.stops, c.afterFunc(c.softLife, c.Maintain), c.afterFunc(c.hardLife, c.Maintain))
@@ -195,6 +199,11 @@ func (c *Codec) Maintain() {
 		c.tab.Store(&table{rx: t.rx, txExpired: true})
 		t.tx.retire()
 		c.log.Warn("codec: TX SA expired without a rekey; TX stops until a new SA is installed", "spi", t.tx.spi)
+		// Maintain may run late for both deadlines at once (a descheduled
+		// process, a clock jump); the control plane must hear of it.
+		if t.tx.askedAge.CompareAndSwap(false, true) {
+			c.askRekey(t.tx.spi, RekeyTime)
+		}
 		return
 	}
 	if now >= t.tx.softAt && t.tx.askedAge.CompareAndSwap(false, true) {

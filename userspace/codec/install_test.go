@@ -423,3 +423,26 @@ func waitRX(t *testing.T, c *Codec, spi kdf.SPI) {
 	}
 	t.Fatalf("no packet accepted under RX SA %v within 10s", spi)
 }
+
+// TestExpiryAsksForRekey: a TX SA that reaches HardLifetime before anyone
+// saw its SoftLifetime (the process was descheduled past both deadlines,
+// or the clock jumped) still asks for a rekey: TX is stopped until one
+// comes.
+func TestExpiryAsksForRekey(t *testing.T) {
+	clk := newClock()
+	c := mustNew(t, Config{Framing: Geneve, Now: clk.Now})
+	clk.use(c)
+	must(t, c.InstallTX(SA{SPI: 1, Suite: kdf.AESGCM128, Key: testKey(kdf.AESGCM128, 1)}))
+	clk.Advance(DefaultHardLifetime) // both timers due at once
+	if _, err := c.SealTo(make([]byte, 100), ipv4(1, 0)); !errors.Is(err, ErrKeyExpired) {
+		t.Fatalf("seal after HardLifetime: %v", err)
+	}
+	select {
+	case ev := <-c.RekeyWanted():
+		if ev.Reason != RekeyTime || ev.TXSPI != 1 {
+			t.Fatalf("event %+v", ev)
+		}
+	default:
+		t.Fatal("TX SA expired without asking for a rekey")
+	}
+}

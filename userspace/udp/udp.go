@@ -1,6 +1,12 @@
 // Package udp owns the UDP-socket underlay of the userspace data plane: one
 // socket moving batches of payloads with recvmmsg/sendmmsg, for hosts where
 // AF_XDP is not available. Conn implements userspace.Underlay.
+//
+// Both directions use the kernel's UDP offloads where it has them: runs of
+// equal datagrams to one peer go out as one segmented send (UDP GSO), and
+// runs of datagrams of one flow come in as one coalesced read (UDP GRO)
+// that ReadBatch splits again, so the stack is traversed once per run
+// rather than once per datagram.
 package udp
 
 import (
@@ -36,6 +42,8 @@ type Conn struct {
 	// maps tx header i to the number of messages it carries.
 	ctrl   [][]byte
 	groups []int
+	// gro is the coalesced-read state; nil when UDP_GRO is off.
+	gro *groReader
 }
 
 // maxSegments is how many datagrams one segmented send carries
@@ -53,9 +61,27 @@ type batch struct {
 	call  func(fd uintptr) bool
 }
 
+// ListenConfig holds the settings of a socket Listen opens.
+type ListenConfig struct {
+	// Batch is how many payloads one syscall moves, 1..1024.
+	Batch int
+	// NoGRO leaves UDP_GRO off: every datagram is read on its own. By
+	// default the socket asks the kernel to coalesce datagrams (UDP_GRO),
+	// which costs 64 KiB of receive buffer per message of the batch, and
+	// falls back to reading them one by one if the kernel refuses.
+	NoGRO bool
+}
+
 // Listen opens a UDP socket on laddr (an unspecified address listens on
-// all) that moves up to size payloads per syscall.
+// all) that moves up to size payloads per syscall, with UDP GRO if the
+// kernel has it.
 func Listen(laddr netip.AddrPort, size int) (*Conn, error) {
+	return ListenConfig{Batch: size}.Listen(laddr)
+}
+
+// Listen opens a UDP socket on laddr with lc's settings.
+func (lc ListenConfig) Listen(laddr netip.AddrPort) (*Conn, error) {
+	size := lc.Batch
 	if size < 1 || size > 1024 {
 		return nil, fmt.Errorf("udp: batch size %d: want 1..1024", size)
 	}
@@ -81,8 +107,15 @@ func Listen(laddr netip.AddrPort, size int) (*Conn, error) {
 	}
 	u.rx.call = u.recv
 	u.tx.call = u.send
+	if !lc.NoGRO && u.enableGRO() {
+		u.gro = newGROReader(size, u)
+	}
 	return u, nil
 }
+
+// GRO reports whether the kernel coalesces this socket's received
+// datagrams (UDP_GRO is on).
+func (u *Conn) GRO() bool { return u.gro != nil }
 
 // bigBuffers asks for SocketBuffer, past net.core.[rw]mem_max when the
 // process has CAP_NET_ADMIN. Failure only costs drops under bursts.
@@ -111,8 +144,12 @@ func (b *batch) init(size int) {
 func (u *Conn) LocalAddr() netip.AddrPort { return u.c.LocalAddr().(*net.UDPAddr).AddrPort() }
 
 // ReadBatch implements userspace.Underlay: it receives into msgs[i].Buf
-// (payload at Off 0).
+// (payload at Off 0), one datagram per message, however the kernel
+// coalesced them.
 func (u *Conn) ReadBatch(msgs []userspace.Message) (int, error) {
+	if u.gro != nil {
+		return u.gro.read(msgs)
+	}
 	b := &u.rx
 	b.n = min(len(msgs), len(b.hdrs))
 	for i := range b.n {

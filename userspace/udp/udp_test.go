@@ -20,52 +20,64 @@ func msgs(n, size int) []userspace.Message {
 	return m
 }
 
+// receivers are the two read paths: with UDP GRO (the default) and
+// without (a kernel that refuses it).
+var receivers = []struct {
+	name string
+	cfg  udp.ListenConfig
+}{{"gro", udp.ListenConfig{}}, {"nogro", udp.ListenConfig{NoGRO: true}}}
+
 func TestBatchRoundTrip(t *testing.T) {
-	for _, la := range []string{"127.0.0.1:0", "[::1]:0", "[::]:0"} {
-		t.Run(la, func(t *testing.T) {
-			a, err := udp.Listen(netip.MustParseAddrPort(la), 16)
-			if err != nil {
-				t.Skipf("no %s socket on this host: %v", la, err)
+	for _, r := range receivers {
+		for _, la := range []string{"127.0.0.1:0", "[::1]:0", "[::]:0"} {
+			t.Run(r.name+"/"+la, func(t *testing.T) { roundTrip(t, la, r.cfg) })
+		}
+	}
+}
+
+func roundTrip(t *testing.T, la string, rcfg udp.ListenConfig) {
+	a, err := udp.Listen(netip.MustParseAddrPort(la), 16)
+	if err != nil {
+		t.Skipf("no %s socket on this host: %v", la, err)
+	}
+	defer a.Close()
+	rcfg.Batch = 16
+	b, err := rcfg.Listen(netip.MustParseAddrPort(la))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	to := b.LocalAddr()
+	if to.Addr().IsUnspecified() {
+		// A dual-stack socket reached over IPv4 reports v4 sources.
+		to = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), to.Port())
+	}
+	const n = 40 // more than one batch: WriteBatch loops
+	out := msgs(n, 64)
+	for i := range out {
+		// A non-zero Off: the underlay must send only the span.
+		out[i].Off = 3
+		out[i].N = copy(out[i].Buf[3:], fmt.Sprintf("payload-%02d", i))
+		out[i].Addr = to
+	}
+	if k, err := a.WriteBatch(out); k != n || err != nil {
+		t.Fatalf("WriteBatch = %d, %v", k, err)
+	}
+	in := msgs(16, 64)
+	for got := 0; got < n; {
+		k, err := b.ReadBatch(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range k {
+			if p := string(in[i].Payload()); p != fmt.Sprintf("payload-%02d", got) {
+				t.Fatalf("message %d = %q", got, p)
 			}
-			defer a.Close()
-			b, err := udp.Listen(netip.MustParseAddrPort(la), 16)
-			if err != nil {
-				t.Fatal(err)
+			if in[i].Addr.Port() != a.LocalAddr().Port() || !in[i].Addr.Addr().IsLoopback() {
+				t.Fatalf("from %v, want loopback port %d", in[i].Addr, a.LocalAddr().Port())
 			}
-			defer b.Close()
-			to := b.LocalAddr()
-			if to.Addr().IsUnspecified() {
-				// A dual-stack socket reached over IPv4 reports v4 sources.
-				to = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), to.Port())
-			}
-			const n = 40 // more than one batch: WriteBatch loops
-			out := msgs(n, 64)
-			for i := range out {
-				// A non-zero Off: the underlay must send only the span.
-				out[i].Off = 3
-				out[i].N = copy(out[i].Buf[3:], fmt.Sprintf("payload-%02d", i))
-				out[i].Addr = to
-			}
-			if k, err := a.WriteBatch(out); k != n || err != nil {
-				t.Fatalf("WriteBatch = %d, %v", k, err)
-			}
-			in := msgs(16, 64)
-			for got := 0; got < n; {
-				k, err := b.ReadBatch(in)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for i := range k {
-					if p := string(in[i].Payload()); p != fmt.Sprintf("payload-%02d", got) {
-						t.Fatalf("message %d = %q", got, p)
-					}
-					if in[i].Addr.Port() != a.LocalAddr().Port() || !in[i].Addr.Addr().IsLoopback() {
-						t.Fatalf("from %v, want loopback port %d", in[i].Addr, a.LocalAddr().Port())
-					}
-					got++
-				}
-			}
-		})
+			got++
+		}
 	}
 }
 
@@ -102,8 +114,15 @@ func TestCloseUnblocksRead(t *testing.T) {
 }
 
 func TestZeroAllocs(t *testing.T) {
+	for _, r := range receivers {
+		t.Run(r.name, func(t *testing.T) { zeroAllocs(t, r.cfg) })
+	}
+}
+
+func zeroAllocs(t *testing.T, rcfg udp.ListenConfig) {
 	a, _ := udp.Listen(netip.MustParseAddrPort("127.0.0.1:0"), 8)
-	b, err := udp.Listen(netip.MustParseAddrPort("127.0.0.1:0"), 8)
+	rcfg.Batch = 8
+	b, err := rcfg.Listen(netip.MustParseAddrPort("127.0.0.1:0"))
 	if a == nil || err != nil {
 		t.Fatal(err)
 	}

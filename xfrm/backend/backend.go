@@ -3,17 +3,17 @@
 // policies that steer the peer's prefixes into ESP, and the SA pairs of
 // the associations the key exchange negotiates.
 //
-// Keys never stay in this process: they go to the kernel in the netlink
-// message that adds an SA, and the kernel alone holds them afterwards.
+// It implements offload.Backend; that package states what every
+// lifecycle transition leaves in the kernel.
 //
 // A peer whose prefixes are only its own address is protected in
 // transport mode; any other prefix makes the peer's SAs tunnel mode
-// between the two hosts. With require_encryption the policies are
-// installed as soon as the peer is configured and stay in the kernel if
-// pspd dies, so that traffic to the peer is held back (the kernel finds
-// no SA and drops it) rather than sent in clear until pspd is back and
-// has negotiated new SAs. Without it, the policies exist only while an
-// association does.
+// between the two hosts. A peer that requires encryption has its policies
+// installed as soon as it is added, and they stay in the kernel when pspd
+// stops or dies, so that traffic to the peer is held back (the kernel
+// finds no SA and drops it) rather than sent in clear until pspd is back
+// and has negotiated new SAs. Without it, the policies exist only while
+// an association does.
 package backend
 
 import (
@@ -31,41 +31,42 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/internal/secret"
-	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/identity"
-	"github.com/pspd/pspd/keyexchange/kdf"
-	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/offload"
-	"github.com/pspd/pspd/policy"
 	"github.com/pspd/pspd/xfrm"
 )
 
-// Config is what the backend needs besides the policy.
+// Config is what the backend is started with.
 type Config struct {
-	Policy *policy.Config
-	Logger *slog.Logger
+	Offload xfrm.OffloadMode
+	Logger  *slog.Logger
 	// NetNS is an open network namespace fd to program; 0 means the
 	// caller's namespace.
 	NetNS int
+	// Peers are the peers configured at start: the fail-closed state of
+	// those that require encryption is kept through the start-up
+	// reconcile, everything else pspd left in the kernel is removed.
+	Peers []offload.PeerSpec
 }
 
 // Backend programs XFRM state for pspd's peers.
 type Backend struct {
-	cfg   *policy.Config
-	log   *slog.Logger
-	h     *xfrm.Handle
-	links *vnl.Handle
-	rekey chan identity.PublicKey
-	stop  context.CancelFunc
-	done  chan struct{}
+	offload xfrm.OffloadMode
+	log     *slog.Logger
+	h       *xfrm.Handle
+	links   *vnl.Handle
+	rekey   chan identity.PublicKey
+	stop    context.CancelFunc
+	done    chan struct{}
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*peer
 }
 
 type peer struct {
-	cfg      policy.Peer
+	cfg      offload.PeerSpec
 	reqid    uint32
 	mode     xfrm.Mode
 	local    netip.Addr
@@ -77,7 +78,7 @@ type peer struct {
 
 // saKey names one generation of an association.
 type saKey struct {
-	assoc wire.AssocID
+	assoc assoc.ID
 	gen   uint32
 }
 
@@ -93,15 +94,16 @@ var _ offload.Backend = (*Backend)(nil)
 // live SA.
 const probeSPI = 0x3ffffff0
 
-// Probe reports whether this host can run the XFRM backend for pc: the
-// kernel must take an ESP rfc4106(gcm(aes)) SA (Probe adds and removes one
-// that no policy uses), and the control socket must be one that can be
-// exempted from IPsec policies for every peer.
-func Probe(ctx context.Context, pc *policy.Config, netNS int) error {
-	if l := pc.Listen.Addr(); l.Is6() && l.IsUnspecified() {
-		for _, p := range pc.Peers {
+// Probe reports whether this host can run the XFRM backend with the
+// control socket on listen for peers: the kernel must take an ESP
+// rfc4106(gcm(aes)) SA (Probe adds and removes one that no policy uses),
+// and the control socket must be one that can be exempted from IPsec
+// policies for every peer.
+func Probe(ctx context.Context, listen netip.AddrPort, peers []offload.PeerSpec, netNS int) error {
+	if l := listen.Addr(); l.Is6() && l.IsUnspecified() {
+		for _, p := range peers {
 			if p.Endpoint.Addr().Unmap().Is4() {
-				return fmt.Errorf("listen is %v, a dual-stack socket whose IPv4 traffic (to peer %s) cannot be exempted from IPsec policies; set listen to 0.0.0.0:%d or this host's IPv4 address", pc.Listen, p.Name, pc.Listen.Port())
+				return fmt.Errorf("listen is %v, a dual-stack socket whose IPv4 traffic (to peer %s) cannot be exempted from IPsec policies; set listen to 0.0.0.0:%d or this host's IPv4 address", listen, p.Name, listen.Port())
 			}
 		}
 	}
@@ -110,10 +112,10 @@ func Probe(ctx context.Context, pc *policy.Config, netNS int) error {
 		return fmt.Errorf("no XFRM netlink (%v): the xfrm backend needs CONFIG_XFRM_USER and CAP_NET_ADMIN", err)
 	}
 	defer h.Close()
-	key := make([]byte, kdf.AESGCM128.KeyLen())
+	key := make([]byte, assoc.AESGCM128.KeyLen())
 	sa := &xfrm.SA{
 		Src: netip.MustParseAddr("192.0.2.254"), Dst: netip.MustParseAddr("192.0.2.255"), SPI: probeSPI,
-		ReqID: h.Owner().ReqIDMax, Dir: xfrm.In, Suite: kdf.AESGCM128, Key: secret.Own(key),
+		ReqID: h.Owner().ReqIDMax, Dir: xfrm.In, Suite: assoc.AESGCM128, Key: secret.Own(key),
 	}
 	if _, err := h.AddSA(ctx, sa); err != nil {
 		return fmt.Errorf("the kernel refused an ESP rfc4106(gcm(aes)) SA (%v): the xfrm backend needs CONFIG_INET_ESP, CONFIG_INET6_ESP and CONFIG_CRYPTO_GCM", err)
@@ -128,12 +130,7 @@ func Probe(ctx context.Context, pc *policy.Config, netNS int) error {
 // behind (its SAs carry keys this process does not have), and starts
 // watching for expiring SAs.
 func New(ctx context.Context, cfg Config) (b *Backend, err error) {
-	pc := cfg.Policy
-	mode, err := xfrm.ParseOffloadMode(string(pc.Offload))
-	if err != nil {
-		return nil, fmt.Errorf("xfrm: offload: %w", err)
-	}
-	h, err := xfrm.Open(xfrm.Config{NetNS: cfg.NetNS, Offload: mode, Logger: cfg.Logger})
+	h, err := xfrm.Open(xfrm.Config{NetNS: cfg.NetNS, Offload: cfg.Offload, Logger: cfg.Logger})
 	if err != nil {
 		return nil, err
 	}
@@ -147,20 +144,21 @@ func New(ctx context.Context, cfg Config) (b *Backend, err error) {
 		h.Close()
 		return nil, fmt.Errorf("xfrm: route netlink: %w", err)
 	}
-	b = &Backend{cfg: pc, log: cfg.Logger, h: h, links: links, rekey: make(chan identity.PublicKey, 16),
+	b = &Backend{offload: cfg.Offload, log: cfg.Logger, h: h, links: links, rekey: make(chan identity.PublicKey, 16),
 		peers: map[identity.PublicKey]*peer{}, done: make(chan struct{})}
 	// Policies of peers that are still configured stay, so a restart with
 	// require_encryption never opens a window in which traffic leaves in
 	// clear; stale SAs and policies of removed peers go.
 	var keep []xfrm.Policy
-	if pc.RequireEncryption {
-		for i, p := range pc.Peers {
-			pr, err := b.newPeer(p, h.Owner().ReqIDMin+uint32(i))
-			if err != nil {
-				continue // AddPeer reports it
-			}
-			keep = append(keep, pr.policies...)
+	for i, p := range cfg.Peers {
+		if !p.RequireEncryption {
+			continue
 		}
+		pr, err := b.newPeer(p, h.Owner().ReqIDMin+uint32(i))
+		if err != nil {
+			continue // AddPeer reports it
+		}
+		keep = append(keep, pr.policies...)
 	}
 	res, err := h.Reconcile(ctx, nil, keep)
 	if err != nil {
@@ -233,12 +231,16 @@ func (b *Backend) event(ev xfrm.Event) {
 func (b *Backend) RekeyWanted() <-chan identity.PublicKey { return b.rekey }
 
 // Kind implements offload.Backend.
-func (b *Backend) Kind() wire.Backend { return wire.BackendXFRM }
+func (b *Backend) Kind() assoc.Backend { return assoc.BackendXFRM }
 
 // newPeer works out a peer's addresses, mode and policies.
-func (b *Backend) newPeer(p policy.Peer, reqid uint32) (*peer, error) {
+func (b *Backend) newPeer(p offload.PeerSpec, reqid uint32) (*peer, error) {
+	if len(p.Prefixes) == 0 {
+		// Tunnel mode with no policy would be "up" and protect nothing.
+		return nil, fmt.Errorf("xfrm: peer %s: no prefixes: the xfrm backend protects a peer's prefixes (list the peer's endpoint address in prefixes for transport mode)", p.Name)
+	}
 	remote := p.Endpoint.Addr().Unmap()
-	local := b.cfg.Listen.Addr().Unmap()
+	local := p.Local.Unmap()
 	var dev string
 	routes, err := b.links.RouteGet(remote.AsSlice())
 	if err != nil || len(routes) == 0 {
@@ -264,10 +266,10 @@ func (b *Backend) newPeer(p policy.Peer, reqid uint32) (*peer, error) {
 
 // policies returns the mode and the policies for a peer: transport mode
 // when every prefix is the peer's own address, tunnel mode otherwise.
-func policies(p policy.Peer, local, remote netip.Addr, reqid uint32) (xfrm.Mode, []xfrm.Policy) {
+func policies(p offload.PeerSpec, local, remote netip.Addr, reqid uint32) (xfrm.Mode, []xfrm.Policy) {
 	self := netip.PrefixFrom(remote, remote.BitLen())
 	mode := xfrm.Transport
-	if len(p.Prefixes) == 0 || slices.ContainsFunc(p.Prefixes, func(pf netip.Prefix) bool { return pf.Masked() != self }) {
+	if slices.ContainsFunc(p.Prefixes, func(pf netip.Prefix) bool { return pf.Masked() != self }) {
 		mode = xfrm.Tunnel
 	}
 	var out []xfrm.Policy
@@ -293,12 +295,12 @@ func policies(p policy.Peer, local, remote netip.Addr, reqid uint32) (xfrm.Mode,
 	return mode, out
 }
 
-// AddPeer gives a configured peer a reqid and, with require_encryption,
-// its policies.
-func (b *Backend) AddPeer(p policy.Peer) error {
+// AddPeer implements offload.Backend: a reqid for the peer and, when it
+// requires encryption, its policies.
+func (b *Backend) AddPeer(ctx context.Context, p offload.PeerSpec) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.peers[p.PublicKey] != nil {
+	if b.peers[p.Key] != nil {
 		return fmt.Errorf("xfrm: peer %s added twice", p.Name)
 	}
 	reqid, err := b.freeReqID()
@@ -309,12 +311,66 @@ func (b *Backend) AddPeer(p policy.Peer) error {
 	if err != nil {
 		return err
 	}
-	if b.cfg.RequireEncryption {
-		if err := b.addPolicies(pr); err != nil {
+	if p.RequireEncryption {
+		if err := b.addPolicies(ctx, pr, pr.policies); err != nil {
 			return err
 		}
 	}
-	b.peers[p.PublicKey] = pr
+	b.peers[p.Key] = pr
+	return nil
+}
+
+// UpdatePeer implements offload.Backend. Policies that stay are left
+// alone, new ones are added before the dropped ones go, so traffic to a
+// prefix that stays never finds a gap. The installed SAs keep their
+// addresses and limits; new limits apply to the next generation.
+func (b *Backend) UpdatePeer(ctx context.Context, p offload.PeerSpec) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	pr := b.peers[p.Key]
+	if pr == nil {
+		return fmt.Errorf("xfrm: update of peer %s that was never added", p.Name)
+	}
+	next, err := b.newPeer(p, pr.reqid)
+	if err != nil {
+		return err
+	}
+	want := pr.polUp || p.RequireEncryption
+	var added, dropped []xfrm.Policy
+	for _, np := range next.policies {
+		if !slices.Contains(pr.policies, np) {
+			added = append(added, np)
+		}
+	}
+	// A policy whose selector stays is updated in place by AddPolicy;
+	// deleting it afterwards would delete the update.
+	sel := func(p xfrm.Policy) xfrm.Policy {
+		return xfrm.Policy{Src: p.Src, Dst: p.Dst, Proto: p.Proto, Dir: p.Dir}
+	}
+	for _, op := range pr.policies {
+		if !slices.ContainsFunc(next.policies, func(np xfrm.Policy) bool { return sel(np) == sel(op) }) {
+			dropped = append(dropped, op)
+		}
+	}
+	if want {
+		if !pr.polUp {
+			added = next.policies
+			dropped = nil
+		}
+		if err := b.addPolicies(ctx, pr, added); err != nil {
+			return err
+		}
+		for i := range dropped {
+			if err := b.h.DeletePolicy(ctx, &dropped[i]); err != nil {
+				b.log.Warn("xfrm: remove policy", "peer", p.Name, "policy", &dropped[i], "err", err)
+			}
+		}
+	}
+	pr.cfg, pr.mode, pr.policies, pr.local, pr.dev = p, next.mode, next.policies, next.local, next.dev
+	pr.polUp = want
+	if pr.polUp && !p.RequireEncryption && len(pr.sas) == 0 {
+		b.dropPolicies(ctx, pr)
+	}
 	return nil
 }
 
@@ -333,14 +389,12 @@ func (b *Backend) freeReqID() (uint32, error) {
 	return 0, errors.New("xfrm: every reqid of pspd's range is in use")
 }
 
-// addPolicies installs a peer's policies, all or none.
-func (b *Backend) addPolicies(pr *peer) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	for i := range pr.policies {
-		if err := b.h.AddPolicy(ctx, &pr.policies[i]); err != nil {
+// addPolicies installs ps for a peer, all or none.
+func (b *Backend) addPolicies(ctx context.Context, pr *peer, ps []xfrm.Policy) error {
+	for i := range ps {
+		if err := b.h.AddPolicy(ctx, &ps[i]); err != nil {
 			for j := range i {
-				b.h.DeletePolicy(ctx, &pr.policies[j])
+				b.h.DeletePolicy(ctx, &ps[j])
 			}
 			return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
 		}
@@ -358,28 +412,27 @@ func (b *Backend) dropPolicies(ctx context.Context, pr *peer) {
 	pr.polUp = false
 }
 
-// RemovePeer removes a peer's policies; its SAs are removed by the key
-// exchange before.
-func (b *Backend) RemovePeer(p policy.Peer) {
+// RemovePeer implements offload.Backend: the peer's SAs and policies go.
+func (b *Backend) RemovePeer(ctx context.Context, key identity.PublicKey) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	pr := b.peers[p.PublicKey]
+	pr := b.peers[key]
 	if pr == nil {
-		return
+		return nil
 	}
-	delete(b.peers, p.PublicKey)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
+	delete(b.peers, key)
+	var errs []error
 	for _, sp := range pr.sas {
-		b.deletePair(ctx, sp)
+		errs = append(errs, b.deletePair(ctx, sp))
 	}
 	b.dropPolicies(ctx, pr)
+	return errors.Join(errs...)
 }
 
-func (b *Backend) sa(pr *peer, sa *keyexchange.SA, dir xfrm.Dir) xfrm.SA {
+func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir) xfrm.SA {
+	l := pr.cfg.Limits
 	s := xfrm.SA{ReqID: pr.reqid, Dir: dir, Mode: pr.mode, Suite: sa.Suite, OffloadDev: pr.dev, Lifetime: xfrm.Lifetime{
-		SoftPackets: b.cfg.PacketBudget, HardPackets: 2 * b.cfg.PacketBudget,
-		Soft: 2 * b.cfg.RekeyInterval, Hard: 3 * b.cfg.RekeyInterval,
+		SoftPackets: l.SoftPackets, HardPackets: l.HardPackets, Soft: l.SoftLifetime, Hard: l.HardLifetime,
 	}}
 	remote := pr.cfg.Endpoint.Addr().Unmap()
 	if dir == xfrm.In {
@@ -387,13 +440,13 @@ func (b *Backend) sa(pr *peer, sa *keyexchange.SA, dir xfrm.Dir) xfrm.SA {
 	} else {
 		s.Src, s.Dst, s.SPI, s.Key = pr.local, remote, uint32(sa.TxSPI), sa.TxKey
 	}
-	if b.cfg.Offload == policy.OffloadNone {
+	if b.offload == xfrm.OffloadNone {
 		s.OffloadDev = ""
 	}
 	return s
 }
 
-func (b *Backend) peer(sa *keyexchange.SA) (*peer, error) {
+func (b *Backend) peer(sa *assoc.SA) (*peer, error) {
 	pr := b.peers[sa.Peer]
 	if pr == nil {
 		return nil, fmt.Errorf("xfrm: SA for a peer that is not configured (%s)", sa.Peer.Fingerprint())
@@ -404,7 +457,7 @@ func (b *Backend) peer(sa *keyexchange.SA) (*peer, error) {
 // Install adds the inbound SA. The outbound one waits for Activate: the
 // kernel sends under the newest SA matching a policy's template, so adding
 // it is what switches traffic.
-func (b *Backend) Install(ctx context.Context, sa *keyexchange.SA) error {
+func (b *Backend) Install(ctx context.Context, sa *assoc.SA) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	pr, err := b.peer(sa)
@@ -426,7 +479,7 @@ func (b *Backend) Install(ctx context.Context, sa *keyexchange.SA) error {
 
 // Activate adds the outbound SA, and the peer's policies if they are not
 // in place yet.
-func (b *Backend) Activate(ctx context.Context, sa *keyexchange.SA) error {
+func (b *Backend) Activate(ctx context.Context, sa *assoc.SA) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	pr, err := b.peer(sa)
@@ -446,7 +499,7 @@ func (b *Backend) Activate(ctx context.Context, sa *keyexchange.SA) error {
 	}
 	p.outAdded = true
 	if !pr.polUp {
-		if err := b.addPolicies(pr); err != nil {
+		if err := b.addPolicies(ctx, pr, pr.policies); err != nil {
 			b.h.DeleteSA(ctx, out.ID())
 			p.outAdded = false
 			return err
@@ -457,7 +510,7 @@ func (b *Backend) Activate(ctx context.Context, sa *keyexchange.SA) error {
 
 // Remove deletes a generation's SAs, and the policies with the last one
 // unless encryption is required.
-func (b *Backend) Remove(ctx context.Context, sa *keyexchange.SA) error {
+func (b *Backend) Remove(ctx context.Context, sa *assoc.SA) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	pr := b.peers[sa.Peer]
@@ -471,7 +524,7 @@ func (b *Backend) Remove(ctx context.Context, sa *keyexchange.SA) error {
 	}
 	delete(pr.sas, k)
 	err := b.deletePair(ctx, p)
-	if len(pr.sas) == 0 && pr.polUp && !b.cfg.RequireEncryption {
+	if len(pr.sas) == 0 && pr.polUp && !pr.cfg.RequireEncryption {
 		b.dropPolicies(ctx, pr)
 	}
 	return err
@@ -487,7 +540,7 @@ func (b *Backend) deletePair(ctx context.Context, p *pair) error {
 }
 
 // Traffic reports the kernel's counters for a generation's SAs.
-func (b *Backend) Traffic(sa *keyexchange.SA) (offload.Traffic, bool) {
+func (b *Backend) Traffic(sa *assoc.SA) (offload.Traffic, bool) {
 	b.mu.Lock()
 	var p pair
 	pr := b.peers[sa.Peer]
@@ -542,14 +595,40 @@ func (b *Backend) Drops() map[string]uint64 {
 	return out
 }
 
-// Close stops watching the kernel. Installed state stays: the key
-// exchange removed the SAs of every peer it closed, and policies left by
-// require_encryption are meant to outlive pspd.
+// Close implements offload.Backend: it stops watching the kernel and
+// removes every SA still installed, and the policies of peers that do not
+// require encryption. The policies of those that do stay, so that their
+// traffic is held back until the next start.
 func (b *Backend) Close() error {
 	if b.stop != nil {
 		b.stop()
 		<-b.done
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	b.mu.Lock()
+	var errs []error
+	kept := 0
+	for _, pr := range b.peers {
+		for k, sp := range pr.sas {
+			errs = append(errs, b.deletePair(ctx, sp))
+			delete(pr.sas, k)
+		}
+		if !pr.polUp {
+			continue
+		}
+		if pr.cfg.RequireEncryption {
+			kept++
+			continue
+		}
+		b.dropPolicies(ctx, pr)
+	}
+	b.peers = map[identity.PublicKey]*peer{}
+	b.mu.Unlock()
+	if kept > 0 {
+		b.log.Info("xfrm: policies kept in the kernel so that traffic to peers that require encryption is held back until pspd is back", "peers", kept)
+	}
 	b.links.Close()
-	return b.h.Close()
+	errs = append(errs, b.h.Close())
+	return errors.Join(errs...)
 }

@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/pspd/pspd/internal/nstest"
-	"github.com/pspd/pspd/policy"
+	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/xfrm"
 )
 
@@ -38,7 +38,7 @@ func TestPolicies(t *testing.T) {
 			"out 0.0.0.0/0->10.9.0.0/16 tunnel", "in 10.9.0.0/16->0.0.0.0/0 tunnel", "fwd 10.9.0.0/16->0.0.0.0/0 tunnel"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			mode, pols := policies(policy.Peer{Name: "b", Prefixes: tc.prefixes}, local, remote, reqid)
+			mode, pols := policies(offload.PeerSpec{Name: "b", Prefixes: tc.prefixes}, local, remote, reqid)
 			if mode != tc.mode {
 				t.Errorf("mode %v, want %v", mode, tc.mode)
 			}
@@ -64,9 +64,8 @@ func TestPolicies(t *testing.T) {
 // family, so [::] with an IPv4 peer would leave the control traffic under
 // the peer's IPsec policy.
 func TestProbeRefusesDualStackWithIPv4Peers(t *testing.T) {
-	pc := &policy.Config{Listen: netip.MustParseAddrPort("[::]:6082"),
-		Peers: []policy.Peer{{Name: "b", Endpoint: netip.MustParseAddrPort("192.0.2.2:6082")}}}
-	err := Probe(context.Background(), pc, 0)
+	peers := []offload.PeerSpec{{Name: "b", Endpoint: netip.MustParseAddrPort("192.0.2.2:6082")}}
+	err := Probe(context.Background(), netip.MustParseAddrPort("[::]:6082"), peers, 0)
 	if err == nil || !strings.Contains(err.Error(), "set listen to 0.0.0.0:6082") {
 		t.Fatalf("Probe = %v, want the dual-stack refusal naming the fix", err)
 	}
@@ -79,8 +78,7 @@ func TestProbeKernel(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (CAP_NET_ADMIN) to add the probe SA")
 	}
-	pc := &policy.Config{Listen: netip.MustParseAddrPort("0.0.0.0:6082")}
-	err := Probe(context.Background(), pc, nstest.New(t, "pxb"))
+	err := Probe(context.Background(), netip.MustParseAddrPort("0.0.0.0:6082"), nil, nstest.New(t, "pxb"))
 	if os.Getenv("PSPD_IN_VM") == "1" {
 		if err != nil {
 			t.Fatalf("Probe in the test VM: %v", err)

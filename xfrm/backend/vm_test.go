@@ -22,22 +22,23 @@ import (
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/kdf"
 	"github.com/pspd/pspd/keyexchange/wire"
-	"github.com/pspd/pspd/policy"
+	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/xfrm"
 )
 
 // host is one side of the test: a namespace with a pspd key exchange and
 // an XFRM backend in it, as the daemon wires them.
 type host struct {
-	ns   int
-	addr netip.Addr
-	id   *identity.Identity
-	pc   *policy.Config
-	b    *Backend
-	ep   *keyexchange.Endpoint
-	kp   *keyexchange.Peer
-	logs bytes.Buffer
-	tap  *keyTap
+	ns     int
+	addr   netip.Addr
+	id     *identity.Identity
+	listen netip.AddrPort
+	spec   offload.PeerSpec
+	b      *Backend
+	ep     *keyexchange.Endpoint
+	kp     *keyexchange.Peer
+	logs   bytes.Buffer
+	tap    *keyTap
 }
 
 // keyTap keeps a copy of every key the key exchange hands the backend, so
@@ -101,29 +102,30 @@ func newHost(t *testing.T, addr string) *host {
 func (h *host) start(t *testing.T, peer *host, require bool) {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(&h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	pp := policy.Peer{Name: "peer", Endpoint: netip.AddrPortFrom(peer.addr, 6082), PublicKey: peer.id.Public(),
-		Prefixes: []netip.Prefix{netip.PrefixFrom(peer.addr, 32)}, Suite: kdf.AESGCM256}
-	h.pc = &policy.Config{Listen: netip.AddrPortFrom(h.addr, 6082), Offload: policy.OffloadNone, Suite: kdf.AESGCM256,
-		RekeyInterval: time.Hour, PacketBudget: 1 << 30, RequireEncryption: require, Peers: []policy.Peer{pp}}
+	pp := offload.PeerSpec{Name: "peer", Endpoint: netip.AddrPortFrom(peer.addr, 6082), Key: peer.id.Public(),
+		Local: h.addr, Prefixes: []netip.Prefix{netip.PrefixFrom(peer.addr, 32)}, Suite: kdf.AESGCM256,
+		RequireEncryption: require, Limits: offload.Limits{SoftPackets: 1 << 30, HardPackets: 1 << 31, SoftLifetime: 2 * time.Hour, HardLifetime: 3 * time.Hour}}
+	h.listen = netip.AddrPortFrom(h.addr, 6082)
+	h.spec = pp
 	ctx := context.Background()
 	var err error
-	if h.b, err = New(ctx, Config{Policy: h.pc, Logger: log, NetNS: h.ns}); err != nil {
+	if h.b, err = New(ctx, Config{Offload: xfrm.OffloadNone, Logger: log, NetNS: h.ns, Peers: []offload.PeerSpec{pp}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.b.AddPeer(pp); err != nil {
+	if err := h.b.AddPeer(ctx, pp); err != nil {
 		t.Fatal(err)
 	}
 	h.tap = &keyTap{Backend: h.b}
 	nstest.Do(t, h.ns, func() {
 		h.ep, err = keyexchange.NewEndpoint(ctx, keyexchange.Config{
-			Identity: h.id, ListenAddr: h.pc.Listen.String(), Installers: map[wire.Backend]keyexchange.Installer{wire.BackendXFRM: h.tap},
+			Identity: h.id, ListenAddr: h.listen.String(), Installers: map[wire.Backend]keyexchange.Installer{wire.BackendXFRM: h.tap},
 			Logger: log, Control: h.b.Control,
 		})
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.kp, err = h.ep.AddPeer(keyexchange.PeerConfig{Key: pp.PublicKey, Addr: pp.Endpoint, Backend: wire.BackendXFRM,
+	if h.kp, err = h.ep.AddPeer(keyexchange.PeerConfig{Key: pp.Key, Addr: pp.Endpoint, Backend: wire.BackendXFRM,
 		Suite: kdf.AESGCM256, RekeyInterval: time.Hour, Grace: 2 * time.Second}); err != nil {
 		t.Fatal(err)
 	}
@@ -134,7 +136,7 @@ func (h *host) start(t *testing.T, peer *host, require bool) {
 func (h *host) stop() {
 	h.kp.Close()
 	h.ep.Close()
-	h.b.RemovePeer(h.pc.Peers[0])
+	h.b.RemovePeer(context.Background(), h.spec.Key)
 	h.b.Close()
 }
 

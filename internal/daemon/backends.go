@@ -1,0 +1,109 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"slices"
+
+	"github.com/pspd/pspd/assoc"
+	"github.com/pspd/pspd/offload"
+	"github.com/pspd/pspd/offload/psp"
+	"github.com/pspd/pspd/policy"
+	userspacebackend "github.com/pspd/pspd/userspace/backend"
+	"github.com/pspd/pspd/userspace/codec"
+	"github.com/pspd/pspd/xfrm"
+	xfrmbackend "github.com/pspd/pspd/xfrm/backend"
+)
+
+// specs are the configured peers as backend b is given them; peers b
+// cannot take are left out (AddPeer reports them).
+func specs(pc *policy.Config, b assoc.Backend) []offload.PeerSpec {
+	var out []offload.PeerSpec
+	for _, p := range pc.Peers {
+		if s, err := spec(p, pc, b); err == nil {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Probe finds out which backends this host can run for pc, best first.
+func Probe(ctx context.Context, pc *policy.Config) offload.Report {
+	return offload.Probe(ctx, []offload.Prober{
+		{Backend: assoc.BackendPSP, Probe: func(context.Context) error { return psp.Probe(0) }},
+		{Backend: assoc.BackendXFRM, Probe: func(ctx context.Context) error {
+			return xfrmbackend.Probe(ctx, pc.Listen, specs(pc, assoc.BackendXFRM), 0)
+		}},
+		{Backend: assoc.BackendUserspace, Probe: userspacebackend.Probe},
+	})
+}
+
+// StartBackends starts the backends the configuration may use, of those
+// the probe report says this host can run, and the PSP manager when the
+// host has kernel PSP. On error nothing is left running.
+func StartBackends(ctx context.Context, pc *policy.Config, report offload.Report, log *slog.Logger) (_ map[assoc.Backend]offload.Backend, _ *psp.Manager, err error) {
+	// Only the backends some peer may use are started (a userspace data
+	// plane nobody uses would still hold a TUN device and a port). With
+	// auto that is every one this host can run, because the peer's offer
+	// decides; with no peers yet, the ones new peers would get by default.
+	used := map[assoc.Backend]bool{}
+	wants := []policy.Backend{pc.Backend}
+	for _, p := range pc.Peers {
+		wants = append(wants, p.Backend.OrDefault(pc.Backend))
+	}
+	if len(pc.Peers) > 0 {
+		wants = wants[1:]
+	}
+	for _, w := range wants {
+		want, _ := assoc.ParseBackend(string(w))
+		cs, _ := offload.Candidates(want, report)
+		for _, b := range cs {
+			used[b] = true
+		}
+	}
+	backends := map[assoc.Backend]offload.Backend{}
+	defer func() {
+		if err != nil {
+			for _, b := range backends {
+				b.Close()
+			}
+		}
+	}()
+	for _, b := range report.Available() {
+		switch {
+		case !used[b]:
+		case b == assoc.BackendXFRM:
+			mode, err := xfrm.ParseOffloadMode(string(pc.Offload))
+			if err != nil {
+				return nil, nil, fmt.Errorf("offload: %w", err)
+			}
+			xb, err := xfrmbackend.New(ctx, xfrmbackend.Config{Offload: mode, Logger: log.With("part", "xfrm"), Peers: specs(pc, b)})
+			if err != nil {
+				return nil, nil, err
+			}
+			backends[b] = xb
+		case b == assoc.BackendUserspace:
+			us := pc.Userspace
+			fr := codec.Geneve
+			if us.Framing == policy.FramingPSP {
+				fr = codec.PSPTunnel
+			}
+			ub, err := userspacebackend.New(ctx, userspacebackend.Config{
+				Interface: us.Interface, Address: us.Address, Listen: pc.Listen.Addr(), Port: us.Port,
+				Framing: fr, IO: userspacebackend.IO(us.IO), Logger: log, Peers: specs(pc, b),
+			})
+			if err != nil {
+				return nil, nil, err
+			}
+			backends[b] = ub
+		}
+	}
+	var pm *psp.Manager
+	if slices.Contains(report.Available(), assoc.BackendPSP) {
+		if pm, err = psp.New(ctx, psp.Config{Suite: pc.Suite, Rotation: pc.PSPRotation, Logger: log.With("part", "psp")}); err != nil {
+			return nil, nil, err
+		}
+	}
+	return backends, pm, nil
+}

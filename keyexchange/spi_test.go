@@ -1,0 +1,68 @@
+package keyexchange
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/kdf"
+)
+
+// TestRxSPIsUniqueAcrossPeers: a hub whose two peers both see it in the
+// same role. The kernel keys inbound ESP SAs by (local address, SPI,
+// mark), the same for every peer, so the hub's receive SPIs must differ
+// across peers and sessions; the hub's recorder, like the kernel, refuses
+// a receive SPI that is already installed.
+func TestRxSPIsUniqueAcrossPeers(t *testing.T) {
+	for _, hubRole := range []kdf.Role{kdf.Initiator, kdf.Responder} {
+		t.Run("hub-"+hubRole.String(), func(t *testing.T) {
+			ids := make([]*identity.Identity, 3)
+			for i := range ids {
+				id, err := identity.Generate()
+				if err != nil {
+					t.Fatal(err)
+				}
+				ids[i] = id
+			}
+			slices.SortFunc(ids, func(a, b *identity.Identity) int { return identity.Compare(a.Public(), b.Public()) })
+			hubID, others := ids[0], ids[1:] // the smallest key negotiates
+			if hubRole == kdf.Responder {
+				hubID, others = ids[2], ids[:2]
+			}
+			hub := newNode(t, hubID, nil)
+			hub.inst.hostWide = true
+			var hubPeers []*Peer
+			for _, id := range others {
+				n := newNode(t, id, nil)
+				if _, err := n.ep.AddPeer(peerCfg(hub)); err != nil {
+					t.Fatal(err)
+				}
+				p, err := hub.ep.AddPeer(peerCfg(n))
+				if err != nil {
+					t.Fatal(err)
+				}
+				hubPeers = append(hubPeers, p)
+			}
+			ctx := ctxT(t, 20*time.Second)
+			seen := map[kdf.SPI]bool{}
+			for round := range 3 {
+				for i, p := range hubPeers {
+					if round > 0 {
+						if _, err := p.Rekey(ctx); err != nil {
+							t.Fatalf("peer %d: rekey %d: %v", i, round, err)
+						}
+					}
+					sa, err := p.Wait(ctx, func(sa SA) bool { return sa.Generation > uint32(round) })
+					if err != nil {
+						t.Fatalf("peer %d: no association in round %d: %v\n%s", i, round, err, hub.logs.Bytes())
+					}
+					if seen[sa.RxSPI] {
+						t.Fatalf("peer %d: receive SPI %v handed out twice", i, sa.RxSPI)
+					}
+					seen[sa.RxSPI] = true
+				}
+			}
+		})
+	}
+}
