@@ -41,9 +41,23 @@
 //     installed.
 //   - Rekeying is make-before-break: the new generation is installed and
 //     confirmed before the previous one is removed, after a grace period.
+//   - A pinned peer is authenticated, not trusted. No SPI is used twice in
+//     a session in either direction (one SPI under one session's master
+//     keys is one key, and a key installed again restarts its nonce
+//     counter), whatever the peer sends; generations must follow each
+//     other; offers for an association the peer does not have are
+//     refused; and the negotiations a peer can make this host run are
+//     rate-limited (Config.PeerNegotiationBurst). Each violation ends the
+//     session with an error naming the peer's fingerprint.
 //   - The peer's boot id in Hello tells a reconnect from a restart; after a
 //     restart the previous generation is removed at once, since the peer
-//     has lost its keys.
+//     has lost its keys. A starting responder dials the initiator at once,
+//     so that an initiator still holding a session with its previous
+//     incarnation learns of the restart without waiting for a timeout.
+//   - A clean stop (Endpoint.Close, Peer.Close) sends a Goodbye, so the
+//     other side marks this host down at once rather than after
+//     Config.IdleTimeout, and reconnects with backoff as after any
+//     session end.
 //
 // Kernel PSP device keys (wire.ExplicitKey) are carried by the protocol but
 // not yet negotiated by Peer; that needs the PSP netlink backend.
