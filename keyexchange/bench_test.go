@@ -118,7 +118,10 @@ func BenchmarkHandshakeTLSOverTCP(b *testing.B) {
 // BenchmarkSANegotiation is full SA negotiations (offer, install, ack,
 // install, confirm) on one session through the public Peer API.
 func BenchmarkSANegotiation(b *testing.B) {
-	_, _, pi, pr := pair(b, func(c *Config) { c.MaxSAsPerSession = 0 }, func(c *PeerConfig) { c.Grace = time.Millisecond })
+	_, _, pi, pr := pair(b, func(c *Config) {
+		c.MaxSAsPerSession = 0
+		c.PeerNegotiationBurst = 1 << 30 // measure the negotiation, not the limit
+	}, func(c *PeerConfig) { c.Grace = time.Millisecond })
 	ctx := context.Background()
 	if _, err := pr.WaitGeneration(ctx, 1); err != nil {
 		b.Fatal(err)
@@ -133,4 +136,48 @@ func BenchmarkSANegotiation(b *testing.B) {
 		b.Fatal("session changed during the benchmark")
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "SAs/s")
+}
+
+// BenchmarkHandshakeHybridVsP256 interleaves hybrid (SecP256r1MLKEM768)
+// and classic (P-256) session setups, one of each per iteration, so that
+// both see the same machine load; it reports each one's rate from its own
+// time and their ratio.
+func BenchmarkHandshakeHybridVsP256(b *testing.B) {
+	type side struct {
+		ini, resp *node
+		want      tls.CurveID
+		spent     time.Duration
+	}
+	mk := func(classic bool, want tls.CurveID) *side {
+		mod := func(c *Config) { c.ClassicKeyExchange = classic }
+		a, c := orderedIdentities(b)
+		s := &side{ini: newNode(b, a, mod), resp: newNode(b, c, mod), want: want}
+		if _, err := s.resp.ep.AddPeer(peerCfg(s.ini)); err != nil {
+			b.Fatal(err)
+		}
+		return s
+	}
+	sides := []*side{mk(false, tls.SecP256r1MLKEM768), mk(true, tls.CurveP256)}
+	ctx := context.Background()
+	n := 0
+	for b.Loop() {
+		for _, s := range sides {
+			t0 := time.Now()
+			sess, err := s.ini.ep.dial(ctx, s.resp.ep.Addr(), s.resp.ep.Public())
+			if err != nil {
+				b.Fatal(err)
+			}
+			s.spent += time.Since(t0)
+			if g := sess.Group(); g != s.want {
+				b.Fatalf("negotiated %s, want %s", g, s.want)
+			}
+			sess.Close(nil)
+		}
+		n++
+	}
+	hybrid := float64(n) / sides[0].spent.Seconds()
+	classic := float64(n) / sides[1].spent.Seconds()
+	b.ReportMetric(hybrid, "hybrid-handshakes/s")
+	b.ReportMetric(classic, "p256-handshakes/s")
+	b.ReportMetric(hybrid/classic, "hybrid/p256")
 }

@@ -41,9 +41,23 @@
 //     installed.
 //   - Rekeying is make-before-break: the new generation is installed and
 //     confirmed before the previous one is removed, after a grace period.
+//   - A pinned peer is authenticated, not trusted. No SPI is used twice in
+//     a session in either direction (one SPI under one session's master
+//     keys is one key, and a key installed again restarts its nonce
+//     counter), whatever the peer sends; generations must follow each
+//     other; offers for an association the peer does not have are
+//     refused; and the negotiations a peer can make this host run are
+//     rate-limited (Config.PeerNegotiationBurst). Each violation ends the
+//     session with an error naming the peer's fingerprint.
 //   - The peer's boot id in Hello tells a reconnect from a restart; after a
 //     restart the previous generation is removed at once, since the peer
-//     has lost its keys.
+//     has lost its keys. A starting responder dials the initiator at once,
+//     so that an initiator still holding a session with its previous
+//     incarnation learns of the restart without waiting for a timeout.
+//   - A clean stop (Endpoint.Close, Peer.Close) sends a Goodbye, so the
+//     other side marks this host down at once rather than after
+//     Config.IdleTimeout, and reconnects with backoff as after any
+//     session end.
 //
 // Kernel PSP device keys (wire.ExplicitKey) are carried by the protocol but
 // not yet negotiated by Peer; that needs the PSP netlink backend.
@@ -109,10 +123,11 @@ type Config struct {
 	// negotiations a peer can make this host run, since each costs key
 	// derivations and kernel installs: beyond a burst of
 	// PeerNegotiationBurst (8), one per PeerNegotiationInterval (1s). As
-	// responder, an SAOffer over the limit ends the session with a
-	// rate-limit error; as initiator, the peer's Rekey requests over the
-	// limit are coalesced and served when the limit allows. Rekeys this
-	// host starts (timer, Peer.Rekey) are not limited.
+	// responder (allowing one more than the burst, for jitter), an SAOffer
+	// over the limit ends the session with a rate-limit error; as initiator, the peer's Rekey requests over the
+	// limit are coalesced and served when the limit allows, and the
+	// initiator paces every negotiation it starts (timer, Peer.Rekey) to
+	// the same limit, so set the same values on both sides.
 	PeerNegotiationBurst    int
 	PeerNegotiationInterval time.Duration
 	// ClassicKeyExchange restricts the TLS key exchange to P-256 ECDHE,

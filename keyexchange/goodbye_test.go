@@ -26,6 +26,11 @@ func TestGoodbyeMarksPeerDown(t *testing.T) {
 			// can mark the peer down in time.
 			long := func(c *Config) { c.IdleTimeout, c.KeepAlive = 30*time.Second, 5*time.Second }
 			ini, resp, pi, pr := pair(t, long, nil)
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("INI %s\nRESP %s", ini.logs.Bytes(), resp.logs.Bytes())
+				}
+			})
 			for _, p := range []*Peer{pi, pr} {
 				if _, err := p.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
 					t.Fatal(err)
@@ -54,8 +59,20 @@ func TestGoodbyeMarksPeerDown(t *testing.T) {
 				!strings.Contains(err.Error(), stopping.ep.Public().Fingerprint()) {
 				t.Fatalf("LastError %v: want the goodbye with its reason, naming the peer", err)
 			}
-			if !strings.Contains(string(otherNode.logs.Bytes()), "goodbye") {
-				t.Fatal("goodbye not logged")
+			waitFor(t, func() bool { return strings.Contains(string(otherNode.logs.Bytes()), "goodbye") })
+			// The session ended like any other: when the peer comes back,
+			// the pair associates again.
+			if tc.endpoint {
+				back := newNode(t, stopping.ep.id, long)
+				bp, err := back.ep.AddPeer(peerCfg(otherNode))
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range []*Peer{bp, other} {
+					if _, err := p.Wait(ctxT(t, 10*time.Second), func(SA) bool { return p.Status().Up }); err != nil {
+						t.Fatal(err)
+					}
+				}
 			}
 		})
 	}

@@ -319,7 +319,7 @@ func TestHostileInitiator(t *testing.T) {
 				}
 			}
 			return nil
-		}, wire.CodeRateLimit, "faster than", 3, 3},
+		}, wire.CodeRateLimit, "faster than", 4, 4}, // the burst of 3, and one of slack
 		{"oversize frame instead of the confirm", func(h *hostile) error {
 			return h.rawNegotiation(offerOf(1, x), oversizeFrame)
 		}, wire.CodeTooLarge, "SAConfirm", 1, 0},
@@ -550,4 +550,30 @@ func installs(r *recorder) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.history)
+}
+
+// TestLocalRekeysPaced: an honest initiator whose own side asks for
+// rekeys faster than the peer serves them paces itself instead of
+// tripping the peer's limit and losing the session.
+func TestLocalRekeysPaced(t *testing.T) {
+	const burst, interval = 2, 100 * time.Millisecond
+	_, resp, pi, pr := pair(t, func(c *Config) {
+		c.PeerNegotiationBurst, c.PeerNegotiationInterval = burst, interval
+	}, nil)
+	ctx := ctxT(t, 10*time.Second)
+	if _, err := pr.WaitGeneration(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	s := pi.Session()
+	for i := range 6 {
+		if _, err := pi.Rekey(ctx); err != nil {
+			t.Fatalf("rekey %d: %v", i+1, err)
+		}
+	}
+	if pi.Session() != s {
+		t.Fatal("the session did not survive")
+	}
+	if strings.Contains(string(resp.logs.Bytes()), "faster than") {
+		t.Fatal("the responder's limit tripped")
+	}
 }

@@ -117,8 +117,16 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 		log:      e.log.With("peer", cfg.Key.Fingerprint(), "role", role.String()),
 		incoming: make(chan *Session, 1), rekeyReq: make(chan chan error), remoteRekey: make(chan struct{}, 1),
 		old: map[*SA]*time.Timer{}, changed: make(chan struct{}),
-		limit: newLimiter(e.cfg.PeerNegotiationBurst, e.cfg.PeerNegotiationInterval),
 	}
+	// The initiator paces its negotiations to the limit the responder
+	// enforces; one token of slack on the responder absorbs the jitter
+	// between the two buckets (they start and drain a network delay
+	// apart), so an honest initiator never trips it.
+	burst := e.cfg.PeerNegotiationBurst
+	if role == kdf.Responder {
+		burst++
+	}
+	p.limit = newLimiter(burst, e.cfg.PeerNegotiationInterval)
 	p.ctx, p.cancel = context.WithCancel(e.ctx)
 	e.mu.Lock()
 	if e.peers[cfg.Key] != nil {
@@ -355,9 +363,14 @@ func (p *Peer) run() {
 				continue
 			}
 		}
+		if s.Context().Err() != nil {
+			// Queued while the peer already closed it: the losing side of
+			// a race between its dial and ours.
+			s.Close(nil)
+			continue
+		}
 		var err error
 		next, err = p.runSession(s, &backoff)
-		p.setLastErr(err)
 		p.log.Info("session ended", "err", err)
 		if next == nil && err != nil && p.ctx.Err() == nil {
 			// A session that failed after the handshake (a refused
@@ -481,6 +494,11 @@ func (p *Peer) runSession(s *Session, backoff *time.Duration) (*Session, error) 
 	if p.sess == s {
 		p.sess = nil
 	}
+	// In the same step, so that Status never shows a peer down without
+	// the reason.
+	if err != nil && p.ctx.Err() == nil {
+		p.lastErr = err
+	}
 	p.mu.Unlock()
 	return next, err
 }
@@ -490,6 +508,19 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 	var deferred <-chan time.Time // a Rekey request the limit held back
 	warned := false
 	negotiate := func() error {
+		// Every negotiation costs the responder a token of its limit;
+		// pace ours to the same limit (the default on both sides) so that
+		// an honest initiator never trips it.
+		for !p.limit.allow(time.Now()) {
+			select {
+			case <-time.After(p.limit.wait(time.Now())):
+			case err := <-serveErr:
+				serveErr <- err
+				return err
+			case <-p.ctx.Done():
+				return p.ctx.Err()
+			}
+		}
 		sa, err := p.negotiate(s)
 		if err == nil {
 			p.commit(sa)
@@ -521,13 +552,11 @@ func (p *Peer) drive(s *Session, backoff *time.Duration, serveErr chan error, ne
 				deferred = time.After(d)
 				continue
 			}
-			p.limit.allow(time.Now())
 			if err := negotiate(); err != nil {
 				return err
 			}
 		case <-deferred:
 			deferred = nil
-			p.limit.allow(time.Now())
 			if err := negotiate(); err != nil {
 				return err
 			}
