@@ -23,9 +23,10 @@ import (
 type Access uint8
 
 const (
-	AccessNone  Access = iota
-	AccessRead         // root or member of the API group
-	AccessWrite        // root
+	AccessNone    Access = iota
+	AccessRead           // root or member of the API group
+	AccessUpgrade        // reading, and handing sockets to pspd: root or member of the upgrade group
+	AccessWrite          // root
 )
 
 // Cred is the kernel's word on who is at the other end of a connection.
@@ -41,26 +42,45 @@ type Authorizer struct {
 	GroupName string
 	GID       uint32 // valid when HasGroup
 	HasGroup  bool
+	// The upgrade group may, besides reading, hand TCP sockets to pspd
+	// for PSP: that binds kernel state (a receive key the socket keeps),
+	// so membership of the read group is not enough.
+	UpgradeGroupName string
+	UpgradeGID       uint32 // valid when HasUpgradeGroup
+	HasUpgradeGroup  bool
 }
 
-// NewAuthorizer looks up the read group; a missing group leaves reading to
-// root alone.
+// UpgradeGroupSuffix names the upgrade group after the read group:
+// group pspd reads, group pspd-upgrade also upgrades.
+const UpgradeGroupSuffix = "-upgrade"
+
+// NewAuthorizer looks up the read group and its upgrade group; a missing
+// group leaves what it grants to root alone.
 func NewAuthorizer(group string) Authorizer {
-	a := Authorizer{GroupName: group}
-	if g, err := user.LookupGroup(group); err == nil {
-		if gid, err := strconv.ParseUint(g.Gid, 10, 32); err == nil {
-			a.GID, a.HasGroup = uint32(gid), true
-		}
-	}
+	a := Authorizer{GroupName: group, UpgradeGroupName: group + UpgradeGroupSuffix}
+	a.GID, a.HasGroup = lookupGroup(a.GroupName)
+	a.UpgradeGID, a.HasUpgradeGroup = lookupGroup(a.UpgradeGroupName)
 	return a
+}
+
+func lookupGroup(name string) (uint32, bool) {
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, false
+	}
+	gid, err := strconv.ParseUint(g.Gid, 10, 32)
+	return uint32(gid), err == nil
 }
 
 // Access returns what c may do.
 func (a Authorizer) Access(c Cred) Access {
-	if c.UID == 0 {
+	in := func(gid uint32) bool { return c.GID == gid || contains32(c.Groups, gid) }
+	switch {
+	case c.UID == 0:
 		return AccessWrite
-	}
-	if a.HasGroup && (c.GID == a.GID || contains32(c.Groups, a.GID)) {
+	case a.HasUpgradeGroup && in(a.UpgradeGID):
+		return AccessUpgrade
+	case a.HasGroup && in(a.GID):
 		return AccessRead
 	}
 	return AccessNone
@@ -118,8 +138,12 @@ func PeerCred(c *net.UnixConn) (Cred, error) {
 // a second daemon cannot steal the first one's socket. The socket is made
 // accessible to root and the read group only.
 func Listen(path string, auth Authorizer) (*net.UnixListener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("localapi: create socket directory: %w", err)
+	}
+	if err := checkDir(dir); err != nil {
+		return nil, err
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
@@ -143,17 +167,67 @@ func Listen(path string, auth Authorizer) (*net.UnixListener, error) {
 		return nil, fmt.Errorf("localapi: listen on %s: %w", path, err)
 	}
 	ln.SetUnlinkOnClose(true)
-	if auth.HasGroup {
-		if err := os.Chown(path, 0, int(auth.GID)); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("localapi: chown %s to group %s: %w", path, auth.GroupName, err)
+	if auth.HasGroup || auth.HasUpgradeGroup {
+		// Group access is granted by the API (SO_PEERCRED), per request;
+		// the file mode only lets group members connect at all.
+		gid := auth.GID
+		if !auth.HasGroup {
+			gid = auth.UpgradeGID
 		}
-		if err := os.Chmod(path, 0o660); err != nil {
+		if err := chownSocket(path, gid); err != nil {
 			ln.Close()
-			return nil, fmt.Errorf("localapi: chmod %s: %w", path, err)
+			return nil, err
 		}
 	}
 	return ln, nil
+}
+
+// checkDir refuses a socket directory that someone other than root or
+// this user could change: they could replace the socket with a link to
+// a file that chown and chmod would then hand to the API group.
+func checkDir(dir string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("localapi: socket directory %s: %w", dir, err)
+	}
+	uid := uint32(os.Geteuid())
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("localapi: socket directory %s is not a directory (a symbolic link?); point socket at a directory owned by root", dir)
+	case st.Uid != 0 && st.Uid != uid:
+		return fmt.Errorf("localapi: socket directory %s is owned by uid %d; it must belong to root (chown root %s)", dir, st.Uid, dir)
+	case st.Mode&0o022 != 0:
+		return fmt.Errorf("localapi: socket directory %s is writable by group or others (mode %#o); chmod go-w %s", dir, st.Mode&0o777, dir)
+	}
+	return nil
+}
+
+// chownSocket gives the socket at path to group gid with mode 0660,
+// through an O_PATH descriptor of the socket itself, so that nothing put
+// in its place (a symbolic link) is followed.
+func chownSocket(path string, gid uint32) error {
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("localapi: open %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("localapi: stat %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("localapi: %s was replaced by something that is not pspd's socket", path)
+	}
+	// chown and chmod cannot take an O_PATH descriptor; its /proc link
+	// names the inode itself.
+	self := fmt.Sprintf("/proc/self/fd/%d", fd)
+	if err := os.Chown(self, 0, int(gid)); err != nil {
+		return fmt.Errorf("localapi: chown %s to gid %d: %w", path, gid, err)
+	}
+	if err := os.Chmod(self, 0o660); err != nil {
+		return fmt.Errorf("localapi: chmod %s: %w", path, err)
+	}
+	return nil
 }
 
 type credKey struct{}
@@ -176,7 +250,7 @@ func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 	s.route("GET /v1/devices", AccessRead, read(svc.Devices))
 	s.route("POST /v1/devices/{id}/rotate", AccessWrite, s.rotateDevice)
 	s.route("GET /v1/events", AccessRead, s.events)
-	s.route("POST /v1/psp/upgrade", AccessRead, s.upgrade)
+	s.route("POST /v1/psp/upgrade", AccessUpgrade, s.upgrade)
 	return s
 }
 
@@ -237,8 +311,11 @@ func (s *Server) route(pattern string, need Access, h func(http.ResponseWriter, 
 }
 
 func (s *Server) denied(need Access) string {
-	if need == AccessWrite {
+	switch need {
+	case AccessWrite:
 		return "permission denied: changing pspd state needs root"
+	case AccessUpgrade:
+		return fmt.Sprintf("permission denied: handing a connection to pspd for PSP binds kernel state and needs root or membership in group %s", s.auth.UpgradeGroupName)
 	}
 	if s.auth.HasGroup {
 		return fmt.Sprintf("permission denied: reading pspd state needs root or membership in group %s", s.auth.GroupName)

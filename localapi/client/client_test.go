@@ -126,6 +126,14 @@ func TestMain(m *testing.M) {
 			_, err = c.Status(context.Background())
 		case "write":
 			_, err = c.Rotate(context.Background(), localapi.RotateRequest{All: true})
+		case "upgrade":
+			var ln net.Listener
+			if ln, err = net.Listen("tcp", "127.0.0.1:0"); err == nil {
+				var conn net.Conn
+				if conn, err = net.Dial("tcp", ln.Addr().String()); err == nil {
+					_, err = c.UpgradePSP(context.Background(), conn.(*net.TCPConn), "b")
+				}
+			}
 		}
 		if err != nil {
 			fmt.Print(err)
@@ -143,7 +151,9 @@ func TestAuthorization(t *testing.T) {
 		t.Skip("needs root to start callers with other uids")
 	}
 	const group = 54321 // a gid no account uses; the authorizer is told it is the pspd group
-	path, _ := serve(t, localapi.Authorizer{GroupName: "pspd", GID: group, HasGroup: true})
+	const upgrade = 54322
+	path, _ := serve(t, localapi.Authorizer{GroupName: "pspd", GID: group, HasGroup: true,
+		UpgradeGroupName: "pspd-upgrade", UpgradeGID: upgrade, HasUpgradeGroup: true})
 	if err := os.Chmod(path, 0o666); err != nil { // so the refusal comes from the API, not the file mode
 		t.Fatal(err)
 	}
@@ -158,6 +168,7 @@ func TestAuthorization(t *testing.T) {
 	nobody := &syscall.Credential{Uid: 65534, Gid: 65534, NoSetGroups: false, Groups: []uint32{}}
 	member := &syscall.Credential{Uid: 65534, Gid: group, Groups: []uint32{}}
 	supplementary := &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{group}}
+	upgrader := &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{upgrade}}
 	for _, tc := range []struct {
 		name    string
 		op      string
@@ -169,6 +180,13 @@ func TestAuthorization(t *testing.T) {
 		{"primary group read", "read", member, ""},
 		{"primary group write", "write", member, "changing pspd state needs root"},
 		{"supplementary group read", "read", supplementary, ""},
+		// Handing a socket to pspd binds a receive key to it: reading is
+		// not enough.
+		{"read group upgrade", "upgrade", member, "needs root or membership in group pspd-upgrade"},
+		{"stranger upgrade", "upgrade", nobody, "needs root or membership in group pspd-upgrade"},
+		{"upgrade group upgrade", "upgrade", upgrader, ""},
+		{"upgrade group read", "read", upgrader, ""},
+		{"upgrade group write", "write", upgrader, "changing pspd state needs root"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := run(tc.op, tc.cred)
@@ -262,4 +280,40 @@ func worldExecutableCopy(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return exe
+}
+
+// TestListenRefusesUnsafeDirectory: a socket directory others can write
+// lets them swap the socket for a link that chown would follow.
+func TestListenRefusesUnsafeDirectory(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to own the directory as the daemon does")
+	}
+	dir := t.TempDir()
+	open := filepath.Join(dir, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := localapi.Listen(filepath.Join(open, "pspd.sock"), localapi.Authorizer{}); err == nil || !strings.Contains(err.Error(), "chmod go-w") {
+		t.Errorf("world-writable socket directory: %v, want a refusal naming the fix", err)
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(t.TempDir(), link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := localapi.Listen(filepath.Join(link, "pspd.sock"), localapi.Authorizer{}); err == nil || !strings.Contains(err.Error(), "not a directory") {
+		t.Errorf("socket directory behind a symbolic link: %v, want a refusal", err)
+	}
+	other := filepath.Join(dir, "other")
+	if err := os.Mkdir(other, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(other, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := localapi.Listen(filepath.Join(other, "pspd.sock"), localapi.Authorizer{}); err == nil || !strings.Contains(err.Error(), "owned by uid 65534") {
+		t.Errorf("socket directory of another user: %v, want a refusal", err)
+	}
 }

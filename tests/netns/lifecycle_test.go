@@ -304,6 +304,11 @@ func testHub(t *testing.T, backend string) {
 	hubInner := "10.200.0.1"
 	inner := func(i int) string { return fmt.Sprintf("10.200.1.%d", i+1) }
 	hubPeers := ""
+	if backend != "userspace" {
+		if err := hub.Host.IP(ctx, "addr", "add", hubInner+"/32", "dev", "lo"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for i, s := range spokes {
 		hubAddr := netip.MustParsePrefix(fmt.Sprintf("192.0.%d.1/24", 2+i))
 		spokeAddr := netip.MustParsePrefix(fmt.Sprintf("192.0.%d.2/24", 2+i))
@@ -333,8 +338,6 @@ func testHub(t *testing.T, backend string) {
 	hubCfg := fmt.Sprintf("listen: 0.0.0.0\nmetrics: off\nbackend: %s\nrequire_encryption: true\n", backend)
 	if backend == "userspace" {
 		hubCfg += fmt.Sprintf("userspace: {address: %s/16, io: udp}\n", hubInner)
-	} else if err := hub.Host.IP(ctx, "addr", "add", hubInner+"/32", "dev", "lo"); err != nil {
-		t.Fatal(err)
 	}
 	if err := hub.WriteConfig(hubCfg + "peers:\n" + hubPeers); err != nil {
 		t.Fatal(err)
