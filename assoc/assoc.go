@@ -161,18 +161,28 @@ type SA struct {
 	TxSPI      SPI // we encrypt to the peer under this SPI
 	RxKey      secret.Key
 	TxKey      secret.Key
+	// RxSalt and TxSalt are the ESP (RFC 4106) salts of the two
+	// directions: their own output of the key schedule, not derived from
+	// the AES-GCM keys. PSP framing does not use them.
+	RxSalt, TxSalt [SaltLen]byte
 }
 
-// Wipe zeroes both keys.
+// SaltLen is the length of an RFC 4106 salt.
+const SaltLen = 4
+
+// Wipe zeroes both keys and both salts.
 func (sa *SA) Wipe() {
 	sa.RxKey.Wipe()
 	sa.TxKey.Wipe()
+	clear(sa.RxSalt[:])
+	clear(sa.TxSalt[:])
 }
 
 // WithoutKeys is what the SA looks like to anyone but a data plane.
 func (sa *SA) WithoutKeys() SA {
 	c := *sa
 	c.RxKey, c.TxKey = secret.Key{}, secret.Key{}
+	c.RxSalt, c.TxSalt = [SaltLen]byte{}, [SaltLen]byte{}
 	return c
 }
 

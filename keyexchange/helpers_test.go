@@ -44,8 +44,9 @@ type recKey struct {
 func keyOf(sa *SA) recKey { return recKey{sa.Peer, sa.RxSPI} }
 
 type recorded struct {
-	sa           SA
-	rxKey, txKey secret.Key
+	sa             SA
+	rxKey, txKey   secret.Key
+	rxSalt, txSalt [kdf.SaltLen]byte
 }
 
 func newRecorder() *recorder {
@@ -97,7 +98,7 @@ func (r *recorder) Install(_ context.Context, sa *SA) error {
 			}
 		}
 	}
-	rec := recorded{sa: sa.WithoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone()}
+	rec := recorded{sa: sa.WithoutKeys(), rxKey: sa.RxKey.Clone(), txKey: sa.TxKey.Clone(), rxSalt: sa.RxSalt, txSalt: sa.TxSalt}
 	r.live[keyOf(sa)] = rec
 	r.history = append(r.history, rec)
 	return nil

@@ -436,7 +436,15 @@ func (s *Session) derive(peer identity.PublicKey, assoc wire.AssocID, gen uint32
 		rxKey.Wipe()
 		return nil, err
 	}
-	return &SA{Peer: peer, ID: assoc, Backend: b, Suite: suite, Generation: gen, RxSPI: rx, TxSPI: tx, RxKey: rxKey, TxKey: txKey}, nil
+	sa := &SA{Peer: peer, ID: assoc, Backend: b, Suite: suite, Generation: gen, RxSPI: rx, TxSPI: tx, RxKey: rxKey, TxKey: txKey}
+	if sa.RxSalt, err = s.mk.DeriveSalt(rx, suite); err == nil {
+		sa.TxSalt, err = s.mk.DeriveSalt(tx, suite)
+	}
+	if err != nil {
+		sa.Wipe()
+		return nil, err
+	}
+	return sa, nil
 }
 
 func otherRole(r kdf.Role) kdf.Role { return 1 - r }

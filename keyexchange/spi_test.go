@@ -1,6 +1,7 @@
 package keyexchange
 
 import (
+	"bytes"
 	"slices"
 	"testing"
 	"time"
@@ -64,5 +65,34 @@ func TestRxSPIsUniqueAcrossPeers(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSaltsMirrorAndStandApart: each direction's ESP salt is the key
+// schedule's own output, the same on both sides, and not the salt the
+// XFRM backend used to compute from the AES-GCM key itself.
+func TestSaltsMirrorAndStandApart(t *testing.T) {
+	ini, resp, pi, _ := pair(t, nil, nil)
+	ctx := ctxT(t, 10*time.Second)
+	if _, err := pi.Wait(ctx, func(SA) bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	var a, b recorded
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		var ok1, ok2 bool
+		a, ok1 = ini.inst.find(1)
+		b, ok2 = resp.inst.find(1)
+		if ok1 && ok2 {
+			break
+		}
+	}
+	if a.rxSalt != b.txSalt || a.txSalt != b.rxSalt {
+		t.Fatalf("salts do not mirror: initiator rx %x tx %x, responder rx %x tx %x", a.rxSalt, a.txSalt, b.rxSalt, b.txSalt)
+	}
+	if a.rxSalt == a.txSalt || a.rxSalt == [kdf.SaltLen]byte{} {
+		t.Fatalf("salts %x / %x: want two distinct non-zero salts", a.rxSalt, a.txSalt)
+	}
+	if k := a.rxKey.Bytes(); bytes.Equal(k[:kdf.SaltLen], a.rxSalt[:]) {
+		t.Fatal("the salt is the start of the key")
 	}
 }
