@@ -156,21 +156,60 @@ func (p *Peer) LastError() error {
 	return p.lastErr
 }
 
+// State is where a peer's session stands.
+type State uint8
+
+const (
+	StateDown        State = iota // closed, or not started
+	StateConnecting               // dialing, or waiting for the peer to dial
+	StateHandshaking              // TLS and Hellos under way
+	StateUp                       // a session is established
+	StateBackoff                  // the last attempt failed; waiting to retry
+)
+
+func (s State) String() string {
+	switch s {
+	case StateDown:
+		return "down"
+	case StateConnecting:
+		return "connecting"
+	case StateHandshaking:
+		return "handshaking"
+	case StateUp:
+		return "up"
+	case StateBackoff:
+		return "backoff"
+	}
+	return fmt.Sprintf("state(%d)", uint8(s))
+}
+
 // Status is a snapshot of a Peer for status output and metrics.
 type Status struct {
+	State State
+	// Since is when the peer entered State.
+	Since time.Time
+	// Cause says, in operator terms, why the peer is not up (the last
+	// dial or session failure); nil while up.
+	Cause      error
 	Up         bool        // a session is established
 	Group      tls.CurveID // the session's key exchange group; 0 when down
 	PeerBootID wire.BootID // of the session's peer process; zero when down
 	LastError  error       // why the last dial or session failed, if one did
+	// LastUp is when the most recent session came up; zero if none has.
+	LastUp time.Time
 }
 
 // Status reports the peer's session state.
 func (p *Peer) Status() Status {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	st := Status{LastError: p.lastErr}
+	st := Status{LastError: p.lastErr, State: StateConnecting, Cause: p.lastErr}
+	if p.lastErr != nil {
+		st.State = StateBackoff
+	}
 	if s := p.sess; s != nil {
 		st.Up, st.Group, st.PeerBootID = true, s.Group(), s.PeerBootID()
+		st.State, st.Cause = StateUp, nil
 	}
 	return st
 }
