@@ -46,15 +46,40 @@ type Peer struct {
 	Endpoint    string   `json:"endpoint"`
 	Prefixes    []string `json:"prefixes"`
 	Fingerprint string   `json:"fingerprint"`
-	State       string   `json:"state"` // connecting, up, backoff
-	Backend     string   `json:"backend,omitempty"`
-	PeerBootID  string   `json:"peer_boot_id,omitempty"`
+	// State is down, connecting, handshaking, up or backoff; Since is
+	// when the peer entered it, and Cause why it is not up.
+	State      string    `json:"state"`
+	Since      time.Time `json:"since,omitzero"`
+	Cause      string    `json:"cause,omitempty"`
+	Backend    string    `json:"backend,omitempty"`
+	PeerBootID string    `json:"peer_boot_id,omitempty"`
 	// KeyExchange is the TLS key exchange group of the session, e.g.
 	// SecP256r1MLKEM768 (hybrid post-quantum) or P256 (classic).
-	KeyExchange   string    `json:"key_exchange,omitempty"`
+	KeyExchange string `json:"key_exchange,omitempty"`
+	// LastHandshake is when the latest generation was confirmed, and
+	// LastUp when the latest session came up; both stay once it is down.
 	LastHandshake time.Time `json:"last_handshake,omitzero"`
+	LastUp        time.Time `json:"last_up,omitzero"`
 	LastError     string    `json:"last_error,omitempty"`
-	Assocs        int       `json:"assocs"`
+	// LastErrorOld says LastError is from before the session now up.
+	LastErrorOld bool   `json:"last_error_old,omitempty"`
+	Assocs       int    `json:"assocs"`
+	Assoc        string `json:"assoc,omitempty"` // the current association's ID
+	Rekeys       uint64 `json:"rekeys"`
+	// Counters are the peer's, over every association and generation
+	// since pspd started.
+	Counters
+}
+
+// Counters count the traffic of SAs: the ones in place now and every
+// one removed before (rekeyed, or gone with a session), so they never go
+// back while pspd runs.
+type Counters struct {
+	BytesIn    uint64 `json:"bytes_in"`
+	BytesOut   uint64 `json:"bytes_out"`
+	PacketsIn  uint64 `json:"packets_in"`
+	PacketsOut uint64 `json:"packets_out"`
+	Drops      uint64 `json:"drops"`
 }
 
 // Assoc is one association: an SA pair on one backend.
@@ -68,11 +93,10 @@ type Assoc struct {
 	Generation uint32    `json:"generation"`
 	Created    time.Time `json:"created"`
 	NextRekey  time.Time `json:"next_rekey,omitzero"`
-	BytesIn    uint64    `json:"bytes_in"`
-	BytesOut   uint64    `json:"bytes_out"`
-	PacketsIn  uint64    `json:"packets_in"`
-	PacketsOut uint64    `json:"packets_out"`
-	Drops      uint64    `json:"drops"`
+	// Counters are the association's, over all its generations.
+	Counters
+	// ThisGeneration is what the current generation alone carried.
+	ThisGeneration Counters `json:"this_generation"`
 }
 
 // RotateRequest selects associations to rekey: exactly one of ID, Peer or
@@ -122,14 +146,66 @@ type Device struct {
 	NextRotation time.Time `json:"next_rotation,omitzero"`
 }
 
+// EventKind names what an Event reports.
+type EventKind string
+
+// The kinds of event pspd publishes.
+const (
+	// EventAssocUp: a session's first generation is in place.
+	EventAssocUp EventKind = "assoc-up"
+	// EventAssocDown: the peer's last SA was removed.
+	EventAssocDown EventKind = "assoc-down"
+	// EventRekey: a new generation replaced the previous one of the same
+	// session; Reason says why (see the Reason constants).
+	EventRekey EventKind = "rekey"
+	// EventPeerUp and EventPeerDown: a session with the peer came up or
+	// ended; a peer-down's Reason is the cause.
+	EventPeerUp   EventKind = "peer-up"
+	EventPeerDown EventKind = "peer-down"
+	// EventPeerRestarted: the peer's pspd is a new process (its boot id
+	// changed), so its associations are new ones, not rekeys.
+	EventPeerRestarted EventKind = "peer-restarted"
+	// EventPeerRemoved: a reload took the peer out of the configuration.
+	EventPeerRemoved EventKind = "peer-removed"
+	// EventPSPUpgrade: an application's TCP connection now uses PSP.
+	EventPSPUpgrade EventKind = "psp-upgrade"
+	// EventDeviceRotated: a kernel PSP device key was rotated.
+	EventDeviceRotated EventKind = "device-rotated"
+	// EventDeviceStaleSoon: the next device rotation will end the
+	// receive key of the connection in Detail; re-establish it first.
+	EventDeviceStaleSoon EventKind = "device-stale-soon"
+	// EventDeviceStale: a connection can no longer receive under PSP.
+	EventDeviceStale EventKind = "device-stale"
+)
+
+func (k EventKind) String() string { return string(k) }
+
+// Reasons of rekey events (and of the pspd_rekeys_total metric).
+const (
+	ReasonTimer    = "timer"    // rekey_interval came due
+	ReasonBudget   = "budget"   // the data plane's packet budget or key age
+	ReasonOperator = "operator" // pspctl assoc rotate
+	ReasonPeer     = "peer"     // the peer asked before the interval was due
+)
+
 // Event is one entry of the event stream.
 type Event struct {
-	Time   time.Time `json:"time"`
-	Kind   string    `json:"kind"` // assoc-up, assoc-down, rekey, device-rotated, peer-up, peer-down, peer-restarted
-	Peer   string    `json:"peer,omitempty"`
-	Assoc  string    `json:"assoc,omitempty"`
-	Device uint32    `json:"device,omitempty"`
-	Detail string    `json:"detail,omitempty"`
+	Time       time.Time `json:"time"`
+	Kind       EventKind `json:"kind"`
+	Peer       string    `json:"peer,omitempty"`
+	Assoc      string    `json:"assoc,omitempty"`
+	Generation uint32    `json:"generation,omitempty"`
+	RxSPI      uint32    `json:"rx_spi,omitempty"`
+	TxSPI      uint32    `json:"tx_spi,omitempty"`
+	Backend    string    `json:"backend,omitempty"`
+	// Reason says why: a rekey's cause, a peer-down's error.
+	Reason string `json:"reason,omitempty"`
+	// PeerBootID is the peer process's boot id, on peer-up and
+	// peer-restarted.
+	PeerBootID string `json:"peer_boot_id,omitempty"`
+	Device     uint32 `json:"device,omitempty"`
+	// Detail is a summary for people; programs use the fields above.
+	Detail string `json:"detail,omitempty"`
 }
 
 // UpgradeResult reports a completed PSP socket upgrade.

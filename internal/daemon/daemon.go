@@ -65,6 +65,9 @@ type Daemon struct {
 	kmu   sync.Mutex
 	byKey map[identity.PublicKey]*peer
 
+	rmu      sync.Mutex
+	reloaded reloadResult // guarded by rmu
+
 	mu    sync.Mutex
 	cfg   *policy.Config
 	peers map[string]*peer // by name
@@ -79,8 +82,9 @@ type peer struct {
 	// with the number of the peer's SAs each has installed.
 	bmu     sync.Mutex
 	on      map[assoc.Backend]int
-	stop    context.CancelFunc // stops the watch of the current kx
-	rekeys  uint64
+	traffic traffic              // cumulative counters, also guarded by bmu
+	stop    context.CancelFunc   // stops the watch of the current kx
+	hist    history              // guarded by Daemon.mu
 	created map[uint32]time.Time // generation → when it became current
 }
 
@@ -100,7 +104,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	// dd survives the "return nil, err" below for the deferred cleanup.
 	dd := &Daemon{
 		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(),
-		events: newHub(), ctx: dctx, cancel: cancel,
+		events: newHub(), ctx: dctx, cancel: cancel, reloaded: reloadResult{at: time.Now()},
 		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
 	}
 	d = dd
@@ -143,6 +147,8 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		d.wg.Add(1)
 		go d.serveRekeys(b.RekeyWanted())
 	}
+	d.wg.Add(1)
+	go d.watchStates()
 	d.metrics = newMetrics(d)
 	d.log.Info("pspd started", "version", Version, "listen", d.ep.Addr(), "public_key", id.Public().String(),
 		"backends", fmt.Sprint(cfg.Report.Available()), "peers", len(pc.Peers), "fips140", fips140.Enabled())
@@ -227,37 +233,7 @@ func (d *Daemon) removePeer(name string, removeState bool) {
 	d.stopKX(p)
 	d.forget(d.ctx, p, removeState)
 	if removeState {
-		d.events.publish(localapi.Event{Kind: "peer-removed", Peer: name})
-	}
-}
-
-// watch turns a peer's generations into events.
-func (d *Daemon) watch(ctx context.Context, p *peer, kx *keyexchange.Peer) {
-	defer d.wg.Done()
-	var last uint32
-	for {
-		sa, err := kx.Wait(ctx, func(sa keyexchange.SA) bool { return sa.Generation != last })
-		if err != nil {
-			return
-		}
-		d.mu.Lock()
-		p.created[sa.Generation] = time.Now()
-		for g := range p.created {
-			if g+8 < sa.Generation {
-				delete(p.created, g) // keep the map bounded
-			}
-		}
-		kind := "rekey"
-		if last == 0 || sa.Generation < last {
-			kind = "assoc-up"
-		} else {
-			p.rekeys++
-		}
-		d.mu.Unlock()
-		d.events.publish(localapi.Event{Kind: kind, Peer: p.cfg.Name, Assoc: assocID(p.cfg.Name, sa),
-			Detail: fmt.Sprintf("generation %d rx %v tx %v on %s", sa.Generation, sa.RxSPI, sa.TxSPI, sa.Backend)})
-		d.log.Info("association current", "peer", p.cfg.Name, "sa", &sa)
-		last = sa.Generation
+		d.events.publish(localapi.Event{Kind: localapi.EventPeerRemoved, Peer: name, Detail: "removed from the configuration"})
 	}
 }
 
@@ -270,7 +246,7 @@ func (d *Daemon) servePSPEvents() {
 		case <-d.ctx.Done():
 			return
 		case ev := <-d.psp.Events():
-			d.events.publish(localapi.Event{Kind: ev.Kind, Detail: ev.Detail})
+			d.events.publish(localapi.Event{Kind: pspEventKind(ev.Kind), Detail: ev.Detail})
 		}
 	}
 }
@@ -290,6 +266,7 @@ func (d *Daemon) serveRekeys(wanted <-chan identity.PublicKey) {
 			for _, p := range d.peers {
 				if p.cfg.PublicKey == key {
 					kx, name = p.kx, p.cfg.Name
+					p.hist.asked(localapi.ReasonBudget)
 				}
 			}
 			d.mu.Unlock()
@@ -301,6 +278,7 @@ func (d *Daemon) serveRekeys(wanted <-chan identity.PublicKey) {
 				defer cancel()
 				if _, err := kx.Rekey(ctx); err != nil {
 					d.log.Warn("rekey asked for by the data plane failed", "peer", name, "err", err)
+					d.rekeyFailed(name, localapi.ReasonBudget)
 				}
 			}()
 		}
@@ -311,7 +289,7 @@ func assocID(peer string, sa keyexchange.SA) string {
 	return fmt.Sprintf("%s/%d", peer, sa.ID)
 }
 
-// Reload applies a new configuration or refuses it whole, with the
+// reload applies a new configuration or refuses it whole, with the
 // reason: everything is checked against what the running daemon can do
 // before anything is touched. Peers whose prefixes (or the global
 // require_encryption) change keep their session and SAs and are updated
@@ -319,7 +297,7 @@ func assocID(peer string, sa keyexchange.SA) string {
 // re-negotiated while their backends keep holding them, so that with
 // require_encryption no packet leaves in clear meanwhile; a peer whose key
 // changes is a new peer.
-func (d *Daemon) Reload(next *policy.Config) error {
+func (d *Daemon) reload(next *policy.Config) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	diff, err := policy.Reload(d.cfg, next)

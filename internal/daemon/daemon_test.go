@@ -114,6 +114,15 @@ func (h *host) start(t *testing.T, pc *policy.Config) {
 // startWith runs the daemon with the given backends, which must match
 // the report.
 func (h *host) startWith(t *testing.T, pc *policy.Config, report offload.Report, recs ...*offloadtest.Backend) {
+	bs := make([]offload.Backend, len(recs))
+	for i, r := range recs {
+		bs[i] = r
+	}
+	h.startBackends(t, pc, report, bs...)
+}
+
+// startBackends is startWith for any offload.Backend (a wrapped fake).
+func (h *host) startBackends(t *testing.T, pc *policy.Config, report offload.Report, recs ...offload.Backend) {
 	h.logs = &syncBuf{}
 	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	bs := map[assoc.Backend]offload.Backend{}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/policy"
 )
@@ -48,6 +49,7 @@ func (i installer) Install(ctx context.Context, sa *assoc.SA) error {
 	if err := i.d.backends[i.b].Install(ctx, sa); err != nil {
 		return err
 	}
+	p.traffic.installed(i.b, sa)
 	p.on[i.b]++
 	for b, n := range p.on {
 		if b != i.b && n == 0 {
@@ -68,7 +70,14 @@ func (i installer) Remove(ctx context.Context, sa *assoc.SA) error {
 	}
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
+	// What the SA carried is read before it goes, for the totals.
+	final, _ := i.d.backends[i.b].Traffic(sa)
 	err = i.d.backends[i.b].Remove(ctx, sa)
+	if err == nil && p.traffic.removed(i.b, sa, final) && len(p.traffic.live) == 0 {
+		i.d.events.publish(localapi.Event{Kind: localapi.EventAssocDown, Peer: p.cfg.Name, Assoc: assocID(p.cfg.Name, *sa),
+			Generation: sa.Generation, RxSPI: uint32(sa.RxSPI), TxSPI: uint32(sa.TxSPI), Backend: i.b.String(),
+			Detail: fmt.Sprintf("the last SA with %s was removed; nothing is encrypted to it now", p.cfg.Name)})
+	}
 	if p.on[i.b] > 0 {
 		p.on[i.b]--
 	}

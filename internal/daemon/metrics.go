@@ -1,8 +1,18 @@
 package daemon
 
 import (
+	"crypto/fips140"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/pspd/pspd/assoc"
+	"github.com/pspd/pspd/keyexchange"
+	"github.com/pspd/pspd/localapi"
 )
 
 // collector reads the daemon's state at scrape time, so the numbers are
@@ -10,61 +20,151 @@ import (
 type collector struct{ d *Daemon }
 
 var (
-	descPeers  = prometheus.NewDesc("pspd_peers", "Configured peers by session state.", []string{"state"}, nil)
-	descAssocs = prometheus.NewDesc("pspd_associations", "Current associations by backend.", []string{"backend"}, nil)
-	descRekeys = prometheus.NewDesc("pspd_rekeys_total", "Completed rekeys by peer.", []string{"peer"}, nil)
-	descBytes  = prometheus.NewDesc("pspd_bytes_total", "Bytes through current associations.", []string{"peer", "backend", "direction"}, nil)
-	descPkts   = prometheus.NewDesc("pspd_packets_total", "Packets through current associations.", []string{"peer", "backend", "direction"}, nil)
-	descHands  = prometheus.NewDesc("pspd_handshakes_total", "Key-exchange handshakes by result.", []string{"result"}, nil)
-	descGroups = prometheus.NewDesc("pspd_handshake_groups_total", "Key-exchange handshakes that came up, by TLS key exchange group (SecP256r1MLKEM768: hybrid post-quantum).", []string{"group"}, nil)
-	descDrops  = prometheus.NewDesc("pspd_drops_total", "Packets dropped by the data plane, by reason.", []string{"backend", "reason"}, nil)
+	descBuild      = prometheus.NewDesc("pspd_build_info", "pspd's version, commit, Go version and FIPS 140-3 mode; always 1.", []string{"version", "revision", "goversion", "fips140"}, nil)
+	descPeers      = prometheus.NewDesc("pspd_peers", "Configured peers by session state (down, connecting, handshaking, up, backoff).", []string{"state"}, nil)
+	descPeerUp     = prometheus.NewDesc("pspd_peer_up", "1 while a session with the peer is established.", []string{"peer"}, nil)
+	descPeerState  = prometheus.NewDesc("pspd_peer_state", "1 for the state the peer's session is in, 0 for the others.", []string{"peer", "state"}, nil)
+	descPeerSince  = prometheus.NewDesc("pspd_peer_state_since_timestamp_seconds", "When the peer entered its current state.", []string{"peer"}, nil)
+	descHandshake  = prometheus.NewDesc("pspd_peer_last_handshake_timestamp_seconds", "When the peer's latest generation of keys was confirmed; kept while it is down.", []string{"peer"}, nil)
+	descAssocs     = prometheus.NewDesc("pspd_associations", "Current associations by backend.", []string{"backend"}, nil)
+	descAssocAge   = prometheus.NewDesc("pspd_association_age_seconds", "Age of the peer's current generation of keys.", []string{"peer", "backend"}, nil)
+	descRekeys     = prometheus.NewDesc("pspd_rekeys_total", "Completed rekeys by peer and reason (timer, budget, operator, peer).", []string{"peer", "reason"}, nil)
+	descBytes      = prometheus.NewDesc("pspd_bytes_total", "Bytes through the peer's associations, over every generation since pspd started.", []string{"peer", "direction"}, nil)
+	descPkts       = prometheus.NewDesc("pspd_packets_total", "Packets through the peer's associations, over every generation since pspd started.", []string{"peer", "direction"}, nil)
+	descPeerDrops  = prometheus.NewDesc("pspd_peer_drops_total", "Packets of the peer's associations the data plane dropped, over every generation.", []string{"peer"}, nil)
+	descHands      = prometheus.NewDesc("pspd_handshakes_total", "Key-exchange handshakes by result.", []string{"result"}, nil)
+	descGroups     = prometheus.NewDesc("pspd_handshake_groups_total", "Key-exchange handshakes that came up, by TLS key exchange group (SecP256r1MLKEM768: hybrid post-quantum).", []string{"group"}, nil)
+	descDrops      = prometheus.NewDesc("pspd_drops_total", "Packets dropped by the data plane, by backend and reason (one set of reason names for every backend).", []string{"backend", "reason"}, nil)
+	descReloadOK   = prometheus.NewDesc("pspd_reload_success", "1 if the latest configuration load (start or reload) was applied, 0 if it was refused or applied in part.", nil, nil)
+	descReloadTime = prometheus.NewDesc("pspd_reload_timestamp_seconds", "When the configuration was last loaded (start or reload), applied or not.", nil, nil)
 )
 
+var states = []keyexchange.State{keyexchange.StateDown, keyexchange.StateConnecting, keyexchange.StateHandshaking, keyexchange.StateUp, keyexchange.StateBackoff}
+
+var rekeyReasons = []string{localapi.ReasonTimer, localapi.ReasonBudget, localapi.ReasonOperator, localapi.ReasonPeer}
+
+// dropNames maps the backends' drop-reason names onto the one set
+// /metrics uses: receive-side reasons unprefixed (unknown-spi,
+// auth-failed, replay, ...: the userspace codec's and XFRM's agree),
+// transmit-side ones prefixed outbound- (XFRM's outbound-no-sa, which the
+// README documents for traffic held back by require_encryption). Names
+// not listed pass through.
+var dropNames = map[string]string{
+	"tx-no-sa":            "outbound-no-sa",
+	"tx-expired":          "outbound-expired-sa",
+	"tx-budget-exhausted": "outbound-budget-exhausted",
+	"tx-empty-inner":      "outbound-empty-inner",
+	"tx-malformed-inner":  "outbound-malformed-inner",
+	"tx-bad-buffer":       "outbound-bad-buffer",
+}
+
+func dropName(backendName string) string {
+	if n, ok := dropNames[backendName]; ok {
+		return n
+	}
+	return backendName
+}
+
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPeers, descAssocs, descRekeys, descBytes, descPkts, descHands, descGroups, descDrops} {
+	for _, d := range []*prometheus.Desc{descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descHandshake, descAssocs,
+		descAssocAge, descRekeys, descBytes, descPkts, descPeerDrops, descHands, descGroups, descDrops, descReloadOK, descReloadTime} {
 		ch <- d
 	}
 }
 
-func (c collector) Collect(ch chan<- prometheus.Metric) {
-	d := c.d
-	d.mu.Lock()
-	states := map[string]float64{"up": 0, "connecting": 0}
-	assocs := map[string]float64{}
-	for _, p := range d.peers {
-		if p.kx.Session() != nil {
-			states["up"]++
-		} else {
-			states["connecting"]++
-		}
-		ch <- prometheus.MustNewConstMetric(descRekeys, prometheus.CounterValue, float64(p.rekeys), p.cfg.Name)
-		if sa, ok := p.kx.Current(); ok {
-			assocs[sa.Backend.String()]++
-			a := d.assoc(p, sa)
-			for dir, v := range map[string][2]uint64{"in": {a.BytesIn, a.PacketsIn}, "out": {a.BytesOut, a.PacketsOut}} {
-				ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(v[0]), p.cfg.Name, a.Backend, dir)
-				ch <- prometheus.MustNewConstMetric(descPkts, prometheus.CounterValue, float64(v[1]), p.cfg.Name, a.Backend, dir)
+func revision() string {
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				return s.Value
 			}
 		}
 	}
-	d.mu.Unlock()
-	hs := d.ep.Stats()
-	ch <- prometheus.MustNewConstMetric(descHands, prometheus.CounterValue, float64(hs.Handshakes), "ok")
-	for g, n := range hs.Groups {
-		ch <- prometheus.MustNewConstMetric(descGroups, prometheus.CounterValue, float64(n), g.String())
+	return "unknown"
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	d := c.d
+	gauge := func(desc *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(desc, prometheus.GaugeValue, v, labels...)
 	}
-	ch <- prometheus.MustNewConstMetric(descHands, prometheus.CounterValue, float64(hs.HandshakeFailures), "failed")
-	for s, v := range states {
-		ch <- prometheus.MustNewConstMetric(descPeers, prometheus.GaugeValue, v, s)
+	counter := func(desc *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge(descBuild, 1, Version, revision(), runtime.Version(), strconv.FormatBool(fips140.Enabled()))
+
+	d.mu.Lock()
+	byState := map[keyexchange.State]float64{}
+	assocs := map[string]float64{}
+	for _, p := range d.peers {
+		name := p.cfg.Name
+		st := p.kx.Status()
+		byState[st.State]++
+		up := 0.0
+		if st.Up {
+			up = 1
+		}
+		gauge(descPeerUp, up, name)
+		for _, s := range states {
+			v := 0.0
+			if s == st.State {
+				v = 1
+			}
+			gauge(descPeerState, v, name, s.String())
+		}
+		if !st.Since.IsZero() {
+			gauge(descPeerSince, float64(st.Since.UnixNano())/1e9, name)
+		}
+		if t := p.hist.lastHandshake; !t.IsZero() {
+			gauge(descHandshake, float64(t.UnixNano())/1e9, name)
+		}
+		for _, r := range rekeyReasons {
+			counter(descRekeys, p.hist.rekeysBy[r], name, r)
+		}
+		var id assoc.ID
+		if sa, ok := p.kx.Current(); ok {
+			id = sa.ID
+			assocs[sa.Backend.String()]++
+			if t := p.created[sa.Generation]; !t.IsZero() {
+				gauge(descAssocAge, time.Since(t).Seconds(), name, sa.Backend.String())
+			}
+		}
+		all, _, _ := d.totals(p, id, 0)
+		counter(descBytes, all.BytesIn, name, "in")
+		counter(descBytes, all.BytesOut, name, "out")
+		counter(descPkts, all.PacketsIn, name, "in")
+		counter(descPkts, all.PacketsOut, name, "out")
+		counter(descPeerDrops, all.Drops, name)
+	}
+	d.mu.Unlock()
+	for _, s := range states {
+		gauge(descPeers, byState[s], s.String())
 	}
 	for b, v := range assocs {
-		ch <- prometheus.MustNewConstMetric(descAssocs, prometheus.GaugeValue, v, b)
+		gauge(descAssocs, v, b)
+	}
+	hs := d.ep.Stats()
+	counter(descHands, hs.Handshakes, "ok")
+	counter(descHands, hs.HandshakeFailures, "failed")
+	for g, n := range hs.Groups {
+		counter(descGroups, n, g.String())
 	}
 	for kind, b := range d.backends {
+		drops := map[string]uint64{}
 		for reason, v := range b.Drops() {
-			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(v), kind.String(), reason)
+			drops[dropName(reason)] += v
+		}
+		for reason, v := range drops {
+			counter(descDrops, v, kind.String(), reason)
 		}
 	}
+	r := d.lastReload()
+	ok := 1.0
+	if r.err != nil {
+		ok = 0
+	}
+	gauge(descReloadOK, ok)
+	gauge(descReloadTime, float64(r.at.UnixNano())/1e9)
 }
 
 func newMetrics(d *Daemon) *prometheus.Registry {

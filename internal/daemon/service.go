@@ -8,6 +8,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
@@ -52,29 +53,41 @@ func (d *Daemon) Peers(context.Context) ([]localapi.Peer, error) {
 	defer d.mu.Unlock()
 	out := []localapi.Peer{}
 	for _, p := range d.sortedPeers() {
-		lp := localapi.Peer{Name: p.cfg.Name, Endpoint: p.cfg.Endpoint.String(), Fingerprint: p.cfg.PublicKey.Fingerprint(),
-			State: "connecting", Backend: p.backend.String(), Prefixes: []string{}}
-		for _, pf := range p.cfg.Prefixes {
-			lp.Prefixes = append(lp.Prefixes, pf.String())
-		}
-		if s := p.kx.Session(); s != nil {
-			lp.State = "up"
-			lp.PeerBootID = fmt.Sprintf("%x", s.PeerBootID())
-			lp.KeyExchange = s.Group().String()
-		} else if err := p.kx.LastError(); err != nil {
-			lp.State = "backoff"
-		}
-		if err := p.kx.LastError(); err != nil {
-			lp.LastError = err.Error()
-		}
-		if sa, ok := p.kx.Current(); ok {
-			lp.Backend = sa.Backend.String()
-			lp.Assocs = 1
-			lp.LastHandshake = p.created[sa.Generation]
-		}
-		out = append(out, lp)
+		out = append(out, d.peerInfo(p))
 	}
 	return out, nil
+}
+
+// peerInfo is what the API shows of a peer. Callers hold d.mu.
+func (d *Daemon) peerInfo(p *peer) localapi.Peer {
+	st := p.kx.Status()
+	lp := localapi.Peer{Name: p.cfg.Name, Endpoint: p.cfg.Endpoint.String(), Fingerprint: p.cfg.PublicKey.Fingerprint(),
+		State: st.State.String(), Since: st.Since, Backend: p.backend.String(), Prefixes: []string{},
+		LastHandshake: p.hist.lastHandshake, LastUp: st.LastUp, Rekeys: p.hist.rekeys()}
+	for _, pf := range p.cfg.Prefixes {
+		lp.Prefixes = append(lp.Prefixes, pf.String())
+	}
+	if st.Cause != nil {
+		lp.Cause = st.Cause.Error()
+	}
+	if st.LastError != nil {
+		lp.LastError = st.LastError.Error()
+		lp.LastErrorOld = st.Up
+	}
+	if st.Up {
+		lp.PeerBootID = fmt.Sprintf("%x", st.PeerBootID)
+		lp.KeyExchange = st.Group.String()
+	}
+	var id assoc.ID
+	if sa, ok := p.kx.Current(); ok {
+		lp.Backend = sa.Backend.String()
+		lp.Assocs = 1
+		lp.Assoc = assocID(p.cfg.Name, sa)
+		id = sa.ID
+	}
+	all, _, _ := d.totals(p, id, 0)
+	lp.Counters = counters(all)
+	return lp
 }
 
 func (d *Daemon) assoc(p *peer, sa keyexchange.SA) localapi.Assoc {
@@ -85,11 +98,8 @@ func (d *Daemon) assoc(p *peer, sa keyexchange.SA) localapi.Assoc {
 	if !a.Created.IsZero() {
 		a.NextRekey = a.Created.Add(d.cfg.RekeyInterval)
 	}
-	if b := d.backends[sa.Backend]; b != nil {
-		if t, ok := b.Traffic(&sa); ok {
-			a.BytesIn, a.BytesOut, a.PacketsIn, a.PacketsOut, a.Drops = t.BytesIn, t.BytesOut, t.PacketsIn, t.PacketsOut, t.Drops
-		}
-	}
+	_, ofAssoc, ofGen := d.totals(p, sa.ID, sa.Generation)
+	a.Counters, a.ThisGeneration = counters(ofAssoc), counters(ofGen)
 	return a
 }
 
@@ -114,6 +124,7 @@ func (d *Daemon) Rotate(ctx context.Context, req localapi.RotateRequest) ([]loca
 		sa, ok := p.kx.Current()
 		if req.All || req.Peer == p.cfg.Name || (ok && req.ID == assocID(p.cfg.Name, sa)) {
 			sel = append(sel, p)
+			p.hist.asked(localapi.ReasonOperator)
 		}
 	}
 	d.mu.Unlock()
@@ -128,6 +139,7 @@ func (d *Daemon) Rotate(ctx context.Context, req localapi.RotateRequest) ([]loca
 		r := localapi.Rotated{ID: assocID(p.cfg.Name, old), Peer: p.cfg.Name, OldRxSPI: uint32(old.RxSPI), OldTxSPI: uint32(old.TxSPI)}
 		sa, err := p.kx.Rekey(ctx)
 		if err != nil {
+			d.rekeyFailed(p.cfg.Name, localapi.ReasonOperator)
 			r.Error = err.Error()
 		} else {
 			r.RxSPI, r.TxSPI, r.Generation = uint32(sa.RxSPI), uint32(sa.TxSPI), sa.Generation
@@ -185,8 +197,8 @@ func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string)
 		d.log.Warn("PSP upgrade failed", "peer", peerName, "err", err)
 		return localapi.UpgradeResult{}, err
 	}
-	d.events.publish(localapi.Event{Kind: "psp-upgrade", Peer: peerName,
-		Detail: fmt.Sprintf("device %d %s rx %#x tx %#x", r.Device, r.Version, r.RxSPI, r.TxSPI)})
+	d.events.publish(localapi.Event{Kind: localapi.EventPSPUpgrade, Peer: peerName, Device: r.Device, RxSPI: r.RxSPI, TxSPI: r.TxSPI,
+		Backend: "psp", Detail: fmt.Sprintf("connection upgraded to PSP %s on device %d", r.Version, r.Device)})
 	return localapi.UpgradeResult{Peer: peerName, Device: r.Device, Version: r.Version.String(), RxSPI: r.RxSPI, TxSPI: r.TxSPI}, nil
 }
 

@@ -63,12 +63,12 @@ func TestEvents(t *testing.T) {
 		t.Skip("needs root to read state without a pspd group")
 	}
 	path, svc := serve(t, localapi.NewAuthorizer("pspd-test-nonexistent"))
-	svc.EventsC <- localapi.Event{Kind: "assoc-up", Peer: "b"}
-	svc.EventsC <- localapi.Event{Kind: "rekey", Peer: "b"}
+	svc.EventsC <- localapi.Event{Kind: localapi.EventAssocUp, Peer: "b"}
+	svc.EventsC <- localapi.Event{Kind: localapi.EventRekey, Peer: "b", Reason: localapi.ReasonOperator}
 	close(svc.EventsC)
 	var got []string
 	err := client.New(path).Events(context.Background(), func(e localapi.Event) error {
-		got = append(got, e.Kind)
+		got = append(got, e.Kind.String())
 		return nil
 	})
 	if err != nil || strings.Join(got, ",") != "assoc-up,rekey" {
