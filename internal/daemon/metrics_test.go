@@ -1,0 +1,62 @@
+package daemon
+
+import (
+	"os"
+	"testing"
+)
+
+// TestMetrics: drops carry one set of reason names whatever the backend
+// calls them; every session state has its series, so backoff is not
+// folded into connecting; build info and the outcome of the latest
+// reload are exported.
+func TestMetrics(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b") // b never starts
+	a.start(t, a.config(t, "", b))
+	a.rec.SetDrops(map[string]uint64{"tx-no-sa": 3, "auth-failed": 2})
+	r := a.d.metrics
+	if v, _ := sample(t, r, "pspd_drops_total", map[string]string{"backend": "userspace", "reason": "outbound-no-sa"}); v != 3 {
+		t.Errorf("pspd_drops_total{reason=outbound-no-sa} = %v, want the backend's 3 tx-no-sa", v)
+	}
+	if _, ok := sample(t, r, "pspd_drops_total", map[string]string{"reason": "tx-no-sa"}); ok {
+		t.Error("pspd_drops_total has the userspace name tx-no-sa beside outbound-no-sa")
+	}
+	if v, _ := sample(t, r, "pspd_drops_total", map[string]string{"reason": "auth-failed"}); v != 2 {
+		t.Errorf("pspd_drops_total{reason=auth-failed} = %v, want 2", v)
+	}
+	var total float64
+	for _, s := range []string{"down", "connecting", "handshaking", "up", "backoff"} {
+		v, ok := sample(t, r, "pspd_peers", map[string]string{"state": s})
+		if !ok {
+			t.Errorf("pspd_peers{state=%q} missing", s)
+		}
+		total += v
+		if st, _ := sample(t, r, "pspd_peer_state", map[string]string{"peer": "b", "state": s}); st != 0 && st != 1 {
+			t.Errorf("pspd_peer_state{peer=b,state=%s} = %v", s, st)
+		}
+	}
+	if total != 1 {
+		t.Errorf("pspd_peers sums to %v over the states, want 1 peer", total)
+	}
+	if up, ok := sample(t, r, "pspd_peer_up", map[string]string{"peer": "b"}); !ok || up != 0 {
+		t.Errorf("pspd_peer_up{peer=b} = %v (%v), want 0", up, ok)
+	}
+	if v, ok := sample(t, r, "pspd_build_info", map[string]string{"version": Version}); !ok || v != 1 {
+		t.Errorf("pspd_build_info{version=%s} = %v (%v)", Version, v, ok)
+	}
+	if v, _ := sample(t, r, "pspd_reload_success", nil); v != 1 {
+		t.Errorf("pspd_reload_success = %v at start, want 1", v)
+	}
+	at, _ := sample(t, r, "pspd_reload_timestamp_seconds", nil)
+	if err := a.d.Reload(a.config(t, "packet_budget: 4096\n", b)); err == nil {
+		t.Fatal("a reload changing packet_budget was applied; it needs a restart")
+	}
+	if v, _ := sample(t, r, "pspd_reload_success", nil); v != 0 {
+		t.Errorf("pspd_reload_success = %v after a refused reload, want 0", v)
+	}
+	if at2, _ := sample(t, r, "pspd_reload_timestamp_seconds", nil); at2 <= at {
+		t.Errorf("pspd_reload_timestamp_seconds %v did not move from %v", at2, at)
+	}
+}
