@@ -103,7 +103,9 @@ func TestEventsAndReasons(t *testing.T) {
 	rb := record(t, b)
 	ca := client.New(a.sock)
 	first := waitAssoc(t, ca, 1)
-	ra.wait(t, "peer-up", func(e localapi.Event) bool { return e.Kind == localapi.EventPeerUp && e.Peer == "b" && e.PeerBootID != "" })
+	ra.wait(t, "peer-up", func(e localapi.Event) bool {
+		return e.Kind == localapi.EventPeerUp && e.Peer == "b" && e.PeerBootID != ""
+	})
 	up := ra.wait(t, "assoc-up", func(e localapi.Event) bool { return e.Kind == localapi.EventAssocUp })
 	if up.Assoc != first.ID || up.Generation != first.Generation || up.RxSPI != first.RxSPI || up.TxSPI != first.TxSPI || up.Backend != "userspace" {
 		t.Errorf("assoc-up %+v does not describe %+v", up, first)
