@@ -245,6 +245,7 @@ func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 	s := &Server{svc: svc, auth: auth, log: log, mux: http.NewServeMux()}
 	s.route("GET /v1/status", AccessRead, read(svc.Status))
 	s.route("GET /v1/peers", AccessRead, read(svc.Peers))
+	s.route("GET /v1/peers/{name}", AccessRead, s.peer)
 	s.route("GET /v1/assocs", AccessRead, read(svc.Assocs))
 	s.route("POST /v1/assocs/rotate", AccessWrite, s.rotate)
 	s.route("GET /v1/devices", AccessRead, read(svc.Devices))
@@ -257,7 +258,7 @@ func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 // Serve answers on ln until ctx ends.
 func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
 	hs := &http.Server{
-		Handler:           s.mux,
+		Handler:           s,
 		ReadHeaderTimeout: 5 * time.Second,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			uc, ok := c.(*net.UnixConn)
@@ -284,6 +285,47 @@ func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
 		return nil
 	}
 	return err
+}
+
+// ServeHTTP answers what no route takes with a JSON error, as every other
+// error answer is.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h, pattern := s.mux.Handler(r)
+	if pattern != "" {
+		s.mux.ServeHTTP(w, r)
+		return
+	}
+	// The mux knows whether the path exists with other methods: let it
+	// answer into a recorder, and keep its status and Allow header.
+	rec := &statusRecorder{header: http.Header{}}
+	h.ServeHTTP(rec, r)
+	switch rec.code {
+	case http.StatusMethodNotAllowed:
+		allow := rec.header.Get("Allow")
+		w.Header().Set("Allow", allow)
+		writeError(w, rec.code, fmt.Sprintf("%s does not take %s; it takes %s", r.URL.Path, r.Method, allow))
+	case http.StatusNotFound:
+		writeError(w, rec.code, fmt.Sprintf("%s is not an endpoint of pspd's API (its endpoints are under /v1/: status, peers, assocs, devices, events)", r.URL.Path))
+	default: // a redirect to a cleaned path
+		s.mux.ServeHTTP(w, r)
+	}
+}
+
+// statusRecorder keeps the status and headers of an answer, not its body.
+type statusRecorder struct {
+	header http.Header
+	code   int
+}
+
+func (r *statusRecorder) Header() http.Header { return r.header }
+func (r *statusRecorder) WriteHeader(code int) {
+	if r.code == 0 {
+		r.code = code
+	}
+}
+func (r *statusRecorder) Write(b []byte) (int, error) {
+	r.WriteHeader(http.StatusOK)
+	return len(b), nil
 }
 
 func (s *Server) route(pattern string, need Access, h func(http.ResponseWriter, *http.Request) error) {
@@ -343,6 +385,21 @@ func read[T any](get func(context.Context) (T, error)) func(http.ResponseWriter,
 		}
 		return writeJSON(w, v)
 	}
+}
+
+// peer answers one peer of the list by name.
+func (s *Server) peer(w http.ResponseWriter, r *http.Request) error {
+	ps, err := s.svc.Peers(r.Context())
+	if err != nil {
+		return err
+	}
+	name := r.PathValue("name")
+	for _, p := range ps {
+		if p.Name == name {
+			return writeJSON(w, p)
+		}
+	}
+	return fmt.Errorf("no peer named %q is configured (see pspctl peer list): %w", name, ErrNotFound)
 }
 
 func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {

@@ -48,8 +48,15 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 	})
 
 	peer := &cobra.Command{Use: "peer", Short: "Configured peers"}
-	peer.AddCommand(&cobra.Command{Use: "list", Short: "List peers and their session state", Args: cobra.NoArgs, RunE: c.peerList})
+	peer.AddCommand(&cobra.Command{Use: "list", Short: "List peers, their session state, for how long and why", Args: cobra.NoArgs, RunE: c.peerList})
+	peer.AddCommand(&cobra.Command{Use: "show NAME", Short: "Show everything pspd knows of one peer", Args: cobra.ExactArgs(1), RunE: c.peerShow})
 	root.AddCommand(peer)
+	root.AddCommand(&cobra.Command{
+		Use:   "events",
+		Short: "Follow pspd's events (associations, rekeys, peers, PSP devices) until interrupted",
+		Args:  cobra.NoArgs,
+		RunE:  c.events,
+	})
 
 	assoc := &cobra.Command{Use: "assoc", Short: "Associations (SA pairs)"}
 	assoc.AddCommand(&cobra.Command{Use: "list", Short: "List associations; keys are never shown", Args: cobra.NoArgs, RunE: c.assocList})
@@ -148,13 +155,124 @@ func (c *cli) peerList(cmd *cobra.Command, _ []string) error {
 	sort.Slice(ps, func(i, j int) bool { return ps[i].Name < ps[j].Name })
 	var rows [][]string
 	for _, p := range ps {
-		hs := "-"
-		if !p.LastHandshake.IsZero() {
-			hs = age(c.now(), p.LastHandshake) + " ago"
-		}
-		rows = append(rows, []string{p.Name, p.Endpoint, p.Fingerprint, p.State, dash(p.Backend), dash(p.KeyExchange), strconv.Itoa(p.Assocs), hs, dash(p.LastError)})
+		// An error from before the session now up is history: peer show
+		// has it, the list does not.
+		rows = append(rows, []string{p.Name, p.Endpoint, p.State, c.since(p.Since), dash(p.Backend), dash(p.KeyExchange),
+			c.ago(p.LastHandshake), humanBytes(p.BytesIn), humanBytes(p.BytesOut), dash(p.Cause)})
 	}
-	return c.table("PEER\tENDPOINT\tFINGERPRINT\tSTATE\tBACKEND\tKEY EXCHANGE\tASSOCS\tHANDSHAKE\tLAST ERROR", rows)
+	return c.table("PEER\tENDPOINT\tSTATE\tFOR\tBACKEND\tKEY EXCHANGE\tHANDSHAKE\tIN\tOUT\tCAUSE", rows)
+}
+
+func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
+	p, err := c.client().Peer(cmd.Context(), args[0])
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(p)
+	}
+	state := p.State
+	if !p.Since.IsZero() {
+		state += " for " + age(c.now(), p.Since)
+	}
+	rows := [][]string{
+		{"peer", p.Name},
+		{"endpoint", p.Endpoint},
+		{"prefixes", dash(strings.Join(p.Prefixes, ", "))},
+		{"fingerprint", p.Fingerprint},
+		{"state", state},
+	}
+	if p.Cause != "" {
+		rows = append(rows, []string{"cause", p.Cause})
+	}
+	if p.LastError != "" && p.LastErrorOld {
+		rows = append(rows, []string{"last error", p.LastError + " (before the current session)"})
+	} else if p.LastError != "" && p.LastError != p.Cause {
+		rows = append(rows, []string{"last error", p.LastError})
+	}
+	rows = append(rows,
+		[]string{"backend", dash(p.Backend)},
+		[]string{"key exchange", dash(p.KeyExchange)},
+		[]string{"peer boot id", dash(p.PeerBootID)},
+		[]string{"last up", c.at(p.LastUp)},
+		[]string{"last handshake", c.at(p.LastHandshake)},
+		[]string{"association", dash(p.Assoc)},
+		[]string{"rekeys", strconv.FormatUint(p.Rekeys, 10)},
+		[]string{"transfer", fmt.Sprintf("received %s in %d packets, sent %s in %d packets", humanBytes(p.BytesIn), p.PacketsIn, humanBytes(p.BytesOut), p.PacketsOut)},
+		[]string{"drops", strconv.FormatUint(p.Drops, 10)},
+	)
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])
+	}
+	return tw.Flush()
+}
+
+// events prints the event stream, one line per event: a JSON object with
+// --json, else the time, the kind and the fields that are set.
+func (c *cli) events(cmd *cobra.Command, _ []string) error {
+	enc := json.NewEncoder(c.out)
+	err := c.client().Events(cmd.Context(), func(e localapi.Event) error {
+		if c.json {
+			return enc.Encode(e)
+		}
+		f := []string{e.Time.UTC().Format(time.RFC3339), e.Kind.String()}
+		add := func(k, v string) {
+			if v != "" {
+				f = append(f, k+"="+v)
+			}
+		}
+		add("peer", e.Peer)
+		add("assoc", e.Assoc)
+		if e.Generation != 0 {
+			add("gen", strconv.FormatUint(uint64(e.Generation), 10))
+		}
+		if e.RxSPI != 0 || e.TxSPI != 0 {
+			add("rx", spi(e.RxSPI))
+			add("tx", spi(e.TxSPI))
+		}
+		add("backend", e.Backend)
+		if e.Device != 0 {
+			add("device", strconv.FormatUint(uint64(e.Device), 10))
+		}
+		add("peer_boot_id", e.PeerBootID)
+		if e.Reason != "" {
+			add("reason", strconv.Quote(e.Reason))
+		}
+		if e.Detail != "" {
+			f = append(f, "-- "+e.Detail)
+		}
+		_, err := fmt.Fprintln(c.out, strings.Join(f, " "))
+		return err
+	})
+	if err != nil {
+		return explain(err)
+	}
+	return nil
+}
+
+// since is how long ago t was, or "-".
+func (c *cli) since(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return age(c.now(), t)
+}
+
+// ago is since with " ago".
+func (c *cli) ago(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return age(c.now(), t) + " ago"
+}
+
+// at is a time and how long ago it was, or "-".
+func (c *cli) at(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return fmt.Sprintf("%s (%s ago)", t.UTC().Format(time.RFC3339), age(c.now(), t))
 }
 
 func (c *cli) assocList(cmd *cobra.Command, _ []string) error {
@@ -216,6 +334,10 @@ func (c *cli) devList(cmd *cobra.Command, _ []string) error {
 	}
 	if c.json {
 		return c.emitJSON(ds)
+	}
+	if len(ds) == 0 {
+		_, err := fmt.Fprintln(c.out, "no PSP devices in pspd's network namespace (a NIC driver with PSP, or netdevsim, provides them)")
+		return err
 	}
 	var rows [][]string
 	for _, d := range ds {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -21,18 +22,39 @@ var now = time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
 // fixture is what the in-memory daemon answers; the golden files show how
 // pspctl renders it. Real daemons are exercised by the demo test.
 func fixture() *apitest.Service {
+	boot := "5d41402abc4b2a76b9719d911017c592"
+	evs := make(chan localapi.Event, 8)
+	for _, e := range []localapi.Event{
+		{Time: now.Add(-75 * time.Second), Kind: localapi.EventPeerUp, Peer: "web-2", PeerBootID: boot, Detail: "session with web-2 up (key exchange SecP256r1MLKEM768)"},
+		{Time: now.Add(-75 * time.Second), Kind: localapi.EventAssocUp, Peer: "web-2", Assoc: "web-2/3", Generation: 3, RxSPI: 3, TxSPI: 0x40000003, Backend: "userspace"},
+		{Time: now.Add(-10 * time.Second), Kind: localapi.EventRekey, Peer: "web-2", Assoc: "web-2/3", Generation: 4, RxSPI: 4, TxSPI: 0x40000004, Backend: "userspace",
+			Reason: localapi.ReasonOperator, Detail: "generation 4 replaces 3 (operator)"},
+		{Time: now.Add(-5 * time.Second), Kind: localapi.EventPeerDown, Peer: "db-1", Reason: "dial 192.0.2.9:6082: timeout: no recent network activity"},
+		{Time: now, Kind: localapi.EventDeviceRotated, Detail: "device 1 key rotated"},
+	} {
+		evs <- e
+	}
+	close(evs)
 	return &apitest.Service{
 		StatusV: localapi.Status{Version: "0.1.0", PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
 			Listen: "[::]:6082", Backends: []string{"userspace"}, Started: now.Add(-90 * time.Minute), Peers: 2, PeersUp: 1, Assocs: 1},
 		PeersV: []localapi.Peer{
-			{Name: "web-2", Endpoint: "192.0.2.2:6082", Fingerprint: "sha256:aa11bb22", State: "up", Backend: "userspace", KeyExchange: "SecP256r1MLKEM768", LastHandshake: now.Add(-42 * time.Second), Assocs: 1},
-			{Name: "db-1", Endpoint: "192.0.2.9:6082", Fingerprint: "sha256:cc33dd44", State: "backoff", LastError: "pin mismatch: peer presented sha256:ffff0000"},
+			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
+				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768",
+				LastHandshake: now.Add(-42 * time.Second), LastUp: now.Add(-75 * time.Second), Assocs: 1, Assoc: "web-2/3", Rekeys: 7,
+				LastError: "dial 192.0.2.2:6082: timeout: no recent network activity", LastErrorOld: true,
+				Counters: localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4}},
+			{Name: "db-1", Endpoint: "192.0.2.9:6082", Prefixes: []string{"10.9.0.0/24"}, Fingerprint: "sha256:cc33dd44", State: "backoff", Since: now.Add(-3 * time.Minute),
+				Cause:     "peer presented key sha256:ffff0000, not the pinned sha256:cc33dd44",
+				LastError: "peer presented key sha256:ffff0000, not the pinned sha256:cc33dd44"},
 		},
 		AssocsV: []localapi.Assoc{{ID: "web-2/3", Peer: "web-2", Backend: "userspace", Suite: "aes-gcm-256", RxSPI: 0x00000003, TxSPI: 0x40000003,
 			Generation: 3, Created: now.Add(-75 * time.Second), NextRekey: now.Add(525 * time.Second),
-			BytesIn: 1536000, PacketsIn: 1100, BytesOut: 2048, PacketsOut: 12, Drops: 4}},
+			Counters:       localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4},
+			ThisGeneration: localapi.Counters{BytesIn: 1536000, PacketsIn: 1100, BytesOut: 2048, PacketsOut: 12, Drops: 1}}},
 		DevicesV: []localapi.Device{{ID: 1, Ifindex: 4, Ifname: "eth0", Capable: []string{"hdr0-aes-gcm-128", "hdr0-aes-gcm-256"},
 			Enabled: []string{"hdr0-aes-gcm-256"}, Rotations: 5, LastRotation: now.Add(-3 * time.Hour)}},
+		EventsC: evs,
 	}
 }
 
@@ -49,22 +71,41 @@ func TestGolden(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: the API answers root or the pspd group only")
 	}
-	sock := apitest.Serve(t, fixture(), localapi.NewAuthorizer("pspd-test-nonexistent"))
+	auth := localapi.NewAuthorizer("pspd-test-nonexistent")
+	sock := apitest.Serve(t, fixture(), auth)
+	// A host without kernel PSP: the daemon says why there are no devices.
+	noPSP := fixture()
+	noPSP.DevicesErr = fmt.Errorf("this host has no kernel PSP: no genl family psp (kernel older than 6.14?): %w", localapi.ErrNotFound)
+	noPSPSock := apitest.Serve(t, noPSP, auth)
+	noDevs := fixture()
+	noDevs.DevicesV = []localapi.Device{}
+	noDevsSock := apitest.Serve(t, noDevs, auth)
 	for _, tc := range []struct {
 		golden string
+		sock   string
 		args   []string
 	}{
-		{"status.txt", []string{"status"}},
-		{"peer-list.txt", []string{"peer", "list"}},
-		{"assoc-list.txt", []string{"assoc", "list"}},
-		{"assoc-list.json", []string{"assoc", "list", "--json"}},
-		{"assoc-rotate.txt", []string{"assoc", "rotate", "--peer", "web-2"}},
-		{"dev-list.txt", []string{"dev", "list"}},
+		{"status.txt", sock, []string{"status"}},
+		{"peer-list.txt", sock, []string{"peer", "list"}},
+		{"peer-list.json", sock, []string{"peer", "list", "--json"}},
+		{"peer-show.txt", sock, []string{"peer", "show", "web-2"}},
+		{"peer-show-backoff.txt", sock, []string{"peer", "show", "db-1"}},
+		{"peer-show.json", sock, []string{"peer", "show", "web-2", "--json"}},
+		{"peer-show-unknown.txt", sock, []string{"peer", "show", "nobody"}},
+		{"assoc-list.txt", sock, []string{"assoc", "list"}},
+		{"assoc-list.json", sock, []string{"assoc", "list", "--json"}},
+		{"assoc-rotate.txt", sock, []string{"assoc", "rotate", "--peer", "web-2"}},
+		{"dev-list.txt", sock, []string{"dev", "list"}},
+		{"dev-list-nopsp.txt", noPSPSock, []string{"dev", "list"}},
+		{"dev-list-none.txt", noDevsSock, []string{"dev", "list"}},
+		{"events.txt", sock, []string{"events"}},
+		{"events.json", noPSPSock, []string{"events", "--json"}},
 	} {
 		t.Run(tc.golden, func(t *testing.T) {
-			got, err := run(t, sock, tc.args...)
+			got, err := run(t, tc.sock, tc.args...)
 			if err != nil {
-				t.Fatal(err)
+				// What pspctl prints for an error is part of the output.
+				got += "error: " + err.Error() + "\n"
 			}
 			path := filepath.Join("testdata", tc.golden)
 			if *update {

@@ -162,7 +162,7 @@ func (d *Daemon) errNoPSP() error {
 
 func (d *Daemon) Devices(context.Context) ([]localapi.Device, error) {
 	if d.psp == nil {
-		return []localapi.Device{}, nil
+		return nil, d.errNoPSP()
 	}
 	return d.psp.Devices()
 }

@@ -26,17 +26,24 @@ type Service struct {
 	PeersV   []localapi.Peer
 	AssocsV  []localapi.Assoc
 	DevicesV []localapi.Device
-	EventsC  chan localapi.Event
+	// DevicesErr, if set, is the answer to Devices (a host without PSP).
+	DevicesErr error
+	EventsC    chan localapi.Event
 
 	mu       sync.Mutex
 	Rotated  []localapi.RotateRequest
 	Upgraded []int // local port of each socket received
 }
 
-func (s *Service) Status(context.Context) (localapi.Status, error)    { return s.StatusV, nil }
-func (s *Service) Peers(context.Context) ([]localapi.Peer, error)     { return s.PeersV, nil }
-func (s *Service) Assocs(context.Context) ([]localapi.Assoc, error)   { return s.AssocsV, nil }
-func (s *Service) Devices(context.Context) ([]localapi.Device, error) { return s.DevicesV, nil }
+func (s *Service) Status(context.Context) (localapi.Status, error)  { return s.StatusV, nil }
+func (s *Service) Peers(context.Context) ([]localapi.Peer, error)   { return s.PeersV, nil }
+func (s *Service) Assocs(context.Context) ([]localapi.Assoc, error) { return s.AssocsV, nil }
+func (s *Service) Devices(context.Context) ([]localapi.Device, error) {
+	if s.DevicesErr != nil {
+		return nil, s.DevicesErr
+	}
+	return s.DevicesV, nil
+}
 
 func (s *Service) Events(context.Context) (<-chan localapi.Event, error) { return s.EventsC, nil }
 

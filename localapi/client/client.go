@@ -124,6 +124,12 @@ func (c *Client) Peers(ctx context.Context) ([]localapi.Peer, error) {
 	return v, c.do(ctx, http.MethodGet, "/v1/peers", nil, &v)
 }
 
+// Peer returns one configured peer by name.
+func (c *Client) Peer(ctx context.Context, name string) (localapi.Peer, error) {
+	var v localapi.Peer
+	return v, c.do(ctx, http.MethodGet, "/v1/peers/"+url.PathEscape(name), nil, &v)
+}
+
 // Assocs lists associations.
 func (c *Client) Assocs(ctx context.Context) ([]localapi.Assoc, error) {
 	var v []localapi.Assoc
