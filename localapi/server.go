@@ -251,6 +251,7 @@ func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 	s.route("GET /v1/devices", AccessRead, read(svc.Devices))
 	s.route("POST /v1/devices/{id}/rotate", AccessWrite, s.rotateDevice)
 	s.route("GET /v1/events", AccessRead, s.events)
+	s.route("POST /v1/reload", AccessWrite, s.reload)
 	s.route("POST /v1/psp/upgrade", AccessUpgrade, s.upgrade)
 	return s
 }
@@ -305,7 +306,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", allow)
 		writeError(w, rec.code, fmt.Sprintf("%s does not take %s; it takes %s", r.URL.Path, r.Method, allow))
 	case http.StatusNotFound:
-		writeError(w, rec.code, fmt.Sprintf("%s is not an endpoint of pspd's API (its endpoints are under /v1/: status, peers, assocs, devices, events)", r.URL.Path))
+		writeError(w, rec.code, fmt.Sprintf("%s is not an endpoint of pspd's API (its endpoints are under /v1/: status, peers, assocs, devices, events, reload)", r.URL.Path))
 	default: // a redirect to a cleaned path
 		s.mux.ServeHTTP(w, r)
 	}
@@ -346,6 +347,8 @@ func (s *Server) route(pattern string, need Access, h func(http.ResponseWriter, 
 				code = http.StatusNotFound
 			case errors.Is(err, ErrInvalid):
 				code = http.StatusBadRequest
+			case errors.Is(err, ErrRefused):
+				code = http.StatusConflict
 			}
 			writeError(w, code, err.Error())
 		}
@@ -400,6 +403,14 @@ func (s *Server) peer(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	return fmt.Errorf("no peer named %q is configured (see pspctl peer list): %w", name, ErrNotFound)
+}
+
+func (s *Server) reload(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.svc.ReloadConfig(r.Context())
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
 }
 
 func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {

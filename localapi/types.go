@@ -38,6 +38,10 @@ type Status struct {
 	Peers       int       `json:"peers"`
 	PeersUp     int       `json:"peers_up"`
 	Assocs      int       `json:"assocs"`
+	// LastReload is when the configuration was last loaded (at start or
+	// by a reload); LastReloadError why that load was not applied.
+	LastReload      time.Time `json:"last_reload"`
+	LastReloadError string    `json:"last_reload_error,omitempty"`
 }
 
 // Peer is one configured remote pspd.
@@ -208,6 +212,12 @@ type Event struct {
 	Detail string `json:"detail,omitempty"`
 }
 
+// Reloaded reports an applied reload.
+type Reloaded struct {
+	File string    `json:"file"`
+	Time time.Time `json:"time"`
+}
+
 // UpgradeResult reports a completed PSP socket upgrade.
 type UpgradeResult struct {
 	Peer    string `json:"peer"`
@@ -227,6 +237,9 @@ type Service interface {
 	Rotate(ctx context.Context, req RotateRequest) ([]Rotated, error)
 	Devices(ctx context.Context) ([]Device, error)
 	RotateDevice(ctx context.Context, id uint32) (Device, error)
+	// ReloadConfig reads the configuration file again and applies it, or
+	// refuses it whole with the reason (an error wrapping ErrRefused).
+	ReloadConfig(ctx context.Context) (Reloaded, error)
 	// Events streams events until ctx ends.
 	Events(ctx context.Context) (<-chan Event, error)
 	// UpgradePSP takes ownership of sock, a connected TCP socket of the
@@ -238,7 +251,17 @@ type Service interface {
 var (
 	ErrNotFound = errors.New("not found")
 	ErrInvalid  = errors.New("invalid request")
+	// ErrRefused: the daemon would not do it as asked (409), e.g. a
+	// reload that was not applied as a whole.
+	ErrRefused = errors.New("refused")
 )
+
+// Refused marks err as ErrRefused (a 409) without changing its message.
+func Refused(err error) error { return refusedError{err} }
+
+type refusedError struct{ error }
+
+func (e refusedError) Unwrap() []error { return []error{e.error, ErrRefused} }
 
 // ErrorBody is the JSON body of every non-2xx answer.
 type ErrorBody struct {

@@ -47,6 +47,13 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 		RunE:  c.status,
 	})
 
+	root.AddCommand(&cobra.Command{
+		Use:   "reload",
+		Short: "Make pspd read its configuration file again; fails with pspd's reason if it refuses",
+		Args:  cobra.NoArgs,
+		RunE:  c.reload,
+	})
+
 	peer := &cobra.Command{Use: "peer", Short: "Configured peers"}
 	peer.AddCommand(&cobra.Command{Use: "list", Short: "List peers, their session state, for how long and why", Args: cobra.NoArgs, RunE: c.peerList})
 	peer.AddCommand(&cobra.Command{Use: "show NAME", Short: "Show everything pspd knows of one peer", Args: cobra.ExactArgs(1), RunE: c.peerShow})
@@ -137,11 +144,30 @@ func (c *cli) status(cmd *cobra.Command, _ []string) error {
 		{"peers", fmt.Sprintf("%d configured, %d up", st.Peers, st.PeersUp)},
 		{"associations", strconv.Itoa(st.Assocs)},
 	}
+	if !st.LastReload.IsZero() {
+		res := "applied"
+		if st.LastReloadError != "" {
+			res = "refused: " + st.LastReloadError
+		}
+		rows = append(rows, []string{"configuration", fmt.Sprintf("loaded %s (%s ago), %s", st.LastReload.UTC().Format(time.RFC3339), age(c.now(), st.LastReload), res)})
+	}
 	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 	for _, r := range rows {
 		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])
 	}
 	return tw.Flush()
+}
+
+func (c *cli) reload(cmd *cobra.Command, _ []string) error {
+	r, err := c.client().Reload(cmd.Context())
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(r)
+	}
+	_, err = fmt.Fprintf(c.out, "%s reloaded\n", r.File)
+	return err
 }
 
 func (c *cli) peerList(cmd *cobra.Command, _ []string) error {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -37,7 +38,8 @@ func fixture() *apitest.Service {
 	close(evs)
 	return &apitest.Service{
 		StatusV: localapi.Status{Version: "0.1.0", PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
-			Listen: "[::]:6082", Backends: []string{"userspace"}, Started: now.Add(-90 * time.Minute), Peers: 2, PeersUp: 1, Assocs: 1},
+			Listen: "[::]:6082", Backends: []string{"userspace"}, Started: now.Add(-90 * time.Minute), Peers: 2, PeersUp: 1, Assocs: 1,
+			LastReload: now.Add(-20 * time.Minute)},
 		PeersV: []localapi.Peer{
 			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
 				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768",
@@ -77,6 +79,8 @@ func TestGolden(t *testing.T) {
 	noPSP := fixture()
 	noPSP.DevicesErr = fmt.Errorf("this host has no kernel PSP: no genl family psp (kernel older than 6.14?): %w", localapi.ErrNotFound)
 	noPSPSock := apitest.Serve(t, noPSP, auth)
+	noPSP.StatusV.LastReloadError = "reload /etc/pspd/pspd.yaml refused: packet_budget changed from 1048576 to 4096, which needs a restart of pspd (the SAs in place were installed with it); nothing was applied"
+	noPSP.ReloadErr = localapi.Refused(errors.New(noPSP.StatusV.LastReloadError))
 	noDevs := fixture()
 	noDevs.DevicesV = []localapi.Device{}
 	noDevsSock := apitest.Serve(t, noDevs, auth)
@@ -86,6 +90,9 @@ func TestGolden(t *testing.T) {
 		args   []string
 	}{
 		{"status.txt", sock, []string{"status"}},
+		{"status-refused.txt", noPSPSock, []string{"status"}},
+		{"reload.txt", sock, []string{"reload"}},
+		{"reload-refused.txt", noPSPSock, []string{"reload"}},
 		{"peer-list.txt", sock, []string{"peer", "list"}},
 		{"peer-list.json", sock, []string{"peer", "list", "--json"}},
 		{"peer-show.txt", sock, []string{"peer", "show", "web-2"}},

@@ -1,8 +1,14 @@
 package daemon
 
 import (
+	"context"
+	"errors"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/pspd/pspd/localapi/client"
 )
 
 // TestMetrics: drops carry one set of reason names whatever the backend
@@ -58,5 +64,36 @@ func TestMetrics(t *testing.T) {
 	}
 	if at2, _ := sample(t, r, "pspd_reload_timestamp_seconds", nil); at2 <= at {
 		t.Errorf("pspd_reload_timestamp_seconds %v did not move from %v", at2, at)
+	}
+}
+
+// TestAPIReload: POST /v1/reload reads the daemon's file again; a refused
+// reload answers 409 with the daemon's reason and leaves the status
+// saying so, an applied one clears it.
+func TestAPIReload(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b, c := newHost(t, "a"), newHost(t, "b"), newHost(t, "c")
+	a.start(t, a.config(t, "", b))
+	ca := client.New(a.sock)
+	ctx := context.Background()
+	a.config(t, "packet_budget: 4096\n", b) // rewrites a's file
+	var ae *client.APIError
+	if _, err := ca.Reload(ctx); !errors.As(err, &ae) || ae.Status != 409 || !strings.Contains(ae.Message, "needs a restart") {
+		t.Fatalf("refused reload through the API: %v; want 409 naming the setting that needs a restart", err)
+	}
+	st, err := ca.Status(ctx)
+	if err != nil || !strings.Contains(st.LastReloadError, "packet_budget") {
+		t.Fatalf("status after a refused reload: %+v %v", st, err)
+	}
+	a.config(t, "", b, c)
+	r, err := ca.Reload(ctx)
+	if err != nil || r.File != filepath.Join(a.dir, "pspd.yaml") || r.Time.IsZero() {
+		t.Fatalf("applied reload: %+v %v", r, err)
+	}
+	st, err = ca.Status(ctx)
+	if err != nil || st.LastReloadError != "" || st.Peers != 2 || !st.LastReload.Equal(r.Time) {
+		t.Fatalf("status after an applied reload: %+v %v", st, err)
 	}
 }

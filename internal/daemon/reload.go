@@ -1,8 +1,11 @@
 package daemon
 
 import (
+	"context"
+	"fmt"
 	"time"
 
+	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/policy"
 )
 
@@ -26,4 +29,24 @@ func (d *Daemon) lastReload() reloadResult {
 	d.rmu.Lock()
 	defer d.rmu.Unlock()
 	return d.reloaded
+}
+
+// ReloadConfig reads the configuration file the daemon runs with again
+// and reloads it: the API's reload. A SIGHUP to cmd/pspd does the same
+// and also tells systemd.
+func (d *Daemon) ReloadConfig(context.Context) (localapi.Reloaded, error) {
+	d.mu.Lock()
+	file := d.cfg.File
+	d.mu.Unlock()
+	next, err := policy.Load(file)
+	if err != nil {
+		d.rmu.Lock()
+		d.reloaded = reloadResult{at: time.Now(), err: err}
+		d.rmu.Unlock()
+		return localapi.Reloaded{}, localapi.Refused(fmt.Errorf("reload refused, nothing applied: %w", err))
+	}
+	if err := d.Reload(next); err != nil {
+		return localapi.Reloaded{}, localapi.Refused(err)
+	}
+	return localapi.Reloaded{File: file, Time: d.lastReload().at}, nil
 }

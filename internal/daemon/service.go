@@ -25,6 +25,11 @@ func (d *Daemon) Status(context.Context) (localapi.Status, error) {
 		Fingerprint: d.id.Public().Fingerprint(), Listen: d.ep.Addr().String(), FIPS: fips140.Enabled(),
 		Peers: len(d.peers),
 	}
+	r := d.lastReload()
+	st.LastReload = r.at
+	if r.err != nil {
+		st.LastReloadError = r.err.Error()
+	}
 	for _, b := range d.report.Available() {
 		st.Backends = append(st.Backends, b.String())
 	}

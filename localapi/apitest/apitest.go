@@ -30,6 +30,9 @@ type Service struct {
 	DevicesErr error
 	EventsC    chan localapi.Event
 
+	// ReloadErr, if set, is the answer to Reload.
+	ReloadErr error
+
 	mu       sync.Mutex
 	Rotated  []localapi.RotateRequest
 	Upgraded []int // local port of each socket received
@@ -46,6 +49,14 @@ func (s *Service) Devices(context.Context) ([]localapi.Device, error) {
 }
 
 func (s *Service) Events(context.Context) (<-chan localapi.Event, error) { return s.EventsC, nil }
+
+// ReloadConfig answers ReloadErr, or that StatusV's file was reloaded.
+func (s *Service) ReloadConfig(context.Context) (localapi.Reloaded, error) {
+	if s.ReloadErr != nil {
+		return localapi.Reloaded{}, s.ReloadErr
+	}
+	return localapi.Reloaded{File: "/etc/pspd/pspd.yaml", Time: s.StatusV.LastReload}, nil
+}
 
 // Rotate answers for the associations the request selects, giving each a
 // new SPI pair one above its old one.

@@ -146,6 +146,13 @@ func (c *Client) Rotate(ctx context.Context, req localapi.RotateRequest) ([]loca
 	return v, c.do(ctx, http.MethodPost, "/v1/assocs/rotate", req, &v)
 }
 
+// Reload makes the daemon read its configuration file again. A reload it
+// refuses is an *APIError with status 409 and the reason.
+func (c *Client) Reload(ctx context.Context) (localapi.Reloaded, error) {
+	var v localapi.Reloaded
+	return v, c.do(ctx, http.MethodPost, "/v1/reload", nil, &v)
+}
+
 // Devices lists kernel PSP devices.
 func (c *Client) Devices(ctx context.Context) ([]localapi.Device, error) {
 	var v []localapi.Device
