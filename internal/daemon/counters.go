@@ -6,13 +6,17 @@ import (
 	"github.com/pspd/pspd/offload"
 )
 
-// traffic keeps a peer's counters cumulative. A data plane counts per SA,
-// and a rekey replaces the SA, so the daemon adds each SA's final counts
-// to running totals as it is removed and the live SAs' current counts
-// on top. Guarded by peer.bmu, which the installer holds.
+// traffic keeps a peer's byte and packet counters cumulative. A data
+// plane counts per SA, and a rekey replaces the SA, so the daemon keeps
+// the highest counts it has seen of each installed SA and adds them to
+// running totals when the SA is removed. Data planes may forget an SA's
+// counts before its removal (the userspace codec keeps one TX SA: the
+// next Activate replaces it), so every SA of the peer is read before each
+// Install, Activate and Remove, and at every query. Guarded by peer.bmu,
+// which the installer holds.
 type traffic struct {
-	live    map[liveKey]assoc.SA // installed SAs, without keys
-	retired offload.Traffic      // every removed SA of the peer
+	live    map[liveKey]*liveSA
+	retired offload.Traffic // every removed SA of the peer
 	byAssoc map[assoc.ID]offload.Traffic
 }
 
@@ -21,24 +25,47 @@ type liveKey struct {
 	rx assoc.SPI
 }
 
+type liveSA struct {
+	sa   assoc.SA        // without keys
+	seen offload.Traffic // the highest counts read, per field
+}
+
 func addTraffic(a *offload.Traffic, b offload.Traffic) {
 	a.BytesIn += b.BytesIn
 	a.BytesOut += b.BytesOut
 	a.PacketsIn += b.PacketsIn
 	a.PacketsOut += b.PacketsOut
-	a.Drops += b.Drops
 }
 
 func counters(t offload.Traffic) localapi.Counters {
 	return localapi.Counters{BytesIn: t.BytesIn, BytesOut: t.BytesOut, PacketsIn: t.PacketsIn, PacketsOut: t.PacketsOut, Drops: t.Drops}
 }
 
+// sample reads the counts of every SA of the peer into their high-water
+// marks.
+func (t *traffic) sample(backends map[assoc.Backend]offload.Backend) {
+	for k, l := range t.live {
+		b := backends[k.b]
+		if b == nil {
+			continue
+		}
+		c, ok := b.Traffic(&l.sa)
+		if !ok {
+			continue
+		}
+		s := &l.seen
+		s.BytesIn, s.BytesOut = max(s.BytesIn, c.BytesIn), max(s.BytesOut, c.BytesOut)
+		s.PacketsIn, s.PacketsOut = max(s.PacketsIn, c.PacketsIn), max(s.PacketsOut, c.PacketsOut)
+		s.Drops = c.Drops // as the data plane counts them now (see Counters)
+	}
+}
+
 // installed notes an SA backend b took.
 func (t *traffic) installed(b assoc.Backend, sa *assoc.SA) {
 	if t.live == nil {
-		t.live, t.byAssoc = map[liveKey]assoc.SA{}, map[assoc.ID]offload.Traffic{}
+		t.live, t.byAssoc = map[liveKey]*liveSA{}, map[assoc.ID]offload.Traffic{}
 	}
-	t.live[liveKey{b, sa.RxSPI}] = sa.WithoutKeys()
+	t.live[liveKey{b, sa.RxSPI}] = &liveSA{sa: sa.WithoutKeys()}
 	// Totals of associations that have nothing installed any more and
 	// are not this one are only in the peer's totals from now on: a new
 	// session brings a new association, and the map stays small.
@@ -50,52 +77,49 @@ func (t *traffic) installed(b assoc.Backend, sa *assoc.SA) {
 }
 
 func (t *traffic) hasLive(id assoc.ID) bool {
-	for _, sa := range t.live {
-		if sa.ID == id {
+	for _, l := range t.live {
+		if l.sa.ID == id {
 			return true
 		}
 	}
 	return false
 }
 
-// removed adds final, what backend b counted for sa just before removing
-// it, to the totals. It reports whether sa was installed.
-func (t *traffic) removed(b assoc.Backend, sa *assoc.SA, final offload.Traffic) bool {
+// removed adds what sa carried, as last sampled, to the totals. It
+// reports whether sa was installed.
+func (t *traffic) removed(b assoc.Backend, sa *assoc.SA) bool {
 	k := liveKey{b, sa.RxSPI}
-	if _, ok := t.live[k]; !ok {
+	l, ok := t.live[k]
+	if !ok {
 		return false // never installed here (a failed install being undone)
 	}
 	delete(t.live, k)
-	addTraffic(&t.retired, final)
+	addTraffic(&t.retired, l.seen)
 	a := t.byAssoc[sa.ID]
-	addTraffic(&a, final)
+	addTraffic(&a, l.seen)
 	t.byAssoc[sa.ID] = a
 	return true
 }
 
 // totals are the peer's counters, those of association id over its
-// generations, and those of its generation gen alone.
+// generations, and those of its generation gen alone. Drops are the data
+// plane's count for generation gen (per SA for XFRM, per peer for the
+// userspace data plane), not a sum.
 func (d *Daemon) totals(p *peer, id assoc.ID, gen uint32) (all, ofAssoc, ofGen offload.Traffic) {
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
 	t := &p.traffic
+	t.sample(d.backends)
 	all, ofAssoc = t.retired, t.byAssoc[id]
-	for k, sa := range t.live {
-		b := d.backends[k.b]
-		if b == nil {
-			continue
-		}
-		c, ok := b.Traffic(&sa)
-		if !ok {
-			continue
-		}
-		addTraffic(&all, c)
-		if sa.ID == id {
-			addTraffic(&ofAssoc, c)
-			if sa.Generation == gen {
-				ofGen = c
+	for _, l := range t.live {
+		addTraffic(&all, l.seen)
+		if l.sa.ID == id {
+			addTraffic(&ofAssoc, l.seen)
+			if l.sa.Generation == gen {
+				ofGen = l.seen
 			}
 		}
 	}
+	all.Drops, ofAssoc.Drops = ofGen.Drops, ofGen.Drops
 	return all, ofAssoc, ofGen
 }

@@ -46,6 +46,7 @@ func (i installer) Install(ctx context.Context, sa *assoc.SA) error {
 			return err
 		}
 	}
+	p.traffic.sample(i.d.backends)
 	if err := i.d.backends[i.b].Install(ctx, sa); err != nil {
 		return err
 	}
@@ -60,6 +61,14 @@ func (i installer) Install(ctx context.Context, sa *assoc.SA) error {
 }
 
 func (i installer) Activate(ctx context.Context, sa *assoc.SA) error {
+	p, err := i.peer(sa)
+	if err != nil {
+		return err
+	}
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	// The data plane may forget the previous TX SA's counts now.
+	p.traffic.sample(i.d.backends)
 	return i.d.backends[i.b].Activate(ctx, sa)
 }
 
@@ -71,9 +80,9 @@ func (i installer) Remove(ctx context.Context, sa *assoc.SA) error {
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
 	// What the SA carried is read before it goes, for the totals.
-	final, _ := i.d.backends[i.b].Traffic(sa)
+	p.traffic.sample(i.d.backends)
 	err = i.d.backends[i.b].Remove(ctx, sa)
-	if err == nil && p.traffic.removed(i.b, sa, final) && len(p.traffic.live) == 0 {
+	if err == nil && p.traffic.removed(i.b, sa) && len(p.traffic.live) == 0 {
 		i.d.events.publish(localapi.Event{Kind: localapi.EventAssocDown, Peer: p.cfg.Name, Assoc: assocID(p.cfg.Name, *sa),
 			Generation: sa.Generation, RxSPI: uint32(sa.RxSPI), TxSPI: uint32(sa.TxSPI), Backend: i.b.String(),
 			Detail: fmt.Sprintf("the last SA with %s was removed; nothing is encrypted to it now", p.cfg.Name)})
