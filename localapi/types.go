@@ -175,11 +175,11 @@ const (
 	EventPSPUpgrade EventKind = "psp-upgrade"
 	// EventDeviceRotated: a kernel PSP device key was rotated.
 	EventDeviceRotated EventKind = "device-rotated"
-	// EventDeviceStaleSoon: the next device rotation will end the
-	// receive key of the connection in Detail; re-establish it first.
-	EventDeviceStaleSoon EventKind = "device-stale-soon"
-	// EventDeviceStale: a connection can no longer receive under PSP.
-	EventDeviceStale EventKind = "device-stale"
+	// EventPSPStaleSoon: the next device rotation will end the receive
+	// key of the connection in Detail; re-establish it first.
+	EventPSPStaleSoon EventKind = "psp-stale-soon"
+	// EventPSPStale: a connection can no longer receive under PSP.
+	EventPSPStale EventKind = "psp-stale"
 )
 
 func (k EventKind) String() string { return string(k) }

@@ -199,8 +199,8 @@ func (d *Daemon) observe(p *peer) {
 // pspEventKinds names the PSP manager's events as the API does.
 var pspEventKinds = map[string]localapi.EventKind{
 	"psp-rotated":    localapi.EventDeviceRotated,
-	"psp-stale-soon": localapi.EventDeviceStaleSoon,
-	"psp-stale":      localapi.EventDeviceStale,
+	"psp-stale-soon": localapi.EventPSPStaleSoon,
+	"psp-stale":      localapi.EventPSPStale,
 }
 
 func pspEventKind(k string) localapi.EventKind {
