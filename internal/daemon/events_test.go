@@ -132,6 +132,8 @@ func TestEventsAndReasons(t *testing.T) {
 		t.Errorf("pspd_peer_up{peer=b} = %v (%v), want 1", v, ok)
 	}
 
+	lint(t, a.d.metrics)
+
 	// b restarts: a new process, a new boot id, a new session.
 	rekeys := ra.count(localapi.EventRekey)
 	b.stop()

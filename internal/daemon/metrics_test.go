@@ -8,8 +8,30 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+
 	"github.com/pspd/pspd/localapi/client"
 )
+
+// lint fails the test for what Prometheus's linter (promtool check
+// metrics) finds in the daemon's metrics.
+func lint(t *testing.T, r *prometheus.Registry) {
+	t.Helper()
+	mfs, err := r.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	problems, err := promlint.NewWithMetricFamilies(mfs).Lint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		if strings.HasPrefix(p.Metric, "pspd_") {
+			t.Errorf("metric %s: %s", p.Metric, p.Text)
+		}
+	}
+}
 
 // TestMetrics: drops carry one set of reason names whatever the backend
 // calls them; every session state has its series, so backoff is not
@@ -55,6 +77,7 @@ func TestMetrics(t *testing.T) {
 	if v, _ := sample(t, r, "pspd_reload_success", nil); v != 1 {
 		t.Errorf("pspd_reload_success = %v at start, want 1", v)
 	}
+	lint(t, r)
 	at, _ := sample(t, r, "pspd_reload_timestamp_seconds", nil)
 	if err := a.d.Reload(a.config(t, "packet_budget: 4096\n", b)); err == nil {
 		t.Fatal("a reload changing packet_budget was applied; it needs a restart")
