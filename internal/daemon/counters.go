@@ -16,6 +16,7 @@ import (
 // which the installer holds.
 type traffic struct {
 	live    map[liveKey]*liveSA
+	current *liveKey        // the generation in use, once the key exchange confirmed it
 	retired offload.Traffic // every removed SA of the peer
 	byAssoc map[assoc.ID]offload.Traffic
 }
@@ -86,7 +87,7 @@ func (t *traffic) hasLive(id assoc.ID) bool {
 }
 
 // removed adds what sa carried, as last sampled, to the totals. It
-// reports whether sa was installed.
+// reports whether sa was the generation in use.
 func (t *traffic) removed(b assoc.Backend, sa *assoc.SA) bool {
 	k := liveKey{b, sa.RxSPI}
 	l, ok := t.live[k]
@@ -94,11 +95,23 @@ func (t *traffic) removed(b assoc.Backend, sa *assoc.SA) bool {
 		return false // never installed here (a failed install being undone)
 	}
 	delete(t.live, k)
+	wasCurrent := t.current != nil && *t.current == k
+	if wasCurrent {
+		t.current = nil
+	}
 	addTraffic(&t.retired, l.seen)
 	a := t.byAssoc[sa.ID]
 	addTraffic(&a, l.seen)
 	t.byAssoc[sa.ID] = a
-	return true
+	return wasCurrent
+}
+
+// confirmed notes the generation now in use.
+func (t *traffic) confirmed(sa *assoc.SA) {
+	k := liveKey{sa.Backend, sa.RxSPI}
+	if _, ok := t.live[k]; ok {
+		t.current = &k
+	}
 }
 
 // totals are the peer's counters, those of association id over its

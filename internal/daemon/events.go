@@ -132,6 +132,9 @@ func (d *Daemon) watch(ctx context.Context, p *peer, kx *keyexchange.Peer) {
 		}
 		p.hist.lastHandshake = now
 		d.mu.Unlock()
+		p.bmu.Lock()
+		p.traffic.confirmed(&sa)
+		p.bmu.Unlock()
 		if ev.Kind == localapi.EventRekey {
 			ev.Detail = fmt.Sprintf("generation %d replaces %d (%s)", sa.Generation, last.Generation, ev.Reason)
 			d.log.Info("rekeyed", "peer", p.cfg.Name, "reason", ev.Reason, "sa", &sa)

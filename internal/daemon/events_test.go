@@ -90,7 +90,8 @@ func (r *recorder) count(kind localapi.EventKind) int {
 // TestEventsAndReasons: a rekey an operator asks for is a rekey for
 // reason operator on that side and peer on the other, with its
 // generation and SPIs as fields; a restart of the peer's pspd is
-// peer-down, peer-restarted, peer-up and assoc-up, never a rekey; the
+// peer-down, assoc-down (for the generation in use only), peer-restarted,
+// peer-up and assoc-up, never a rekey; the
 // metrics count rekeys by reason and show the peer's state.
 func TestEventsAndReasons(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -138,6 +139,13 @@ func TestEventsAndReasons(t *testing.T) {
 	rekeys := ra.count(localapi.EventRekey)
 	b.stop()
 	ra.wait(t, "peer-down", func(e localapi.Event) bool { return e.Kind == localapi.EventPeerDown && e.Peer == "b" })
+	down := ra.wait(t, "assoc-down", func(e localapi.Event) bool { return e.Kind == localapi.EventAssocDown })
+	if down.Generation != rs[0].Generation || down.RxSPI != rs[0].RxSPI || down.Peer != "b" {
+		t.Errorf("assoc-down %+v, want the generation in use, %+v", down, rs[0])
+	}
+	if n := ra.count(localapi.EventAssocDown); n != 1 {
+		t.Errorf("%d assoc-down events for one association; events: %s", n, ra.kinds())
+	}
 	b.start(t, b.config(t, "", a))
 	ra.wait(t, "peer-restarted", func(e localapi.Event) bool { return e.Kind == localapi.EventPeerRestarted && e.Peer == "b" })
 	ra.wait(t, "second assoc-up", func(e localapi.Event) bool { return e.Kind == localapi.EventAssocUp && e.Time.After(up.Time) })

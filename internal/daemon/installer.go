@@ -82,10 +82,10 @@ func (i installer) Remove(ctx context.Context, sa *assoc.SA) error {
 	// What the SA carried is read before it goes, for the totals.
 	p.traffic.sample(i.d.backends)
 	err = i.d.backends[i.b].Remove(ctx, sa)
-	if err == nil && p.traffic.removed(i.b, sa) && len(p.traffic.live) == 0 {
+	if err == nil && p.traffic.removed(i.b, sa) {
 		i.d.events.publish(localapi.Event{Kind: localapi.EventAssocDown, Peer: p.cfg.Name, Assoc: assocID(p.cfg.Name, *sa),
 			Generation: sa.Generation, RxSPI: uint32(sa.RxSPI), TxSPI: uint32(sa.TxSPI), Backend: i.b.String(),
-			Detail: fmt.Sprintf("the last SA with %s was removed; nothing is encrypted to it now", p.cfg.Name)})
+			Detail: fmt.Sprintf("the generation in use with %s was removed; nothing new is encrypted to it until the next association", p.cfg.Name)})
 	}
 	if p.on[i.b] > 0 {
 		p.on[i.b]--
