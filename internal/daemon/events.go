@@ -117,9 +117,10 @@ func (d *Daemon) watch(ctx context.Context, p *peer, kx *keyexchange.Peer) {
 		}
 		sess := kx.Session()
 		now := time.Now()
-		ev := localapi.Event{Time: now, Kind: localapi.EventAssocUp, Peer: p.cfg.Name, Assoc: assocID(p.cfg.Name, sa),
-			Generation: sa.Generation, RxSPI: uint32(sa.RxSPI), TxSPI: uint32(sa.TxSPI), Backend: sa.Backend.String()}
 		d.mu.Lock()
+		name := p.cfg.Name // a reload rewrites p.cfg under d.mu
+		ev := localapi.Event{Time: now, Kind: localapi.EventAssocUp, Peer: name, Assoc: assocID(name, sa),
+			Generation: sa.Generation, RxSPI: uint32(sa.RxSPI), TxSPI: uint32(sa.TxSPI), Backend: sa.Backend.String()}
 		d.observe(p) // peer-up and peer-restarted come first
 		p.created[sa.Generation] = now
 		for g := range p.created {
@@ -137,10 +138,10 @@ func (d *Daemon) watch(ctx context.Context, p *peer, kx *keyexchange.Peer) {
 		p.bmu.Unlock()
 		if ev.Kind == localapi.EventRekey {
 			ev.Detail = fmt.Sprintf("generation %d replaces %d (%s)", sa.Generation, last.Generation, ev.Reason)
-			d.log.Info("rekeyed", "peer", p.cfg.Name, "reason", ev.Reason, "sa", &sa)
+			d.log.Info("rekeyed", "peer", name, "reason", ev.Reason, "sa", &sa)
 		} else {
 			ev.Detail = fmt.Sprintf("association %s up on %s, generation %d", ev.Assoc, ev.Backend, sa.Generation)
-			d.log.Info("association up", "peer", p.cfg.Name, "sa", &sa)
+			d.log.Info("association up", "peer", name, "sa", &sa)
 		}
 		d.events.publish(ev)
 		last, lastSess, have = sa, sess, true
