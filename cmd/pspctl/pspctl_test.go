@@ -90,8 +90,10 @@ func TestGolden(t *testing.T) {
 		args   []string
 	}{
 		{"status.txt", sock, []string{"status"}},
+		{"status.json", sock, []string{"status", "--json"}},
 		{"status-refused.txt", noPSPSock, []string{"status"}},
 		{"reload.txt", sock, []string{"reload"}},
+		{"reload.json", sock, []string{"reload", "--json"}},
 		{"reload-refused.txt", noPSPSock, []string{"reload"}},
 		{"peer-list.txt", sock, []string{"peer", "list"}},
 		{"peer-list.json", sock, []string{"peer", "list", "--json"}},

@@ -156,4 +156,22 @@ func TestEventsAndReasons(t *testing.T) {
 	if n := ra.count(localapi.EventPeerUp); n != 2 {
 		t.Errorf("%d peer-up events, want 2; events: %s", n, ra.kinds())
 	}
+
+	// A reload without b removes it.
+	if err := a.d.Reload(a.config(t, "")); err != nil {
+		t.Fatal(err)
+	}
+	ra.wait(t, "peer-removed", func(e localapi.Event) bool { return e.Kind == localapi.EventPeerRemoved && e.Peer == "b" })
+}
+
+// TestPSPEventKinds: the PSP manager's events keep the names the README
+// documents, except the rotation, which the API calls device-rotated.
+func TestPSPEventKinds(t *testing.T) {
+	for in, want := range map[string]localapi.EventKind{
+		"psp-rotated": localapi.EventDeviceRotated, "psp-stale-soon": localapi.EventPSPStaleSoon, "psp-stale": localapi.EventPSPStale,
+	} {
+		if got := pspEventKind(in); got != want {
+			t.Errorf("PSP event %s is published as %s, want %s", in, got, want)
+		}
+	}
 }
