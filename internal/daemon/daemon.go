@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -451,7 +452,14 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 	addr := d.cfg.Metrics
 	d.mu.Unlock()
 	if addr != "" {
-		mln, err := net.Listen("tcp", addr)
+		var mln net.Listener
+		var err error
+		if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+			// The API socket's rules: root and the read group only.
+			mln, err = localapi.Listen(path, localapi.NewAuthorizer(group))
+		} else {
+			mln, err = net.Listen("tcp", addr)
+		}
 		if err != nil {
 			return fmt.Errorf("metrics listener %s: %w (set metrics: off to disable)", addr, err)
 		}

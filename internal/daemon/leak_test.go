@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
+	"net"
+	"net/http"
 	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -85,4 +89,43 @@ func TestNoKeysAnywhere(t *testing.T) {
 	logscan.AssertNoKeys(t, out.Bytes(), keys...)
 	logscan.AssertNoKeys(t, a.logs.Bytes(), keys...)
 	logscan.AssertNoKeys(t, b.logs.Bytes(), keys...)
+}
+
+// TestMetricsOnUnixSocket: metrics: unix:PATH serves /metrics on a unix
+// socket with the API socket's permissions instead of on loopback, where
+// any local user could read peer names and traffic.
+func TestMetricsOnUnixSocket(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a := newHost(t, "a")
+	sock := filepath.Join(a.dir, "metrics.sock")
+	pc := a.config(t, "")
+	pc.Metrics = "unix:" + sock
+	a.start(t, pc)
+	var st os.FileInfo
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if st, err = os.Stat(sock); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode()&0o077 != 0 {
+		t.Errorf("metrics socket mode %v: others may read it", st.Mode())
+	}
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	resp, err := hc.Get("http://pspd/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || !bytes.Contains(body, []byte("pspd_handshakes_total")) {
+		t.Fatalf("GET /metrics on the unix socket: %d %.200s", resp.StatusCode, body)
+	}
 }
