@@ -135,6 +135,22 @@ func wireSpoke(t *testing.T, hub, spoke *node, i int) {
 	}
 }
 
+// hubLo gives the hub its one service address, on lo.
+func hubLo(t *testing.T, hub *node) {
+	t.Helper()
+	lh, err := vnl.NewHandleAt(netns.NsHandle(hub.ns), unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lh.Close()
+	lo, _ := lh.LinkByName("lo")
+	ad, _ := vnl.ParseAddr(hub.addr.String() + "/32")
+	if err := lh.AddrAdd(lo, ad); err != nil {
+		t.Fatal(err)
+	}
+	lh.LinkSetUp(lo)
+}
+
 // mirrored waits until a's SA with b and b's SA with a are the two halves
 // of one generation, and returns a's.
 func mirrored(t *testing.T, a, b *node, d time.Duration) keyexchange.SA {
@@ -192,17 +208,7 @@ func TestVMHubEightPeers(t *testing.T) {
 		spokes = append(spokes, &node{name: fmt.Sprintf("spoke%d", i), ns: nstest.New(t, "pxh"),
 			addr: netip.AddrFrom4([4]byte{10, 80, byte(i), 2}), id: id})
 	}
-	lh, err := vnl.NewHandleAt(netns.NsHandle(hub.ns), unix.NETLINK_ROUTE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lo, _ := lh.LinkByName("lo")
-	ad, _ := vnl.ParseAddr(hub.addr.String() + "/32")
-	if err := lh.AddrAdd(lo, ad); err != nil {
-		t.Fatal(err)
-	}
-	lh.LinkSetUp(lo)
-	lh.Close()
+	hubLo(t, hub)
 	for i, s := range spokes {
 		wireSpoke(t, hub, s, i+1)
 		hub.specs = append(hub.specs, hub.spec(s, hub.addr))
