@@ -479,14 +479,31 @@ func TestVMRetireCancelledByClose(t *testing.T) {
 	a.start(t, b, false)
 	b.start(t, a, false)
 	waitUp(t, a, b)
-	if _, err := a.kp.Rekey(context.Background()); err != nil {
+	settle(t, a, b)
+	next, err := a.kp.Rekey(context.Background())
+	if err != nil {
 		t.Fatalf("rekey: %v", err)
 	}
-	start := time.Now()
-	a.stop()
-	if d := time.Since(start); d > 5*time.Second {
-		t.Errorf("stop took %v with a retirement pending", d)
+	wctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := b.kp.WaitGeneration(wctx, next.Generation); err != nil {
+		t.Fatal(err)
 	}
+	// Both sides now wait for traffic on the new generation. The backends
+	// go first, before the key exchange removes anything: A's by Close,
+	// B's peer by RemovePeer.
+	start := time.Now()
+	if err := a.b.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if err := b.b.RemovePeer(context.Background(), b.spec.Key); err != nil {
+		t.Errorf("RemovePeer: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Close and RemovePeer took %v with retirements pending", d)
+	}
+	a.kp.Close()
+	a.ep.Close()
 	b.stop()
 	for _, h := range []*host{a, b} {
 		hd, err := xfrm.Open(xfrm.Config{NetNS: h.ns})
