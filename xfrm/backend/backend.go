@@ -672,14 +672,14 @@ func (b *Backend) retireOld(pr *peer, k saKey, p *pair) {
 	r := &retirement{newest: k, old: old, cancel: cancel}
 	pr.retire = r
 	b.wg.Add(1)
-	go b.retireAfterTraffic(ctx, pr, r, p.in)
+	go b.retireAfterTraffic(ctx, pr, pr.cfg.Name, r, p.in)
 }
 
 // retireAfterTraffic removes r's old generations once newIn has counted a
 // packet, or after the grace. Whoever cancels ctx (a newer activation,
 // Remove of the newest generation, RemovePeer, Close) does so under b.mu
 // and owns the old SAs from then on.
-func (b *Backend) retireAfterTraffic(ctx context.Context, pr *peer, r *retirement, newIn xfrm.ID) {
+func (b *Backend) retireAfterTraffic(ctx context.Context, pr *peer, name string, r *retirement, newIn xfrm.ID) {
 	defer b.wg.Done()
 	defer r.cancel()
 	start := time.Now()
@@ -687,7 +687,7 @@ func (b *Backend) retireAfterTraffic(ctx context.Context, pr *peer, r *retiremen
 	if err != nil && ctx.Err() == nil {
 		// No counters, no telling whether the peer switched: keep the old
 		// generation for the whole grace.
-		b.log.Warn("xfrm: cannot read the new inbound SA's counters; removing the replaced generation after the grace", "peer", pr.cfg.Name, "err", err)
+		b.log.Warn("xfrm: cannot read the new inbound SA's counters; removing the replaced generation after the grace", "peer", name, "err", err)
 		t := time.NewTimer(b.grace - time.Since(start))
 		select {
 		case <-ctx.Done():
