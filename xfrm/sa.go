@@ -323,6 +323,10 @@ type offloadReq struct {
 	ifindex int
 }
 
+// newSAMsgCap holds the largest NEWSA payload (about 520 bytes: IPv6,
+// a 32-byte key, an offload request).
+const newSAMsgCap = 1024
+
 // newSAMsg builds the NEWSA/UPDSA payload. The buffer is allocated once at
 // its final size so no copy of the key is left behind by append growing
 // it; sock.do wipes it after sending.
@@ -357,7 +361,7 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq, esn bool) []byte {
 	}
 
 	keyLen := s.Key.Len() + SaltLen
-	b := make([]byte, 0, 1024)
+	b := make([]byte, 0, newSAMsgCap)
 	b = append(b, structBytes(&info)...)
 
 	aead := make([]byte, nl.SizeofXfrmAlgoAEAD+keyLen)

@@ -16,6 +16,7 @@ import (
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/kdf"
 	vnl "github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -346,6 +347,34 @@ func TestAddSAReadBack(t *testing.T) {
 			if strings.Contains(out, enc) {
 				t.Fatal("a key appears in a listing or log")
 			}
+		}
+	}
+}
+
+// TestNewSAMsgWipedAfterSend: the NEWSA payload carries the key and the
+// salt; it is built at its final size (append never leaves a stale copy
+// behind) and wiped once sent, whether the kernel takes it or not.
+func TestNewSAMsgWipedAfterSend(t *testing.T) {
+	h := openNS(t, newNS(t), Config{})
+	// The largest message: IPv6, the longest key, an offload request.
+	s := SA{Src: addrA6, Dst: addrB6, SPI: 0x40000100, ReqID: testReqID, Dir: In, Mode: Tunnel, Suite: kdf.AESGCM256,
+		Key: randKey(t, kdf.AESGCM256)}
+	salt, err := Salt(s.Key, s.SPI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := h.newSAMsg(&s, &offloadReq{ifindex: 1}, true)
+	if !bytes.Contains(msg, append(bytes.Clone(s.Key.Bytes()), salt[:]...)) {
+		t.Fatal("the message does not carry the key and salt: the test looks in the wrong place")
+	}
+	if c := cap(msg); c != newSAMsgCap {
+		t.Errorf("the message grew to %d bytes from %d: append left an unwiped copy of the key", c, newSAMsgCap)
+	}
+	err = h.sa.do(nl.XFRM_MSG_NEWSA, 0, msg, nil)
+	t.Logf("kernel: %v", err)
+	for _, c := range msg[:cap(msg)] {
+		if c != 0 {
+			t.Fatal("the sent message was not wiped")
 		}
 	}
 }
