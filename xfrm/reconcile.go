@@ -177,7 +177,7 @@ func (s *SA) matches(st State, key []byte) bool {
 		st.ICVBits != ICVBits || st.ReplayWindow < ReplayWindow || len(key) != s.Key.Len()+SaltLen {
 		return false
 	}
-	salt, err := Salt(s.Key, s.SPI)
+	salt, err := s.salt()
 	if err != nil {
 		return false
 	}

@@ -133,6 +133,7 @@ type pair struct {
 	// that ends the pair, so that no key stays in the process once the
 	// kernel has it.
 	tx     secret.Key
+	txSalt [xfrm.SaltLen]byte
 	failed bool // Activate failed and wiped tx: only Remove is left
 }
 
@@ -512,8 +513,9 @@ func (b *Backend) RemovePeer(ctx context.Context, key identity.PublicKey) error 
 	return errors.Join(errs...)
 }
 
-// sa is the kernel SA of one direction of a generation, under key.
-func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir, key secret.Key) xfrm.SA {
+// sa is the kernel SA of one direction of a generation, under key and
+// salt.
+func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir, key secret.Key, salt [xfrm.SaltLen]byte) xfrm.SA {
 	l := pr.cfg.Limits
 	s := xfrm.SA{ReqID: pr.reqid, Dir: dir, Mode: pr.mode, Suite: sa.Suite, OffloadDev: pr.dev, Lifetime: xfrm.Lifetime{
 		SoftPackets: l.SoftPackets, HardPackets: l.HardPackets, Soft: l.SoftLifetime, Hard: l.HardLifetime,
@@ -524,7 +526,7 @@ func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir, key secret.Key) xfrm.
 	} else {
 		s.Src, s.Dst, s.SPI = pr.local, remote, uint32(sa.TxSPI)
 	}
-	s.Key = key
+	s.Key, s.Salt = key, salt
 	if b.offload == xfrm.OffloadNone {
 		s.OffloadDev = ""
 	}
@@ -564,15 +566,21 @@ func (b *Backend) Install(ctx context.Context, sa *assoc.SA) error {
 	if n := sa.Suite.KeyLen(); n == 0 || sa.TxKey.Len() != n || sa.RxKey.Len() != n {
 		return fmt.Errorf("xfrm: peer %s: %s with keys of %d and %d bytes: suite %s needs %d", pr.cfg.Name, sa, sa.RxKey.Len(), sa.TxKey.Len(), sa.Suite, n)
 	}
+	var none [assoc.SaltLen]byte
+	if sa.RxSalt == none || sa.TxSalt == none {
+		return fmt.Errorf("xfrm: peer %s: %s carries no ESP salts (a key exchange that does not derive them)", pr.cfg.Name, sa)
+	}
 	if err := b.claimTx(pr, sa); err != nil {
 		return err
 	}
-	in := b.sa(pr, sa, xfrm.In, sa.RxKey)
-	if _, err := b.h.AddSA(ctx, &in); err != nil {
+	in := b.sa(pr, sa, xfrm.In, sa.RxKey, sa.RxSalt)
+	_, err = b.h.AddSA(ctx, &in)
+	clear(in.Salt[:])
+	if err != nil {
 		return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
 	}
-	out := b.sa(pr, sa, xfrm.Out, secret.Key{})
-	pr.sas[k] = &pair{in: in.ID(), out: out.ID(), tx: sa.TxKey.Clone()}
+	out := b.sa(pr, sa, xfrm.Out, secret.Key{}, none)
+	pr.sas[k] = &pair{in: in.ID(), out: out.ID(), tx: sa.TxKey.Clone(), txSalt: sa.TxSalt}
 	return nil
 }
 
@@ -631,10 +639,12 @@ func (b *Backend) Activate(ctx context.Context, sa *assoc.SA) error {
 	if p.failed {
 		return fmt.Errorf("xfrm: peer %s: association %d generation %d failed to activate before; remove it", pr.cfg.Name, sa.ID, sa.Generation)
 	}
-	out := b.sa(pr, sa, xfrm.Out, p.tx)
+	out := b.sa(pr, sa, xfrm.Out, p.tx, p.txSalt)
 	_, err = b.h.AddSA(ctx, &out)
 	p.tx.Wipe()
 	p.tx = secret.Key{}
+	clear(p.txSalt[:])
+	clear(out.Salt[:])
 	if err != nil {
 		p.failed = true
 		return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
@@ -776,6 +786,7 @@ func (b *Backend) heldKeys() []secret.Key {
 func (b *Backend) deletePair(ctx context.Context, p *pair) error {
 	p.tx.Wipe()
 	p.tx = secret.Key{}
+	clear(p.txSalt[:])
 	var errs []error
 	if p.outAdded {
 		errs = append(errs, b.h.DeleteSA(ctx, p.out))

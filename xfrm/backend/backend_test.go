@@ -152,7 +152,7 @@ func TestInstallRefusesRepeatedTxPair(t *testing.T) {
 	txKey := randKey(t, 16)
 	sa := func(gen uint32, rx, tx assoc.SPI, txKey secret.Key) *assoc.SA {
 		return &assoc.SA{Peer: peer, ID: 1, Backend: assoc.BackendXFRM, Suite: assoc.AESGCM128, Generation: gen,
-			RxSPI: rx, TxSPI: tx, RxKey: randKey(t, 16), TxKey: txKey}
+			RxSPI: rx, TxSPI: tx, RxKey: randKey(t, 16), TxKey: txKey, RxSalt: [4]byte{1}, TxSalt: [4]byte{2}}
 	}
 	if err := b.Install(ctx, sa(1, 0x100, 0x40000100, txKey.Clone())); err == nil || !strings.Contains(err.Error(), kernel) {
 		t.Fatalf("first install: %v, want the handle's refusal", err)
@@ -232,5 +232,18 @@ func TestPeerWithoutPrefixesRefused(t *testing.T) {
 	}
 	if got := b.peers[key]; !reflect.DeepEqual(got.cfg, before.cfg) {
 		t.Errorf("the refused update changed the peer: %+v", got.cfg)
+	}
+}
+
+// TestInstallRefusesSAWithoutSalts: an SA without the key schedule's ESP
+// salts is refused rather than installed under a salt derived from its
+// key.
+func TestInstallRefusesSAWithoutSalts(t *testing.T) {
+	b := testBackend(t)
+	peer := testPeer(t, b)
+	sa := &assoc.SA{Peer: peer, ID: 1, Backend: assoc.BackendXFRM, Suite: assoc.AESGCM128, Generation: 1,
+		RxSPI: 0x100, TxSPI: 0x40000100, RxKey: randKey(t, 16), TxKey: randKey(t, 16)}
+	if err := b.Install(context.Background(), sa); err == nil || !strings.Contains(err.Error(), "no ESP salts") {
+		t.Fatalf("Install = %v, want the missing salts refused", err)
 	}
 }

@@ -178,7 +178,7 @@ func TestVMCloseAndReconcile(t *testing.T) {
 			t.Fatal(err)
 		}
 		sa := &assoc.SA{Peer: sp.Key, ID: assoc.ID(i + 1), Backend: assoc.BackendXFRM, Suite: sp.Suite, Generation: 1,
-			RxSPI: assoc.SPI(0x100 + i), TxSPI: assoc.SPI(0x40000100 + i), RxKey: randKey(t, 32), TxKey: randKey(t, 32)}
+			RxSPI: assoc.SPI(0x100 + i), TxSPI: assoc.SPI(0x40000100 + i), RxKey: randKey(t, 32), TxKey: randKey(t, 32), RxSalt: [4]byte{1}, TxSalt: [4]byte{2}}
 		if err := be.Install(ctx, sa); err != nil {
 			t.Fatal(err)
 		}

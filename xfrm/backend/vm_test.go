@@ -534,7 +534,7 @@ func backendTo(t *testing.T, h, peer *host) *assoc.SA {
 		t.Fatal(err)
 	}
 	return &assoc.SA{Peer: spec.Key, ID: 7, Backend: assoc.BackendXFRM, Suite: assoc.AESGCM128, Generation: 1,
-		RxSPI: 0x100, TxSPI: 0x40000100, RxKey: randKey(t, 16), TxKey: randKey(t, 16)}
+		RxSPI: 0x100, TxSPI: 0x40000100, RxKey: randKey(t, 16), TxKey: randKey(t, 16), RxSalt: [4]byte{1}, TxSalt: [4]byte{2}}
 }
 
 // TestVMRefusesRepeatedTxPair: once a generation was installed, activated
