@@ -361,7 +361,6 @@ func (d *Daemon) Reload(next *policy.Config) error {
 		added = append(added, p.Name)
 	}
 	var errs []error
-	updated := 0
 	for _, np := range next.Peers {
 		p := d.peers[np.Name]
 		if p == nil || slices.Contains(added, np.Name) {
@@ -370,7 +369,6 @@ func (d *Daemon) Reload(next *policy.Config) error {
 		if err := d.reconfigure(ctx, p, np, prev, next); err != nil {
 			errs = append(errs, fmt.Errorf("peer %s: %w", np.Name, err))
 		}
-		updated++
 	}
 	for _, p := range diff.Removed {
 		d.removePeer(p.Name, true)
@@ -388,6 +386,11 @@ func (d *Daemon) Reload(next *policy.Config) error {
 // cannot.
 func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev, next *policy.Config) error {
 	old := p.cfg
+	if old.Endpoint == np.Endpoint && old.PublicKey == np.PublicKey && slices.Equal(old.Prefixes, np.Prefixes) &&
+		old.Backend == np.Backend && old.Suite == np.Suite &&
+		prev.Backend == next.Backend && prev.RequireEncryption == next.RequireEncryption {
+		return nil // nothing the backends or the session see changed
+	}
 	cs, err := d.candidates(np, next.Backend)
 	if err != nil {
 		return err
