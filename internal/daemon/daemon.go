@@ -151,27 +151,13 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 }
 
 // candidates lists the backends a peer may use, best first, among those
-// this daemon runs.
-func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]assoc.Backend, error) {
-	want, _ := assoc.ParseBackend(string(pc.Backend.OrDefault(global))) // auto: 0
-	cs, err := offload.Candidates(want, d.report)
-	if err != nil {
-		return nil, err
-	}
-	var out []assoc.Backend
-	for _, b := range cs {
-		if d.backends[b] != nil {
-			out = append(out, b)
-		}
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("backend %s was not started because no peer used it when pspd started; restart pspd to use it", cs[0])
-	}
-	return out, nil
+// this daemon runs, under cfg.
+func (d *Daemon) candidates(pc policy.Peer, cfg *policy.Config) ([]assoc.Backend, error) {
+	return usable(pc, cfg, d.report, func(b assoc.Backend) bool { return d.backends[b] != nil })
 }
 
 func (d *Daemon) addPeer(pc policy.Peer) error {
-	cs, err := d.candidates(pc, d.cfg.Backend)
+	cs, err := d.candidates(pc, d.cfg)
 	if err != nil {
 		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
@@ -336,14 +322,8 @@ func (d *Daemon) Reload(next *policy.Config) error {
 	// Every peer of the new file is checked, not only those that changed:
 	// a new global backend or require_encryption concerns them all.
 	for _, p := range next.Peers {
-		cs, err := d.candidates(p, next.Backend)
-		if err != nil {
+		if _, err := d.candidates(p, next); err != nil {
 			return refuse(p, err)
-		}
-		for _, b := range cs {
-			if _, err := spec(p, next, b); err != nil {
-				return refuse(p, err)
-			}
 		}
 	}
 	prev := d.cfg
@@ -391,11 +371,11 @@ func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev,
 		prev.Backend == next.Backend && prev.RequireEncryption == next.RequireEncryption {
 		return nil // nothing the backends or the session see changed
 	}
-	cs, err := d.candidates(np, next.Backend)
+	cs, err := d.candidates(np, next)
 	if err != nil {
 		return err
 	}
-	oldCs, _ := d.candidates(old, prev.Backend)
+	oldCs, _ := d.candidates(old, prev)
 	if np.PublicKey != old.PublicKey {
 		d.removePeer(np.Name, true)
 		return d.addPeer(np)
