@@ -227,15 +227,7 @@ func TestCheckIdentityErrors(t *testing.T) {
 // address); run refuses it, so check must.
 func TestCheckRefusesAFXDPOnWildcard(t *testing.T) {
 	cfg := writeConfig(t, "backend: userspace\nuserspace:\n  interface: pspdw0\n  io: af_xdp")
-	pc, err := policy.Load(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, a := range probe(context.Background(), pc) {
-		if a.Backend == wire.BackendUserspace && !a.Available {
-			t.Skipf("no userspace data plane here (%s): run refuses earlier", a.Reason)
-		}
-	}
+	skipWithoutUserspace(t, cfg)
 	refusedByBoth(t, nstest.New(t, "pspdxdp"), cfg, "userspace.io af_xdp needs a specific listen address")
 }
 
@@ -251,6 +243,14 @@ func TestCheckRefusesUserspacePeerWithoutPrefixes(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte(strings.Replace(string(b), "    prefixes: [10.9.0.0/16]\n", "", 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	skipWithoutUserspace(t, cfg)
+	refusedByBoth(t, nstest.New(t, "pspdnp"), cfg, "peers[0]: peer b has no prefixes")
+}
+
+// skipWithoutUserspace skips a test of a refusal that run only reaches on
+// a host that can run the userspace data plane.
+func skipWithoutUserspace(t *testing.T, cfg string) {
+	t.Helper()
 	pc, err := policy.Load(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -260,5 +260,4 @@ func TestCheckRefusesUserspacePeerWithoutPrefixes(t *testing.T) {
 			t.Skipf("no userspace data plane here (%s): run refuses earlier", a.Reason)
 		}
 	}
-	refusedByBoth(t, nstest.New(t, "pspdnp"), cfg, "peers[0]: peer b has no prefixes")
 }
