@@ -7,6 +7,7 @@ import (
 	"math/bits"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -290,6 +291,13 @@ func Parse(file string, data []byte) (*Config, error) {
 		case "metrics":
 			if v.Tag == "!!null" || v.Value == "" || v.Value == "off" {
 				c.Metrics = ""
+				return nil
+			}
+			if path, ok := strings.CutPrefix(v.Value, "unix:"); ok {
+				if !filepath.IsAbs(path) {
+					return p.fail(v, k, "%q: the unix socket path must be absolute (unix:/run/pspd/metrics.sock)", v.Value)
+				}
+				c.Metrics = v.Value
 				return nil
 			}
 			var ap netip.AddrPort

@@ -102,7 +102,7 @@ type Config struct {
 	Identity          string // path of the PEM identity key
 	Listen            netip.AddrPort
 	Socket            string
-	Metrics           string // host:port, or "" for none
+	Metrics           string // host:port, unix:/path, or "" for none
 	Backend           Backend
 	Offload           Offload
 	Suite             kdf.Suite

@@ -95,8 +95,12 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.RequireEncryption || c.Suite != DefaultSuite || c.RekeyInterval != DefaultRekeyInterval || c.Metrics != DefaultMetrics {
+	if !c.RequireEncryption || c.Suite != DefaultSuite || c.RekeyInterval != DefaultRekeyInterval || c.Metrics != DefaultMetrics || c.KeyExchange != KeyExchangeHybrid {
 		t.Fatalf("defaults wrong: %+v", c)
+	}
+	c, err = Parse("x", []byte("identity: /k.pem\nmetrics: unix:/run/pspd/metrics.sock\nkey_exchange: classic\n"))
+	if err != nil || c.Metrics != "unix:/run/pspd/metrics.sock" || c.KeyExchange != KeyExchangeClassic {
+		t.Fatalf("metrics %q key_exchange %q (%v)", c.Metrics, c.KeyExchange, err)
 	}
 }
 
@@ -123,6 +127,8 @@ func TestParseRefuses(t *testing.T) {
 		{"budget small", "identity: /k\npacket_budget: 5\n", "f.yaml:2: packet_budget: 5 is outside 1024..549755813888 (2^39)"},
 		{"bool", "identity: /k\nrequire_encryption: maybe\n", "f.yaml:2: require_encryption: expected true or false"},
 		{"relative socket", "identity: /k\nsocket: pspd.sock\n", "f.yaml:2: socket: \"pspd.sock\" must be an absolute path"},
+		{"relative metrics socket", "identity: /k\nmetrics: unix:m.sock\n", "f.yaml:2: metrics: \"unix:m.sock\": the unix socket path must be absolute"},
+		{"bad key exchange", "identity: /k\nkey_exchange: quantum\n", `f.yaml:2: key_exchange: "quantum" is not one of hybrid, classic`},
 		{"hostname listen", "identity: /k\nlisten: example:1\n", "f.yaml:2: listen: \"example:1\" is not an IP address"},
 		{"peers not list", "identity: /k\npeers: {}\n", "f.yaml:2: peers: expected a list"},
 		{"peer missing key", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n", "f.yaml:3: peers[0].public_key: required"},

@@ -120,6 +120,15 @@ func (s *side) start(t testing.TB, f codec.Framing, underlay string, self, peer,
 	}
 	t.Cleanup(func() { s.dp.Close() })
 	nstest.Addr(t, s.ns, name, netip.PrefixFrom(self, 32))
+	// The TUN's queue (500 packets) holds what the kernel sends while the TX
+	// loop waits for a core; a busy host is not a lost packet.
+	l, err := s.ns.Netlink.LinkByName(name)
+	if err == nil {
+		err = s.ns.Netlink.LinkSetTxQLen(l, 4096)
+	}
+	if err != nil {
+		t.Fatalf("txqueuelen of %s: %v", name, err)
+	}
 	nstest.Route(t, s.ns, name, netip.PrefixFrom(peer, 32))
 	if err := s.dp.AddPeer(userspace.Peer{
 		Endpoint: netip.AddrPortFrom(peerOuter, f.Port()),
@@ -361,6 +370,12 @@ func udpSocket(t *testing.T, s *side, addr netip.AddrPort) *net.UDPConn {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
+	// Tests that count every datagram read slower than the tunnel delivers
+	// when the host is busy; the default buffer (256 small datagrams)
+	// then loses some, which is not the engine's doing.
+	if err := c.SetReadBuffer(4 << 20); err != nil {
+		t.Fatal(err)
+	}
 	return c
 }
 

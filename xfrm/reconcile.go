@@ -177,7 +177,7 @@ func (s *SA) matches(st State, key []byte) bool {
 		st.ICVBits != ICVBits || st.ReplayWindow < ReplayWindow || len(key) != s.Key.Len()+SaltLen {
 		return false
 	}
-	salt, err := Salt(s.Key, s.SPI)
+	salt, err := s.salt()
 	if err != nil {
 		return false
 	}
@@ -195,27 +195,40 @@ func (h *Handle) RetireInbound(ctx context.Context, oldIn, newIn ID, grace, poll
 	if oldIn == newIn {
 		return fmt.Errorf("xfrm: retire SA spi=%#x: old and new inbound SA are the same", oldIn.SPI)
 	}
+	used, err := h.WaitUsed(ctx, newIn, grace, poll)
+	if err != nil {
+		return fmt.Errorf("xfrm: retire SA spi=%#x: %w", oldIn.SPI, err)
+	}
+	if used {
+		h.log.Debug("xfrm: new inbound SA in use, removing old", "old", oldIn, "new", newIn)
+	} else {
+		h.log.Info("xfrm: no packet on new inbound SA within grace, removing old anyway", "old", oldIn, "new", newIn)
+	}
+	return h.DeleteSA(context.WithoutCancel(ctx), oldIn)
+}
+
+// WaitUsed waits until the SA id has counted a packet (true) or grace has
+// passed (false), reading its counters every poll interval: the kernel
+// sends no event for an SA's first packet.
+func (h *Handle) WaitUsed(ctx context.Context, id ID, grace, poll time.Duration) (bool, error) {
 	deadline := time.NewTimer(grace)
 	defer deadline.Stop()
 	tick := time.NewTicker(poll)
 	defer tick.Stop()
 	for {
-		st, err := h.GetSA(ctx, newIn)
+		st, err := h.GetSA(ctx, id)
 		if err != nil {
-			return fmt.Errorf("xfrm: retire SA spi=%#x: watch new SA: %w", oldIn.SPI, err)
+			return false, fmt.Errorf("watch SA spi=%#x: %w", id.SPI, err)
 		}
 		if st.Stats.Packets > 0 {
-			h.log.Debug("xfrm: new inbound SA in use, removing old", "old", oldIn, "new", newIn)
-			break
+			return true, nil
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		case <-deadline.C:
-			h.log.Info("xfrm: no packet on new inbound SA within grace, removing old anyway", "old", oldIn, "new", newIn)
-			return h.DeleteSA(context.WithoutCancel(ctx), oldIn)
+			return false, nil
 		case <-tick.C:
 		}
 	}
-	return h.DeleteSA(ctx, oldIn)
 }

@@ -113,9 +113,13 @@ type SA struct {
 	Mode     Mode
 	Suite    kdf.Suite
 	// Key is the AES key, Suite.KeyLen() bytes, as the key schedule
-	// derived it for SPI. The 4-byte GCM salt is derived from it (see
-	// Salt), so both peers agree on it without sending it.
-	Key      secret.Key
+	// derived it for SPI.
+	Key secret.Key
+	// Salt is the 4-byte RFC 4106 salt, the key schedule's own output for
+	// SPI (assoc.SA's RxSalt and TxSalt), so both peers agree on it
+	// without sending it. Zero derives one from Key (see KeySalt), which
+	// only probes and tests rely on.
+	Salt     [SaltLen]byte
 	Lifetime Lifetime
 	// OffloadDev names the device whose NIC should do the ESP crypto
 	// (egress device for Out, ingress for In); empty means software.
@@ -159,11 +163,20 @@ func (h *Handle) validateSA(s *SA) error {
 	return s.Lifetime.validate()
 }
 
-// Salt derives the RFC 4106 salt of an SA from its key: the first four
-// bytes of AES-CMAC(key, "pspd xfrm salt" || 0x00 || SPI big-endian).
-// Both peers hold the key and the SPI, so the salt is never sent, and a
-// new key (which always comes with a new SPI) gets a new salt.
-func Salt(key secret.Key, spi uint32) ([SaltLen]byte, error) {
+// salt is the SA's RFC 4106 salt: Salt, or derived from the key when
+// Salt is zero.
+func (s *SA) salt() ([SaltLen]byte, error) {
+	if s.Salt != ([SaltLen]byte{}) {
+		return s.Salt, nil
+	}
+	return KeySalt(s.Key, s.SPI)
+}
+
+// KeySalt derives an RFC 4106 salt from an SA's key: the first four bytes
+// of AES-CMAC(key, "pspd xfrm salt" || 0x00 || SPI big-endian). pspd's own
+// SAs carry a salt of the key schedule's instead (SA.Salt), which shares
+// no input with the AES-GCM key; this is for SAs made without one.
+func KeySalt(key secret.Key, spi uint32) ([SaltLen]byte, error) {
 	var salt [SaltLen]byte
 	c, err := cmac.New(key.Bytes())
 	if err != nil {
@@ -323,6 +336,10 @@ type offloadReq struct {
 	ifindex int
 }
 
+// newSAMsgCap holds the largest NEWSA payload (about 520 bytes: IPv6,
+// a 32-byte key, an offload request).
+const newSAMsgCap = 1024
+
 // newSAMsg builds the NEWSA/UPDSA payload. The buffer is allocated once at
 // its final size so no copy of the key is left behind by append growing
 // it; sock.do wipes it after sending.
@@ -357,7 +374,7 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq, esn bool) []byte {
 	}
 
 	keyLen := s.Key.Len() + SaltLen
-	b := make([]byte, 0, 1024)
+	b := make([]byte, 0, newSAMsgCap)
 	b = append(b, structBytes(&info)...)
 
 	aead := make([]byte, nl.SizeofXfrmAlgoAEAD+keyLen)
@@ -365,7 +382,7 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq, esn bool) []byte {
 	binary.NativeEndian.PutUint32(aead[64:], uint32(keyLen*8))
 	binary.NativeEndian.PutUint32(aead[68:], ICVBits)
 	copy(aead[nl.SizeofXfrmAlgoAEAD:], s.Key.Bytes())
-	salt, err := Salt(s.Key, s.SPI)
+	salt, err := s.salt()
 	if err == nil { // validateSA checked the key length
 		copy(aead[nl.SizeofXfrmAlgoAEAD+s.Key.Len():], salt[:])
 	}

@@ -655,7 +655,7 @@ func TestVMInstallRate(t *testing.T) {
 	for i := range pairs {
 		out, in := mk(i)
 		for _, s := range []SA{in, out} {
-			salt, _ := Salt(s.Key, s.SPI)
+			salt, _ := KeySalt(s.Key, s.SPI)
 			fmt.Fprintf(&batch, "xfrm state add src %s dst %s proto esp spi %#x reqid %d mode transport flag esn replay-window %d mark 0 mask %#x aead 'rfc4106(gcm(aes))' 0x%x%x 128\n",
 				s.Src, s.Dst, s.SPI, s.ReqID, ReplayWindow, DefaultOwner().MarkMask, s.Key.Bytes(), salt[:])
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/kdf"
 	vnl "github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -249,20 +250,20 @@ func TestValidation(t *testing.T) {
 
 func TestSalt(t *testing.T) {
 	k := secret.New(bytes.Repeat([]byte{7}, 16))
-	s1, err := Salt(k, 0x100)
+	s1, err := KeySalt(k, 0x100)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s1b, _ := Salt(secret.New(bytes.Repeat([]byte{7}, 16)), 0x100)
-	s2, _ := Salt(k, 0x101)
-	s3, _ := Salt(secret.New(bytes.Repeat([]byte{8}, 16)), 0x100)
+	s1b, _ := KeySalt(secret.New(bytes.Repeat([]byte{7}, 16)), 0x100)
+	s2, _ := KeySalt(k, 0x101)
+	s3, _ := KeySalt(secret.New(bytes.Repeat([]byte{8}, 16)), 0x100)
 	if s1 != s1b {
 		t.Error("salt is not deterministic")
 	}
 	if s1 == s2 || s1 == s3 {
 		t.Error("salt does not depend on both SPI and key")
 	}
-	if _, err := Salt(secret.New(make([]byte, 5)), 1); err == nil {
+	if _, err := KeySalt(secret.New(make([]byte, 5)), 1); err == nil {
 		t.Error("salt accepted a 5-byte key")
 	}
 }
@@ -347,5 +348,52 @@ func TestAddSAReadBack(t *testing.T) {
 				t.Fatal("a key appears in a listing or log")
 			}
 		}
+	}
+}
+
+// TestNewSAMsgWipedAfterSend: the NEWSA payload carries the key and the
+// salt; it is built at its final size (append never leaves a stale copy
+// behind) and wiped once sent, whether the kernel takes it or not.
+func TestNewSAMsgWipedAfterSend(t *testing.T) {
+	h := openNS(t, newNS(t), Config{})
+	// The largest message: IPv6, the longest key, an offload request.
+	s := SA{Src: addrA6, Dst: addrB6, SPI: 0x40000100, ReqID: testReqID, Dir: In, Mode: Tunnel, Suite: kdf.AESGCM256,
+		Key: randKey(t, kdf.AESGCM256)}
+	salt, err := KeySalt(s.Key, s.SPI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := h.newSAMsg(&s, &offloadReq{ifindex: 1}, true)
+	if !bytes.Contains(msg, append(bytes.Clone(s.Key.Bytes()), salt[:]...)) {
+		t.Fatal("the message does not carry the key and salt: the test looks in the wrong place")
+	}
+	if c := cap(msg); c != newSAMsgCap {
+		t.Errorf("the message grew to %d bytes from %d: append left an unwiped copy of the key", c, newSAMsgCap)
+	}
+	err = h.sa.do(nl.XFRM_MSG_NEWSA, 0, msg, nil)
+	t.Logf("kernel: %v", err)
+	for _, c := range msg[:cap(msg)] {
+		if c != 0 {
+			t.Fatal("the sent message was not wiped")
+		}
+	}
+}
+
+// TestNewSAMsgCarriesSalt: an SA's own salt (the key schedule's) goes to
+// the kernel, not the one derived from its key.
+func TestNewSAMsgCarriesSalt(t *testing.T) {
+	h := openNS(t, newNS(t), Config{})
+	s := SA{Src: addrA6, Dst: addrB6, SPI: 0x40000100, ReqID: testReqID, Dir: In, Mode: Tunnel, Suite: kdf.AESGCM128,
+		Key: randKey(t, kdf.AESGCM128), Salt: [SaltLen]byte{1, 2, 3, 4}}
+	derived, err := KeySalt(s.Key, s.SPI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := h.newSAMsg(&s, nil, true)
+	if !bytes.Contains(msg, append(bytes.Clone(s.Key.Bytes()), s.Salt[:]...)) {
+		t.Fatal("the message does not carry the SA's salt after its key")
+	}
+	if bytes.Contains(msg, append(bytes.Clone(s.Key.Bytes()), derived[:]...)) {
+		t.Fatal("the message carries the salt derived from the key")
 	}
 }

@@ -212,7 +212,7 @@ func TestCheckIdentityErrors(t *testing.T) {
 		t.Fatalf("own key pinned: %v", err)
 	}
 
-	write("metrics: off\nidentity: " + key + "\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: " + peer.Public().String() + "\n")
+	write("metrics: off\nidentity: " + key + "\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: " + peer.Public().String() + "\n    prefixes: [10.9.0.0/16]\n")
 	out, err := run(t, "check", "--config", cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -227,6 +227,30 @@ func TestCheckIdentityErrors(t *testing.T) {
 // address); run refuses it, so check must.
 func TestCheckRefusesAFXDPOnWildcard(t *testing.T) {
 	cfg := writeConfig(t, "backend: userspace\nuserspace:\n  interface: pspdw0\n  io: af_xdp")
+	skipWithoutUserspace(t, cfg)
+	refusedByBoth(t, nstest.New(t, "pspdxdp"), cfg, "userspace.io af_xdp needs a specific listen address")
+}
+
+// TestCheckRefusesUserspacePeerWithoutPrefixes: the userspace data plane
+// routes a peer's prefixes; a peer with none would carry nothing, and
+// run refuses it, so check must.
+func TestCheckRefusesUserspacePeerWithoutPrefixes(t *testing.T) {
+	cfg := writeConfig(t, "backend: userspace\nuserspace:\n  interface: pspdn1\n  io: udp")
+	b, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfg, []byte(strings.Replace(string(b), "    prefixes: [10.9.0.0/16]\n", "", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	skipWithoutUserspace(t, cfg)
+	refusedByBoth(t, nstest.New(t, "pspdnp"), cfg, "peers[0]: peer b has no prefixes")
+}
+
+// skipWithoutUserspace skips a test of a refusal that run only reaches on
+// a host that can run the userspace data plane.
+func skipWithoutUserspace(t *testing.T, cfg string) {
+	t.Helper()
 	pc, err := policy.Load(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -236,5 +260,4 @@ func TestCheckRefusesAFXDPOnWildcard(t *testing.T) {
 			t.Skipf("no userspace data plane here (%s): run refuses earlier", a.Reason)
 		}
 	}
-	refusedByBoth(t, nstest.New(t, "pspdxdp"), cfg, "userspace.io af_xdp needs a specific listen address")
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/pspd/pspd/assoc"
+	"github.com/pspd/pspd/internal/daemon"
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/policy"
@@ -53,6 +54,7 @@ func preflight(ctx context.Context, pc *policy.Config) (*identity.Identity, offl
 	for _, p := range pc.Peers {
 		errs = append(errs, check("peer "+p.Name, p.Backend.OrDefault(pc.Backend)))
 	}
+	errs = append(errs, daemon.CheckSpecs(pc, report))
 	if used[assoc.BackendUserspace] {
 		errs = append(errs, checkTUNName(pc))
 		if pc.Userspace.IO == policy.IOAFXDP && pc.Listen.Addr().IsUnspecified() {

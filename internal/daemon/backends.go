@@ -1,7 +1,9 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -26,6 +28,56 @@ func specs(pc *policy.Config, b assoc.Backend) []offload.PeerSpec {
 		}
 	}
 	return out
+}
+
+// usable lists the backends peer pc may use under cfg on a host with
+// report, best first: those the configuration and the host allow, that
+// run (running; nil: any), and that can take the peer as configured (the
+// userspace data plane cannot take a peer without prefixes, XFRM can).
+func usable(pc policy.Peer, cfg *policy.Config, report offload.Report, running func(assoc.Backend) bool) ([]assoc.Backend, error) {
+	want, _ := assoc.ParseBackend(string(pc.Backend.OrDefault(cfg.Backend))) // auto: 0
+	cs, err := offload.Candidates(want, report)
+	if err != nil {
+		return nil, err
+	}
+	var out []assoc.Backend
+	var refused error
+	for _, b := range cs {
+		if running != nil && !running(b) {
+			continue
+		}
+		if _, err := spec(pc, cfg, b); err != nil {
+			refused = cmp.Or(refused, err)
+			continue
+		}
+		out = append(out, b)
+	}
+	switch {
+	case len(out) > 0:
+		return out, nil
+	case refused != nil:
+		return nil, refused
+	}
+	return nil, fmt.Errorf("backend %s was not started because no peer used it when pspd started; restart pspd to use it", cs[0])
+}
+
+// CheckSpecs refuses, as New would, a peer of pc that no backend it may
+// use on a host with report can take (a userspace peer without prefixes,
+// say), so that pspd check says what pspd run would. Peers no backend is
+// available for at all are the caller's to report.
+func CheckSpecs(pc *policy.Config, report offload.Report) error {
+	var errs []error
+	for i, p := range pc.Peers {
+		want, _ := assoc.ParseBackend(string(p.Backend.OrDefault(pc.Backend)))
+		if _, err := offload.Candidates(want, report); err != nil {
+			continue
+		}
+		if _, err := usable(p, pc, report, nil); err != nil {
+			f := fmt.Sprintf("peers[%d]", i)
+			errs = append(errs, &policy.FieldError{File: pc.File, Line: pc.Line(f), Field: f, Err: err})
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Probe finds out which backends this host can run for pc, best first.

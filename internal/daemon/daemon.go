@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -156,27 +157,13 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 }
 
 // candidates lists the backends a peer may use, best first, among those
-// this daemon runs.
-func (d *Daemon) candidates(pc policy.Peer, global policy.Backend) ([]assoc.Backend, error) {
-	want, _ := assoc.ParseBackend(string(pc.Backend.OrDefault(global))) // auto: 0
-	cs, err := offload.Candidates(want, d.report)
-	if err != nil {
-		return nil, err
-	}
-	var out []assoc.Backend
-	for _, b := range cs {
-		if d.backends[b] != nil {
-			out = append(out, b)
-		}
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("backend %s was not started because no peer used it when pspd started; restart pspd to use it", cs[0])
-	}
-	return out, nil
+// this daemon runs, under cfg.
+func (d *Daemon) candidates(pc policy.Peer, cfg *policy.Config) ([]assoc.Backend, error) {
+	return usable(pc, cfg, d.report, func(b assoc.Backend) bool { return d.backends[b] != nil })
 }
 
 func (d *Daemon) addPeer(pc policy.Peer) error {
-	cs, err := d.candidates(pc, d.cfg.Backend)
+	cs, err := d.candidates(pc, d.cfg)
 	if err != nil {
 		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
@@ -313,14 +300,8 @@ func (d *Daemon) reload(next *policy.Config) error {
 	// Every peer of the new file is checked, not only those that changed:
 	// a new global backend or require_encryption concerns them all.
 	for _, p := range next.Peers {
-		cs, err := d.candidates(p, next.Backend)
-		if err != nil {
+		if _, err := d.candidates(p, next); err != nil {
 			return refuse(p, err)
-		}
-		for _, b := range cs {
-			if _, err := spec(p, next, b); err != nil {
-				return refuse(p, err)
-			}
 		}
 	}
 	prev := d.cfg
@@ -338,7 +319,6 @@ func (d *Daemon) reload(next *policy.Config) error {
 		added = append(added, p.Name)
 	}
 	var errs []error
-	updated := 0
 	for _, np := range next.Peers {
 		p := d.peers[np.Name]
 		if p == nil || slices.Contains(added, np.Name) {
@@ -347,7 +327,6 @@ func (d *Daemon) reload(next *policy.Config) error {
 		if err := d.reconfigure(ctx, p, np, prev, next); err != nil {
 			errs = append(errs, fmt.Errorf("peer %s: %w", np.Name, err))
 		}
-		updated++
 	}
 	for _, p := range diff.Removed {
 		d.removePeer(p.Name, true)
@@ -365,11 +344,16 @@ func (d *Daemon) reload(next *policy.Config) error {
 // cannot.
 func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev, next *policy.Config) error {
 	old := p.cfg
-	cs, err := d.candidates(np, next.Backend)
+	if old.Endpoint == np.Endpoint && old.PublicKey == np.PublicKey && slices.Equal(old.Prefixes, np.Prefixes) &&
+		old.Backend == np.Backend && old.Suite == np.Suite &&
+		prev.Backend == next.Backend && prev.RequireEncryption == next.RequireEncryption {
+		return nil // nothing the backends or the session see changed
+	}
+	cs, err := d.candidates(np, next)
 	if err != nil {
 		return err
 	}
-	oldCs, _ := d.candidates(old, prev.Backend)
+	oldCs, _ := d.candidates(old, prev)
 	if np.PublicKey != old.PublicKey {
 		d.removePeer(np.Name, true)
 		return d.addPeer(np)
@@ -429,7 +413,14 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 	addr := d.cfg.Metrics
 	d.mu.Unlock()
 	if addr != "" {
-		mln, err := net.Listen("tcp", addr)
+		var mln net.Listener
+		var err error
+		if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+			// The API socket's rules: root and the read group only.
+			mln, err = localapi.Listen(path, localapi.NewAuthorizer(group))
+		} else {
+			mln, err = net.Listen("tcp", addr)
+		}
 		if err != nil {
 			return fmt.Errorf("metrics listener %s: %w (set metrics: off to disable)", addr, err)
 		}

@@ -14,10 +14,26 @@
 // finds no SA and drops it) rather than sent in clear until pspd is back
 // and has negotiated new SAs. Without it, the policies exist only while
 // an association does.
+//
+// A new generation replaces the old one make-before-break by traffic: the
+// old generation's SAs go as soon as the new inbound SA has counted a
+// packet (the peer has switched), at the latest after Config.RetireGrace.
+// The key exchange's own later Remove of it is then a no-op.
+//
+// Keys stay in the process only until the kernel has them: Install hands
+// the receive key to the kernel and keeps a copy of the transmit key,
+// which Activate hands over and wipes. What the backend remembers of a
+// transmit key is a fingerprint under a per-process random key, so that
+// it can refuse a transmit SPI and key it was given before.
 package backend
 
 import (
+	"cmp"
 	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -49,7 +65,19 @@ type Config struct {
 	// those that require encryption is kept through the start-up
 	// reconcile, everything else pspd left in the kernel is removed.
 	Peers []offload.PeerSpec
+	// RetireGrace bounds how long a replaced generation stays when no
+	// packet arrives on its successor; 0 means 30s.
+	RetireGrace time.Duration
 }
+
+// defaultRetireGrace is how long a replaced generation stays at most when
+// Config.RetireGrace is 0: the key exchange's default grace.
+const defaultRetireGrace = 30 * time.Second
+
+// retirePoll is how often a pending retirement reads the new inbound SA's
+// counters, and so about how long the old generation outlives the first
+// packet on the new one.
+const retirePoll = 10 * time.Millisecond
 
 // Backend programs XFRM state for pspd's peers.
 type Backend struct {
@@ -58,11 +86,25 @@ type Backend struct {
 	h       *xfrm.Handle
 	links   *vnl.Handle
 	rekey   chan identity.PublicKey
-	stop    context.CancelFunc
-	done    chan struct{}
+	grace   time.Duration
+	// ctx ends with Close: the kernel monitor and every pending
+	// retirement run under it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the monitor has stopped; nil until it runs
+	wg     sync.WaitGroup
+
+	// fpKey keys the fingerprints of sent. It is random per backend (one
+	// per pspd process) so that a fingerprint says nothing about a key
+	// outside the process.
+	fpKey secret.Key
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*peer
+	// sent holds, per peer, a fingerprint of every transmit (SPI, key)
+	// pair the backend was given, for as long as it runs: peers come and
+	// go, the record stays.
+	sent map[identity.PublicKey]map[[sha256.Size]byte]struct{}
 }
 
 type peer struct {
@@ -74,6 +116,7 @@ type peer struct {
 	policies []xfrm.Policy
 	polUp    bool
 	sas      map[saKey]*pair
+	retire   *retirement // replaced generations waiting for traffic on the newest
 }
 
 // saKey names one generation of an association.
@@ -85,6 +128,22 @@ type saKey struct {
 type pair struct {
 	in, out  xfrm.ID
 	outAdded bool
+	// tx is the backend's copy of the transmit key, from Install until
+	// Activate hands it to the kernel; it is wiped then and on every path
+	// that ends the pair, so that no key stays in the process once the
+	// kernel has it.
+	tx     secret.Key
+	txSalt [xfrm.SaltLen]byte
+	failed bool // Activate failed and wiped tx: only Remove is left
+}
+
+// retirement is the replaced generations of a peer, removed once the
+// newest generation's inbound SA has counted a packet (the peer sends
+// under it, so it no longer sends under the old ones), or after the grace.
+type retirement struct {
+	newest saKey
+	old    []saKey
+	cancel context.CancelFunc
 }
 
 var _ offload.Backend = (*Backend)(nil)
@@ -144,8 +203,11 @@ func New(ctx context.Context, cfg Config) (b *Backend, err error) {
 		h.Close()
 		return nil, fmt.Errorf("xfrm: route netlink: %w", err)
 	}
-	b = &Backend{offload: cfg.Offload, log: cfg.Logger, h: h, links: links, rekey: make(chan identity.PublicKey, 16),
-		peers: map[identity.PublicKey]*peer{}, done: make(chan struct{})}
+	if b, err = newBackend(h, links, cfg); err != nil {
+		links.Close()
+		h.Close()
+		return nil, err
+	}
 	// Policies of peers that are still configured stay, so a restart with
 	// require_encryption never opens a window in which traffic leaves in
 	// clear; stale SAs and policies of removed peers go.
@@ -167,10 +229,28 @@ func New(ctx context.Context, cfg Config) (b *Backend, err error) {
 	}
 	b.log.Info("xfrm: kernel state reconciled", "removed_sas", res.RemovedSAs, "kept_policies", res.KeptPolicies,
 		"added_policies", res.AddedPolicies, "removed_policies", res.RemovedPolicies)
-	mctx, stop := context.WithCancel(context.Background())
-	b.stop = stop
-	go b.watch(mctx)
+	b.done = make(chan struct{})
+	go b.watch(b.ctx)
 	return b, nil
+}
+
+// newBackend is the Backend on h and links before New reconciles and
+// watches the kernel.
+func newBackend(h *xfrm.Handle, links *vnl.Handle, cfg Config) (*Backend, error) {
+	if cfg.RetireGrace < 0 {
+		return nil, fmt.Errorf("xfrm: retire grace %v is negative", cfg.RetireGrace)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	fp := make([]byte, sha256.Size)
+	if _, err := rand.Read(fp); err != nil {
+		return nil, fmt.Errorf("xfrm: fingerprint key: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Backend{offload: cfg.Offload, log: cfg.Logger, h: h, links: links, rekey: make(chan identity.PublicKey, 16),
+		grace: cmp.Or(cfg.RetireGrace, defaultRetireGrace), ctx: ctx, cancel: cancel, fpKey: secret.Own(fp),
+		peers: map[identity.PublicKey]*peer{}, sent: map[identity.PublicKey]map[[sha256.Size]byte]struct{}{}}, nil
 }
 
 // Control exempts pspd's control socket from the policies this backend
@@ -421,6 +501,10 @@ func (b *Backend) RemovePeer(ctx context.Context, key identity.PublicKey) error 
 		return nil
 	}
 	delete(b.peers, key)
+	if pr.retire != nil {
+		pr.retire.cancel()
+		pr.retire = nil
+	}
 	var errs []error
 	for _, sp := range pr.sas {
 		errs = append(errs, b.deletePair(ctx, sp))
@@ -429,17 +513,20 @@ func (b *Backend) RemovePeer(ctx context.Context, key identity.PublicKey) error 
 	return errors.Join(errs...)
 }
 
-func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir) xfrm.SA {
+// sa is the kernel SA of one direction of a generation, under key and
+// salt.
+func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir, key secret.Key, salt [xfrm.SaltLen]byte) xfrm.SA {
 	l := pr.cfg.Limits
 	s := xfrm.SA{ReqID: pr.reqid, Dir: dir, Mode: pr.mode, Suite: sa.Suite, OffloadDev: pr.dev, Lifetime: xfrm.Lifetime{
 		SoftPackets: l.SoftPackets, HardPackets: l.HardPackets, Soft: l.SoftLifetime, Hard: l.HardLifetime,
 	}}
 	remote := pr.cfg.Endpoint.Addr().Unmap()
 	if dir == xfrm.In {
-		s.Src, s.Dst, s.SPI, s.Key = remote, pr.local, uint32(sa.RxSPI), sa.RxKey
+		s.Src, s.Dst, s.SPI = remote, pr.local, uint32(sa.RxSPI)
 	} else {
-		s.Src, s.Dst, s.SPI, s.Key = pr.local, remote, uint32(sa.TxSPI), sa.TxKey
+		s.Src, s.Dst, s.SPI = pr.local, remote, uint32(sa.TxSPI)
 	}
+	s.Key, s.Salt = key, salt
 	if b.offload == xfrm.OffloadNone {
 		s.OffloadDev = ""
 	}
@@ -454,9 +541,17 @@ func (b *Backend) peer(sa *assoc.SA) (*peer, error) {
 	return pr, nil
 }
 
-// Install adds the inbound SA. The outbound one waits for Activate: the
-// kernel sends under the newest SA matching a policy's template, so adding
-// it is what switches traffic.
+// Install adds the inbound SA and keeps a copy of the transmit key for
+// Activate. The outbound SA waits for Activate: the kernel sends under the
+// newest SA matching a policy's template, so adding it is what switches
+// traffic.
+//
+// A transmit (SPI, key) pair the backend was given before for the peer is
+// refused, before anything reaches the kernel: an ESP nonce is the salt,
+// fixed by SPI and key, and a sequence number that starts at 1 with every
+// SA, so a second SA under the same pair would repeat every nonce of the
+// first. The key exchange never derives the same pair twice; this keeps it
+// so whatever a peer sends.
 func (b *Backend) Install(ctx context.Context, sa *assoc.SA) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -468,17 +563,64 @@ func (b *Backend) Install(ctx context.Context, sa *assoc.SA) error {
 	if pr.sas[k] != nil {
 		return fmt.Errorf("xfrm: peer %s: association %d generation %d installed twice", pr.cfg.Name, sa.ID, sa.Generation)
 	}
-	in := b.sa(pr, sa, xfrm.In)
-	if _, err := b.h.AddSA(ctx, &in); err != nil {
+	if n := sa.Suite.KeyLen(); n == 0 || sa.TxKey.Len() != n || sa.RxKey.Len() != n {
+		return fmt.Errorf("xfrm: peer %s: %s with keys of %d and %d bytes: suite %s needs %d", pr.cfg.Name, sa, sa.RxKey.Len(), sa.TxKey.Len(), sa.Suite, n)
+	}
+	var none [assoc.SaltLen]byte
+	if sa.RxSalt == none || sa.TxSalt == none {
+		return fmt.Errorf("xfrm: peer %s: %s carries no ESP salts (a key exchange that does not derive them)", pr.cfg.Name, sa)
+	}
+	if err := b.claimTx(pr, sa); err != nil {
+		return err
+	}
+	in := b.sa(pr, sa, xfrm.In, sa.RxKey, sa.RxSalt)
+	_, err = b.h.AddSA(ctx, &in)
+	clear(in.Salt[:])
+	if err != nil {
 		return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
 	}
-	out := b.sa(pr, sa, xfrm.Out)
-	pr.sas[k] = &pair{in: in.ID(), out: out.ID()}
+	out := b.sa(pr, sa, xfrm.Out, secret.Key{}, none)
+	pr.sas[k] = &pair{in: in.ID(), out: out.ID(), tx: sa.TxKey.Clone(), txSalt: sa.TxSalt}
 	return nil
 }
 
-// Activate adds the outbound SA, and the peer's policies if they are not
-// in place yet.
+// claimTx records sa's transmit pair for the peer, or refuses it if it is
+// there already. A pair is recorded before the kernel sees it, so one
+// whose install failed is refused too: the key exchange never offers a
+// pair again, only a peer replaying an SPI would.
+func (b *Backend) claimTx(pr *peer, sa *assoc.SA) error {
+	fp := b.fingerprint(sa.TxSPI, sa.TxKey)
+	seen := b.sent[sa.Peer]
+	if seen == nil {
+		seen = map[[sha256.Size]byte]struct{}{}
+		b.sent[sa.Peer] = seen
+	}
+	if _, dup := seen[fp]; dup {
+		return fmt.Errorf("xfrm: peer %s: refusing %s: its transmit SPI and key were installed before, and sending under them again would repeat AES-GCM nonces (the peer offered an SPI a second time)", pr.cfg.Name, sa)
+	}
+	seen[fp] = struct{}{}
+	return nil
+}
+
+// fingerprint is HMAC-SHA256 under fpKey of spi || key length || key,
+// zero-padded to one SHA-256 block: a whole block is compressed straight
+// from buf, so the hash never keeps a copy of the key in its own buffer.
+func (b *Backend) fingerprint(spi assoc.SPI, key secret.Key) [sha256.Size]byte {
+	var buf [sha256.BlockSize]byte
+	binary.BigEndian.PutUint32(buf[:4], uint32(spi))
+	buf[4] = byte(key.Len())
+	copy(buf[5:], key.Bytes()) // Install checked the length against the suite: at most 32 bytes
+	m := hmac.New(sha256.New, b.fpKey.Bytes())
+	m.Write(buf[:])
+	secret.Zero(buf[:])
+	var fp [sha256.Size]byte
+	m.Sum(fp[:0])
+	return fp
+}
+
+// Activate adds the outbound SA under the key Install kept, wipes that
+// copy, adds the peer's policies if they are not in place yet, and starts
+// retiring the generations this one replaces.
 func (b *Backend) Activate(ctx context.Context, sa *assoc.SA) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -486,30 +628,117 @@ func (b *Backend) Activate(ctx context.Context, sa *assoc.SA) error {
 	if err != nil {
 		return err
 	}
-	p := pr.sas[saKey{sa.ID, sa.Generation}]
+	k := saKey{sa.ID, sa.Generation}
+	p := pr.sas[k]
 	if p == nil {
 		return fmt.Errorf("xfrm: peer %s: activate association %d generation %d that is not installed", pr.cfg.Name, sa.ID, sa.Generation)
 	}
 	if p.outAdded {
 		return nil
 	}
-	out := b.sa(pr, sa, xfrm.Out)
-	if _, err := b.h.AddSA(ctx, &out); err != nil {
+	if p.failed {
+		return fmt.Errorf("xfrm: peer %s: association %d generation %d failed to activate before; remove it", pr.cfg.Name, sa.ID, sa.Generation)
+	}
+	out := b.sa(pr, sa, xfrm.Out, p.tx, p.txSalt)
+	_, err = b.h.AddSA(ctx, &out)
+	p.tx.Wipe()
+	p.tx = secret.Key{}
+	clear(p.txSalt[:])
+	clear(out.Salt[:])
+	if err != nil {
+		p.failed = true
 		return fmt.Errorf("xfrm: peer %s: %w", pr.cfg.Name, err)
 	}
 	p.outAdded = true
 	if !pr.polUp {
 		if err := b.addPolicies(ctx, pr, pr.policies); err != nil {
 			b.h.DeleteSA(ctx, out.ID())
-			p.outAdded = false
+			p.outAdded, p.failed = false, true
 			return err
 		}
 	}
+	b.retireOld(pr, k, p)
 	return nil
 }
 
+// retireOld starts retiring every generation of the peer that was
+// activated before k. A retirement still pending for an older generation
+// is folded into this one: k is now the one whose traffic counts.
+func (b *Backend) retireOld(pr *peer, k saKey, p *pair) {
+	if pr.retire != nil {
+		pr.retire.cancel()
+		pr.retire = nil
+	}
+	var old []saKey
+	for ok, op := range pr.sas {
+		if ok != k && op.outAdded {
+			old = append(old, ok)
+		}
+	}
+	if len(old) == 0 {
+		return
+	}
+	ctx, cancel := context.WithCancel(b.ctx)
+	r := &retirement{newest: k, old: old, cancel: cancel}
+	pr.retire = r
+	b.wg.Add(1)
+	go b.retireAfterTraffic(ctx, pr, pr.cfg.Name, r, p.in)
+}
+
+// retireAfterTraffic removes r's old generations once newIn has counted a
+// packet, or after the grace. Whoever cancels ctx (a newer activation,
+// Remove of the newest generation, RemovePeer, Close) does so under b.mu
+// and owns the old SAs from then on.
+func (b *Backend) retireAfterTraffic(ctx context.Context, pr *peer, name string, r *retirement, newIn xfrm.ID) {
+	defer b.wg.Done()
+	defer r.cancel()
+	start := time.Now()
+	used, err := b.h.WaitUsed(ctx, newIn, b.grace, retirePoll)
+	if err != nil && ctx.Err() == nil {
+		// No counters, no telling whether the peer switched: keep the old
+		// generation for the whole grace.
+		b.log.Warn("xfrm: cannot read the new inbound SA's counters; removing the replaced generation after the grace", "peer", name, "err", err)
+		t := time.NewTimer(b.grace - time.Since(start))
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if ctx.Err() != nil {
+		return
+	}
+	pr.retire = nil
+	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var gens []uint32
+	for _, k := range r.old {
+		p := pr.sas[k]
+		if p == nil {
+			continue // the key exchange removed it already
+		}
+		delete(pr.sas, k)
+		if err := b.deletePair(dctx, p); err != nil {
+			b.log.Warn("xfrm: remove replaced generation", "peer", pr.cfg.Name, "assoc", k.assoc, "gen", k.gen, "err", err)
+		}
+		gens = append(gens, k.gen)
+	}
+	if len(gens) == 0 {
+		return
+	}
+	why := "grace passed without a packet on the new SA"
+	if used {
+		why = "the peer sends on the new SA"
+	}
+	b.log.Info("xfrm: replaced generation removed", "peer", pr.cfg.Name, "gens", gens, "new_gen", r.newest.gen,
+		"why", why, "after", time.Since(start).Round(time.Millisecond))
+}
+
 // Remove deletes a generation's SAs, and the policies with the last one
-// unless encryption is required.
+// unless encryption is required. A generation retired already is not
+// there any more: removing it is a no-op.
 func (b *Backend) Remove(ctx context.Context, sa *assoc.SA) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -523,6 +752,13 @@ func (b *Backend) Remove(ctx context.Context, sa *assoc.SA) error {
 		return nil
 	}
 	delete(pr.sas, k)
+	if r := pr.retire; r != nil && (r.newest == k || !slices.ContainsFunc(r.old, func(o saKey) bool { return pr.sas[o] != nil })) {
+		// Without the newest generation there is no traffic to wait for
+		// (the older ones carry the peer again until the key exchange
+		// removes them), and without old ones nothing to retire.
+		r.cancel()
+		pr.retire = nil
+	}
 	err := b.deletePair(ctx, p)
 	if len(pr.sas) == 0 && pr.polUp && !pr.cfg.RequireEncryption {
 		b.dropPolicies(ctx, pr)
@@ -530,7 +766,27 @@ func (b *Backend) Remove(ctx context.Context, sa *assoc.SA) error {
 	return err
 }
 
+// heldKeys lists the SA keys the backend holds: only transmit keys between
+// Install and Activate.
+func (b *Backend) heldKeys() []secret.Key {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var ks []secret.Key
+	for _, pr := range b.peers {
+		for _, p := range pr.sas {
+			if p.tx.Len() > 0 {
+				ks = append(ks, p.tx)
+			}
+		}
+	}
+	return ks
+}
+
+// deletePair takes a pair out of the kernel and wipes what it held.
 func (b *Backend) deletePair(ctx context.Context, p *pair) error {
+	p.tx.Wipe()
+	p.tx = secret.Key{}
+	clear(p.txSalt[:])
 	var errs []error
 	if p.outAdded {
 		errs = append(errs, b.h.DeleteSA(ctx, p.out))
@@ -600,10 +856,11 @@ func (b *Backend) Drops() map[string]uint64 {
 // require encryption. The policies of those that do stay, so that their
 // traffic is held back until the next start.
 func (b *Backend) Close() error {
-	if b.stop != nil {
-		b.stop()
+	b.cancel()
+	if b.done != nil {
 		<-b.done
 	}
+	b.wg.Wait() // pending retirements see the cancel and leave their SAs to this
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	b.mu.Lock()
@@ -625,6 +882,7 @@ func (b *Backend) Close() error {
 	}
 	b.peers = map[identity.PublicKey]*peer{}
 	b.mu.Unlock()
+	b.fpKey.Wipe()
 	if kept > 0 {
 		b.log.Info("xfrm: policies kept in the kernel so that traffic to peers that require encryption is held back until pspd is back", "peers", kept)
 	}

@@ -2,12 +2,14 @@ package backend
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,6 +17,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/internal/logscan"
 	"github.com/pspd/pspd/internal/nstest"
 	"github.com/pspd/pspd/internal/secret"
@@ -39,6 +42,9 @@ type host struct {
 	kp     *keyexchange.Peer
 	logs   bytes.Buffer
 	tap    *keyTap
+	// kxGrace is the key exchange's grace for an old generation (2s
+	// unless set); retireGrace the backend's (its default unless set).
+	kxGrace, retireGrace time.Duration
 }
 
 // keyTap keeps a copy of every key the key exchange hands the backend, so
@@ -109,7 +115,7 @@ func (h *host) start(t *testing.T, peer *host, require bool) {
 	h.spec = pp
 	ctx := context.Background()
 	var err error
-	if h.b, err = New(ctx, Config{Offload: xfrm.OffloadNone, Logger: log, NetNS: h.ns, Peers: []offload.PeerSpec{pp}}); err != nil {
+	if h.b, err = New(ctx, Config{Offload: xfrm.OffloadNone, Logger: log, NetNS: h.ns, Peers: []offload.PeerSpec{pp}, RetireGrace: h.retireGrace}); err != nil {
 		t.Fatal(err)
 	}
 	if err := h.b.AddPeer(ctx, pp); err != nil {
@@ -126,7 +132,7 @@ func (h *host) start(t *testing.T, peer *host, require bool) {
 		t.Fatal(err)
 	}
 	if h.kp, err = h.ep.AddPeer(keyexchange.PeerConfig{Key: pp.Key, Addr: pp.Endpoint, Backend: wire.BackendXFRM,
-		Suite: kdf.AESGCM256, RekeyInterval: time.Hour, Grace: 2 * time.Second}); err != nil {
+		Suite: kdf.AESGCM256, RekeyInterval: time.Hour, Grace: cmp.Or(h.kxGrace, 2*time.Second)}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -315,4 +321,326 @@ func TestVMRequireEncryptionOutlivesCrash(t *testing.T) {
 	}
 	a.stop()
 	b.stop()
+}
+
+// settle waits until a's and b's current generations are the two halves
+// of one SA pair (the first sessions of two hosts that dial each other at
+// once may replace each other) and returns them.
+func settle(t *testing.T, a, b *host) (keyexchange.SA, keyexchange.SA) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for {
+		sa, _ := a.kp.Current()
+		sb, _ := b.kp.Current()
+		if sa.RxSPI == sb.TxSPI && sa.TxSPI == sb.RxSPI && sa.Generation == sb.Generation {
+			return sa, sb
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("a (%v) and b (%v) never settled on one generation", &sa, &sb)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// hasSA reports whether h's kernel holds an SA with spi towards dst.
+func hasSA(t *testing.T, h *host, dst netip.Addr, spi kdf.SPI) bool {
+	t.Helper()
+	sas, err := h.b.h.ListSAs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range sas {
+		if s.Dst == dst && s.SPI == uint32(spi) {
+			return true
+		}
+	}
+	return false
+}
+
+// waitGone polls h's kernel until the SA dst/spi is gone and returns when
+// that was seen, or fails after limit.
+func waitGone(t *testing.T, h *host, dst netip.Addr, spi kdf.SPI, limit time.Duration) time.Time {
+	t.Helper()
+	end := time.Now().Add(limit)
+	for time.Now().Before(end) {
+		if !hasSA(t, h, dst, spi) {
+			return time.Now()
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatalf("SA %s/%s still installed after %v\n%s", dst, spi, limit, h.logs.String())
+	return time.Time{}
+}
+
+// TestVMRetireOnTraffic: after a rekey the old generation goes as soon as
+// the new inbound SA has decrypted a packet, long before any grace; a side
+// that sees no packet on its new SA removes the old one after the
+// backend's grace. The key exchange's later Remove of the retired
+// generation is a no-op, and Remove of the current one still works.
+func TestVMRetireOnTraffic(t *testing.T) {
+	needVM(t)
+	const grace = 3 * time.Second
+	a, b := newHost(t, "10.79.2.1"), newHost(t, "10.79.2.2")
+	link(t, a, b)
+	for _, h := range []*host{a, b} {
+		// The key exchange would remove the old generation only after
+		// two minutes: anything earlier is the backend's doing.
+		h.kxGrace, h.retireGrace = 2*time.Minute, grace
+	}
+	a.start(t, b, false)
+	b.start(t, a, false)
+	waitUp(t, a, b)
+	ctx := context.Background()
+	oldA, oldB := settle(t, a, b)
+	next, err := a.kp.Rekey(ctx)
+	if err != nil {
+		t.Fatalf("rekey: %v", err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := b.kp.WaitGeneration(wctx, next.Generation); err != nil {
+		t.Fatal(err)
+	}
+	activatedB := time.Now() // B activated the new generation before committing it
+	// No packet has been sent under the new generation: both sides still
+	// hold the old one.
+	if !hasSA(t, a, a.addr, oldA.RxSPI) || !hasSA(t, b, b.addr, oldB.RxSPI) {
+		t.Fatal("an old inbound SA went before any packet on the new one and before the grace")
+	}
+
+	// A receives, and never answers: B's new inbound SA sees nothing.
+	var ln net.PacketConn
+	nstest.Do(t, a.ns, func() { ln, err = net.ListenPacket("udp4", netip.AddrPortFrom(a.addr, 7001).String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var c net.Conn
+	nstest.Do(t, b.ns, func() { c, err = net.Dial("udp4", netip.AddrPortFrom(a.addr, 7001).String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sent := time.Now()
+	if _, err := c.Write([]byte("first packet on the new SA")); err != nil {
+		t.Fatal(err)
+	}
+	gone := waitGone(t, a, a.addr, oldA.RxSPI, grace/2)
+	t.Logf("A: old inbound SA removed %v after the first packet on the new one", gone.Sub(sent).Round(time.Millisecond))
+	if hasSA(t, a, b.addr, oldA.TxSPI) {
+		t.Error("A removed the old inbound SA but kept the old outbound one")
+	}
+	ln.SetReadDeadline(time.Now().Add(time.Second))
+	if _, _, err := ln.ReadFrom(make([]byte, 64)); err != nil {
+		t.Errorf("the packet on the new SA was not delivered: %v", err)
+	}
+
+	// B saw no packet on its new SA: its old generation goes at the grace.
+	goneB := waitGone(t, b, b.addr, oldB.RxSPI, grace+2*time.Second)
+	t.Logf("B: old inbound SA removed %v after activation without traffic (grace %v)", goneB.Sub(activatedB).Round(time.Millisecond), grace)
+	if d := goneB.Sub(activatedB); d < grace-500*time.Millisecond {
+		t.Errorf("B removed its old generation %v after activation, before the grace of %v", d, grace)
+	}
+	if hasSA(t, b, a.addr, oldB.TxSPI) {
+		t.Error("B removed the old inbound SA but kept the old outbound one")
+	}
+
+	// The key exchange's own Remove of the retired generation comes later
+	// and must change nothing.
+	if err := a.b.Remove(ctx, &oldA); err != nil {
+		t.Errorf("Remove of a retired generation: %v", err)
+	}
+	if err := echo(t, a, b, []byte("still up")); err != nil {
+		t.Fatalf("TCP on the new generation after the old one was retired: %v", err)
+	}
+	// Remove of the current generation still takes its SAs out.
+	cur, _ := a.kp.Current()
+	if err := a.b.Remove(ctx, &cur); err != nil {
+		t.Fatal(err)
+	}
+	if hasSA(t, a, a.addr, cur.RxSPI) || hasSA(t, a, b.addr, cur.TxSPI) {
+		t.Error("Remove of the current generation left its SAs")
+	}
+	a.stop()
+	b.stop()
+}
+
+// TestVMRetireCancelledByClose: a retirement still waiting for traffic
+// does not hold Close up, and leaves nothing behind.
+func TestVMRetireCancelledByClose(t *testing.T) {
+	needVM(t)
+	a, b := newHost(t, "10.79.3.1"), newHost(t, "10.79.3.2")
+	link(t, a, b)
+	for _, h := range []*host{a, b} {
+		h.kxGrace, h.retireGrace = 2*time.Minute, time.Minute
+	}
+	a.start(t, b, false)
+	b.start(t, a, false)
+	waitUp(t, a, b)
+	settle(t, a, b)
+	next, err := a.kp.Rekey(context.Background())
+	if err != nil {
+		t.Fatalf("rekey: %v", err)
+	}
+	wctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := b.kp.WaitGeneration(wctx, next.Generation); err != nil {
+		t.Fatal(err)
+	}
+	// Both sides now wait for traffic on the new generation. The backends
+	// go first, before the key exchange removes anything: A's by Close,
+	// B's peer by RemovePeer.
+	start := time.Now()
+	if err := a.b.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if err := b.b.RemovePeer(context.Background(), b.spec.Key); err != nil {
+		t.Errorf("RemovePeer: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Close and RemovePeer took %v with retirements pending", d)
+	}
+	a.kp.Close()
+	a.ep.Close()
+	b.stop()
+	for _, h := range []*host{a, b} {
+		hd, err := xfrm.Open(xfrm.Config{NetNS: h.ns})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sas, _ := hd.ListSAs(context.Background())
+		hd.Close()
+		if len(sas) != 0 {
+			t.Errorf("SAs left after stop: %+v", sas)
+		}
+	}
+}
+
+// backendTo starts only h's backend, with peer as its one peer: the test
+// drives Install, Activate and Remove itself, as the key exchange would.
+func backendTo(t *testing.T, h, peer *host) *assoc.SA {
+	t.Helper()
+	log := slog.New(slog.NewTextHandler(&h.logs, nil))
+	spec := offload.PeerSpec{Name: "peer", Key: peer.id.Public(), Endpoint: netip.AddrPortFrom(peer.addr, 6082), Local: h.addr,
+		Prefixes: []netip.Prefix{netip.PrefixFrom(peer.addr, 32)}, Suite: assoc.AESGCM128}
+	var err error
+	if h.b, err = New(context.Background(), Config{Offload: xfrm.OffloadNone, Logger: log, NetNS: h.ns}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.b.Close() })
+	if err := h.b.AddPeer(context.Background(), spec); err != nil {
+		t.Fatal(err)
+	}
+	return &assoc.SA{Peer: spec.Key, ID: 7, Backend: assoc.BackendXFRM, Suite: assoc.AESGCM128, Generation: 1,
+		RxSPI: 0x100, TxSPI: 0x40000100, RxKey: randKey(t, 16), TxKey: randKey(t, 16), RxSalt: [4]byte{1}, TxSalt: [4]byte{2}}
+}
+
+// TestVMRefusesRepeatedTxPair: once a generation was installed, activated
+// and removed, a later generation under the same transmit SPI and key
+// (which the kernel would take: the SPI is free again) is refused, and
+// nothing of it is installed.
+func TestVMRefusesRepeatedTxPair(t *testing.T) {
+	needVM(t)
+	a, b := newHost(t, "10.79.4.1"), newHost(t, "10.79.4.2")
+	link(t, a, b)
+	sa := backendTo(t, a, b)
+	ctx := context.Background()
+	if err := a.b.Install(ctx, sa); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.b.Activate(ctx, sa); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.b.Remove(ctx, sa); err != nil {
+		t.Fatal(err)
+	}
+	again := *sa
+	again.Generation, again.RxSPI, again.RxKey, again.TxKey = 2, 0x101, randKey(t, 16), sa.TxKey.Clone()
+	err := a.b.Install(ctx, &again)
+	if err == nil || !strings.Contains(err.Error(), "installed before") {
+		t.Fatalf("install of a repeated transmit pair: %v, want it refused", err)
+	}
+	if hasSA(t, a, a.addr, again.RxSPI) || hasSA(t, a, b.addr, again.TxSPI) {
+		t.Error("the refused generation left SAs in the kernel")
+	}
+	fresh := again
+	fresh.Generation, fresh.RxSPI, fresh.RxKey, fresh.TxKey = 3, 0x102, randKey(t, 16), randKey(t, 16)
+	if err := a.b.Install(ctx, &fresh); err != nil {
+		t.Errorf("a new key under the same SPI: %v", err)
+	}
+}
+
+// TestVMKeysWipedOnceInKernel: the backend holds a copy of the transmit
+// key only between Install and Activate; Activate, a failed Activate and
+// Remove wipe it, and the caller's keys are the caller's to wipe.
+func TestVMKeysWipedOnceInKernel(t *testing.T) {
+	needVM(t)
+	a, b := newHost(t, "10.79.5.1"), newHost(t, "10.79.5.2")
+	link(t, a, b)
+	sa := backendTo(t, a, b)
+	ctx := context.Background()
+	held := func(want int) []secret.Key {
+		t.Helper()
+		ks := a.b.heldKeys()
+		if len(ks) != want {
+			t.Fatalf("backend holds %d keys, want %d", len(ks), want)
+		}
+		return ks
+	}
+	if err := a.b.Install(ctx, sa); err != nil {
+		t.Fatal(err)
+	}
+	k := held(1)[0]
+	if !k.Equal(sa.TxKey) {
+		t.Fatal("the held key is not the transmit key")
+	}
+	if err := a.b.Activate(ctx, sa); err != nil {
+		t.Fatal(err)
+	}
+	held(0)
+	if !k.IsZero() {
+		t.Error("Activate dropped the transmit key copy without wiping it")
+	}
+	if sa.TxKey.IsZero() || sa.RxKey.IsZero() {
+		t.Error("the backend wiped the caller's keys")
+	}
+
+	// Removed before Activate.
+	g2 := *sa
+	g2.Generation, g2.RxSPI, g2.TxSPI, g2.RxKey, g2.TxKey = 2, 0x101, 0x40000101, randKey(t, 16), randKey(t, 16)
+	if err := a.b.Install(ctx, &g2); err != nil {
+		t.Fatal(err)
+	}
+	k = held(1)[0]
+	if err := a.b.Remove(ctx, &g2); err != nil {
+		t.Fatal(err)
+	}
+	held(0)
+	if !k.IsZero() {
+		t.Error("Remove before Activate left the transmit key copy")
+	}
+
+	// A failed Activate: the outbound SPI is taken by generation 1's SA.
+	g3 := *sa
+	g3.Generation, g3.RxSPI, g3.RxKey, g3.TxKey = 3, 0x102, randKey(t, 16), randKey(t, 16)
+	if err := a.b.Install(ctx, &g3); err != nil {
+		t.Fatal(err)
+	}
+	k = held(1)[0]
+	if err := a.b.Activate(ctx, &g3); err == nil {
+		t.Fatal("Activate under an SPI in use succeeded")
+	}
+	held(0)
+	if !k.IsZero() {
+		t.Error("a failed Activate left the transmit key copy")
+	}
+	if err := a.b.Activate(ctx, &g3); err == nil || !strings.Contains(err.Error(), "remove it") {
+		t.Errorf("second Activate after a failure: %v", err)
+	}
+	if err := a.b.Remove(ctx, &g3); err != nil {
+		t.Fatal(err)
+	}
+	logscan.AssertNoKeys(t, a.logs.Bytes(), sa.RxKey, sa.TxKey, g2.RxKey, g2.TxKey, g3.RxKey, g3.TxKey)
 }

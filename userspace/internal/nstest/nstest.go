@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -124,6 +125,30 @@ func Veth(t testing.TB, a, b *NS, addrA, addrB netip.Prefix) (string, string) {
 	})
 	Addr(t, a, na, addrA)
 	Addr(t, b, nb, addrB)
+	// Until the kernel's link watcher has activated a device (up to a
+	// second later on a busy host), its queue discards what is sent, the
+	// first ARP request included; the next one goes a second later, and a
+	// burst sent meanwhile mostly dies in the unresolved-neighbour queue.
+	// Its operational state turns up at the same moment.
+	for _, end := range []struct {
+		ns   *NS
+		name string
+	}{{a, na}, {b, nb}} {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			l, err := end.ns.Netlink.LinkByName(end.name)
+			if err != nil {
+				t.Fatalf("find %s: %v", end.name, err)
+			}
+			if l.Attrs().OperState == netlink.OperUp {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still %v after 5 s", end.name, l.Attrs().OperState)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	return na, nb
 }
 

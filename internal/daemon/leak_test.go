@@ -1,0 +1,131 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/common/expfmt"
+
+	"github.com/pspd/pspd/internal/logscan"
+	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/localapi/client"
+)
+
+// TestNoKeysAnywhere runs a pair through bring-up and two rotations and
+// looks for every key either daemon installed, in every encoding logscan
+// knows, in everything an operator can read: the logs, what pspctl prints
+// as JSON (status, peers, associations), /metrics, and the event stream.
+func TestNoKeysAnywhere(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a))
+	ca, cb := client.New(a.sock), client.New(b.sock)
+	waitAssoc(t, ca, 1)
+
+	var events bytes.Buffer
+	var emu sync.Mutex
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ca.Events(ctx, func(e localapi.Event) error {
+			emu.Lock()
+			defer emu.Unlock()
+			return json.NewEncoder(&events).Encode(e)
+		})
+	}()
+	time.Sleep(100 * time.Millisecond) // subscribed
+	for range 2 {
+		if _, err := cb.Rotate(context.Background(), localapi.RotateRequest{All: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitAssoc(t, ca, 3)
+	time.Sleep(100 * time.Millisecond)
+	cancel()
+	<-done
+
+	var out bytes.Buffer
+	for _, c := range []*client.Client{ca, cb} {
+		st, _ := c.Status(context.Background())
+		ps, _ := c.Peers(context.Background())
+		as, _ := c.Assocs(context.Background())
+		json.NewEncoder(&out).Encode([]any{st, ps, as})
+	}
+	for _, h := range []*host{a, b} {
+		mfs, err := h.d.metrics.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		enc := expfmt.NewEncoder(&out, expfmt.NewFormat(expfmt.TypeTextPlain))
+		for _, mf := range mfs {
+			if err := enc.Encode(mf); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	keys := append(a.rec.Keys(), b.rec.Keys()...)
+	if len(keys) < 12 {
+		t.Fatalf("the backends were given %d keys, want those of 3 generations on both sides", len(keys))
+	}
+	emu.Lock()
+	if events.Len() == 0 {
+		t.Error("the event stream carried nothing across two rotations")
+	}
+	logscan.AssertNoKeys(t, events.Bytes(), keys...)
+	emu.Unlock()
+	logscan.AssertNoKeys(t, out.Bytes(), keys...)
+	logscan.AssertNoKeys(t, a.logs.Bytes(), keys...)
+	logscan.AssertNoKeys(t, b.logs.Bytes(), keys...)
+}
+
+// TestMetricsOnUnixSocket: metrics: unix:PATH serves /metrics on a unix
+// socket with the API socket's permissions instead of on loopback, where
+// any local user could read peer names and traffic.
+func TestMetricsOnUnixSocket(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a := newHost(t, "a")
+	sock := filepath.Join(a.dir, "metrics.sock")
+	pc := a.config(t, "")
+	pc.Metrics = "unix:" + sock
+	a.start(t, pc)
+	var st os.FileInfo
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if st, err = os.Stat(sock); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode()&0o077 != 0 {
+		t.Errorf("metrics socket mode %v: others may read it", st.Mode())
+	}
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	resp, err := hc.Get("http://pspd/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || !bytes.Contains(body, []byte("pspd_handshakes_total")) {
+		t.Fatalf("GET /metrics on the unix socket: %d %.200s", resp.StatusCode, body)
+	}
+}
