@@ -130,6 +130,8 @@ func (d *Daemon) watch(ctx context.Context, p *peer, kx *keyexchange.Peer) {
 		}
 		if have && sess != nil && sess == lastSess && sa.ID == last.ID && sa.Generation > last.Generation {
 			ev.Kind, ev.Reason = localapi.EventRekey, p.hist.rekeyed(now, d.cfg.RekeyInterval)
+		} else {
+			p.hist.pending = nil // rekeys asked of the previous session are moot
 		}
 		p.hist.lastHandshake = now
 		d.mu.Unlock()
