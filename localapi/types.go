@@ -76,14 +76,17 @@ type Peer struct {
 }
 
 // Counters count the traffic of SAs: the ones in place now and every
-// one removed before (rekeyed, or gone with a session), so they never go
-// back while pspd runs.
+// one removed before (rekeyed, or gone with a session), so the byte and
+// packet counts never go back while pspd runs.
 type Counters struct {
 	BytesIn    uint64 `json:"bytes_in"`
 	BytesOut   uint64 `json:"bytes_out"`
 	PacketsIn  uint64 `json:"packets_in"`
 	PacketsOut uint64 `json:"packets_out"`
-	Drops      uint64 `json:"drops"`
+	// Drops is the data plane's own count for the current generation:
+	// XFRM counts per SA (it restarts at a rekey), the userspace data
+	// plane per peer.
+	Drops uint64 `json:"drops"`
 }
 
 // Assoc is one association: an SA pair on one backend.

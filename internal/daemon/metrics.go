@@ -31,7 +31,7 @@ var (
 	descRekeys     = prometheus.NewDesc("pspd_rekeys_total", "Completed rekeys by peer and reason (timer, budget, operator, peer).", []string{"peer", "reason"}, nil)
 	descBytes      = prometheus.NewDesc("pspd_bytes_total", "Bytes through the peer's associations, over every generation since pspd started.", []string{"peer", "direction"}, nil)
 	descPkts       = prometheus.NewDesc("pspd_packets_total", "Packets through the peer's associations, over every generation since pspd started.", []string{"peer", "direction"}, nil)
-	descPeerDrops  = prometheus.NewDesc("pspd_peer_drops_total", "Packets of the peer's associations the data plane dropped, over every generation.", []string{"peer"}, nil)
+	descPeerDrops  = prometheus.NewDesc("pspd_peer_drops_total", "Packets of the peer the data plane dropped, as it counts them: per SA for xfrm (restarting at each rekey), per peer for userspace.", []string{"peer"}, nil)
 	descHands      = prometheus.NewDesc("pspd_handshakes_total", "Key-exchange handshakes by result.", []string{"result"}, nil)
 	descGroups     = prometheus.NewDesc("pspd_handshake_groups_total", "Key-exchange handshakes that came up, by TLS key exchange group (SecP256r1MLKEM768: hybrid post-quantum).", []string{"group"}, nil)
 	descDrops      = prometheus.NewDesc("pspd_drops_total", "Packets dropped by the data plane, by backend and reason (one set of reason names for every backend).", []string{"backend", "reason"}, nil)
