@@ -89,7 +89,8 @@ func (r *recorder) count(kind localapi.EventKind) int {
 
 // TestEventsAndReasons: a rekey an operator asks for is a rekey for
 // reason operator on that side and peer on the other, with its
-// generation and SPIs as fields; a restart of the peer's pspd is
+// generation and SPIs as fields; one the data plane asks for has reason
+// budget; a restart of the peer's pspd is
 // peer-down, assoc-down (for the generation in use only), peer-restarted,
 // peer-up and assoc-up, never a rekey; the
 // metrics count rekeys by reason and show the peer's state.
@@ -123,8 +124,17 @@ func TestEventsAndReasons(t *testing.T) {
 	if ev := rb.wait(t, "rekey", func(e localapi.Event) bool { return e.Kind == localapi.EventRekey }); ev.Reason != localapi.ReasonPeer {
 		t.Errorf("rekey on the other side: reason %q, want peer", ev.Reason)
 	}
-	if v, _ := sample(t, a.d.metrics, "pspd_rekeys_total", map[string]string{"peer": "b", "reason": "operator"}); v != 1 {
-		t.Errorf("pspd_rekeys_total{peer=b,reason=operator} = %v, want 1", v)
+	// The data plane asks (its packet budget or key age).
+	a.rec.WantRekey(b.id.Public())
+	ev = ra.wait(t, "budget rekey", func(e localapi.Event) bool { return e.Kind == localapi.EventRekey && e.Generation == rs[0].Generation+1 })
+	if ev.Reason != localapi.ReasonBudget {
+		t.Errorf("rekey the data plane asked for: reason %q, want budget", ev.Reason)
+	}
+	waitAssoc(t, ca, rs[0].Generation+1)
+	for reason, want := range map[string]float64{"operator": 1, "budget": 1, "timer": 0, "peer": 0} {
+		if v, ok := sample(t, a.d.metrics, "pspd_rekeys_total", map[string]string{"peer": "b", "reason": reason}); !ok || v != want {
+			t.Errorf("pspd_rekeys_total{peer=b,reason=%s} = %v (%v), want %v", reason, v, ok, want)
+		}
 	}
 	if v, _ := sample(t, a.d.metrics, "pspd_peer_state", map[string]string{"peer": "b", "state": "up"}); v != 1 {
 		t.Errorf("pspd_peer_state{peer=b,state=up} = %v, want 1", v)
@@ -140,8 +150,8 @@ func TestEventsAndReasons(t *testing.T) {
 	b.stop()
 	ra.wait(t, "peer-down", func(e localapi.Event) bool { return e.Kind == localapi.EventPeerDown && e.Peer == "b" })
 	down := ra.wait(t, "assoc-down", func(e localapi.Event) bool { return e.Kind == localapi.EventAssocDown })
-	if down.Generation != rs[0].Generation || down.RxSPI != rs[0].RxSPI || down.Peer != "b" {
-		t.Errorf("assoc-down %+v, want the generation in use, %+v", down, rs[0])
+	if down.Generation != rs[0].Generation+1 || down.Peer != "b" {
+		t.Errorf("assoc-down %+v, want the generation in use, %d", down, rs[0].Generation+1)
 	}
 	if n := ra.count(localapi.EventAssocDown); n != 1 {
 		t.Errorf("%d assoc-down events for one association; events: %s", n, ra.kinds())
