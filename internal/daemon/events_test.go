@@ -126,7 +126,9 @@ func TestEventsAndReasons(t *testing.T) {
 	}
 	// The data plane asks (its packet budget or key age).
 	a.rec.WantRekey(b.id.Public())
-	ev = ra.wait(t, "budget rekey", func(e localapi.Event) bool { return e.Kind == localapi.EventRekey && e.Generation == rs[0].Generation+1 })
+	ev = ra.wait(t, "budget rekey", func(e localapi.Event) bool {
+		return e.Kind == localapi.EventRekey && e.Generation == rs[0].Generation+1
+	})
 	if ev.Reason != localapi.ReasonBudget {
 		t.Errorf("rekey the data plane asked for: reason %q, want budget", ev.Reason)
 	}
