@@ -56,7 +56,8 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 
 	peer := &cobra.Command{Use: "peer", Short: "Configured peers"}
 	peer.AddCommand(&cobra.Command{Use: "list", Short: "List peers, their session state, for how long and why", Args: cobra.NoArgs, RunE: c.peerList})
-	peer.AddCommand(&cobra.Command{Use: "show NAME", Short: "Show everything pspd knows of one peer", Args: cobra.ExactArgs(1), RunE: c.peerShow})
+	peer.AddCommand(&cobra.Command{Use: "show NAME", Short: "Show everything pspd knows of one peer", Args: cobra.ExactArgs(1), RunE: c.peerShow,
+		ValidArgsFunction: c.completePeers})
 	root.AddCommand(peer)
 	root.AddCommand(&cobra.Command{
 		Use:   "events",
@@ -84,7 +85,9 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 			return c.assocRotate(cmd, req)
 		},
 	}
+	rotate.ValidArgsFunction = c.completeAssocs
 	rotate.Flags().StringVar(&rotPeer, "peer", "", "rekey every association with this peer")
+	rotate.RegisterFlagCompletionFunc("peer", c.completePeers)
 	rotate.Flags().BoolVar(&rotAll, "all", false, "rekey every association")
 	assoc.AddCommand(rotate)
 	root.AddCommand(assoc)
@@ -96,6 +99,40 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey())
 	root.AddCommand(mancmd.Command("1")) // hidden: make install writes the pages
 	return root
+}
+
+// completePeers completes a peer name from the running daemon.
+func (c *cli) completePeers(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	ps, err := c.client().Peers(cmd.Context())
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
+	}
+	var names []string
+	for _, p := range ps {
+		names = append(names, p.Name+"\t"+p.State)
+	}
+	sort.Strings(names)
+	return names, cobra.ShellCompDirectiveNoFileComp
+}
+
+// completeAssocs completes an association id from the running daemon.
+func (c *cli) completeAssocs(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	as, err := c.client().Assocs(cmd.Context())
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
+	}
+	var ids []string
+	for _, a := range as {
+		ids = append(ids, fmt.Sprintf("%s\tpeer %s, generation %d", a.ID, a.Peer, a.Generation))
+	}
+	sort.Strings(ids)
+	return ids, cobra.ShellCompDirectiveNoFileComp
 }
 
 // explain turns transport and permission failures into what to do next.

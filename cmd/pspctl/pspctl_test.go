@@ -109,6 +109,11 @@ func TestGolden(t *testing.T) {
 		{"dev-list-none.txt", noDevsSock, []string{"dev", "list"}},
 		{"events.txt", sock, []string{"events"}},
 		{"events.json", noPSPSock, []string{"events", "--json"}},
+		// Shell completion (cobra's __complete, which the completion
+		// scripts call) of peer names and association ids.
+		{"complete-peer-show.txt", sock, []string{"__complete", "peer", "show", ""}},
+		{"complete-rotate.txt", sock, []string{"__complete", "assoc", "rotate", ""}},
+		{"complete-rotate-peer.txt", sock, []string{"__complete", "assoc", "rotate", "--peer", ""}},
 	} {
 		t.Run(tc.golden, func(t *testing.T) {
 			got, err := run(t, tc.sock, tc.args...)
