@@ -18,7 +18,10 @@ import (
 // PeerConfig describes one pinned peer. Zero durations take the defaults
 // shown.
 type PeerConfig struct {
-	Key identity.PublicKey
+	// Name is the peer's name in the configuration, for log lines (which
+	// also give its fingerprint). Optional.
+	Name string
+	Key  identity.PublicKey
 	// Addr is the peer's control socket. Only the initiator dials, but set
 	// it on both sides: which side initiates depends on the keys.
 	Addr  netip.AddrPort
@@ -64,8 +67,20 @@ type Peer struct {
 	commits  uint64
 	changed  chan struct{} // closed on every commit, then replaced
 	lastBoot wire.BootID
-	lastErr  error              // why the last dial or session failed, for status output
 	bye      wire.GoodbyeReason // what to tell the peer when closing
+
+	// The state machine behind Status (see update).
+	state     State
+	since     time.Time // when state was entered
+	cause     error     // why the peer is not up; nil while up
+	downSince time.Time // when the peer was added or last went down
+	lastUp    time.Time
+	lastErr   error // why the last dial or session failed
+	lastErrAt time.Time
+	warned    string      // causeKey of the cause last logged at WARN, so that retries do not repeat it
+	remind    *time.Timer // while not up: expiredReminder
+	remindGen uint64      // tells the armed reminder from one stopped before it ran
+	closed    bool
 }
 
 // AddPeer pins a peer and starts keeping a session with it.
@@ -113,7 +128,7 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 	}
 	p := &Peer{
 		e: e, cfg: cfg, role: role, done: make(chan struct{}),
-		log:      e.log.With("peer", cfg.Key.Fingerprint(), "role", role.String()),
+		log:      e.log.With(peerAttrs(cfg)...).With("role", role.String()),
 		incoming: make(chan *Session, 1), rekeyReq: make(chan chan error), remoteRekey: make(chan struct{}, 1),
 		old: map[*SA]*time.Timer{}, changed: make(chan struct{}),
 	}
@@ -127,6 +142,8 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 	}
 	p.limit = newLimiter(burst, e.cfg.PeerNegotiationInterval)
 	p.timersInit()
+	now := time.Now()
+	p.state, p.since, p.downSince = StateConnecting, now, now
 	p.ctx, p.cancel = context.WithCancel(e.ctx)
 	e.mu.Lock()
 	if e.peers[cfg.Key] != nil {
@@ -135,6 +152,9 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 	}
 	e.peers[cfg.Key] = p
 	e.mu.Unlock()
+	p.mu.Lock()
+	p.timersDown()
+	p.mu.Unlock()
 	go p.run()
 	return p, nil
 }
@@ -144,12 +164,13 @@ func (p *Peer) setLastErr(err error) {
 		return
 	}
 	p.mu.Lock()
-	p.lastErr = err
+	p.lastErr, p.lastErrAt = err, time.Now()
 	p.mu.Unlock()
 }
 
 // LastError is why the most recent dial or session with the peer failed,
-// or nil if none has.
+// or nil if none has. It stays after the peer recovers: it is history,
+// Status.Cause is the present.
 func (p *Peer) LastError() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -162,8 +183,8 @@ type State uint8
 const (
 	StateDown        State = iota // closed, or not started
 	StateConnecting               // dialing, or waiting for the peer to dial
-	StateHandshaking              // TLS and Hellos under way
-	StateUp                       // a session is established
+	StateHandshaking              // the peer answered: TLS, Hellos and the first SA under way
+	StateUp                       // a session is established and has a confirmed SA
 	StateBackoff                  // the last attempt failed; waiting to retry
 )
 
@@ -183,18 +204,30 @@ func (s State) String() string {
 	return fmt.Sprintf("state(%d)", uint8(s))
 }
 
+// LogValue logs a State by name.
+func (s State) LogValue() slog.Value { return slog.StringValue(s.String()) }
+
 // Status is a snapshot of a Peer for status output and metrics.
 type Status struct {
 	State State
-	// Since is when the peer entered State.
+	// Since is when the peer entered State. A peer that cannot connect
+	// alternates between connecting and backoff; DownSince says how long
+	// it has not been up.
 	Since time.Time
-	// Cause says, in operator terms, why the peer is not up (the last
-	// dial or session failure); nil while up.
-	Cause      error
-	Up         bool        // a session is established
+	// Cause says, in operator terms, why the peer is not up: what the
+	// last attempt ran into and what to change. It is nil while up.
+	Cause error
+	// DownSince is when the peer was added or last went down; zero while
+	// up.
+	DownSince  time.Time
+	Up         bool        // State is StateUp: a session is established and its first SA confirmed
 	Group      tls.CurveID // the session's key exchange group; 0 when down
 	PeerBootID wire.BootID // of the session's peer process; zero when down
-	LastError  error       // why the last dial or session failed, if one did
+	// LastError is why the last dial or session failed, if one did, in
+	// full. It is history: it stays after the peer recovers, and
+	// LastErrorAt says when it happened (before Since, once up).
+	LastError   error
+	LastErrorAt time.Time
 	// LastUp is when the most recent session came up; zero if none has.
 	LastUp time.Time
 }
@@ -203,15 +236,118 @@ type Status struct {
 func (p *Peer) Status() Status {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	st := Status{LastError: p.lastErr, State: StateConnecting, Cause: p.lastErr}
-	if p.lastErr != nil {
-		st.State = StateBackoff
-	}
-	if s := p.sess; s != nil {
-		st.Up, st.Group, st.PeerBootID = true, s.Group(), s.PeerBootID()
-		st.State, st.Cause = StateUp, nil
+	st := Status{State: p.state, Since: p.since, Cause: p.cause, LastError: p.lastErr, LastErrorAt: p.lastErrAt, LastUp: p.lastUp}
+	if p.state == StateUp {
+		st.Up = true
+		if s := p.sess; s != nil {
+			st.Group, st.PeerBootID = s.Group(), s.PeerBootID()
+		}
+	} else {
+		st.DownSince = p.downSince
 	}
 	return st
+}
+
+// setState moves the peer to st. A nil cause keeps the current one (a
+// retry does not change why the peer is down); entering StateUp clears
+// it.
+func (p *Peer) setState(st State, cause error) {
+	p.update(cause, func(State) State { return st })
+}
+
+// noteCause records why the peer is not up, learnt outside its own
+// attempts (a handshake the listener refused or the peer aborted). It
+// does nothing while the peer is up: such an attempt came from somewhere
+// else, and the session stands.
+func (p *Peer) noteCause(cause error) {
+	p.setLastErr(cause)
+	p.update(cause, func(s State) State {
+		if s == StateHandshaking {
+			return StateConnecting
+		}
+		return s
+	})
+}
+
+// handshaking: the peer answered; TLS and the Hellos are under way.
+func (p *Peer) handshaking() {
+	p.update(nil, func(s State) State {
+		if s == StateConnecting || s == StateBackoff {
+			return StateHandshaking
+		}
+		return s
+	})
+}
+
+// update is the state machine's one transition: next computes the new
+// state from the current one.
+func (p *Peer) update(cause error, next func(State) State) {
+	p.mu.Lock()
+	log := p.updateLocked(cause, next)
+	p.mu.Unlock()
+	log()
+}
+
+// updateLocked is update with p.mu held; the caller runs the returned
+// function, which logs the transition, after unlocking. One WARN line
+// says why the peer is not up each time the cause changes; retries with
+// the same cause log at DEBUG only, the reminder timer repeats the WARN
+// while the peer stays down (timersDown), and an INFO line says when it
+// is up.
+func (p *Peer) updateLocked(cause error, next func(State) State) func() {
+	nolog := func() {}
+	if p.closed || p.ctx.Err() != nil {
+		return nolog
+	}
+	now := time.Now()
+	prev := p.state
+	st := next(prev)
+	if st == StateUp && prev == StateUp {
+		return nolog
+	}
+	if st == StateUp {
+		cause = nil
+	} else if cause == nil {
+		cause = p.cause
+	}
+	if st != prev {
+		p.since = now
+	}
+	if prev == StateUp && st != StateUp {
+		p.downSince = now
+	}
+	p.state, p.cause = st, cause
+	downFor := durationAttr("down_for", now.Sub(p.downSince))
+	switch {
+	case st == StateUp:
+		p.lastUp = now
+		p.warned = ""
+		p.timersUp()
+		attrs := []any{downFor}
+		if s := p.sess; s != nil {
+			attrs = append(attrs, "remote", s.conn.RemoteAddr().String(), "group", s.Group().String(), "boot_id", fmt.Sprintf("%x", s.PeerBootID()))
+		}
+		return func() { p.log.Info("peer up", attrs...) }
+	case cause != nil && causeKey(cause) != p.warned:
+		p.warned = causeKey(cause)
+		p.timersDown()
+		msg := "peer not up"
+		if prev == StateUp {
+			msg = "peer down"
+		}
+		return func() { p.log.Warn(msg, "state", st, "cause", cause.Error(), downFor) }
+	}
+	p.timersDown()
+	if st != prev {
+		return func() { p.log.Debug("peer state", "state", st, "from", prev) }
+	}
+	return nolog
+}
+
+// durationAttr logs a duration as text ("1m30s"), the same in JSON and
+// text output.
+func durationAttr(key string, d time.Duration) slog.Attr {
+	return slog.String(key, d.Round(time.Millisecond).String())
 }
 
 // Key is the peer's pinned key.
@@ -293,9 +429,32 @@ func (p *Peer) close(reason wire.GoodbyeReason) {
 	p.mu.Unlock()
 	p.cancel()
 	<-p.done
+	p.mu.Lock()
+	p.closed = true
+	p.state, p.since, p.cause = StateDown, time.Now(), nil
+	p.timersUp() // nothing left to remind of
+	p.mu.Unlock()
 	p.e.mu.Lock()
 	if p.e.peers[p.cfg.Key] == p {
 		delete(p.e.peers, p.cfg.Key)
 	}
 	p.e.mu.Unlock()
+}
+
+// peerAttrs name a peer in log lines: by its configured name, if it has
+// one, and always by fingerprint.
+func peerAttrs(cfg PeerConfig) []any {
+	if cfg.Name != "" {
+		return []any{"peer", cfg.Name, "fingerprint", cfg.Key.Fingerprint()}
+	}
+	return []any{"peer", cfg.Key.Fingerprint()}
+}
+
+// peerAttrs name the peer with key pk in log lines, by its configured
+// name if it is pinned here.
+func (e *Endpoint) peerAttrs(pk identity.PublicKey) []any {
+	if p := e.peer(pk); p != nil {
+		return peerAttrs(p.cfg)
+	}
+	return peerAttrs(PeerConfig{Key: pk})
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/pspd/pspd/keyexchange/kdf"
@@ -49,20 +50,18 @@ func (p *Peer) run() {
 			s = p.knock()
 		}
 		if s == nil && p.role == kdf.Initiator {
-			dctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
 			var err error
-			s, err = p.e.dial(dctx, p.cfg.Addr, p.cfg.Key)
-			cancel()
-			if err != nil {
-				p.setLastErr(err)
+			if s, err = p.dial(); err != nil {
 				d := p.timersAttemptFailed()
-				p.log.Warn("session failed; retrying", "err", err, "retry_in", d)
+				p.setState(StateBackoff, nil)
+				p.log.Debug("dial failed; retrying", "err", err, durationAttr("retry_in", d))
 				if s = p.waitBackoff(); s == nil {
 					continue
 				}
 			}
 		}
 		if s == nil {
+			p.setState(StateConnecting, nil) // waiting for the initiator
 			select {
 			case s = <-p.incoming:
 			case <-p.ctx.Done():
@@ -77,13 +76,14 @@ func (p *Peer) run() {
 		}
 		var err error
 		next, err = p.runSession(s)
-		p.log.Info("session ended", "err", err)
+		p.log.Debug("session ended", "err", err)
 		if next == nil && err != nil && p.ctx.Err() == nil {
 			// A session that failed after the handshake (a refused
 			// install, a protocol error) must not turn into a tight
 			// reconnect loop: back off as after a failed dial. A session
 			// the peer opens meanwhile is taken at once.
-			p.timersAttemptFailed()
+			d := p.timersAttemptFailed()
+			p.log.Debug("backing off after the session failed", durationAttr("retry_in", d))
 			next = p.waitBackoff()
 		}
 	}
@@ -124,9 +124,7 @@ func (p *Peer) knock() *Session {
 		return nil
 	}
 	p.log.Debug("responder has no session with the initiator; dialing it now")
-	dctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
-	defer cancel()
-	s, err := p.e.dial(dctx, p.cfg.Addr, p.cfg.Key)
+	s, err := p.dial()
 	if err != nil {
 		p.log.Debug("responder could not reach the initiator; waiting for it to dial", "err", err)
 		return nil
@@ -135,12 +133,41 @@ func (p *Peer) knock() *Session {
 	return s
 }
 
+// dial is one attempt to open a session to the peer. A failure is
+// recorded, explained, as the peer's cause.
+func (p *Peer) dial() (*Session, error) {
+	p.setState(StateConnecting, nil)
+	ctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
+	defer cancel()
+	var answered atomic.Bool
+	s, err := p.e.dialAnd(ctx, p.cfg.Addr, p.cfg.Key, func() {
+		answered.Store(true)
+		p.handshaking()
+	})
+	if err != nil {
+		p.setLastErr(err)
+		cause := err
+		if !answered.Load() || refusedByPeer(err) {
+			cause = p.explain(err, nil)
+		}
+		p.setState(StateConnecting, cause)
+	}
+	return s, err
+}
+
 // runSession drives one session until it ends. It returns a newer session
 // that replaced it, if any.
 func (p *Peer) runSession(s *Session) (*Session, error) {
+	p.handshaking() // until the first SA is confirmed
 	if err := p.attach(s); err != nil {
 		s.Close(err)
 		return nil, err
+	}
+	if p.role == kdf.Responder && !slices.ContainsFunc(p.cfg.Backends, s.hello.Backends.Has) {
+		// The initiator will end the session for the same reason; say it
+		// here too, as this side sees it.
+		nb := &noBackendError{accepts: wire.NewBackends(p.cfg.Backends...), offers: s.hello.Backends}
+		p.noteCause(nb)
 	}
 	serveErr := make(chan error, 1)
 	go func() {
@@ -200,12 +227,11 @@ func (p *Peer) runSession(s *Session) (*Session, error) {
 	if p.sess == s {
 		p.sess = nil
 	}
-	// In the same step, so that Status never shows a peer down without
-	// the reason.
-	if err != nil && p.ctx.Err() == nil {
-		p.lastErr = err
-	}
 	p.mu.Unlock()
+	if next == nil && err != nil {
+		p.setLastErr(err)
+		p.setState(StateBackoff, p.explain(err, s))
+	}
 	return next, err
 }
 
@@ -294,6 +320,6 @@ func (p *Peer) attach(s *Session) error {
 	if err := s.raiseFloor(max(p.spiFloor(), s.hello.SPIFloor), p.e.cfg.MaxSAsPerSession); err != nil {
 		return peerErr(p.cfg.Key, "session setup", err)
 	}
-	p.log.Info("session up", "remote", s.conn.RemoteAddr().String(), "boot_id", fmt.Sprintf("%x", s.PeerBootID()))
+	p.log.Debug("session established", "remote", s.conn.RemoteAddr().String(), "boot_id", fmt.Sprintf("%x", s.PeerBootID()))
 	return nil
 }

@@ -3,7 +3,6 @@ package keyexchange
 import (
 	"context"
 	"errors"
-	"fmt"
 	"slices"
 	"time"
 
@@ -98,7 +97,7 @@ func (p *Peer) remoteRekeyed(warned *bool) bool {
 	if d := p.limit.wait(time.Now()); d > 0 {
 		if !*warned {
 			*warned = true
-			p.log.Warn("peer requests rekeys faster than this host serves them; serving them at the limit", "interval", p.e.cfg.PeerNegotiationInterval, "burst", p.e.cfg.PeerNegotiationBurst)
+			p.log.Warn("peer requests rekeys faster than this host serves them; serving them at the limit", durationAttr("interval", p.e.cfg.PeerNegotiationInterval), "burst", p.e.cfg.PeerNegotiationBurst)
 		}
 		p.timersRekeyHeldBack(d)
 		return false
@@ -113,8 +112,7 @@ func (p *Peer) negotiate(s *Session) (*SA, error) {
 	p.mu.Unlock()
 	i := slices.IndexFunc(p.cfg.Backends, s.hello.Backends.Has)
 	if i < 0 {
-		return nil, s.fail(nil, "negotiate", fmt.Errorf("%w: no common backend: this host accepts %s for the peer, the peer offers %s (set backend for this peer to one both hosts can run)",
-			errUnsupported, wire.NewBackends(p.cfg.Backends...), s.hello.Backends))
+		return nil, s.fail(nil, "negotiate", &noBackendError{accepts: wire.NewBackends(p.cfg.Backends...), offers: s.hello.Backends})
 	}
 	b := p.cfg.Backends[i]
 	return s.negotiate(p.ctx, p.e.cfg.Installers[b], p.cfg.Assoc, gen, b, p.cfg.Suite)
@@ -137,6 +135,9 @@ func (p *Peer) spiFloor() uint32 {
 
 // commit makes sa current and retires the previous generation after the
 // grace period (make-before-break).
+//
+// The first generation of a session puts the peer up: up means that
+// traffic can flow, not only that a session exists.
 func (p *Peer) commit(sa *SA) {
 	p.mu.Lock()
 	prev := p.cur
@@ -144,10 +145,12 @@ func (p *Peer) commit(sa *SA) {
 	if prev != nil {
 		p.timersCommitted(prev)
 	}
+	log := p.updateLocked(nil, func(State) State { return StateUp })
 	p.commits++
 	close(p.changed)
 	p.changed = make(chan struct{})
 	p.mu.Unlock()
+	log()
 	p.log.Info("SA confirmed", "sa", sa)
 }
 

@@ -137,3 +137,43 @@ func (p *Peer) rekeyDelay() time.Duration {
 	iv := p.cfg.RekeyInterval
 	return iv - time.Duration(rand.Float64()*p.cfg.RekeyJitter*float64(iv))
 }
+
+// remindEvery is how often a WARN line says that a peer is still not up,
+// after the one that said why.
+const remindEvery = 5 * time.Minute
+
+// timersDown: the peer is not up; arm the reminder if it is not armed.
+// Called with p.mu held.
+func (p *Peer) timersDown() {
+	if p.remind != nil {
+		return
+	}
+	p.remindGen++
+	gen := p.remindGen
+	p.remind = time.AfterFunc(p.e.remindEvery, func() { p.expiredReminder(gen) })
+}
+
+// timersUp: the peer is up (or closed); nothing to remind of. Called with
+// p.mu held.
+func (p *Peer) timersUp() {
+	if p.remind != nil {
+		p.remind.Stop()
+		p.remind = nil
+	}
+}
+
+// expiredReminder says again that the peer is not up, and for how long.
+func (p *Peer) expiredReminder(gen uint64) {
+	p.mu.Lock()
+	if p.remind == nil || p.remindGen != gen || p.closed || p.state == StateUp {
+		p.mu.Unlock()
+		return
+	}
+	st, cause, downFor := p.state, "none yet", time.Since(p.downSince)
+	if p.cause != nil {
+		cause = p.cause.Error()
+	}
+	p.remind.Reset(p.e.remindEvery)
+	p.mu.Unlock()
+	p.log.Warn("peer still not up", "state", st, "cause", cause, durationAttr("down_for", downFor))
+}
