@@ -108,6 +108,16 @@ func causeKey(err error) string {
 	return err.Error()
 }
 
+// sessionLostError: an established session ended without an error of
+// the protocol: the peer said goodbye, went silent or restarted.
+type sessionLostError struct {
+	msg string
+	err error
+}
+
+func (e *sessionLostError) Error() string { return e.msg }
+func (e *sessionLostError) Unwrap() error { return e.err }
+
 // badCertificate is the TLS alert (bad_certificate, 42) a pspd sends when
 // the other side's key is not the one it pins, as a QUIC CRYPTO_ERROR.
 const badCertificate = quic.TransportErrorCode(0x100 + 42)
@@ -123,12 +133,14 @@ func refusedByPeer(err error) bool {
 // that failed, if one came up.
 func (p *Peer) explain(err error, s *Session) error {
 	var (
-		wp   *wrongPinError
-		rk   *refusedKeyError
-		nb   *noBackendError
-		ae   *quic.ApplicationError
-		pe   *wire.ProtocolError
-		perr *PeerError
+		wp    *wrongPinError
+		rk    *refusedKeyError
+		nb    *noBackendError
+		ae    *quic.ApplicationError
+		pe    *wire.ProtocolError
+		perr  *PeerError
+		idle  *quic.IdleTimeoutError
+		reset *quic.StatelessResetError
 	)
 	switch {
 	case err == nil:
@@ -151,6 +163,16 @@ func (p *Peer) explain(err error, s *Session) error {
 			msg = perr.Err.Error()
 		}
 		return &installError{msg: msg, err: err}
+	case s != nil && errors.Is(err, errGoodbye):
+		reason := err.Error()
+		if i := strings.LastIndex(reason, errGoodbye.Error()+": "); i >= 0 {
+			reason = reason[i+len(errGoodbye.Error())+2:]
+		}
+		return &sessionLostError{msg: "the peer closed the session on purpose (goodbye: " + reason + ")", err: err}
+	case s != nil && errors.As(err, &idle):
+		return &sessionLostError{msg: fmt.Sprintf("the peer went silent: nothing heard from %s for %s (it stopped, or the path is down)", p.cfg.Addr, p.e.cfg.IdleTimeout), err: err}
+	case s != nil && errors.As(err, &reset):
+		return &sessionLostError{msg: "the peer no longer knows the session (stateless reset): it restarted", err: err}
 	case s != nil && errors.As(err, &ae) && ae.Remote && strings.Contains(ae.ErrorMessage, "no common backend"):
 		return &noBackendError{accepts: p.e.hello(p.cfg.Key).Backends, offers: s.hello.Backends, remote: true}
 	}

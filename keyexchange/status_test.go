@@ -408,3 +408,21 @@ func dumpOnFail(t *testing.T, ns ...*node) {
 		}
 	})
 }
+
+// TestSilentPeerCause: a peer that vanishes without a goodbye (its socket
+// gone) is down after the idle timeout, and the cause says it went silent.
+func TestSilentPeerCause(t *testing.T) {
+	fast := func(c *Config) { quick(c); c.IdleTimeout, c.KeepAlive = time.Second, 200*time.Millisecond }
+	ini, resp, pi, pr := pair(t, fast, nil)
+	dumpOnFail(t, ini, resp)
+	for _, p := range []*Peer{pi, pr} {
+		if _, err := p.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp.ep.udp.Close() // nothing more leaves or reaches the responder
+	within(t, 3*time.Second, "the initiator says the peer went silent", func() bool {
+		c := pi.Status().Cause
+		return c != nil && strings.Contains(c.Error(), "went silent") && len(warnsWith(t, ini, "peer down", "went silent")) == 1
+	})
+}
