@@ -10,16 +10,22 @@ import (
 // place (as in wireguard-go's device/timers.go). The events are named
 // timersX (called when X happened) and the handlers expiredX.
 //
-//	backoff        after a failed dial or session: wait, then try again
-//	rekeyDue       initiator: the current generation is due for replacement
-//	rekeyDeferred  a Rekey request of the peer that the negotiation limit held back
-//	pace           initiator: our next negotiation waits for the limit
-//	grace (per SA) a replaced generation is removed
+//	backoff        after a failed dial or session: wait, then try again (waitBackoff)
+//	rekeyDue       initiator: the current generation is due for replacement (drive)
+//	rekeyDeferred  a Rekey request of the peer that the negotiation limit held back (drive)
+//	pace           initiator: our next negotiation waits for the limit (rekeyOn)
+//	grace (per SA) a replaced generation is removed (expiredGrace)
+//	remind         the peer is still not up: say so again (expiredReminder)
 //
-// All but the grace timers belong to the peer's run goroutine, which
-// selects on their channels (timer.C) and runs the handlers itself, so
-// they need no lock. Grace timers run on their own (time.AfterFunc) and
-// take p.mu.
+// The session's own timers are QUIC's: the handshake timeout, keep-alives
+// and the idle timeout (Config.HandshakeTimeout, KeepAlive, IdleTimeout).
+// Their expiry fails the dial or ends the session, which reconnect.go
+// handles like any other failure.
+//
+// backoff, rekeyDue, rekeyDeferred and pace belong to the peer's run
+// goroutine, which selects on their channels (timer.C) and runs the
+// handlers itself, so they need no lock. grace and remind run on their own
+// (time.AfterFunc) and take p.mu.
 type peerTimers struct {
 	backoff       timer
 	rekeyDue      timer
