@@ -157,6 +157,9 @@ func (p *Peer) explain(err error, s *Session) error {
 		return &unreachableError{addr: p.cfg.Addr, err: err}
 	case errors.As(err, &pe) && pe.Code == wire.CodeInstall:
 		return &installError{remote: pe.Remote, msg: pe.Msg, err: err}
+	case s != nil && errors.As(err, &ae) && ae.Remote && ae.ErrorCode == closeProtocol && strings.Contains(ae.ErrorMessage, errInstall.Error()):
+		// The peer's close overtook its Error message.
+		return &installError{remote: true, msg: ae.ErrorMessage, err: err}
 	case errors.Is(err, errInstall):
 		msg := err.Error()
 		if errors.As(err, &perr) {

@@ -2,6 +2,7 @@ package keyexchange
 
 import (
 	"encoding/json"
+	"errors"
 	"net"
 	"net/netip"
 	"strings"
@@ -395,7 +396,7 @@ func TestRefusedInstallNeverUp(t *testing.T) {
 		t.Fatalf("cause %v", c)
 	}
 	if w := warnsWith(t, ini, "refused the SA"); len(w) != 1 {
-		t.Fatalf("%d WARN lines for the refused install:\n%s", len(w), strings.Join(w, "\n"))
+		t.Fatalf("%d WARN lines for the refused install:\n%s\nall:\n%s", len(w), strings.Join(w, "\n"), strings.Join(warnsWith(t, ini), "\n"))
 	}
 }
 
@@ -425,4 +426,24 @@ func TestSilentPeerCause(t *testing.T) {
 		c := pi.Status().Cause
 		return c != nil && strings.Contains(c.Error(), "went silent") && len(warnsWith(t, ini, "peer down", "went silent")) == 1
 	})
+}
+
+// TestCauseKeyStable: the forms one refused install takes from retry to
+// retry (other SA, the peer's Error message or its close overtaking it)
+// are one cause, logged once.
+func TestCauseKeyStable(t *testing.T) {
+	_, _, pi, _ := pair(t, nil, nil)
+	s := &Session{}
+	a := pi.explain(peerErr(pi.cfg.Key, "negotiate", &wire.ProtocolError{Code: wire.CodeInstall, Remote: true, Msg: "install failed: sa{gen=1}: no"}), s)
+	b := pi.explain(peerErr(pi.cfg.Key, "negotiate", &wire.ProtocolError{Code: wire.CodeInstall, Remote: true, Msg: "install failed: sa{gen=2}: no"}), s)
+	c := pi.explain(peerErr(pi.cfg.Key, "session", &quic.ApplicationError{Remote: true, ErrorCode: closeProtocol, ErrorMessage: "keyexchange: peer x: respond: install failed: sa{gen=3}: no"}), s)
+	if causeKey(a) != causeKey(b) || causeKey(b) != causeKey(c) {
+		t.Fatalf("keys differ: %q %q %q", causeKey(a), causeKey(b), causeKey(c))
+	}
+	if !strings.Contains(c.Error(), "the peer's data plane refused the SA") || !strings.Contains(c.Error(), "gen=3") {
+		t.Fatalf("cause %v", c)
+	}
+	if other := pi.explain(errors.New("something else"), s); causeKey(other) == causeKey(a) {
+		t.Fatal("an unrelated error has the install cause's key")
+	}
 }
