@@ -134,11 +134,15 @@ func (p *Peer) spiFloor() uint32 {
 }
 
 // commit makes sa current and retires the previous generation after the
-// grace period (make-before-break).
+// grace period (make-before-break). Both directions are installed and
+// active by now, and every data plane copied what it needs (the kernel
+// ones hold nothing but the kernel's copy), so the key exchange's own
+// copies of the keys and salts go: Remove needs only the SPIs.
 //
 // The first generation of a session puts the peer up: up means that
 // traffic can flow, not only that a session exists.
 func (p *Peer) commit(sa *SA) {
+	sa.Wipe()
 	p.mu.Lock()
 	prev := p.cur
 	p.cur = sa

@@ -182,7 +182,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 // startKX starts keeping a session with the peer.
 func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
 	kx, err := d.ep.AddPeer(keyexchange.PeerConfig{
-		Key: p.cfg.PublicKey, Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
+		Name: p.cfg.Name, Key: p.cfg.PublicKey, Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
 		RekeyInterval: d.cfg.RekeyInterval,
 	})
 	if err != nil {
