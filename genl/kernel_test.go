@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"sync/atomic"
 	"testing"
@@ -219,7 +220,7 @@ func TestKernelDevices(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d != p.dev {
+		if !reflect.DeepEqual(d, p.dev) {
 			t.Fatalf("dev-get %+v, dump %+v", d, p.dev)
 		}
 	})
@@ -358,13 +359,13 @@ func TestKernelAssocUnconnected(t *testing.T) {
 			t.Fatal(err)
 		}
 		err = c.TxAssoc(s, AESGCM128, id, r.Key)
-		if !errors.Is(err, ErrBusy) {
-			t.Fatalf("second tx-assoc: %v, want ErrBusy", err)
+		if !errors.Is(err, ErrTxKeySet) {
+			t.Fatalf("second tx-assoc: %v, want ErrTxKeySet", err)
 		}
 		kernelSays(t, err, "Tx key already set")
 		_, err = c.RxAssoc(s, AESGCM128, id)
-		if !errors.Is(err, ErrBusy) {
-			t.Fatalf("second rx-assoc: %v, want ErrBusy", err)
+		if !errors.Is(err, ErrHasPSPState) {
+			t.Fatalf("second rx-assoc: %v, want ErrHasPSPState", err)
 		}
 		kernelSays(t, err, "Socket already has PSP state")
 	})
