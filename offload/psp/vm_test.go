@@ -49,6 +49,7 @@ type host struct {
 	port *nsim.Port
 	id   *identity.Identity
 	d    *daemon.Daemon
+	pm   *psp.Manager
 	sock string
 	logs syncBuf
 }
@@ -129,10 +130,12 @@ func (h *host) start(t *testing.T, peer *host) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pm, err := psp.New(ctx, psp.Config{NetNS: h.ns, Suite: pc.Suite, Logger: log, KeyWait: 5 * time.Second})
+	pm, err := psp.New(ctx, psp.Config{NetNS: h.ns, Suite: pc.Suite, Logger: log, KeyWait: 5 * time.Second, Sweep: 300 * time.Millisecond, Rotation: pc.PSPRotation})
 	if err != nil {
 		t.Fatal(err)
 	}
+	h.pm = pm
+	pm.SetPeer(peer.id.Public(), peer.addr, nil)
 	report := offload.Report{{Backend: wire.BackendPSP, Available: true}, {Backend: wire.BackendXFRM, Available: true}}
 	nstest.Do(t, h.ns, func() { // the control socket belongs to the namespace
 		h.d, err = daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report,

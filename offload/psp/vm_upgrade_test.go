@@ -1,0 +1,418 @@
+package psp_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/pspd/pspd/genl"
+	"github.com/pspd/pspd/internal/nstest"
+	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/localapi/client"
+)
+
+// The tests in this file are the upgrade protocol's against kernel PSP in
+// the VM: clear data in flight, refusals before the socket is touched,
+// the connection table's cleanup, device removal and outside rotations.
+
+// dialPair connects A's application to B's on port and returns both ends,
+// not upgraded.
+func dialPair(t *testing.T, a, b *host, port int) (ca, cb *net.TCPConn) {
+	t.Helper()
+	return dialTo(t, a, b, netip.AddrPortFrom(b.addr, uint16(port)))
+}
+
+// dialTo connects A's application to one of B's listening on dst.
+func dialTo(t *testing.T, a, b *host, addr netip.AddrPort) (ca, cb *net.TCPConn) {
+	t.Helper()
+	dst := addr.String()
+	var ln net.Listener
+	var err error
+	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp4", dst) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var c net.Conn
+	nstest.Do(t, a.ns, func() { c, err = net.Dial("tcp4", dst) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	d, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return c.(*net.TCPConn), d.(*net.TCPConn)
+}
+
+// pattern is n bytes that say who sent them and where they belong.
+func pattern(seed byte, off, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte((off+i)%251)
+	}
+	return b
+}
+
+// upgradeBoth hands both ends to their pspds at once.
+func upgradeBoth(ctx context.Context, a, b *host, ca, cb *net.TCPConn) (ra, rb localapi.UpgradeResult, ea, eb error) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); ra, ea = client.New(a.sock).UpgradePSP(ctx, ca, b.name) }()
+	go func() { defer wg.Done(); rb, eb = client.New(b.sock).UpgradePSP(ctx, cb, a.name) }()
+	wg.Wait()
+	return
+}
+
+// TestVMUpgradeDataInFlight: both applications write clear data right
+// before they hand their sockets over and keep reading meanwhile. Both
+// upgrades succeed, nothing stalls, every byte arrives intact and in
+// order, and what is written after the upgrade goes through PSP.
+func TestVMUpgradeDataInFlight(t *testing.T) {
+	a, b := pair(t, 3207, "10.84.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	waitSession(ctx, t, a, b)
+	for i, tc := range []struct {
+		name           string
+		clearA, clearB int
+	}{{"from A", 256 << 10, 0}, {"from B", 0, 256 << 10}, {"both", 256 << 10, 256 << 10}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ca, cb := dialPair(t, a, b, 7100+i)
+			const after = 128 << 10
+			// Each side reads everything the other sends, from the start.
+			type got struct {
+				b   []byte
+				err error
+			}
+			read := func(c *net.TCPConn, n int) <-chan got {
+				ch := make(chan got, 1)
+				go func() {
+					c.SetReadDeadline(time.Now().Add(60 * time.Second))
+					buf := make([]byte, n)
+					_, err := io.ReadFull(c, buf)
+					ch <- got{buf, err}
+				}()
+				return ch
+			}
+			atA, atB := read(ca, tc.clearB+after), read(cb, tc.clearA+after)
+			if _, err := ca.Write(pattern('a', 0, tc.clearA)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := cb.Write(pattern('b', 0, tc.clearB)); err != nil {
+				t.Fatal(err)
+			}
+			sa0, sb0 := pspStats(t, a), pspStats(t, b)
+			start := time.Now()
+			_, _, ea, eb := upgradeBoth(ctx, a, b, ca, cb)
+			if ea != nil || eb != nil {
+				t.Fatalf("upgrade with clear data in flight: A %v, B %v", ea, eb)
+			}
+			took := time.Since(start)
+			if _, err := ca.Write(pattern('a', tc.clearA, after)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := cb.Write(pattern('b', tc.clearB, after)); err != nil {
+				t.Fatal(err)
+			}
+			ga, gb := <-atA, <-atB
+			if ga.err != nil || gb.err != nil {
+				t.Fatalf("the connection stalled: A read %v, B read %v", ga.err, gb.err)
+			}
+			if !bytes.Equal(gb.b, pattern('a', 0, tc.clearA+after)) || !bytes.Equal(ga.b, pattern('b', 0, tc.clearB+after)) {
+				t.Fatal("data arrived corrupted or out of order")
+			}
+			// Everything written after both upgrades returned went
+			// through the PSP devices.
+			sa, sb := pspStats(t, a), pspStats(t, b)
+			if sa.TxBytes-sa0.TxBytes < after || sb.TxBytes-sb0.TxBytes < after || sb.RxBytes-sb0.RxBytes < after {
+				t.Errorf("PSP counters did not carry the data written after the upgrade: A tx +%d, B tx +%d rx +%d", sa.TxBytes-sa0.TxBytes, sb.TxBytes-sb0.TxBytes, sb.RxBytes-sb0.RxBytes)
+			}
+			t.Logf("upgrade with %d+%d clear bytes in flight took %v", tc.clearA, tc.clearB, took.Round(time.Millisecond))
+		})
+	}
+}
+
+// TestVMUpgradeUnread: B's application upgrades without reading the clear
+// data A sent before: B's upgrade fails after the drain wait with an
+// error that says what the application must do.
+func TestVMUpgradeUnread(t *testing.T) {
+	a, b := pair(t, 3209, "10.85.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	waitSession(ctx, t, a, b)
+	ca, cb := dialPair(t, a, b, 7200)
+	if _, err := ca.Write(pattern('a', 0, 16<<10)); err != nil {
+		t.Fatal(err)
+	}
+	_, _, _, eb := upgradeBoth(ctx, a, b, ca, cb)
+	if eb == nil || !strings.Contains(eb.Error(), "must keep reading") || !strings.Contains(eb.Error(), "close it") {
+		t.Fatalf("B's upgrade with unread clear data: %v, want the error telling the application to read and to close the socket", eb)
+	}
+}
+
+// TestVMUpgradeRefused: sockets pspd must refuse before it touches them,
+// each with the reason: a connection to an address that is not the named
+// peer's, and one that is no longer ESTABLISHED.
+func TestVMUpgradeRefused(t *testing.T) {
+	a, b := pair(t, 3211, "10.86.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	waitSession(ctx, t, a, b)
+	ca := client.New(a.sock)
+
+	t.Run("not the peer's address", func(t *testing.T) {
+		// A second address on B's port, which belongs to no peer of A's.
+		nstest.Do(t, b.ns, func() {
+			out, err := runIP("addr", "add", "10.86.0.3/24", "dev", b.port.Name)
+			if err != nil {
+				t.Fatalf("ip addr add: %v: %s", err, out)
+			}
+		})
+		c, _ := dialTo(t, a, b, netip.MustParseAddrPort("10.86.0.3:7300"))
+		_, err := ca.UpgradePSP(ctx, c, b.name)
+		if err == nil || !strings.Contains(err.Error(), "neither the peer's endpoint nor in its prefixes") || !strings.Contains(err.Error(), "not touched") {
+			t.Fatalf("upgrade towards b of a connection to 10.86.0.3: %v", err)
+		}
+		assertUntouched(t, a, c)
+	})
+	t.Run("not established", func(t *testing.T) {
+		c, d := dialPair(t, a, b, 7301)
+		d.Close() // A's end goes to CLOSE_WAIT
+		time.Sleep(200 * time.Millisecond)
+		_, err := ca.UpgradePSP(ctx, c, b.name)
+		if err == nil || !strings.Contains(err.Error(), "CLOSE_WAIT, not an established TCP connection") {
+			t.Fatalf("upgrade of a connection the peer closed: %v", err)
+		}
+	})
+}
+
+// assertUntouched checks that a refused socket still has no PSP state: a
+// fresh rx-assoc on it succeeds.
+func assertUntouched(t *testing.T, h *host, c *net.TCPConn) {
+	t.Helper()
+	gc, err := genl.Dial(genl.Config{NetNS: h.ns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	devs, _ := gc.Devices()
+	if len(devs) != 1 {
+		t.Fatalf("devices: %+v", devs)
+	}
+	r, err := gc.RxAssoc(c, genl.AESGCM128, devs[0].ID)
+	if err != nil {
+		t.Fatalf("the refused socket was touched: rx-assoc now: %v", err)
+	}
+	r.Key.Wipe()
+}
+
+func runIP(args ...string) ([]byte, error) {
+	ip := os.Getenv("PSPD_VM_IP")
+	if ip == "" {
+		ip = "ip"
+	}
+	return exec.Command(ip, args...).CombinedOutput()
+}
+
+// eventLog collects the events of one daemon.
+type eventLog struct {
+	mu  sync.Mutex
+	evs []localapi.Event
+}
+
+func collect(ctx context.Context, t *testing.T, c *client.Client) *eventLog {
+	t.Helper()
+	l := &eventLog{}
+	ectx, stop := context.WithCancel(ctx)
+	t.Cleanup(stop)
+	go c.Events(ectx, func(ev localapi.Event) error {
+		l.mu.Lock()
+		l.evs = append(l.evs, ev)
+		l.mu.Unlock()
+		return nil
+	})
+	time.Sleep(300 * time.Millisecond) // see watchEvent
+	return l
+}
+
+func (l *eventLog) kinds(kind string) []localapi.Event {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []localapi.Event
+	for _, ev := range l.evs {
+		if ev.Kind == kind {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+// waitFor polls cond until it holds or d passes.
+func waitFor(d time.Duration, cond func() bool) bool {
+	for end := time.Now().Add(d); ; time.Sleep(50 * time.Millisecond) {
+		if cond() {
+			return true
+		}
+		if time.Now().After(end) {
+			return false
+		}
+	}
+}
+
+// TestVMCloseMany upgrades 1,000 connections, closes them all, and checks
+// that both pspds forget every one (the sweep) and that a rotation then
+// reports none of them.
+func TestVMCloseMany(t *testing.T) {
+	a, b := pair(t, 3213, "10.87.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 240*time.Second)
+	defer cancel()
+	waitSession(ctx, t, a, b)
+	const n, par = 1000, 16
+	var ln net.Listener
+	var err error
+	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp4", netip.AddrPortFrom(b.addr, 7400).String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	conns := make([][2]net.Conn, n)
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	sem := make(chan struct{}, par)
+	var mu sync.Mutex // one dial+accept at a time keeps the pairs matched
+	for i := range n {
+		mu.Lock()
+		var c net.Conn
+		nstest.Do(t, a.ns, func() { c, err = net.Dial("tcp4", ln.Addr().String()) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		mu.Unlock()
+		conns[i] = [2]net.Conn{c, d}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			_, _, ea, eb := upgradeBoth(ctx, a, b, c.(*net.TCPConn), d.(*net.TCPConn))
+			if ea != nil || eb != nil {
+				errs <- fmt.Errorf("connection %d: A %v, B %v", i, ea, eb)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	upgraded := time.Since(start)
+	if a.pm.Connections() != n || b.pm.Connections() != n {
+		t.Fatalf("tables hold %d and %d connections, want %d", a.pm.Connections(), b.pm.Connections(), n)
+	}
+	// Echo on one, to be sure they carry data.
+	go io.Copy(conns[0][1], conns[0][1])
+	if err := echo(conns[0][0], []byte("alive"), 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	evA, evB := collect(ctx, t, client.New(a.sock)), collect(ctx, t, client.New(b.sock))
+	closed := time.Now()
+	for _, p := range conns {
+		p[0].Close()
+		p[1].Close()
+	}
+	if !waitFor(10*time.Second, func() bool { return a.pm.Connections() == 0 && b.pm.Connections() == 0 }) {
+		t.Fatalf("after closing all: tables hold %d and %d connections", a.pm.Connections(), b.pm.Connections())
+	}
+	forgotten := time.Since(closed)
+	for _, h := range []*host{a, b} {
+		devs, err := client.New(h.sock).Devices(ctx)
+		if err != nil || len(devs) != 1 {
+			t.Fatal(devs, err)
+		}
+		if _, err := client.New(h.sock).RotateDevice(ctx, devs[0].ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !waitFor(5*time.Second, func() bool { return len(evA.kinds("psp-rotated")) > 0 && len(evB.kinds("psp-rotated")) > 0 }) {
+		t.Fatal("no psp-rotated events")
+	}
+	time.Sleep(300 * time.Millisecond)
+	if s := append(evA.kinds("psp-stale-soon"), evB.kinds("psp-stale-soon")...); len(s) > 0 {
+		t.Fatalf("%d stale events for closed connections, e.g. %+v", len(s), s[0])
+	}
+	t.Logf("%d connections upgraded (both ends) in %v; forgotten %v after closing", n, upgraded.Round(time.Millisecond), forgotten.Round(time.Millisecond))
+}
+
+// TestVMDeviceEvents: with a connection upgraded, a rotation done by
+// somebody else (not pspd) is reported with the connection and moves
+// pspd's schedule; the device's removal reports the connection stale.
+func TestVMDeviceEvents(t *testing.T) {
+	a, b := pair(t, 3215, "10.88.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	waitSession(ctx, t, a, b)
+	up := upgradedConn(ctx, t, a, b, 7500)
+	ev := collect(ctx, t, client.New(a.sock))
+
+	gc, err := genl.Dial(genl.Config{NetNS: a.ns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	before := time.Now()
+	if err := gc.KeyRotate(up.ra.Device); err != nil {
+		t.Fatal(err)
+	}
+	remote := up.a.RemoteAddr().String()
+	if !waitFor(5*time.Second, func() bool {
+		for _, e := range ev.kinds("psp-stale-soon") {
+			if strings.Contains(e.Detail, remote) {
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("no psp-stale-soon for %s after an outside rotation: %+v", remote, ev.evs)
+	}
+	devs, err := client.New(a.sock).Devices(ctx)
+	if err != nil || len(devs) != 1 {
+		t.Fatal(devs, err)
+	}
+	if d := devs[0]; d.LastRotation.Before(before) || d.NextRotation.Sub(d.LastRotation) != 24*time.Hour {
+		t.Errorf("after an outside rotation: last %v, next %v; want the schedule anchored on it", d.LastRotation, d.NextRotation)
+	}
+
+	rereg := fmt.Sprintf("/sys/kernel/debug/netdevsim/netdevsim%d/ports/0/psp_rereg", a.port.ID)
+	if err := os.WriteFile(rereg, []byte("1"), 0); err != nil {
+		t.Fatalf("%s: %v", rereg, err)
+	}
+	if !waitFor(5*time.Second, func() bool {
+		for _, e := range ev.kinds("psp-stale") {
+			if strings.Contains(e.Detail, remote) && strings.Contains(e.Detail, "removed") {
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("no psp-stale event for %s after the device's removal: %+v", remote, ev.evs)
+	}
+	if a.pm.Connections() != 0 {
+		t.Errorf("%d connections left after the device's removal", a.pm.Connections())
+	}
+}
