@@ -168,9 +168,45 @@ func pair(t *testing.T, nsimID uint32, net string) (a, b *host) {
 	if err := nsim.Link(a.port, b.port); err != nil {
 		t.Fatal(err)
 	}
+	skewKeys(t, b)
 	a.start(t, b)
 	b.start(t, a)
 	return a, b
+}
+
+// skewKeys makes one throwaway rx-assoc on h's device. netdevsim's
+// "keys" are a per-device counter, so two fresh devices hand out the
+// same SPI and key for their n-th association, and pspd rightly refuses
+// a peer key equal to its own receive key; real devices derive keys from
+// their own secrets.
+func skewKeys(t *testing.T, h *host) {
+	t.Helper()
+	c, err := genl.Dial(genl.Config{NetNS: h.ns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	devs, err := c.Devices()
+	if err != nil || len(devs) != 1 {
+		t.Fatalf("PSP devices in %s: %+v %v", h.name, devs, err)
+	}
+	var s net.Conn
+	nstest.Do(t, h.ns, func() {
+		l, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		if s, err = net.Dial("tcp4", l.Addr().String()); err != nil {
+			t.Fatal(err)
+		}
+	})
+	defer s.Close()
+	r, err := c.RxAssoc(s.(*net.TCPConn), genl.AESGCM128, devs[0].ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Key.Wipe()
 }
 
 // watchEvent returns a channel closed when the daemon behind c publishes

@@ -87,7 +87,7 @@ func TestVMUpgradeDataInFlight(t *testing.T) {
 	for i, tc := range []struct {
 		name           string
 		clearA, clearB int
-	}{{"from A", 256 << 10, 0}, {"from B", 0, 256 << 10}, {"both", 256 << 10, 256 << 10}} {
+	}{{"from A", 1 << 20, 0}, {"from B", 0, 1 << 20}, {"both", 1 << 20, 1 << 20}} {
 		t.Run(tc.name, func(t *testing.T) {
 			ca, cb := dialPair(t, a, b, 7100+i)
 			const after = 128 << 10
@@ -96,12 +96,20 @@ func TestVMUpgradeDataInFlight(t *testing.T) {
 				b   []byte
 				err error
 			}
+			// A slow reader: 32 KiB every 20 ms, so that clear data is
+			// still queued or in flight when the upgrades start.
 			read := func(c *net.TCPConn, n int) <-chan got {
 				ch := make(chan got, 1)
 				go func() {
 					c.SetReadDeadline(time.Now().Add(60 * time.Second))
 					buf := make([]byte, n)
-					_, err := io.ReadFull(c, buf)
+					var err error
+					for off := 0; off < n && err == nil; {
+						var k int
+						k, err = io.ReadFull(c, buf[off:min(n, off+32<<10)])
+						off += k
+						time.Sleep(20 * time.Millisecond)
+					}
 					ch <- got{buf, err}
 				}()
 				return ch
