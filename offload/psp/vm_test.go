@@ -174,11 +174,11 @@ func pair(t *testing.T, nsimID uint32, net string) (a, b *host) {
 	return a, b
 }
 
-// skewKeys makes one throwaway rx-assoc on h's device. netdevsim's
-// "keys" are a per-device counter, so two fresh devices hand out the
-// same SPI and key for their n-th association, and pspd rightly refuses
-// a peer key equal to its own receive key; real devices derive keys from
-// their own secrets.
+// skewKeys rotates h's device key once before pspd starts. netdevsim's
+// "keys" are its key generation followed by a per-device counter, so two
+// fresh devices hand out the same SPI and key for their n-th
+// association, and pspd rightly refuses a peer key equal to its own
+// receive key; real devices derive keys from their own secrets.
 func skewKeys(t *testing.T, h *host) {
 	t.Helper()
 	c, err := genl.Dial(genl.Config{NetNS: h.ns})
@@ -190,23 +190,9 @@ func skewKeys(t *testing.T, h *host) {
 	if err != nil || len(devs) != 1 {
 		t.Fatalf("PSP devices in %s: %+v %v", h.name, devs, err)
 	}
-	var s net.Conn
-	nstest.Do(t, h.ns, func() {
-		l, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		if s, err = net.Dial("tcp4", l.Addr().String()); err != nil {
-			t.Fatal(err)
-		}
-	})
-	defer s.Close()
-	r, err := c.RxAssoc(s.(*net.TCPConn), genl.AESGCM128, devs[0].ID)
-	if err != nil {
+	if err := c.KeyRotate(devs[0].ID); err != nil {
 		t.Fatal(err)
 	}
-	r.Key.Wipe()
 }
 
 // watchEvent returns a channel closed when the daemon behind c publishes
