@@ -149,7 +149,7 @@ func newManager(cfg Config) *Manager {
 	}
 	ns := cfg.NetNS
 	return &Manager{cfg: cfg, version: genl.Version(cfg.Suite), log: cfg.Logger,
-		events: make(chan Event, 64), kick: make(chan struct{}, 1), devs: map[uint32]*devState{},
+		events: make(chan Event, 1024), kick: make(chan struct{}, 1), devs: map[uint32]*devState{},
 		conns: newConnTable(), keys: newKeyBroker(), peers: &peerAddrs{m: map[identity.PublicKey][]netip.Prefix{}},
 		live: func() (map[uint64]struct{}, error) { return liveSockets(ns) }}
 }
