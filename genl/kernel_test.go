@@ -7,6 +7,7 @@ package genl
 // its own network namespaces and netdevsim devices and removes them.
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -472,8 +473,9 @@ func TestKernelAssoc(t *testing.T) {
 // pair is two linked netdevsim ports in two namespaces with a TCP
 // connection between them (a in ns A dialled b in ns B).
 type pair struct {
-	a, b     *port
-	listener net.Listener
+	a, b      *port
+	listener  net.Listener // IPv4
+	listener6 net.Listener // IPv6
 }
 
 func newPair(t *testing.T) *pair {
@@ -490,6 +492,8 @@ func newPair(t *testing.T) *pair {
 			t.Fatal(err)
 		}
 	}
+	nsA.ip(t, "addr", "add", "2001:db8::1/64", "dev", a.ifname, "nodad")
+	nsB.ip(t, "addr", "add", "2001:db8::2/64", "dev", b.ifname, "nodad")
 	pr := &pair{a: a, b: b}
 	nsB.do(t, func() {
 		l, err := net.Listen("tcp4", "192.0.2.2:0")
@@ -497,17 +501,27 @@ func newPair(t *testing.T) *pair {
 			t.Fatal(err)
 		}
 		pr.listener = l
+		if l, err = net.Listen("tcp6", "[2001:db8::2]:0"); err != nil {
+			t.Fatal(err)
+		}
+		pr.listener6 = l
 	})
-	t.Cleanup(func() { pr.listener.Close() })
+	t.Cleanup(func() { pr.listener.Close(); pr.listener6.Close() })
 	return pr
 }
 
-// connect makes a new connection a -> b.
+// connect makes a new connection a -> b over IPv4.
 func (pr *pair) connect(t *testing.T) (ca, cb *net.TCPConn) {
+	t.Helper()
+	return pr.connectOn(t, pr.listener)
+}
+
+// connectOn makes a new connection a -> b to listener l.
+func (pr *pair) connectOn(t *testing.T, l net.Listener) (ca, cb *net.TCPConn) {
 	t.Helper()
 	accepted := make(chan net.Conn, 1)
 	go func() {
-		c, err := pr.listener.Accept()
+		c, err := l.Accept()
 		if err != nil {
 			c = nil
 		}
@@ -516,7 +530,7 @@ func (pr *pair) connect(t *testing.T) (ca, cb *net.TCPConn) {
 	var err error
 	var c net.Conn
 	pr.a.ns.do(t, func() {
-		c, err = net.DialTimeout("tcp4", pr.listener.Addr().String(), 5*time.Second)
+		c, err = net.DialTimeout(l.Addr().Network(), l.Addr().String(), 5*time.Second)
 	})
 	if err != nil {
 		t.Fatalf("dial across the netdevsim link: %v", err)
@@ -554,13 +568,19 @@ func mss(t *testing.T, c *net.TCPConn) int {
 // netdevsim's fake crypto reads as the key generation.
 func (pr *pair) upgrade(t *testing.T, ca, cb *net.TCPConn, corrupt bool) {
 	t.Helper()
-	mssBefore := mss(t, ca)
-	ra, err := pr.a.psp.RxAssoc(ca, AESGCM128, 0)
+	pr.upgradeV(t, ca, cb, AESGCM128, corrupt)
+}
+
+// upgradeV is upgrade with version v.
+func (pr *pair) upgradeV(t *testing.T, ca, cb *net.TCPConn, v Version, corrupt bool) {
+	t.Helper()
+	mssBefore, mssBeforeB := mss(t, ca), mss(t, cb)
+	ra, err := pr.a.psp.RxAssoc(ca, v, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ra.Key.Wipe()
-	rb, err := pr.b.psp.RxAssoc(cb, AESGCM128, 0)
+	rb, err := pr.b.psp.RxAssoc(cb, v, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -576,14 +596,14 @@ func (pr *pair) upgrade(t *testing.T, ca, cb *net.TCPConn, corrupt bool) {
 	if corrupt {
 		txA.Key.Bytes()[0] ^= 0xff
 	}
-	if err := pr.a.psp.TxAssoc(ca, AESGCM128, 0, txA); err != nil {
+	if err := pr.a.psp.TxAssoc(ca, v, 0, txA); err != nil {
 		t.Fatal(err)
 	}
-	if err := pr.b.psp.TxAssoc(cb, AESGCM128, 0, ra.Key); err != nil {
+	if err := pr.b.psp.TxAssoc(cb, v, 0, ra.Key); err != nil {
 		t.Fatal(err)
 	}
-	if got := mss(t, ca); got != mssBefore-40 {
-		t.Fatalf("MSS after tx-assoc %d, want %d - 40", got, mssBefore)
+	if got, gotB := mss(t, ca), mss(t, cb); got != mssBefore-40 || gotB != mssBeforeB-40 {
+		t.Fatalf("MSS after tx-assoc %d and %d, want %d - 40 and %d - 40", got, gotB, mssBefore, mssBeforeB)
 	}
 }
 
@@ -691,6 +711,44 @@ func TestKernelData(t *testing.T) {
 		}
 		kernelSays(t, err, "Device id vs socket mismatch")
 	})
+}
+
+// TestKernelDataVersions is psp.py's data_basic_send_v{0..3}_ip{4,6} and
+// data_mss_adjust_ip{4,6}: every version over both address families, the
+// MSS of both ends down by the PSP overhead, the data intact, and
+// data_send_disconnect: data written just before a close all arrives,
+// followed by the end of the stream.
+func TestKernelDataVersions(t *testing.T) {
+	pr := newPair(t)
+	for _, v := range []Version{AESGCM128, AESGCM256, AESGMAC128, AESGMAC256} {
+		for _, fam := range []struct {
+			name string
+			l    net.Listener
+		}{{"ip4", pr.listener}, {"ip6", pr.listener6}} {
+			t.Run(fmt.Sprintf("v%d_%s", v, fam.name), func(t *testing.T) {
+				ca, cb := pr.connectOn(t, fam.l)
+				sa0, _ := pr.a.psp.Stats(pr.a.dev.ID)
+				pr.upgradeV(t, ca, cb, v, false)
+				const n = 100 * 2000
+				msg := make([]byte, n)
+				for i := range msg {
+					msg[i] = byte(i % 251)
+				}
+				go func() {
+					ca.Write(msg)
+					ca.Close() // data_send_disconnect
+				}()
+				cb.SetReadDeadline(time.Now().Add(10 * time.Second))
+				got, err := io.ReadAll(cb)
+				if err != nil || !bytes.Equal(got, msg) {
+					t.Fatalf("read %d of %d bytes (%v), intact %v", len(got), n, err, bytes.Equal(got, msg))
+				}
+				if sa, _ := pr.a.psp.Stats(pr.a.dev.ID); sa.TxBytes-sa0.TxBytes < n {
+					t.Fatalf("PSP tx bytes +%d, want >= %d", sa.TxBytes-sa0.TxBytes, n)
+				}
+			})
+		}
+	}
 }
 
 // TestKernelRemoval re-registers a PSP device under live associations
