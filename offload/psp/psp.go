@@ -58,6 +58,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pspd/pspd/genl"
@@ -128,6 +129,8 @@ type Manager struct {
 	mu   sync.Mutex // guards devs
 	devs map[uint32]*devState
 
+	counts counters
+
 	conns *connTable
 	keys  *keyBroker
 	peers *peerAddrs
@@ -190,6 +193,9 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 // notify queues an event; a reader too slow for rotations loses some, but
 // never blocks the notification watch.
 func (m *Manager) notify(ev Event) {
+	if ev.Kind != "psp-rotated" {
+		m.counts.stale.Add(1)
+	}
 	select {
 	case m.events <- ev:
 	default:
@@ -202,6 +208,26 @@ func (m *Manager) Events() <-chan Event { return m.events }
 
 // Connections is the number of upgraded connections still open.
 func (m *Manager) Connections() int { return m.conns.len() }
+
+// Counters are the manager's own counts since it started, for metrics
+// (the devices' own are in DeviceStats).
+type Counters struct {
+	UpgradesOK      uint64 // upgrades completed
+	UpgradesRefused uint64 // refused before the socket was touched
+	UpgradesFailed  uint64 // failed after rx-assoc: the socket had to be closed
+	StaleReported   uint64 // connections reported psp-stale-soon or psp-stale
+	Connections     int    // upgraded connections still open
+}
+
+type counters struct {
+	upgradesOK, upgradesRefused, upgradesFailed, stale atomic.Uint64
+}
+
+// Counters returns the manager's counts.
+func (m *Manager) Counters() Counters {
+	return Counters{UpgradesOK: m.counts.upgradesOK.Load(), UpgradesRefused: m.counts.upgradesRefused.Load(),
+		UpgradesFailed: m.counts.upgradesFailed.Load(), StaleReported: m.counts.stale.Load(), Connections: m.conns.len()}
+}
 
 // sweep drops the table entries of sockets that were closed. If the
 // kernel cannot say which sockets are open, entries stay.

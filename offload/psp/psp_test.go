@@ -221,6 +221,9 @@ func TestRotationEventsLiveOnly(t *testing.T) {
 	if m.Connections() != 1 {
 		t.Errorf("%d connections in the table after two rotations, want device 2's one", m.Connections())
 	}
+	if c := m.Counters(); c.StaleReported != 10 || c.Connections != 1 {
+		t.Errorf("counters %+v, want 10 stale reports and 1 connection", c)
+	}
 }
 
 // TestDeviceRemovalEvents: a device's removal reports every open

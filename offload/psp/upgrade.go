@@ -234,6 +234,20 @@ type Result struct {
 // take back, and the peer may already send under PSP: the error says so,
 // and the connection should be closed.
 func (m *Manager) Upgrade(ctx context.Context, sock *os.File, peer identity.PublicKey, send func(context.Context, wire.ExplicitKey) error) (Result, error) {
+	var touched bool
+	r, err := m.upgrade(ctx, sock, peer, send, &touched)
+	switch {
+	case err == nil:
+		m.counts.upgradesOK.Add(1)
+	case touched:
+		m.counts.upgradesFailed.Add(1)
+	default:
+		m.counts.upgradesRefused.Add(1)
+	}
+	return r, err
+}
+
+func (m *Manager) upgrade(ctx context.Context, sock *os.File, peer identity.PublicKey, send func(context.Context, wire.ExplicitKey) error, touched *bool) (Result, error) {
 	si, err := inspect(sock)
 	if err != nil {
 		return Result{}, fmt.Errorf("psp: %w (the socket was not touched)", err)
@@ -273,6 +287,7 @@ func (m *Manager) Upgrade(ctx context.Context, sock *os.File, peer identity.Publ
 	if err != nil {
 		return Result{}, fmt.Errorf("psp: rx-assoc on %s: %w (the socket was not touched)", t, err)
 	}
+	*touched = true
 	defer rx.Key.Wipe()
 	afterRx := " (the socket has a PSP receive key now and cannot go back; close it)"
 	if q, err := queues(sock); err != nil {

@@ -423,7 +423,8 @@ func TestVMRotateTwice(t *testing.T) {
 	warned := time.Since(start)
 	fresh := upgradedConn(ctx, t, a, b, 7001)
 	if err := echo(fresh.a, []byte("moved"), 10*time.Second); err != nil {
-		t.Fatal(err)
+		diagnose(t, a, b)
+		t.Fatalf("echo on the new connection: %v\nA:\n%s\nB:\n%s", err, a.logs.Bytes(), b.logs.Bytes())
 	}
 	if err := echo(old.a, []byte("still"), 10*time.Second); err != nil {
 		t.Fatalf("the old connection stopped after one rotation: %v", err)

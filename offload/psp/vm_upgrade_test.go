@@ -3,6 +3,7 @@ package psp_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/pspd/pspd/genl"
 	"github.com/pspd/pspd/internal/nstest"
+	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/localapi/client"
 )
@@ -147,6 +149,9 @@ func TestVMUpgradeDataInFlight(t *testing.T) {
 			if sa.TxBytes-sa0.TxBytes < after || sb.TxBytes-sb0.TxBytes < after || sb.RxBytes-sb0.RxBytes < after {
 				t.Errorf("PSP counters did not carry the data written after the upgrade: A tx +%d, B tx +%d rx +%d", sa.TxBytes-sa0.TxBytes, sb.TxBytes-sb0.TxBytes, sb.RxBytes-sb0.RxBytes)
 			}
+			if ca, cb := a.pm.Counters(), b.pm.Counters(); ca.UpgradesOK != uint64(i+1) || cb.UpgradesOK != uint64(i+1) {
+				t.Errorf("counters A %+v, B %+v: want %d upgrades each", ca, cb, i+1)
+			}
 			t.Logf("upgrade with %d+%d clear bytes in flight took %v", tc.clearA, tc.clearB, took.Round(time.Millisecond))
 		})
 	}
@@ -167,6 +172,9 @@ func TestVMUpgradeUnread(t *testing.T) {
 	_, _, _, eb := upgradeBoth(ctx, a, b, ca, cb)
 	if eb == nil || !strings.Contains(eb.Error(), "must keep reading") || !strings.Contains(eb.Error(), "close it") {
 		t.Fatalf("B's upgrade with unread clear data: %v, want the error telling the application to read and to close the socket", eb)
+	}
+	if c := b.pm.Counters(); c.UpgradesFailed != 1 || c.UpgradesOK != 0 {
+		t.Errorf("B's counters %+v, want one failed upgrade", c)
 	}
 }
 
@@ -204,6 +212,42 @@ func TestVMUpgradeRefused(t *testing.T) {
 			t.Fatalf("upgrade of a connection the peer closed: %v", err)
 		}
 	})
+	t.Run("no PSP device on the route", func(t *testing.T) {
+		// A loopback connection, with lo counted as the peer's: lo has
+		// no PSP device. Called on the manager directly.
+		var c, d net.Conn
+		nstest.Do(t, a.ns, func() {
+			l, err := net.Listen("tcp4", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			if c, err = net.Dial("tcp4", l.Addr().String()); err != nil {
+				t.Fatal(err)
+			}
+			d, _ = l.Accept()
+		})
+		defer c.Close()
+		defer d.Close()
+		a.pm.SetPeer(b.id.Public(), b.addr, []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")})
+		defer a.pm.SetPeer(b.id.Public(), b.addr, nil)
+		f, err := c.(*net.TCPConn).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		_, err = a.pm.Upgrade(ctx, f, b.id.Public(), func(context.Context, wire.ExplicitKey) error {
+			t.Error("a key was sent for a socket that cannot be upgraded")
+			return nil
+		})
+		if !errors.Is(err, genl.ErrNoDevice) || !strings.Contains(err.Error(), "has no PSP device") || !strings.Contains(err.Error(), "not touched") {
+			t.Fatalf("upgrade over lo: %v", err)
+		}
+		assertUntouched(t, a, c.(*net.TCPConn))
+	})
+	if c := a.pm.Counters(); c.UpgradesRefused != 3 || c.UpgradesOK != 0 || c.UpgradesFailed != 0 {
+		t.Errorf("A's counters %+v, want three refused upgrades", c)
+	}
 }
 
 // assertUntouched checks that a refused socket still has no PSP state: a
@@ -336,6 +380,7 @@ func TestVMCloseMany(t *testing.T) {
 	// Echo on one, to be sure they carry data.
 	go io.Copy(conns[0][1], conns[0][1])
 	if err := echo(conns[0][0], []byte("alive"), 10*time.Second); err != nil {
+		diagnose(t, a, b)
 		t.Fatal(err)
 	}
 	evA, evB := collect(ctx, t, client.New(a.sock)), collect(ctx, t, client.New(b.sock))
@@ -422,5 +467,25 @@ func TestVMDeviceEvents(t *testing.T) {
 	}
 	if a.pm.Connections() != 0 {
 		t.Errorf("%d connections left after the device's removal", a.pm.Connections())
+	}
+}
+
+// diagnose logs what the kernel says about both hosts' TCP sockets and
+// PSP devices, for a test that saw a connection stall.
+func diagnose(t *testing.T, hs ...*host) {
+	t.Helper()
+	ss := os.Getenv("PSPD_VM_SS")
+	if ss == "" {
+		ss = "ss"
+	}
+	for _, h := range hs {
+		nstest.Do(t, h.ns, func() {
+			out, err := exec.Command(ss, "-tinoe", "state", "established").CombinedOutput()
+			if len(out) > 6000 {
+				out = out[:6000]
+			}
+			t.Logf("%s: ss (%v):\n%s", h.name, err, out)
+		})
+		t.Logf("%s: PSP stats %+v", h.name, pspStats(t, h))
 	}
 }
