@@ -476,3 +476,26 @@ func TestWatchStopsOnCallbackError(t *testing.T) {
 		t.Fatalf("Watch returned %v, want the callback's error", err)
 	}
 }
+
+func TestDevAssoc(t *testing.T) {
+	c := fakeClient(t, expect(t, 11, netlink.Request, attrID7+" 08000200 05000000 08000600 02000000", ""))
+	if err := c.DevAssoc(7, 5, 2); err != nil {
+		t.Fatal(err)
+	}
+	c = fakeClient(t, expect(t, 11, netlink.Request, attrID7+" 08000200 05000000", ""))
+	if err := c.DevAssoc(7, 5, -1); err != nil {
+		t.Fatal(err)
+	}
+	c = fakeClient(t, expect(t, 12, netlink.Request, attrID7+" 08000200 05000000 08000600 00000000", ""))
+	if err := c.DevDisassoc(7, 5, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []struct {
+		id, ifindex uint32
+		nsid        int32
+	}{{0, 5, -1}, {7, 0, -1}, {7, 5, -2}} {
+		if err := c.DevAssoc(bad.id, bad.ifindex, bad.nsid); err == nil {
+			t.Errorf("DevAssoc(%d, %d, %d) accepted", bad.id, bad.ifindex, bad.nsid)
+		}
+	}
+}

@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"github.com/pspd/pspd/internal/secret"
+	vnl "github.com/vishvananda/netlink"
+	vns "github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -789,5 +791,79 @@ func TestKernelRemoval(t *testing.T) {
 				t.Fatalf("notifications %v:%d %v:%d, want dev-del:%d dev-add:%d", del.Kind, del.DevID, add.Kind, add.DevID, p.dev.ID, d.ID)
 			}
 		})
+	}
+}
+
+// TestKernelDevAssoc lets a veth end in another namespace use the port's
+// PSP device (dev-assoc, Linux 7.3): that namespace then sees the device
+// flagged by-association, with only its own associated device listed and
+// no ifindex of the main netdev required, may not administer it, and
+// loses it again with dev-disassoc.
+func TestKernelDevAssoc(t *testing.T) {
+	nsA, nsC := newNetns(t), newNetns(t)
+	p := newPort(t, nsA, "")
+	hA, err := vnl.NewHandleAt(vns.NsHandle(nsA.f.Fd()), unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hA.Close()
+	hC, err := vnl.NewHandleAt(vns.NsHandle(nsC.f.Fd()), unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hC.Close()
+	if err := hA.LinkAdd(&vnl.Veth{LinkAttrs: vnl.LinkAttrs{Name: "pspva"}, PeerName: "pspvc", PeerNamespace: vnl.NsFd(nsC.f.Fd())}); err != nil {
+		t.Fatalf("veth: %v", err)
+	}
+	// Creating the veth across namespaces gave C an nsid in A already.
+	id, err := hA.GetNetNsIdByFd(int(nsC.f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id < 0 {
+		if err := hA.SetNetNsIdByFd(int(nsC.f.Fd()), 7); err != nil {
+			t.Fatalf("assign nsid: %v", err)
+		}
+		id = 7
+	}
+	nsid := int32(id)
+	vc, err := hC.LinkByName("pspvc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ifC := uint32(vc.Attrs().Index)
+	evs := watch(t, p.psp)
+	if err := p.psp.DevAssoc(p.dev.ID, ifC, nsid); err != nil {
+		t.Fatal(err)
+	}
+	if ev := nextEvent(t, evs); ev.Kind != DevChanged || ev.DevID != p.dev.ID {
+		t.Fatalf("after dev-assoc: event %+v, want dev-change", ev)
+	}
+	d, err := p.psp.DevGet(p.dev.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.ByAssociation || !reflect.DeepEqual(d.AssocList, []AssocDev{{Ifindex: ifC, NSID: nsid}}) {
+		t.Fatalf("the device from its own namespace: %+v", d)
+	}
+	cC := pspClient(t, nsC)
+	devs, err := cC.Devices()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(devs) != 1 || devs[0].ID != p.dev.ID || !devs[0].ByAssociation || !reflect.DeepEqual(devs[0].AssocList, []AssocDev{{Ifindex: ifC, NSID: -1}}) {
+		t.Fatalf("the device from the associated namespace: %+v", devs)
+	}
+	if err := cC.KeyRotate(p.dev.ID); !errors.Is(err, ErrNoDevice) {
+		t.Fatalf("key-rotate from the associated namespace: %v, want ErrNoDevice (admin operations belong to the device's namespace)", err)
+	}
+	if err := p.psp.DevAssoc(p.dev.ID, ifC, nsid); !errors.Is(err, ErrBusy) {
+		t.Fatalf("second dev-assoc: %v, want ErrBusy", err)
+	}
+	if err := p.psp.DevDisassoc(p.dev.ID, ifC, nsid); err != nil {
+		t.Fatal(err)
+	}
+	if devs, err := cC.Devices(); err != nil || len(devs) != 0 {
+		t.Fatalf("after dev-disassoc the other namespace sees %+v (%v)", devs, err)
 	}
 }
