@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -383,16 +384,21 @@ func (m *Manager) checkDevice(t tuple) error {
 	}
 	unknown := false
 	for _, d := range devs {
-		if d.Ifindex == 0 {
+		ifs := localIfindexes(d)
+		if len(ifs) == 0 {
 			unknown = true // the kernel did not say; it checks at rx-assoc
 			continue
 		}
-		if int(d.Ifindex) != ifindex {
+		if !slices.Contains(ifs, uint32(ifindex)) {
 			continue
 		}
 		if !d.Enabled.Has(m.version) {
-			return fmt.Errorf("psp: connection %s leaves through PSP device %d, which accepts %v but not %v: enable it (pspd enables it at start; somebody disabled it) (the socket was not touched): %w",
-				t, d.ID, d.Enabled, m.version, ErrVersionDisabled)
+			owner := "enable it (pspd enables it at start; somebody disabled it)"
+			if d.ByAssociation {
+				owner = "the pspd of the device's own network namespace must enable it"
+			}
+			return fmt.Errorf("psp: connection %s leaves through PSP device %d, which accepts %v but not %v: %s (the socket was not touched): %w",
+				t, d.ID, d.Enabled, m.version, owner, ErrVersionDisabled)
 		}
 		return nil
 	}
@@ -400,6 +406,23 @@ func (m *Manager) checkDevice(t tuple) error {
 		return nil
 	}
 	return fmt.Errorf("psp: connection %s leaves through interface %d, which has no PSP device: it cannot be upgraded (the socket was not touched): %w", t, ifindex, genl.ErrNoDevice)
+}
+
+// localIfindexes are the interfaces of this namespace whose sockets use
+// device d: its main netdev (unless this namespace sees d only by
+// association, when ifindex names a netdev elsewhere) and the netdevs of
+// this namespace associated with it (dev-assoc).
+func localIfindexes(d genl.Device) []uint32 {
+	var out []uint32
+	if !d.ByAssociation && d.Ifindex != 0 {
+		out = append(out, d.Ifindex)
+	}
+	for _, a := range d.AssocList {
+		if a.NSID == -1 {
+			out = append(out, a.Ifindex)
+		}
+	}
+	return out
 }
 
 // routeIfindex is the interface the kernel routes t through.

@@ -15,11 +15,18 @@ import (
 	"testing"
 	"time"
 
+	vnl "github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
 	"github.com/pspd/pspd/genl"
 	"github.com/pspd/pspd/internal/nstest"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/keyexchange/kdf"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/localapi/client"
+	"github.com/pspd/pspd/offload/psp"
 )
 
 // The tests in this file are the upgrade protocol's against kernel PSP in
@@ -487,5 +494,141 @@ func diagnose(t *testing.T, hs ...*host) {
 			t.Logf("%s: ss (%v):\n%s", h.name, err, out)
 		})
 		t.Logf("%s: PSP stats %+v", h.name, pspStats(t, h))
+	}
+}
+
+// TestVMAssociatedNamespace runs a manager in a namespace that uses a PSP
+// device only by association (dev-assoc of a veth end, as a container
+// would have): it starts without administering the device (the device's
+// own namespace enables versions and rotates), refuses an upgrade while
+// the version is disabled there, and binds receive keys through the
+// associated netdev once it is enabled.
+func TestVMAssociatedNamespace(t *testing.T) {
+	if os.Getenv("PSPD_IN_VM") != "1" {
+		t.Skip("kernel lacks PSP and netdevsim: run make vmtest (PSPD_IN_VM unset)")
+	}
+	h := newHost(t, "owner", 3217, "10.90.0.1")
+	nsC := nstest.New(t, "ppspc")
+	hA, err := vnl.NewHandleAt(netns.NsHandle(h.ns), unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hA.Close()
+	hC, err := vnl.NewHandleAt(netns.NsHandle(nsC), unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hC.Close()
+	if err := hA.LinkAdd(&vnl.Veth{LinkAttrs: vnl.LinkAttrs{Name: "pspva"}, PeerName: "pspvc", PeerNamespace: vnl.NsFd(nsC)}); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []struct {
+		h    *vnl.Handle
+		name string
+		addr string
+	}{{hA, "pspva", "10.91.0.1/24"}, {hC, "pspvc", "10.91.0.2/24"}, {hC, "lo", ""}} {
+		link, err := l.h.LinkByName(l.name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.addr != "" {
+			a, _ := vnl.ParseAddr(l.addr)
+			if err := l.h.AddrAdd(link, a); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := l.h.LinkSetUp(link); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vc, err := hC.LinkByName("pspvc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nsid, err := hA.GetNetNsIdByFd(nsC)
+	if err != nil || nsid < 0 {
+		t.Fatalf("nsid of the container namespace: %d %v", nsid, err)
+	}
+	owner, err := genl.Dial(genl.Config{NetNS: h.ns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer owner.Close()
+	devs, err := owner.Devices()
+	if err != nil || len(devs) != 1 {
+		t.Fatal(devs, err)
+	}
+	dev := devs[0]
+	if err := owner.DevAssoc(dev.ID, uint32(vc.Attrs().Index), int32(nsid)); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	m, err := psp.New(ctx, psp.Config{NetNS: nsC, Suite: kdf.AESGCM128, Rotation: time.Hour, KeyWait: time.Second})
+	if err != nil {
+		t.Fatalf("a manager in the associated namespace: %v", err)
+	}
+	defer m.Close()
+	if d, err := owner.DevGet(dev.ID); err != nil || d.Enabled != 0 {
+		t.Fatalf("the manager in the associated namespace administered the device: %+v %v", d, err)
+	}
+	mds, err := m.Devices()
+	if err != nil || len(mds) != 1 || mds[0].ID != dev.ID || !mds[0].NextRotation.IsZero() {
+		t.Fatalf("devices seen from the associated namespace: %+v %v (want the device, not scheduled for rotation here)", mds, err)
+	}
+	if _, err := m.RotateDevice(ctx, dev.ID); err == nil || !strings.Contains(err.Error(), "another network namespace") {
+		t.Fatalf("rotation from the associated namespace: %v", err)
+	}
+
+	// A connection from the container namespace to the owner's side of
+	// the veth.
+	peer, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.SetPeer(peer.Public(), netip.MustParseAddr("10.91.0.1"), nil)
+	var ln net.Listener
+	nstest.Do(t, h.ns, func() { ln, err = net.Listen("tcp4", "10.91.0.1:7600") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	upgrade := func() (wire.ExplicitKey, error) {
+		var c net.Conn
+		var err error
+		nstest.Do(t, nsC, func() { c, err = net.Dial("tcp4", "10.91.0.1:7600") })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		d, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		f, err := c.(*net.TCPConn).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		var sent wire.ExplicitKey
+		_, err = m.Upgrade(ctx, f, peer.Public(), func(_ context.Context, k wire.ExplicitKey) error {
+			sent = k
+			sent.Key = k.Key.Clone()
+			return errors.New("test: stop here")
+		})
+		return sent, err
+	}
+	if _, err := upgrade(); !errors.Is(err, psp.ErrVersionDisabled) || !strings.Contains(err.Error(), "own network namespace must enable it") {
+		t.Fatalf("upgrade while the owner has the version disabled: %v", err)
+	}
+	if err := owner.DevSet(dev.ID, genl.VersionsOf(genl.AESGCM128)); err != nil {
+		t.Fatal(err)
+	}
+	sent, err := upgrade()
+	defer sent.Key.Wipe()
+	if err == nil || !strings.Contains(err.Error(), "test: stop here") || sent.Key.Len() != 16 || sent.SPI == 0 {
+		t.Fatalf("upgrade through the associated netdev: %v (sent SPI %#x, %d-byte key): want rx-assoc done and the key handed to send", err, sent.SPI, sent.Key.Len())
 	}
 }
