@@ -49,15 +49,22 @@ func admin(d genl.Device) bool { return !d.ByAssociation }
 // the rotation schedule.
 func (m *Manager) track(d genl.Device) error {
 	m.mu.Lock()
-	if m.devs[d.ID] == nil {
+	known := m.devs[d.ID] != nil
+	m.mu.Unlock()
+	if !known {
+		// The rotation count so far is the baseline that resync compares
+		// against to find rotations whose notifications were lost.
 		st := &devState{nextRotation: m.scheduleFrom(d, time.Now())}
 		if s, err := m.c.Stats(d.ID); err == nil {
 			st.rotations = s.KeyRotations
 		}
-		m.devs[d.ID] = st
-		m.kickSchedule()
+		m.mu.Lock()
+		if m.devs[d.ID] == nil {
+			m.devs[d.ID] = st
+			m.kickSchedule()
+		}
+		m.mu.Unlock()
 	}
-	m.mu.Unlock()
 	if !admin(d) {
 		return nil
 	}
