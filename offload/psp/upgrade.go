@@ -89,8 +89,8 @@ func (b *keyBroker) wait(peer identity.PublicKey, t tuple) (*waiter, error) {
 	b.pending[t] = w
 	pt := peerTuple{peer, t}
 	if e := b.early[pt]; e != nil {
-		b.dropEarly(pt)
-		w.key <- e.key
+		b.forgetEarly(pt)
+		w.key <- e.key // the upgrade owns it now, and wipes it
 	}
 	return w, nil
 }
@@ -147,11 +147,17 @@ func (b *keyBroker) deliver(peer identity.PublicKey, t tuple, k wire.ExplicitKey
 
 // dropEarly wipes and forgets a held key; b.mu held.
 func (b *keyBroker) dropEarly(pt peerTuple) {
-	e := b.early[pt]
-	if e == nil {
+	if e := b.early[pt]; e != nil {
+		e.key.Key.Wipe()
+		b.forgetEarly(pt)
+	}
+}
+
+// forgetEarly forgets a held key without wiping it; b.mu held.
+func (b *keyBroker) forgetEarly(pt peerTuple) {
+	if b.early[pt] == nil {
 		return
 	}
-	e.key.Key.Wipe()
 	delete(b.early, pt)
 	if b.perPeer[pt.peer]--; b.perPeer[pt.peer] <= 0 {
 		delete(b.perPeer, pt.peer)

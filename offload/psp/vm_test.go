@@ -424,6 +424,8 @@ func TestVMRotateTwice(t *testing.T) {
 	fresh := upgradedConn(ctx, t, a, b, 7001)
 	if err := echo(fresh.a, []byte("moved"), 10*time.Second); err != nil {
 		diagnose(t, a, b)
+		tcpDiag(t, "A end", fresh.a)
+		tcpDiag(t, "B end", fresh.b)
 		t.Fatalf("echo on the new connection: %v\nA:\n%s\nB:\n%s", err, a.logs.Bytes(), b.logs.Bytes())
 	}
 	if err := echo(old.a, []byte("still"), 10*time.Second); err != nil {

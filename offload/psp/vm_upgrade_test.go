@@ -388,6 +388,8 @@ func TestVMCloseMany(t *testing.T) {
 	go io.Copy(conns[0][1], conns[0][1])
 	if err := echo(conns[0][0], []byte("alive"), 10*time.Second); err != nil {
 		diagnose(t, a, b)
+		tcpDiag(t, "A end", conns[0][0])
+		tcpDiag(t, "B end", conns[0][1])
 		t.Fatal(err)
 	}
 	evA, evB := collect(ctx, t, client.New(a.sock)), collect(ctx, t, client.New(b.sock))
@@ -487,7 +489,7 @@ func diagnose(t *testing.T, hs ...*host) {
 	}
 	for _, h := range hs {
 		nstest.Do(t, h.ns, func() {
-			out, err := exec.Command(ss, "-tinoe", "state", "established").CombinedOutput()
+			out, err := exec.Command(ss, "-tnie").CombinedOutput()
 			if len(out) > 6000 {
 				out = out[:6000]
 			}
@@ -630,5 +632,63 @@ func TestVMAssociatedNamespace(t *testing.T) {
 	defer sent.Key.Wipe()
 	if err == nil || !strings.Contains(err.Error(), "test: stop here") || sent.Key.Len() != 16 || sent.SPI == 0 {
 		t.Fatalf("upgrade through the associated netdev: %v (sent SPI %#x, %d-byte key): want rx-assoc done and the key handed to send", err, sent.SPI, sent.Key.Len())
+	}
+}
+
+// tcpDiag logs a socket's TCP state and queues.
+func tcpDiag(t *testing.T, label string, c net.Conn) {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Log(err)
+		return
+	}
+	rc.Control(func(fd uintptr) {
+		ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		inq, _ := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		outq, _ := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
+		t.Logf("%s %v -> %v: inq %d outq %d tcp_info %+v %v", label, c.LocalAddr(), c.RemoteAddr(), inq, outq, ti, err)
+	})
+}
+
+// TestVMUpgradeLateSide: B's application hands its end over a second
+// after A's, so A's key reaches B's pspd before B's upgrade asks for it
+// (the early-key path), and the other way round on a second connection.
+// Both connections carry data afterwards.
+func TestVMUpgradeLateSide(t *testing.T) {
+	a, b := pair(t, 3219, "10.92.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	waitSession(ctx, t, a, b)
+	for i, late := range []*host{b, a} {
+		ca, cb := dialPair(t, a, b, 7800+i)
+		var wg sync.WaitGroup
+		var ea, eb error
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			if late == a {
+				time.Sleep(time.Second)
+			}
+			_, ea = client.New(a.sock).UpgradePSP(ctx, ca, b.name)
+		}()
+		go func() {
+			defer wg.Done()
+			if late == b {
+				time.Sleep(time.Second)
+			}
+			_, eb = client.New(b.sock).UpgradePSP(ctx, cb, a.name)
+		}()
+		wg.Wait()
+		if ea != nil || eb != nil {
+			t.Fatalf("%s late: upgrade A %v, B %v", late.name, ea, eb)
+		}
+		go io.Copy(cb, cb)
+		if err := echo(ca, []byte("late side"), 10*time.Second); err != nil {
+			diagnose(t, a, b)
+			tcpDiag(t, "A end", ca)
+			tcpDiag(t, "B end", cb)
+			t.Fatalf("%s late: echo: %v", late.name, err)
+		}
 	}
 }
