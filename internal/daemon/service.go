@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"crypto/fips140"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -11,6 +12,7 @@ import (
 	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/offload/psp"
 )
 
 // The Daemon is the local API's Service.
@@ -152,14 +154,23 @@ func (d *Daemon) Devices(context.Context) ([]localapi.Device, error) {
 	if d.psp == nil {
 		return []localapi.Device{}, nil
 	}
-	return d.psp.Devices()
+	devs, err := d.psp.Devices()
+	out := make([]localapi.Device, 0, len(devs))
+	for _, dv := range devs {
+		out = append(out, localapi.Device(dv))
+	}
+	return out, err
 }
 
 func (d *Daemon) RotateDevice(ctx context.Context, id uint32) (localapi.Device, error) {
 	if d.psp == nil {
 		return localapi.Device{}, d.errNoPSP()
 	}
-	return d.psp.RotateDevice(ctx, id)
+	dv, err := d.psp.RotateDevice(ctx, id)
+	if errors.Is(err, psp.ErrNoDevice) {
+		err = fmt.Errorf("%w: %w", err, localapi.ErrNotFound)
+	}
+	return localapi.Device(dv), err
 }
 
 // UpgradePSP binds PSP to an application's connected TCP socket with the
@@ -180,6 +191,9 @@ func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string)
 	} else if !s.PeerBackends().Has(wire.BackendPSP) {
 		return localapi.UpgradeResult{}, fmt.Errorf("peer %s has no kernel PSP; the socket was not touched", peerName)
 	}
+	// Stopgap until the peer lifecycle calls SetPeer/RemovePeer: keys the
+	// peer sends before this host's upgrade are dropped until then.
+	d.psp.SetPeer(p.cfg.PublicKey, p.cfg.Endpoint.Addr(), p.cfg.Prefixes)
 	r, err := d.psp.Upgrade(ctx, sock, p.cfg.PublicKey, p.kx.SendExplicitKey)
 	if err != nil {
 		d.log.Warn("PSP upgrade failed", "peer", peerName, "err", err)
