@@ -190,6 +190,10 @@ func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
 	}
 	ctx, stop := context.WithCancel(d.ctx)
 	p.kx, p.stop, p.backend = kx, stop, cs[0]
+	if d.psp != nil {
+		// The addresses a socket handed over for this peer may connect to.
+		d.psp.SetPeer(p.cfg.PublicKey, p.cfg.Endpoint.Addr(), p.cfg.Prefixes)
+	}
 	d.wg.Add(1)
 	go d.watch(ctx, p, kx)
 	return nil
@@ -212,6 +216,9 @@ func (d *Daemon) removePeer(name string, removeState bool) {
 	}
 	delete(d.peers, name)
 	d.stopKX(p)
+	if d.psp != nil {
+		d.psp.RemovePeer(p.cfg.PublicKey)
+	}
 	d.forget(d.ctx, p, removeState)
 	if removeState {
 		d.events.publish(localapi.Event{Kind: "peer-removed", Peer: name})
@@ -389,6 +396,9 @@ func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev,
 		d.update(ctx, p, prev)
 	}
 	p.bmu.Unlock()
+	if err == nil && d.psp != nil {
+		d.psp.SetPeer(np.PublicKey, np.Endpoint.Addr(), np.Prefixes)
+	}
 	if err != nil || !renegotiate {
 		return err
 	}

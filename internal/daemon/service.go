@@ -191,9 +191,6 @@ func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string)
 	} else if !s.PeerBackends().Has(wire.BackendPSP) {
 		return localapi.UpgradeResult{}, fmt.Errorf("peer %s has no kernel PSP; the socket was not touched", peerName)
 	}
-	// Stopgap until the peer lifecycle calls SetPeer/RemovePeer: keys the
-	// peer sends before this host's upgrade are dropped until then.
-	d.psp.SetPeer(p.cfg.PublicKey, p.cfg.Endpoint.Addr(), p.cfg.Prefixes)
 	r, err := d.psp.Upgrade(ctx, sock, p.cfg.PublicKey, p.kx.SendExplicitKey)
 	if err != nil {
 		d.log.Warn("PSP upgrade failed", "peer", peerName, "err", err)
