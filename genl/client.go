@@ -338,3 +338,42 @@ func (c *Client) TxAssoc(s Socket, v Version, devID uint32, k AssocKey) error {
 		return err
 	})
 }
+
+// DevAssoc lets netdev ifindex use PSP device id (dev-assoc, Linux 7.3):
+// sockets routed through it, e.g. a container's netkit or veth end in
+// another network namespace, can then be upgraded with the device, and
+// that namespace sees the device (flagged ByAssociation). nsid names the
+// netdev's namespace relative to the caller's (RTM_NEWNSID); -1 means
+// the caller's own. Only the device's own namespace may name another.
+func (c *Client) DevAssoc(id, ifindex uint32, nsid int32) error {
+	return c.devAssoc("dev-assoc", cmdDevAssoc, id, ifindex, nsid)
+}
+
+// DevDisassoc undoes DevAssoc (dev-disassoc, Linux 7.3).
+func (c *Client) DevDisassoc(id, ifindex uint32, nsid int32) error {
+	return c.devAssoc("dev-disassoc", cmdDevDisassoc, id, ifindex, nsid)
+}
+
+func (c *Client) devAssoc(op string, cmd uint8, id, ifindex uint32, nsid int32) error {
+	if err := checkDevID(op+" id", id); err != nil {
+		return err
+	}
+	if ifindex == 0 {
+		return fmt.Errorf("psp: %s: ifindex must be >= 1", op)
+	}
+	if nsid < -1 {
+		return fmt.Errorf("psp: %s: nsid %d: want -1 (this namespace) or an assigned nsid >= 0", op, nsid)
+	}
+	ae := netlink.NewAttributeEncoder()
+	ae.Uint32(attrDevID, id)
+	ae.Uint32(attrDevIfindex, ifindex)
+	if nsid >= 0 {
+		ae.Int32(attrDevNSID, nsid)
+	}
+	b, err := ae.Encode()
+	if err != nil {
+		return fmt.Errorf("psp: %s: %w", op, err)
+	}
+	_, err = c.do(op, cmd, b, true)
+	return err
+}

@@ -15,6 +15,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -98,9 +99,45 @@ func TestDevGet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Device{ID: 7, Ifindex: 3, Cap: 0xf, Enabled: VersionsOf(AESGCM128)}
-	if d != want {
+	want := Device{ID: 7, Ifindex: 3, Cap: 0xf, Enabled: VersionsOf(AESGCM128), NSID: -1}
+	if !reflect.DeepEqual(d, want) {
 		t.Fatalf("DevGet = %+v, want %+v", d, want)
+	}
+}
+
+// TestDecodeDevice73 reads the device attributes Linux 7.3 adds: a device
+// seen from a namespace it was associated with (dev-assoc) carries the
+// by-association flag and only the associated devices of that namespace,
+// and net-next leaves out ifindex there (and in dev-del-ntf): such a
+// device must still decode, or one of them breaks the whole dump.
+func TestDecodeDevice73(t *testing.T) {
+	littleEndian(t)
+	for _, tc := range []struct {
+		name  string
+		attrs string
+		want  Device
+	}{
+		{"primary with assoc-list", devReply7 + " 14000580 08000100 05000000 08000200 02000000" + " 14000580 08000100 06000000 08000200 ffffffff",
+			Device{ID: 7, Ifindex: 3, Cap: 0xf, Enabled: 1, NSID: -1, AssocList: []AssocDev{{Ifindex: 5, NSID: 2}, {Ifindex: 6, NSID: -1}}}},
+		{"by association, no ifindex", "08000100 09000000 08000300 0f000000 08000400 01000000 04000700 14000580 08000100 05000000 08000200 ffffffff",
+			Device{ID: 9, Cap: 0xf, Enabled: 1, NSID: -1, ByAssociation: true, AssocList: []AssocDev{{Ifindex: 5, NSID: -1}}}},
+		{"nsid", devReply7 + " 08000600 03000000", Device{ID: 7, Ifindex: 3, Cap: 0xf, Enabled: 1, NSID: 3}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, err := decodeDevice(hx(t, tc.attrs))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(d, tc.want) {
+				t.Fatalf("decoded %+v, want %+v", d, tc.want)
+			}
+		})
+	}
+	// Still required: id and the version sets.
+	for _, bad := range []string{"08000300 0f000000 08000400 01000000", attrID7 + " 08000400 01000000", attrID7 + " 08000300 0f000000", attrID7 + " 08000300 0f000000 08000400 01000000 0c000580 06000100 05000000"} {
+		if d, err := decodeDevice(hx(t, bad)); err == nil {
+			t.Errorf("decoded %q as %+v, want an error", bad, d)
+		}
 	}
 }
 
@@ -329,7 +366,10 @@ func TestErrorMapping(t *testing.T) {
 		{"dev-set beyond cap", unix.EINVAL, "Requested PSP versions not supported by the device", func(c *Client) error { return c.DevSet(1, 0xf) }, ErrVersionUnsupported},
 		{"dev-set nothing", unix.EINVAL, "No settings present", func(c *Client) error { return c.DevSet(1, 0) }, ErrNoSettings},
 		{"dev-set not admin", unix.EPERM, "", func(c *Client) error { return c.DevSet(1, 1) }, ErrPermission},
-		{"rx busy", unix.EBUSY, "Socket already has PSP state", rx(1), ErrBusy},
+		{"rx busy", unix.EBUSY, "Socket already has PSP state", rx(1), ErrHasPSPState},
+		{"rx unknown busy", unix.EBUSY, "", rx(1), ErrBusy},
+		{"rx not connected", unix.ENOTCONN, "", rx(0), ErrNotConnected},
+		{"rx ktls", unix.EINVAL, "Socket has incompatible state", rx(1), ErrIncompatibleState},
 		{"rx not tcp", unix.EOPNOTSUPP, "Unsupported socket family and type", rx(1), ErrNotTCP},
 		{"rx version", unix.EOPNOTSUPP, "", rx(1), ErrVersionUnsupported},
 		{"rx mismatch", unix.EINVAL, "Device id vs socket mismatch", rx(2), ErrDevMismatch},
@@ -338,7 +378,8 @@ func TestErrorMapping(t *testing.T) {
 		{"tx no rx", unix.EINVAL, "Socket has no Rx key", tx(0), ErrNoRxKey},
 		{"tx other dev", unix.EINVAL, "Rx key from different device", tx(1), ErrDevMismatch},
 		{"tx version", unix.EINVAL, "PSP version mismatch with existing state", tx(0), ErrVersionMismatch},
-		{"tx twice", unix.EBUSY, "Tx key already set", tx(0), ErrBusy},
+		{"tx twice", unix.EBUSY, "Tx key already set", tx(0), ErrTxKeySet},
+		{"tx not connected", unix.ENOTCONN, "", tx(0), ErrNotConnected},
 		{"tx queue", unix.EBUSY, "Socket has incompatible segments already in the recv queue", tx(0), ErrIncompatibleSegment},
 		{"tx key length", unix.EINVAL, "incorrect key length", tx(0), ErrInvalidKey},
 		{"tx spi", unix.EINVAL, "invalid SPI: lower 31b must be non-zero", tx(0), ErrInvalidSPI},
@@ -433,5 +474,28 @@ func TestWatchStopsOnCallbackError(t *testing.T) {
 	stop := errors.New("stop")
 	if err := c.Watch(context.Background(), func(Event) error { return stop }); !errors.Is(err, stop) {
 		t.Fatalf("Watch returned %v, want the callback's error", err)
+	}
+}
+
+func TestDevAssoc(t *testing.T) {
+	c := fakeClient(t, expect(t, 11, netlink.Request, attrID7+" 08000200 05000000 08000600 02000000", ""))
+	if err := c.DevAssoc(7, 5, 2); err != nil {
+		t.Fatal(err)
+	}
+	c = fakeClient(t, expect(t, 11, netlink.Request, attrID7+" 08000200 05000000", ""))
+	if err := c.DevAssoc(7, 5, -1); err != nil {
+		t.Fatal(err)
+	}
+	c = fakeClient(t, expect(t, 12, netlink.Request, attrID7+" 08000200 05000000 08000600 00000000", ""))
+	if err := c.DevDisassoc(7, 5, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []struct {
+		id, ifindex uint32
+		nsid        int32
+	}{{0, 5, -1}, {7, 0, -1}, {7, 5, -2}} {
+		if err := c.DevAssoc(bad.id, bad.ifindex, bad.nsid); err == nil {
+			t.Errorf("DevAssoc(%d, %d, %d) accepted", bad.id, bad.ifindex, bad.nsid)
+		}
 	}
 }

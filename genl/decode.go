@@ -41,8 +41,10 @@ func uintAttr(ad *netlink.AttributeDecoder, name string) (v uint64) {
 	return v
 }
 
+func s32(ad *netlink.AttributeDecoder, name string) int32 { return int32(u32(ad, name)) }
+
 func decodeDevice(b []byte) (Device, error) {
-	var d Device
+	d := Device{NSID: -1}
 	ad, err := netlink.NewAttributeDecoder(b)
 	if err != nil {
 		return Device{}, fmt.Errorf("psp: decode dev: %w", err)
@@ -58,6 +60,27 @@ func decodeDevice(b []byte) (Device, error) {
 			d.Cap = Versions(u32(ad, "dev.psp-versions-cap"))
 		case attrDevVersionsEna:
 			d.Enabled = Versions(u32(ad, "dev.psp-versions-ena"))
+		case attrDevAssocList:
+			ad.Nested(func(nad *netlink.AttributeDecoder) error {
+				a := AssocDev{NSID: -1}
+				for nad.Next() {
+					switch nad.Type() {
+					case attrAssocDevIfindex:
+						a.Ifindex = u32(nad, "assoc-dev-info.ifindex")
+					case attrAssocDevNSID:
+						a.NSID = s32(nad, "assoc-dev-info.nsid")
+					}
+				}
+				if nad.Err() == nil && a.Ifindex == 0 {
+					return errors.New("assoc-list entry without ifindex")
+				}
+				d.AssocList = append(d.AssocList, a)
+				return nil
+			})
+		case attrDevNSID:
+			d.NSID = s32(ad, "dev.nsid")
+		case attrDevByAssociation:
+			d.ByAssociation = true
 		default:
 			continue
 		}
@@ -66,10 +89,12 @@ func decodeDevice(b []byte) (Device, error) {
 	if err := ad.Err(); err != nil {
 		return Device{}, fmt.Errorf("psp: decode dev: %w", err)
 	}
+	// ifindex is optional: net-next leaves it out where the netdev is not
+	// in the caller's namespace.
 	for _, a := range []struct {
 		t    uint16
 		name string
-	}{{attrDevID, "id"}, {attrDevIfindex, "ifindex"}, {attrDevVersionsCap, "psp-versions-cap"}, {attrDevVersionsEna, "psp-versions-ena"}} {
+	}{{attrDevID, "id"}, {attrDevVersionsCap, "psp-versions-cap"}, {attrDevVersionsEna, "psp-versions-ena"}} {
 		if seen&(1<<a.t) == 0 {
 			return Device{}, fmt.Errorf("psp: decode dev: attribute %s missing", a.name)
 		}

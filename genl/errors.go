@@ -15,6 +15,10 @@ var (
 	ErrNoFamily            = errors.New("kernel has no generic netlink family psp (CONFIG_INET_PSP)")
 	ErrNoDevice            = errors.New("no such PSP device")
 	ErrBusy                = errors.New("socket busy")
+	ErrHasPSPState         = errors.New("socket already has PSP state (rx-assoc done before)")
+	ErrTxKeySet            = errors.New("socket already has a PSP transmit key")
+	ErrNotConnected        = errors.New("socket is not an established TCP connection")
+	ErrIncompatibleState   = errors.New("socket has kernel TLS receive state, which excludes PSP")
 	ErrVersionUnsupported  = errors.New("PSP version not supported by the device")
 	ErrVersionMismatch     = errors.New("PSP version differs from the socket's Rx association")
 	ErrNotTCP              = errors.New("socket is not TCP")
@@ -66,7 +70,10 @@ var messageKinds = []struct {
 	{unix.EINVAL, "invalid spi", ErrInvalidSPI},
 	{unix.EINVAL, "no settings present", ErrNoSettings},
 	{unix.EOPNOTSUPP, "unsupported socket family", ErrNotTCP},
+	{unix.EINVAL, "socket has incompatible state", ErrIncompatibleState},
 	{unix.EBUSY, "incompatible segments", ErrIncompatibleSegment},
+	{unix.EBUSY, "tx key already set", ErrTxKeySet},
+	{unix.EBUSY, "already has psp state", ErrHasPSPState},
 }
 
 // mapError turns a netlink error into *Error. devIDSent tells whether the
@@ -97,6 +104,8 @@ func mapError(op string, err error, devIDSent bool) error {
 		e.Kind = ErrBusy
 	case unix.EOPNOTSUPP:
 		e.Kind = ErrVersionUnsupported
+	case unix.ENOTCONN:
+		e.Kind = ErrNotConnected
 	case unix.EPERM:
 		e.Kind = ErrPermission
 	case unix.EINVAL:

@@ -37,6 +37,8 @@ const (
 	cmdRxAssoc      = 8
 	cmdTxAssoc      = 9
 	cmdGetStats     = 10
+	cmdDevAssoc     = 11 // Linux 7.3
+	cmdDevDisassoc  = 12 // Linux 7.3
 )
 
 // Attribute set "dev".
@@ -45,6 +47,18 @@ const (
 	attrDevIfindex     = 2
 	attrDevVersionsCap = 3
 	attrDevVersionsEna = 4
+	// Linux 7.3 (dev-assoc): the devices of other namespaces that may use
+	// this one, the namespace of a dev-assoc request, and the flag that
+	// says the caller sees the device only by association.
+	attrDevAssocList     = 5
+	attrDevNSID          = 6
+	attrDevByAssociation = 7
+)
+
+// Attribute set "assoc-dev-info" (Linux 7.3), nested in assoc-list.
+const (
+	attrAssocDevIfindex = 1
+	attrAssocDevNSID    = 2
 )
 
 // Attribute set "assoc".
@@ -177,10 +191,27 @@ func (s SPI) String() string { return fmt.Sprintf("%#08x", uint32(s)) }
 
 // Device is one PSP device (a dev-get reply or a mgmt notification).
 type Device struct {
-	ID      uint32
+	ID uint32
+	// Ifindex is the device's main netdev in the caller's namespace; 0
+	// when the kernel leaves it out (net-next does in associated
+	// namespaces and in dev-del-ntf).
 	Ifindex uint32
 	Cap     Versions // versions the device supports
 	Enabled Versions // versions accepted on receive
+
+	// Linux 7.3 (dev-assoc). ByAssociation: the caller's namespace only
+	// uses the device through an association and must leave its
+	// administration (dev-set, key-rotate) to the device's own namespace.
+	ByAssociation bool
+	AssocList     []AssocDev // devices of other namespaces associated with it
+	NSID          int32      // the nsid attribute if present, else -1
+}
+
+// AssocDev is one entry of a device's assoc-list: a netdev of some
+// namespace that may use the device.
+type AssocDev struct {
+	Ifindex uint32
+	NSID    int32 // relative to the caller's namespace; -1: the caller's own
 }
 
 // AssocKey is one direction's key of an association: an SPI and the key.

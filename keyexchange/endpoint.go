@@ -59,6 +59,22 @@
 //     Config.IdleTimeout, and reconnects with backoff as after any
 //     session end.
 //
+// Each Peer is a state machine (Peer.Status): connecting (dialing, or
+// waiting for the peer to dial), handshaking (the peer answered; TLS, the
+// Hellos and the first SA under way), up (an SA is confirmed), backoff
+// (the last attempt failed) and down (closed). While not up, Status.Cause
+// says why in operator terms: a wrong pin on either side names the key
+// presented and the key pinned, by fingerprint, on both sides (the dialer
+// sees the listener's key; the listener matches a refused key, or a
+// handshake the dialer aborted, to the peer configured at that address);
+// an unreachable peer says it does not answer; hosts without a common
+// backend say what each offers. The log has one WARN line per cause, not
+// one per retry, a reminder every few minutes while the peer stays down,
+// and one INFO line when it is up. Causes learnt from inbound handshakes
+// are hints from an unauthenticated source (a host at the peer's address
+// that passed the QUIC address check), so they only ever change what a
+// peer that is not up reports.
+//
 // Kernel PSP device keys (wire.ExplicitKey) are carried by the protocol but
 // not yet negotiated by Peer; that needs the PSP netlink backend.
 package keyexchange
@@ -192,6 +208,9 @@ type Endpoint struct {
 	peers map[identity.PublicKey]*Peer
 	rxIDs rxIDSpace
 
+	remindEvery time.Duration                    // remindEvery; tests shorten it
+	strangers   map[identity.PublicKey]time.Time // keys refused, when last WARNed
+
 	handshakes, failures atomic.Uint64
 	groupsMu             sync.Mutex
 	groups               map[tls.CurveID]uint64
@@ -230,7 +249,8 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	e := &Endpoint{cfg: cfg, id: cfg.Identity, peers: map[identity.PublicKey]*Peer{}, groups: map[tls.CurveID]uint64{}}
+	e := &Endpoint{cfg: cfg, id: cfg.Identity, peers: map[identity.PublicKey]*Peer{}, groups: map[tls.CurveID]uint64{}, remindEvery: remindEvery,
+		strangers: map[identity.PublicKey]time.Time{}}
 	if _, err := rand.Read(e.boot[:]); err != nil {
 		return nil, fmt.Errorf("keyexchange: boot id: %w", err)
 	}
@@ -276,6 +296,13 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 		// do handshake work or amplify towards a victim.
 		VerifySourceAddress: func(net.Addr) bool { return true },
 		StatelessResetKey:   &resetKey,
+		// Only to learn of inbound handshakes the dialer aborted (see
+		// inboundEnded).
+		ConnContext: func(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
+			remote := ci.RemoteAddr
+			context.AfterFunc(ctx, func() { e.inboundEnded(remote, context.Cause(ctx)) })
+			return ctx, nil
+		},
 	}
 	e.qconf = &quic.Config{
 		HandshakeIdleTimeout:  cfg.HandshakeTimeout,
@@ -284,7 +311,7 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 		Allow0RTT:             false,
 		MaxIncomingUniStreams: -1,
 	}
-	e.ln, err = e.tr.Listen(tlsConfig(e.leaf, e.allowInbound, keyExchangeGroups(false, cfg.ClassicKeyExchange)), e.qconf)
+	e.ln, err = e.tr.Listen(e.listenConfig(), e.qconf)
 	if err != nil {
 		e.tr.Close()
 		return nil, fmt.Errorf("keyexchange: listen: %w", err)
@@ -345,13 +372,112 @@ func (e *Endpoint) peer(pk identity.PublicKey) *Peer {
 	return e.peers[pk]
 }
 
-func (e *Endpoint) allowInbound(pk identity.PublicKey) error {
-	if e.peer(pk) == nil {
-		err := &PeerError{Peer: pk, Op: "handshake", Err: errors.New("key is not pinned here; refusing")}
-		e.log.Warn("refused inbound session", "err", err)
+// listenConfig is the listener's TLS configuration. Each connection gets
+// its own copy, whose pin check knows where the dialer is: a key that is
+// not pinned here, arriving from the address of a pinned peer, is most
+// likely that peer with a wrong pin, and its status should say so.
+func (e *Endpoint) listenConfig() *tls.Config {
+	groups := keyExchangeGroups(false, e.cfg.ClassicKeyExchange)
+	conf := tlsConfig(e.leaf, func(pk identity.PublicKey) error { return e.allowInbound(pk, nil) }, groups)
+	conf.GetConfigForClient = func(info *tls.ClientHelloInfo) (*tls.Config, error) {
+		var remote net.Addr
+		if info.Conn != nil {
+			remote = info.Conn.RemoteAddr()
+		}
+		return tlsConfig(e.leaf, func(pk identity.PublicKey) error { return e.allowInbound(pk, remote) }, groups), nil
+	}
+	return conf
+}
+
+// allowInbound is the listener's pin check.
+func (e *Endpoint) allowInbound(pk identity.PublicKey, remote net.Addr) error {
+	if p := e.peer(pk); p != nil {
+		p.handshaking()
+		return nil
+	}
+	err := &PeerError{Peer: pk, Op: "handshake", Err: errors.New("key is not pinned here; refusing")}
+	if p := e.peerAt(remote); p != nil {
+		p.noteCause(&wrongPinError{addr: p.cfg.Addr, presented: pk, pinned: p.cfg.Key, err: err})
 		return err
 	}
+	if e.strangerNew(pk) {
+		e.log.Warn("refused inbound session", "err", err, "remote", addrString(remote))
+	} else {
+		e.log.Debug("refused inbound session", "err", err, "remote", addrString(remote))
+	}
+	return err
+}
+
+// maxStrangers bounds the keys strangerNew remembers: each costs the
+// stranger only a handshake.
+const maxStrangers = 256
+
+// strangerNew reports whether a key that is not pinned here was last
+// refused longer than remindEvery ago, so that a host retrying with a
+// wrong or unknown key gets one WARN line, not one per retry.
+func (e *Endpoint) strangerNew(pk identity.PublicKey) bool {
+	now := time.Now()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if last, ok := e.strangers[pk]; ok && now.Sub(last) < e.remindEvery {
+		return false
+	}
+	if len(e.strangers) >= maxStrangers {
+		clear(e.strangers)
+	}
+	e.strangers[pk] = now
+	return true
+}
+
+// inboundEnded runs when an inbound connection is over. One that the
+// dialer aborted because of this host's certificate (it pins another key
+// for this host) is a cause for the peer at that address: that side has
+// the wrong pin, and without this, this side would only see silence.
+func (e *Endpoint) inboundEnded(remote net.Addr, cause error) {
+	if !refusedByPeer(cause) {
+		return
+	}
+	if p := e.peerAt(remote); p != nil {
+		p.noteCause(&refusedKeyError{addr: p.cfg.Addr, local: e.Public(), pinned: p.cfg.Key, err: cause})
+		return
+	}
+	e.log.Debug("inbound handshake aborted by the dialer", "remote", addrString(remote), "err", cause)
+}
+
+// peerAt is the peer configured at addr: the one with that address and
+// port, else the only one with that address.
+func (e *Endpoint) peerAt(addr net.Addr) *Peer {
+	ua, ok := addr.(*net.UDPAddr)
+	if !ok {
+		return nil
+	}
+	ap := ua.AddrPort()
+	ip := ap.Addr().Unmap()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var byIP *Peer
+	n := 0
+	for _, p := range e.peers {
+		if p.cfg.Addr.Addr().Unmap() != ip {
+			continue
+		}
+		if p.cfg.Addr.Port() == ap.Port() {
+			return p
+		}
+		byIP = p
+		n++
+	}
+	if n == 1 {
+		return byIP
+	}
 	return nil
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
 }
 
 func (e *Endpoint) acceptLoop() {
@@ -366,7 +492,13 @@ func (e *Endpoint) acceptLoop() {
 			defer e.wg.Done()
 			s, err := e.newSession(e.ctx, conn, false)
 			if err != nil {
-				e.log.Warn("inbound session failed", "err", err)
+				// The handshake authenticated the dialer: tell its peer.
+				pk, _ := verifyPeer(conn.ConnectionState().TLS, time.Now())
+				if p := e.peer(pk); p != nil {
+					p.noteCause(err)
+				} else {
+					e.log.Warn("inbound session failed", "err", err)
+				}
 				return
 			}
 			p := e.peer(s.peer)
@@ -381,15 +513,34 @@ func (e *Endpoint) acceptLoop() {
 
 // dial opens a session to the peer with key want at addr.
 func (e *Endpoint) dial(ctx context.Context, addr netip.AddrPort, want identity.PublicKey) (*Session, error) {
+	return e.dialAnd(ctx, addr, want, nil)
+}
+
+// dialAnd is dial that calls answered when the peer has presented the
+// pinned key, i.e. the handshake is under way. A peer presenting another
+// key fails the dial with a wrongPinError.
+func (e *Endpoint) dialAnd(ctx context.Context, addr netip.AddrPort, want identity.PublicKey, answered func()) (*Session, error) {
+	var mismatch error
 	conf := tlsConfig(e.leaf, func(got identity.PublicKey) error {
 		if got != want {
-			return &PeerError{Peer: got, Op: "handshake", Err: fmt.Errorf("presented key is not the pinned key %s", want.Fingerprint())}
+			mismatch = &wrongPinError{addr: addr, presented: got, pinned: want}
+			return &PeerError{Peer: got, Op: "handshake", Err: mismatch}
+		}
+		if answered != nil {
+			answered()
 		}
 		return nil
 	}, keyExchangeGroups(true, e.cfg.ClassicKeyExchange))
 	conn, err := e.tr.Dial(ctx, net.UDPAddrFromAddrPort(addr), conf, e.qconf)
 	if err != nil {
 		e.failures.Add(1)
+		var wp *wrongPinError
+		if mismatch != nil && !errors.As(err, &wp) {
+			// Some quic-go paths keep only the text of a local
+			// verification error.
+			mismatch.(*wrongPinError).err = err
+			err = mismatch
+		}
 		return nil, peerErr(want, "dial "+addr.String(), err)
 	}
 	return e.newSession(ctx, conn, true)

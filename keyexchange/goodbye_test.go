@@ -59,7 +59,10 @@ func TestGoodbyeMarksPeerDown(t *testing.T) {
 				!strings.Contains(err.Error(), stopping.ep.Public().Fingerprint()) {
 				t.Fatalf("LastError %v: want the goodbye with its reason, naming the peer", err)
 			}
-			waitFor(t, func() bool { return strings.Contains(string(otherNode.logs.Bytes()), "goodbye") })
+			if c := other.Status().Cause; c == nil || !strings.Contains(c.Error(), "on purpose (goodbye: "+tc.reason) {
+				t.Fatalf("Cause %v: want the goodbye in operator terms", c)
+			}
+			waitFor(t, func() bool { return len(warnsWith(t, otherNode, "peer down", "goodbye: "+tc.reason)) == 1 })
 			// The session ended like any other: when the peer comes back,
 			// the pair associates again.
 			if tc.endpoint {

@@ -244,7 +244,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	sctx, cancel := context.WithCancelCause(conn.Context())
 	s = &Session{
 		conn: conn, dialed: dialer, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
-		log: e.log.With("peer", peer.Fingerprint(), "role", role.String()),
+		log: e.log.With(e.peerAttrs(peer)...).With("role", role.String()),
 		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, rxIDs: &e.rxIDs, lastGen: map[wire.AssocID]uint32{},
 	}
 	if s.hello, err = e.exchangeHello(ctx, conn, peer, dialer); err != nil {

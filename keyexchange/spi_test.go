@@ -96,3 +96,29 @@ func TestSaltsMirrorAndStandApart(t *testing.T) {
 		t.Fatal("the salt is the start of the key")
 	}
 }
+
+// TestKeysWipedOnceActive: once a generation is active on both sides, the
+// key exchange keeps no copy of its keys or salts; the data planes have
+// theirs (the kernel ones, only the kernel's).
+func TestKeysWipedOnceActive(t *testing.T) {
+	ini, resp, pi, pr := pair(t, nil, nil)
+	ctx := ctxT(t, 10*time.Second)
+	for _, p := range []*Peer{pi, pr} {
+		if _, err := p.Wait(ctx, func(SA) bool { return true }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []*Peer{pi, pr} {
+		p.mu.Lock()
+		cur := p.cur
+		zero := func(b []byte) bool { return !slices.ContainsFunc(b, func(c byte) bool { return c != 0 }) }
+		held := cur != nil && (!zero(cur.RxKey.Bytes()) || !zero(cur.TxKey.Bytes()) || !zero(cur.RxSalt[:]) || !zero(cur.TxSalt[:]))
+		p.mu.Unlock()
+		if cur == nil || held {
+			t.Errorf("peer %s: current SA %v still holds keys or salts", p.Key().Fingerprint(), cur)
+		}
+	}
+	if ini.inst.liveCount() == 0 || resp.inst.liveCount() == 0 {
+		t.Fatal("nothing installed")
+	}
+}

@@ -188,7 +188,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 // startKX starts keeping a session with the peer.
 func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
 	kx, err := d.ep.AddPeer(keyexchange.PeerConfig{
-		Key: p.cfg.PublicKey, Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
+		Name: p.cfg.Name, Key: p.cfg.PublicKey, Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
 		RekeyInterval: d.cfg.RekeyInterval,
 	})
 	if err != nil {
@@ -196,6 +196,10 @@ func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
 	}
 	ctx, stop := context.WithCancel(d.ctx)
 	p.kx, p.stop, p.backend = kx, stop, cs[0]
+	if d.psp != nil {
+		// The addresses a socket handed over for this peer may connect to.
+		d.psp.SetPeer(p.cfg.PublicKey, p.cfg.Endpoint.Addr(), p.cfg.Prefixes)
+	}
 	d.wg.Add(1)
 	go d.watch(ctx, p, kx)
 	return nil
@@ -218,6 +222,9 @@ func (d *Daemon) removePeer(name string, removeState bool) {
 	}
 	delete(d.peers, name)
 	d.stopKX(p)
+	if d.psp != nil {
+		d.psp.RemovePeer(p.cfg.PublicKey)
+	}
 	d.forget(d.ctx, p, removeState)
 	if removeState {
 		d.events.publish(localapi.Event{Kind: localapi.EventPeerRemoved, Peer: name, Detail: "removed from the configuration"})
@@ -367,6 +374,9 @@ func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev,
 		d.update(ctx, p, prev)
 	}
 	p.bmu.Unlock()
+	if err == nil && d.psp != nil {
+		d.psp.SetPeer(np.PublicKey, np.Endpoint.Addr(), np.Prefixes)
+	}
 	if err != nil || !renegotiate {
 		return err
 	}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"crypto/fips140"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -12,6 +13,7 @@ import (
 	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/offload/psp"
 )
 
 // The Daemon is the local API's Service.
@@ -169,14 +171,23 @@ func (d *Daemon) Devices(context.Context) ([]localapi.Device, error) {
 	if d.psp == nil {
 		return nil, d.errNoPSP()
 	}
-	return d.psp.Devices()
+	devs, err := d.psp.Devices()
+	out := make([]localapi.Device, 0, len(devs))
+	for _, dv := range devs {
+		out = append(out, localapi.Device(dv))
+	}
+	return out, err
 }
 
 func (d *Daemon) RotateDevice(ctx context.Context, id uint32) (localapi.Device, error) {
 	if d.psp == nil {
 		return localapi.Device{}, d.errNoPSP()
 	}
-	return d.psp.RotateDevice(ctx, id)
+	dv, err := d.psp.RotateDevice(ctx, id)
+	if errors.Is(err, psp.ErrNoDevice) {
+		err = fmt.Errorf("%w: %w", err, localapi.ErrNotFound)
+	}
+	return localapi.Device(dv), err
 }
 
 // UpgradePSP binds PSP to an application's connected TCP socket with the

@@ -50,6 +50,7 @@ type host struct {
 	port *nsim.Port
 	id   *identity.Identity
 	d    *daemon.Daemon
+	pm   *psp.Manager
 	sock string
 	logs syncBuf
 }
@@ -130,10 +131,12 @@ func (h *host) start(t *testing.T, peer *host) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pm, err := psp.New(ctx, psp.Config{NetNS: h.ns, Suite: pc.Suite, Logger: log, KeyWait: 5 * time.Second})
+	pm, err := psp.New(ctx, psp.Config{NetNS: h.ns, Suite: pc.Suite, Logger: log, KeyWait: 5 * time.Second, Sweep: 300 * time.Millisecond, Rotation: pc.PSPRotation})
 	if err != nil {
 		t.Fatal(err)
 	}
+	h.pm = pm
+	pm.SetPeer(peer.id.Public(), peer.addr, nil)
 	report := offload.Report{{Backend: wire.BackendPSP, Available: true}, {Backend: wire.BackendXFRM, Available: true}}
 	nstest.Do(t, h.ns, func() { // the control socket belongs to the namespace
 		h.d, err = daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report,
@@ -166,9 +169,31 @@ func pair(t *testing.T, nsimID uint32, net string) (a, b *host) {
 	if err := nsim.Link(a.port, b.port); err != nil {
 		t.Fatal(err)
 	}
+	skewKeys(t, b)
 	a.start(t, b)
 	b.start(t, a)
 	return a, b
+}
+
+// skewKeys rotates h's device key once before pspd starts. netdevsim's
+// "keys" are its key generation followed by a per-device counter, so two
+// fresh devices hand out the same SPI and key for their n-th
+// association, and pspd rightly refuses a peer key equal to its own
+// receive key; real devices derive keys from their own secrets.
+func skewKeys(t *testing.T, h *host) {
+	t.Helper()
+	c, err := genl.Dial(genl.Config{NetNS: h.ns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	devs, err := c.Devices()
+	if err != nil || len(devs) != 1 {
+		t.Fatalf("PSP devices in %s: %+v %v", h.name, devs, err)
+	}
+	if err := c.KeyRotate(devs[0].ID); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // watchEvent returns a channel closed when the daemon behind c publishes
@@ -399,7 +424,10 @@ func TestVMRotateTwice(t *testing.T) {
 	warned := time.Since(start)
 	fresh := upgradedConn(ctx, t, a, b, 7001)
 	if err := echo(fresh.a, []byte("moved"), 10*time.Second); err != nil {
-		t.Fatal(err)
+		diagnose(t, a, b)
+		tcpDiag(t, "A end", fresh.a)
+		tcpDiag(t, "B end", fresh.b)
+		t.Fatalf("echo on the new connection: %v\nA:\n%s\nB:\n%s", err, a.logs.Bytes(), b.logs.Bytes())
 	}
 	if err := echo(old.a, []byte("still"), 10*time.Second); err != nil {
 		t.Fatalf("the old connection stopped after one rotation: %v", err)

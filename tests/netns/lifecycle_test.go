@@ -21,7 +21,71 @@ import (
 // valid at all, removing and re-adding the peer, and a stop without
 // require_encryption. A capture covers all of it and must never hold the
 // canary in clear.
-func TestLifecycle(t *testing.T) { perBackend(t, testLifecycle) }
+func TestLifecycle(t *testing.T) {
+	perBackend(t, testLifecycle)
+	t.Run("xfrm-offload", testLifecycleOffload)
+}
+
+// testLifecycleOffload takes an offloaded pair (offload: crypto on two
+// linked netdevsim ports) through stop, restart and a prefix reload: the
+// ports drop the SAs with the stop while the policies stay, hold the new
+// SAs after the restart, and keep them through the reload. netdevsim
+// only simulates ESP offload (no round trip of traffic), so this checks
+// the kernel state, and TestLifecycle/xfrm the traffic.
+func testLifecycleOffload(t *testing.T) {
+	ctx, p, _ := upPair(t, "pnlo-", "xfrm", 3*time.Minute, func(l *Lab) { l.Underlay, l.Offload = Netdevsim, "crypto" })
+	offloaded := func() int {
+		sas, _, err := p.Ports[0].ESP()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sas
+	}
+	if n := offloaded(); n != 2 {
+		t.Fatalf("a's port holds %d SAs, want the association's 2", n)
+	}
+	p.A.Stop()
+	if n := offloaded(); n != 0 {
+		t.Errorf("after SIGTERM a's port still holds %d SAs", n)
+	}
+	if fc := failClosedState(t, ctx, p, "xfrm"); fc == "" {
+		t.Errorf("after SIGTERM no fail-closed state for the peer\n%s", xfrmDiag(ctx, p.A.Host))
+	}
+	restart := time.Now()
+	if err := p.A.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if as, err := p.WaitAssoc(ctx, 1); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Logf("offload: association back %v after the restart (generation %d)", time.Since(restart), as[0].Generation)
+	}
+	for deadline := time.Now().Add(5 * time.Second); offloaded() != 2 && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := offloaded(); n != 2 {
+		t.Errorf("after the restart a's port holds %d SAs, want 2", n)
+	}
+	before, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.A.EditConfig(func(s string) string {
+		return strings.Replace(s, "prefixes: ["+p.Inner[1]+"/32]", "prefixes: ["+p.Inner[1]+"/32, 10.201.0.2/32]", 1)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := p.A.Reload(ctx, "configuration reloaded", "reload failed"); err != nil || !strings.Contains(line, "configuration reloaded") {
+		t.Fatalf("prefix reload: %q %v", line, err)
+	}
+	after, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after[0].Generation != before[0].Generation || after[0].RxSPI != before[0].RxSPI || offloaded() != 2 {
+		t.Errorf("the prefix reload replaced the offloaded association: %d/%#x → %d/%#x, %d SAs on the port", before[0].Generation, before[0].RxSPI, after[0].Generation, after[0].RxSPI, offloaded())
+	}
+}
 
 const lifecycleCanary = "pspd-lifecycle-canary-"
 

@@ -1,0 +1,325 @@
+package keyexchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/keyexchange/wire"
+)
+
+// offer hands an inbound session to the peer, replacing one still queued.
+func (p *Peer) offer(s *Session) {
+	for {
+		select {
+		case p.incoming <- s:
+			return
+		case <-p.ctx.Done():
+			s.Close(errors.New("peer closed"))
+			return
+		case old := <-p.incoming:
+			old.Close(errReplaced)
+		}
+	}
+}
+
+// run keeps a session with the peer until the peer is closed: it takes
+// the sessions the peer opens, dials (initiator) or knocks once (starting
+// responder), and backs off after every failure.
+func (p *Peer) run() {
+	defer close(p.done)
+	defer p.removeAll()
+	defer p.timersStop()
+	var next *Session
+	knocked := false
+	for p.ctx.Err() == nil {
+		s := next
+		next = nil
+		if s == nil {
+			select {
+			case s = <-p.incoming:
+			default:
+			}
+		}
+		if s == nil && p.role == kdf.Responder && !knocked {
+			knocked = true
+			s = p.knock()
+		}
+		if s == nil && p.role == kdf.Initiator {
+			var err error
+			if s, err = p.dial(); err != nil {
+				d := p.timersAttemptFailed()
+				p.setState(StateBackoff, nil)
+				p.log.Debug("dial failed; retrying", "err", err, durationAttr("retry_in", d))
+				if s = p.waitBackoff(); s == nil {
+					continue
+				}
+			}
+		}
+		if s == nil {
+			p.setState(StateConnecting, nil) // waiting for the initiator
+			select {
+			case s = <-p.incoming:
+			case <-p.ctx.Done():
+				continue
+			}
+		}
+		if s.Context().Err() != nil {
+			// Queued while the peer already closed it: the losing side of
+			// a race between its dial and ours.
+			s.Close(nil)
+			continue
+		}
+		var err error
+		next, err = p.runSession(s)
+		p.log.Debug("session ended", "err", err)
+		if next == nil && err != nil && p.ctx.Err() == nil {
+			// A session that failed after the handshake (a refused
+			// install, a protocol error) must not turn into a tight
+			// reconnect loop: back off as after a failed dial. A session
+			// the peer opens meanwhile is taken at once.
+			d := p.timersAttemptFailed()
+			p.log.Debug("backing off after the session failed", durationAttr("retry_in", d))
+			next = p.waitBackoff()
+		}
+	}
+}
+
+// waitBackoff waits for the backoff timer (expiredBackoff), or returns at
+// once the session the peer opens meanwhile.
+func (p *Peer) waitBackoff() *Session {
+	select {
+	case s := <-p.incoming:
+		p.timers.backoff.del()
+		return s
+	case <-p.timers.backoff.C():
+		p.timers.backoff.fired()
+	case <-p.ctx.Done():
+		p.timers.backoff.del()
+	}
+	return nil
+}
+
+// knock is a starting responder's one dial to the initiator. The
+// initiator normally dials, but after this side restarted the initiator
+// may still hold a session with this side's previous incarnation, which
+// it would only notice at the idle timeout. A starting responder has no
+// session with the initiator, whatever the initiator believes, so it
+// dials at once; a session arriving from us, with our new boot id,
+// replaces the stale one on the initiator. When both sides start together
+// the initiator's dial and ours race: the initiator keeps the session it
+// dialed and refuses ours as a duplicate (same boot id), and we switch to
+// its session when it arrives (see drive), so both settle on one.
+func (p *Peer) knock() *Session {
+	select {
+	case s := <-p.incoming:
+		return s
+	default:
+	}
+	if !p.cfg.Addr.IsValid() {
+		return nil
+	}
+	p.log.Debug("responder has no session with the initiator; dialing it now")
+	s, err := p.dial()
+	if err != nil {
+		p.log.Debug("responder could not reach the initiator; waiting for it to dial", "err", err)
+		return nil
+	}
+	p.log.Info("responder reached the initiator after start")
+	return s
+}
+
+// dial is one attempt to open a session to the peer. A failure is
+// recorded, explained, as the peer's cause.
+func (p *Peer) dial() (*Session, error) {
+	p.setState(StateConnecting, nil)
+	ctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
+	defer cancel()
+	var answered atomic.Bool
+	s, err := p.e.dialAnd(ctx, p.cfg.Addr, p.cfg.Key, func() {
+		answered.Store(true)
+		p.handshaking()
+	})
+	if err != nil {
+		p.setLastErr(err)
+		cause := err
+		if !answered.Load() || refusedByPeer(err) {
+			cause = p.explain(err, nil)
+		}
+		p.setState(StateConnecting, cause)
+	}
+	return s, err
+}
+
+// runSession drives one session until it ends. It returns a newer session
+// that replaced it, if any.
+func (p *Peer) runSession(s *Session) (*Session, error) {
+	p.handshaking() // until the first SA is confirmed
+	if err := p.attach(s); err != nil {
+		s.Close(err)
+		return nil, err
+	}
+	if p.role == kdf.Responder && !slices.ContainsFunc(p.cfg.Backends, s.hello.Backends.Has) {
+		// The initiator will end the session for the same reason; say it
+		// here too, as this side sees it.
+		nb := &noBackendError{accepts: wire.NewBackends(p.cfg.Backends...), offers: s.hello.Backends}
+		p.noteCause(nb)
+	}
+	serveErr := make(chan error, 1)
+	go func() {
+		serveErr <- s.serve(handlers{
+			installer: func(a wire.AssocID, b wire.Backend, x kdf.Suite) (Installer, error) {
+				switch {
+				case a != p.cfg.Assoc:
+					return nil, fmt.Errorf("%w: association %d (this host has association %d with the peer)", errUnsupported, a, p.cfg.Assoc)
+				case !slices.Contains(p.cfg.Backends, b) || x != p.cfg.Suite:
+					return nil, fmt.Errorf("%w: backend %s with suite %s", errUnsupported, b, x)
+				}
+				return p.e.cfg.Installers[b], nil
+			},
+			allow:     func() bool { return p.limit.allow(time.Now()) },
+			confirmed: p.commit,
+			deleted:   p.deleted,
+			key: func(k wire.ExplicitKey) {
+				if f := p.e.cfg.ExplicitKeys; f != nil {
+					f(p.cfg.Key, k)
+					return
+				}
+				k.Key.Wipe()
+				p.log.Warn("peer sent a PSP key but this host does not manage PSP; dropped")
+			},
+			rekey: func(a wire.AssocID) {
+				if a != p.cfg.Assoc {
+					return
+				}
+				select {
+				case p.remoteRekey <- struct{}{}:
+				default:
+				}
+			},
+		})
+	}()
+	var next *Session
+	err := p.drive(s, serveErr, &next)
+	p.timersSessionEnded()
+	if p.ctx.Err() != nil {
+		p.sendDelete(s)
+		p.mu.Lock()
+		reason := p.bye
+		p.mu.Unlock()
+		if reason == 0 { // the endpoint's context ended
+			reason = wire.GoodbyeShutdown
+		}
+		s.goodbye(reason)
+	} else {
+		cause := err
+		if next != nil {
+			cause = errReplaced
+		}
+		s.Close(cause)
+	}
+	<-serveErr
+	p.mu.Lock()
+	if p.sess == s {
+		p.sess = nil
+	}
+	p.mu.Unlock()
+	if next == nil && err != nil {
+		p.setLastErr(err)
+		p.setState(StateBackoff, p.explain(err, s))
+	}
+	return next, err
+}
+
+// drive runs the session's events (timers, rekey requests, a replacing
+// session) until it ends.
+func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
+	warned := false
+	if p.role == kdf.Initiator {
+		if err := p.rekeyOn(s, serveErr); err != nil {
+			return err
+		}
+	}
+	for {
+		select {
+		case <-p.timers.rekeyDue.C(): // expiredRekeyDue
+			p.timers.rekeyDue.fired()
+			if err := p.rekeyOn(s, serveErr); err != nil {
+				return err
+			}
+		case <-p.remoteRekey:
+			if !p.remoteRekeyed(&warned) {
+				continue
+			}
+			if err := p.rekeyOn(s, serveErr); err != nil {
+				return err
+			}
+		case <-p.timers.rekeyDeferred.C(): // expiredRekeyDeferred
+			p.timers.rekeyDeferred.fired()
+			if err := p.rekeyOn(s, serveErr); err != nil {
+				return err
+			}
+		case res := <-p.rekeyReq:
+			err := p.requestedRekey(s, serveErr)
+			res <- err
+			if err != nil {
+				return err
+			}
+		case err := <-serveErr:
+			serveErr <- err // runSession waits for it too
+			return err
+		case n := <-p.incoming:
+			if p.role == kdf.Initiator && n.PeerBootID() == s.PeerBootID() {
+				// The responder dialed while our own dial was under way
+				// (both started together): keep ours, which the
+				// responder switches to. A restarted responder has a new
+				// boot id and replaces the stale session below.
+				p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
+				n.Close(errDuplicate)
+				continue
+			}
+			*next = n
+			return errReplaced
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		}
+	}
+}
+
+// attach makes s the live session. A new boot id means the peer restarted
+// and lost its keys, so every generation we still hold is useless and goes
+// at once instead of after the grace period.
+func (p *Peer) attach(s *Session) error {
+	p.mu.Lock()
+	p.sess = s
+	restarted := p.lastBoot != (wire.BootID{}) && p.lastBoot != s.PeerBootID()
+	p.lastBoot = s.PeerBootID()
+	var stale []*SA
+	if restarted {
+		for sa, t := range p.old {
+			t.Stop()
+			stale = append(stale, sa)
+		}
+		clear(p.old)
+		if p.cur != nil {
+			stale = append(stale, p.cur)
+			p.cur = nil
+		}
+	}
+	p.mu.Unlock()
+	if restarted {
+		p.log.Info("peer restarted (new boot id); removing its old SAs now", "removed", len(stale))
+	}
+	for _, sa := range stale {
+		p.remove(sa)
+	}
+	if err := s.raiseFloor(max(p.spiFloor(), s.hello.SPIFloor), p.e.cfg.MaxSAsPerSession); err != nil {
+		return peerErr(p.cfg.Key, "session setup", err)
+	}
+	p.log.Debug("session established", "remote", s.conn.RemoteAddr().String(), "boot_id", fmt.Sprintf("%x", s.PeerBootID()))
+	return nil
+}
