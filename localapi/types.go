@@ -52,9 +52,13 @@ type Peer struct {
 	Fingerprint string   `json:"fingerprint"`
 	// State is down, connecting, handshaking, up or backoff; Since is
 	// when the peer entered it, and Cause why it is not up.
-	State      string    `json:"state"`
-	Since      time.Time `json:"since,omitzero"`
-	Cause      string    `json:"cause,omitempty"`
+	State string    `json:"state"`
+	Since time.Time `json:"since,omitzero"`
+	Cause string    `json:"cause,omitempty"`
+	// DownSince is when the peer was added or last went down; zero while
+	// up. A peer that cannot connect alternates between connecting and
+	// backoff, so this says for how long it has not been up.
+	DownSince  time.Time `json:"down_since,omitzero"`
 	Backend    string    `json:"backend,omitempty"`
 	PeerBootID string    `json:"peer_boot_id,omitempty"`
 	// KeyExchange is the TLS key exchange group of the session, e.g.
@@ -65,6 +69,7 @@ type Peer struct {
 	LastHandshake time.Time `json:"last_handshake,omitzero"`
 	LastUp        time.Time `json:"last_up,omitzero"`
 	LastError     string    `json:"last_error,omitempty"`
+	LastErrorAt   time.Time `json:"last_error_at,omitzero"`
 	// LastErrorOld says LastError is from before the session now up.
 	LastErrorOld bool   `json:"last_error_old,omitempty"`
 	Assocs       int    `json:"assocs"`

@@ -220,7 +220,13 @@ func (c *cli) peerList(cmd *cobra.Command, _ []string) error {
 	for _, p := range ps {
 		// An error from before the session now up is history: peer show
 		// has it, the list does not.
-		rows = append(rows, []string{p.Name, p.Endpoint, p.State, c.since(p.Since), dash(p.Backend), dash(p.KeyExchange),
+		// FOR is how long the peer has been up, or not up: a peer that
+		// cannot connect alternates between connecting and backoff.
+		since := p.Since
+		if p.State != "up" && !p.DownSince.IsZero() {
+			since = p.DownSince
+		}
+		rows = append(rows, []string{p.Name, p.Endpoint, p.State, c.since(since), dash(p.Backend), dash(p.KeyExchange),
 			c.ago(p.LastHandshake), humanBytes(p.BytesIn), humanBytes(p.BytesOut), dash(p.Cause)})
 	}
 	return c.table("PEER\tENDPOINT\tSTATE\tFOR\tBACKEND\tKEY EXCHANGE\tHANDSHAKE\tIN\tOUT\tCAUSE", rows)
@@ -245,13 +251,23 @@ func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
 		{"fingerprint", p.Fingerprint},
 		{"state", state},
 	}
+	if p.State != "up" && !p.DownSince.IsZero() {
+		rows = append(rows, []string{"down for", age(c.now(), p.DownSince)})
+	}
 	if p.Cause != "" {
 		rows = append(rows, []string{"cause", p.Cause})
 	}
-	if p.LastError != "" && p.LastErrorOld {
-		rows = append(rows, []string{"last error", p.LastError + " (before the current session)"})
-	} else if p.LastError != "" && p.LastError != p.Cause {
-		rows = append(rows, []string{"last error", p.LastError})
+	if p.LastError != "" && (p.LastErrorOld || p.LastError != p.Cause) {
+		e := p.LastError
+		switch {
+		case !p.LastErrorAt.IsZero() && p.LastErrorOld:
+			e += fmt.Sprintf(" (%s ago, before the current session)", age(c.now(), p.LastErrorAt))
+		case p.LastErrorOld:
+			e += " (before the current session)"
+		case !p.LastErrorAt.IsZero():
+			e += fmt.Sprintf(" (%s ago)", age(c.now(), p.LastErrorAt))
+		}
+		rows = append(rows, []string{"last error", e})
 	}
 	rows = append(rows,
 		[]string{"backend", dash(p.Backend)},

@@ -25,6 +25,7 @@ var (
 	descPeerUp     = prometheus.NewDesc("pspd_peer_up", "1 while a session with the peer is established.", []string{"peer"}, nil)
 	descPeerState  = prometheus.NewDesc("pspd_peer_state", "1 for the state the peer's session is in, 0 for the others.", []string{"peer", "state"}, nil)
 	descPeerSince  = prometheus.NewDesc("pspd_peer_state_since_timestamp_seconds", "When the peer entered its current state.", []string{"peer"}, nil)
+	descDownSince  = prometheus.NewDesc("pspd_peer_down_since_timestamp_seconds", "When the peer was added or last went down; absent while it is up.", []string{"peer"}, nil)
 	descHandshake  = prometheus.NewDesc("pspd_peer_last_handshake_timestamp_seconds", "When the peer's latest generation of keys was confirmed; kept while it is down.", []string{"peer"}, nil)
 	descAssocs     = prometheus.NewDesc("pspd_associations", "Current associations by backend.", []string{"backend"}, nil)
 	descAssocAge   = prometheus.NewDesc("pspd_association_age_seconds", "Age of the peer's current generation of keys.", []string{"peer", "backend"}, nil)
@@ -66,7 +67,7 @@ func dropName(backendName string) string {
 }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descHandshake, descAssocs,
+	for _, d := range []*prometheus.Desc{descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descDownSince, descHandshake, descAssocs,
 		descAssocAge, descRekeys, descBytes, descPkts, descPeerDrops, descHands, descGroups, descDrops, descReloadOK, descReloadTime} {
 		ch <- d
 	}
@@ -114,6 +115,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		if !st.Since.IsZero() {
 			gauge(descPeerSince, float64(st.Since.UnixNano())/1e9, name)
+		}
+		if !st.Up && !st.DownSince.IsZero() {
+			gauge(descDownSince, float64(st.DownSince.UnixNano())/1e9, name)
 		}
 		if t := p.hist.lastHandshake; !t.IsZero() {
 			gauge(descHandshake, float64(t.UnixNano())/1e9, name)

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
@@ -70,6 +71,13 @@ func TestMetrics(t *testing.T) {
 	}
 	if up, ok := sample(t, r, "pspd_peer_up", map[string]string{"peer": "b"}); !ok || up != 0 {
 		t.Errorf("pspd_peer_up{peer=b} = %v (%v), want 0", up, ok)
+	}
+	if v, ok := sample(t, r, "pspd_peer_down_since_timestamp_seconds", map[string]string{"peer": "b"}); !ok || v <= 0 || v > float64(time.Now().Unix()+1) {
+		t.Errorf("pspd_peer_down_since_timestamp_seconds{peer=b} = %v (%v), want when b was added", v, ok)
+	}
+	ps, err := client.New(a.sock).Peers(context.Background())
+	if err != nil || len(ps) != 1 || ps[0].State == "up" || ps[0].DownSince.IsZero() {
+		t.Errorf("peer list of a peer that never came up: %+v %v; want not up, with down_since", ps, err)
 	}
 	if v, ok := sample(t, r, "pspd_build_info", map[string]string{"version": Version}); !ok || v != 1 {
 		t.Errorf("pspd_build_info{version=%s} = %v (%v)", Version, v, ok)

@@ -69,7 +69,7 @@ func (d *Daemon) Peers(context.Context) ([]localapi.Peer, error) {
 func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 	st := p.kx.Status()
 	lp := localapi.Peer{Name: p.cfg.Name, Endpoint: p.cfg.Endpoint.String(), Fingerprint: p.cfg.PublicKey.Fingerprint(),
-		State: st.State.String(), Since: st.Since, Backend: p.backend.String(), Prefixes: []string{},
+		State: st.State.String(), Since: st.Since, DownSince: st.DownSince, Backend: p.backend.String(), Prefixes: []string{},
 		LastHandshake: p.hist.lastHandshake, LastUp: st.LastUp, Rekeys: p.hist.rekeys()}
 	for _, pf := range p.cfg.Prefixes {
 		lp.Prefixes = append(lp.Prefixes, pf.String())
@@ -78,7 +78,7 @@ func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 		lp.Cause = st.Cause.Error()
 	}
 	if st.LastError != nil {
-		lp.LastError = st.LastError.Error()
+		lp.LastError, lp.LastErrorAt = st.LastError.Error(), st.LastErrorAt
 		lp.LastErrorOld = st.Up
 	}
 	if st.Up {
