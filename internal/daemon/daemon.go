@@ -240,7 +240,17 @@ func (d *Daemon) servePSPEvents() {
 		case <-d.ctx.Done():
 			return
 		case ev := <-d.psp.Events():
-			d.events.publish(localapi.Event{Kind: pspEventKind(ev.Kind), Detail: ev.Detail})
+			e := localapi.Event{Kind: pspEventKind(ev.Kind), Device: ev.Device, Detail: ev.Detail}
+			if ev.Peer != (identity.PublicKey{}) {
+				d.mu.Lock() // guards p.cfg
+				for _, p := range d.peers {
+					if p.cfg.PublicKey == ev.Peer {
+						e.Peer = p.cfg.Name
+					}
+				}
+				d.mu.Unlock()
+			}
+			d.events.publish(e)
 		}
 	}
 }

@@ -204,7 +204,7 @@ func watchEvent(ctx context.Context, t *testing.T, c *client.Client, kind, subst
 	ectx, stop := context.WithCancel(ctx)
 	t.Cleanup(stop)
 	go c.Events(ectx, func(ev localapi.Event) error {
-		if ev.Kind == kind && strings.Contains(ev.Detail, substr) {
+		if string(ev.Kind) == kind && strings.Contains(ev.Detail, substr) {
 			close(seen)
 			return io.EOF
 		}

@@ -311,7 +311,7 @@ func (l *eventLog) kinds(kind string) []localapi.Event {
 	defer l.mu.Unlock()
 	var out []localapi.Event
 	for _, ev := range l.evs {
-		if ev.Kind == kind {
+		if string(ev.Kind) == kind {
 			out = append(out, ev)
 		}
 	}

@@ -24,6 +24,9 @@ import (
 //	spi      a well-formed Geneve header with a random SPI
 //	forged   a well-formed Geneve header with the given SPI and a counter
 //	         far ahead of any real one, random ciphertext
+//	esp-spi     ESP (IP protocol 50, no UDP) with a random SPI
+//	esp-forged  ESP with the given SPI and a sequence number far ahead of
+//	            any real one, random ciphertext and ICV
 func spray(kind, src, dst string, n int, spi uint32) error {
 	s, err := netip.ParseAddrPort(src)
 	if err != nil {
@@ -41,6 +44,24 @@ func spray(kind, src, dst string, n int, spi uint32) error {
 	to := &unix.SockaddrInet4{Addr: d.Addr().As4()}
 	pkt := make([]byte, 20+8+1500)
 	for i := range n {
+		if esp, ok := strings.CutPrefix(kind, "esp-"); ok {
+			// IP header, then SPI, sequence number and 200 random bytes.
+			body := pkt[20 : 20+8+200]
+			rand.Read(body)
+			id := spi
+			if esp == "spi" {
+				id = binary.BigEndian.Uint32(body[100:]) | 0x100
+			} else if esp != "forged" {
+				return fmt.Errorf("unknown spray kind %q", kind)
+			}
+			binary.BigEndian.PutUint32(body[0:], id)
+			binary.BigEndian.PutUint32(body[4:], 1<<31+uint32(i))
+			ipHeader(pkt[:20], s.Addr(), d.Addr(), unix.IPPROTO_ESP, 20+len(body))
+			if err := unix.Sendto(fd, pkt[:20+len(body)], 0, to); err != nil {
+				return fmt.Errorf("packet %d: %w", i, err)
+			}
+			continue
+		}
 		var payload []byte
 		switch kind {
 		case "random":
@@ -60,14 +81,7 @@ func spray(kind, src, dst string, n int, spi uint32) error {
 			return fmt.Errorf("unknown spray kind %q", kind)
 		}
 		total := 28 + len(payload)
-		ip := pkt[:20]
-		ip[0], ip[1] = 0x45, 0
-		binary.BigEndian.PutUint16(ip[2:], uint16(total))
-		binary.BigEndian.PutUint32(ip[4:], 0)
-		ip[8], ip[9] = 64, unix.IPPROTO_UDP
-		copy(ip[12:16], s.Addr().AsSlice())
-		copy(ip[16:20], d.Addr().AsSlice())
-		binary.BigEndian.PutUint16(ip[10:], 0) // the kernel fills the checksum for IPPROTO_RAW
+		ipHeader(pkt[:20], s.Addr(), d.Addr(), unix.IPPROTO_UDP, total)
 		udp := pkt[20:28]
 		binary.BigEndian.PutUint16(udp[0:], s.Port())
 		binary.BigEndian.PutUint16(udp[2:], d.Port())
@@ -78,6 +92,18 @@ func spray(kind, src, dst string, n int, spi uint32) error {
 		}
 	}
 	return nil
+}
+
+// ipHeader writes an IPv4 header for a raw send; the kernel fills in the
+// checksum for IPPROTO_RAW.
+func ipHeader(ip []byte, src, dst netip.Addr, proto uint8, total int) {
+	ip[0], ip[1] = 0x45, 0
+	binary.BigEndian.PutUint16(ip[2:], uint16(total))
+	binary.BigEndian.PutUint32(ip[4:], 0)
+	ip[8], ip[9] = 64, proto
+	binary.BigEndian.PutUint16(ip[10:], 0)
+	copy(ip[12:16], src.AsSlice())
+	copy(ip[16:20], dst.AsSlice())
 }
 
 // Spray runs spray inside h.
