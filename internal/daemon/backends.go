@@ -159,3 +159,12 @@ func StartBackends(ctx context.Context, pc *policy.Config, report offload.Report
 	}
 	return backends, pm, nil
 }
+
+// backendNames is bs by name, for logs: a list in JSON, not one string.
+func backendNames(bs []assoc.Backend) []string {
+	names := make([]string, 0, len(bs))
+	for _, b := range bs {
+		names = append(names, b.String())
+	}
+	return names
+}

@@ -152,7 +152,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	go d.watchStates()
 	d.metrics = newMetrics(d)
 	d.log.Info("pspd started", "version", Version, "listen", d.ep.Addr(), "public_key", id.Public().String(),
-		"backends", fmt.Sprint(cfg.Report.Available()), "peers", len(pc.Peers), "fips140", fips140.Enabled())
+		"backends", backendNames(cfg.Report.Available()), "peers", len(pc.Peers), "fips140", fips140.Enabled())
 	return d, nil
 }
 

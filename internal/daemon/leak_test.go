@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -127,5 +128,65 @@ func TestMetricsOnUnixSocket(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != 200 || !bytes.Contains(body, []byte("pspd_handshakes_total")) {
 		t.Fatalf("GET /metrics on the unix socket: %d %.200s", resp.StatusCode, body)
+	}
+}
+
+// TestJSONLogsTyped: the JSON log of a bring-up and two rekeys parses
+// line by line, and values come out as the text form shows them: SPIs as
+// hex strings, durations as strings, suites, framings and backends by
+// name, lists as arrays.
+func TestJSONLogsTyped(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a))
+	ca := client.New(a.sock)
+	waitAssoc(t, ca, 1)
+	for range 2 {
+		if _, err := ca.Rotate(context.Background(), localapi.RotateRequest{All: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitAssoc(t, ca, 3)
+	lines := bytes.Split(bytes.TrimSpace(a.logs.Bytes()), []byte("\n"))
+	if len(lines) < 5 {
+		t.Fatalf("only %d log lines", len(lines))
+	}
+	var check func(key string, v any)
+	check = func(key string, v any) {
+		switch {
+		case strings.Contains(key, "spi"):
+			if s, ok := v.(string); !ok || !strings.HasPrefix(s, "0x") {
+				t.Errorf("%s = %#v, want a hex string", key, v)
+			}
+		case key == "suite" || key == "framing" || key == "backend" || key == "state":
+			if _, ok := v.(string); !ok {
+				t.Errorf("%s = %#v, want a name", key, v)
+			}
+		case key == "backends":
+			if _, ok := v.([]any); !ok {
+				t.Errorf("%s = %#v, want an array", key, v)
+			}
+		case strings.HasSuffix(key, "_in") || strings.HasSuffix(key, "_for") || key == "after" || key == "grace" || key == "interval":
+			if _, ok := v.(string); !ok {
+				t.Errorf("%s = %#v, want a duration string", key, v)
+			}
+		}
+		if m, ok := v.(map[string]any); ok {
+			for k, x := range m {
+				check(k, x)
+			}
+		}
+	}
+	for _, line := range lines {
+		var m map[string]any
+		if err := json.Unmarshal(line, &m); err != nil {
+			t.Fatalf("log line does not parse: %v\n%s", err, line)
+		}
+		for k, v := range m {
+			check(k, v)
+		}
 	}
 }

@@ -13,7 +13,10 @@
 // type ParseError naming the offending field.
 package wire
 
-import "fmt"
+import (
+	"fmt"
+	"log/slog"
+)
 
 // Framing selects the UDP payload format of an association.
 type Framing uint8
@@ -51,6 +54,9 @@ func (f Framing) String() string {
 	}
 	return fmt.Sprintf("framing(%d)", uint8(f))
 }
+
+// LogValue logs a framing by its name, in JSON as in text.
+func (f Framing) LogValue() slog.Value { return slog.StringValue(f.String()) }
 
 // Valid reports whether f is a framing pspd implements.
 func (f Framing) Valid() bool { return f == Geneve || f == PSPTunnel }
