@@ -38,6 +38,10 @@ var (
 	descDrops      = prometheus.NewDesc("pspd_drops_total", "Packets dropped by the data plane, by backend and reason (one set of reason names for every backend).", []string{"backend", "reason"}, nil)
 	descReloadOK   = prometheus.NewDesc("pspd_reload_success", "1 if the latest configuration load (start or reload) was applied, 0 if it was refused or applied in part.", nil, nil)
 	descReloadTime = prometheus.NewDesc("pspd_reload_timestamp_seconds", "When the configuration was last loaded (start or reload), applied or not.", nil, nil)
+	descPSPDev     = prometheus.NewDesc("pspd_psp_device_total", "The kernel's statistics of a PSP device (key-rotations, stale-events, rx-packets, rx-bytes, rx-auth-fail, rx-error, rx-bad, tx-packets, tx-bytes, tx-error), by device id.", []string{"device", "stat"}, nil)
+	descPSPUp      = prometheus.NewDesc("pspd_psp_upgrades_total", "Socket upgrades to PSP by result: ok, refused (before the socket was touched), failed (the socket had to be closed).", []string{"result"}, nil)
+	descPSPStale   = prometheus.NewDesc("pspd_psp_stale_reported_total", "Upgraded connections reported psp-stale-soon or psp-stale.", nil, nil)
+	descPSPConns   = prometheus.NewDesc("pspd_psp_connections", "Upgraded connections still open.", nil, nil)
 )
 
 var states = []keyexchange.State{keyexchange.StateDown, keyexchange.StateConnecting, keyexchange.StateHandshaking, keyexchange.StateUp, keyexchange.StateBackoff}
@@ -67,7 +71,7 @@ func dropName(backendName string) string {
 }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descDownSince, descHandshake, descAssocs,
+	for _, d := range []*prometheus.Desc{descPSPDev, descPSPUp, descPSPStale, descPSPConns, descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descDownSince, descHandshake, descAssocs,
 		descAssocAge, descRekeys, descBytes, descPkts, descPeerDrops, descHands, descGroups, descDrops, descReloadOK, descReloadTime} {
 		ch <- d
 	}
@@ -169,6 +173,32 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(descReloadOK, ok)
 	gauge(descReloadTime, float64(r.at.UnixNano())/1e9)
+	if d.psp != nil {
+		c := d.psp.Counters()
+		counter(descPSPUp, c.UpgradesOK, "ok")
+		counter(descPSPUp, c.UpgradesRefused, "refused")
+		counter(descPSPUp, c.UpgradesFailed, "failed")
+		counter(descPSPStale, c.StaleReported)
+		gauge(descPSPConns, float64(c.Connections))
+		// A device whose statistics the kernel will not give is left out;
+		// the rest of /metrics still answers.
+		if stats, err := d.psp.DeviceStats(); err == nil {
+			for _, st := range stats {
+				dev := strconv.FormatUint(uint64(st.DevID), 10)
+				for _, v := range []struct {
+					name string
+					n    uint64
+				}{
+					{"key-rotations", st.KeyRotations}, {"stale-events", st.StaleEvents},
+					{"rx-packets", st.RxPackets}, {"rx-bytes", st.RxBytes}, {"rx-auth-fail", st.RxAuthFail},
+					{"rx-error", st.RxError}, {"rx-bad", st.RxBad},
+					{"tx-packets", st.TxPackets}, {"tx-bytes", st.TxBytes}, {"tx-error", st.TxError},
+				} {
+					counter(descPSPDev, v.n, dev, v.name)
+				}
+			}
+		}
+	}
 }
 
 func newMetrics(d *Daemon) *prometheus.Registry {
