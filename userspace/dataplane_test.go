@@ -39,6 +39,7 @@ type side struct {
 	veth  string
 	dp    *userspace.Dataplane
 	codec *codec.Codec
+	xdp   *userspace.XDPUnderlay // the underlay when it is AF_XDP, for its counters
 }
 
 // tunnel is two namespaces joined by veth, each running the real engine
@@ -96,9 +97,10 @@ func (s *side) start(t testing.TB, f codec.Framing, underlay string, self, peer,
 			if err != nil {
 				return err
 			}
-			conn, xdpErr = userspace.NewXDPUnderlay(userspace.XDPConfig{
+			s.xdp, xdpErr = userspace.NewXDPUnderlay(userspace.XDPConfig{
 				Ifindex: l.Attrs().Index, Mode: xdp.Auto, Port: f.Port(), Ports: []uint16{f.Port()}, Netlink: s.ns.Netlink,
 			})
+			conn = s.xdp
 			return nil
 		}
 		// "udp-nogro" is the path of a kernel without UDP GRO, for benchmarks.
