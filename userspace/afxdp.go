@@ -114,10 +114,13 @@ func NewXDPUnderlay(cfg XDPConfig) (u *XDPUnderlay, err error) {
 	if u.prog, err = xdp.Load(cfg.Queue+1, cfg.Ports); err != nil {
 		return u, err
 	}
-	if err = u.prog.Attach(cfg.Ifindex, cfg.Mode); err != nil {
+	// The socket binds before the program attaches, so a socket the
+	// driver refuses (cfg.Socket.Bind requiring zero-copy) leaves the
+	// interface untouched.
+	if u.sock, err = xsk.Open(cfg.Ifindex, cfg.Queue, cfg.Socket); err != nil {
 		return u, err
 	}
-	if u.sock, err = xsk.Open(cfg.Ifindex, cfg.Queue, cfg.Socket); err != nil {
+	if err = u.prog.Attach(cfg.Ifindex, cfg.Mode); err != nil {
 		return u, err
 	}
 	if err = u.prog.Register(cfg.Queue, u.sock.FD()); err != nil {

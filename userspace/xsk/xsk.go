@@ -309,7 +309,7 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 	}
 	if err := bind(fd, &unix.SockaddrXDP{Flags: flags, Ifindex: uint32(ifindex), QueueID: uint32(queue)}); err != nil {
 		if cfg.Bind == BindZeroCopy && (errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)) {
-			return s, fmt.Errorf("xsk: bind ifindex %d queue %d: the driver offers no zero-copy AF_XDP (%w); use copy mode", ifindex, queue, err)
+			return s, fmt.Errorf("xsk: bind ifindex %d queue %d in zero-copy mode: %w (%w)", ifindex, queue, ErrNoZeroCopy, err)
 		}
 		return s, fmt.Errorf("xsk: bind ifindex %d queue %d (%v mode): %w", ifindex, queue, cfg.Bind, err)
 	}
@@ -322,6 +322,10 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 	s.zeroCopy = opts&unix.XDP_OPTIONS_ZEROCOPY != 0
 	return s, nil
 }
+
+// ErrNoZeroCopy means a socket that required zero-copy was refused it: the
+// driver has no zero-copy AF_XDP (veth, most virtual devices).
+var ErrNoZeroCopy = errors.New("the driver offers no zero-copy AF_XDP")
 
 // bind binds, waiting out EBUSY for up to a second: the kernel frees a closed
 // socket's claim on the queue from a work queue, so a socket reopened right
