@@ -24,12 +24,13 @@ import (
 // veth the kernel gives up GSO there, so the veth baseline of the afxdp
 // rows is lower; compare tunnel-Mbit/s across rows of one run.
 // udp-nogro is the UDP underlay without UDP GRO on receive, to compare
-// with udp in the same run.
+// with udp in the same run; afxdp-generic is AF_XDP with the XDP program
+// in generic (skb) mode rather than veth's native mode.
 func BenchmarkTunnelTCP(b *testing.B) {
 	for _, bench := range []struct {
 		underlay string
 		fr       codec.Framing
-	}{{"udp", codec.Geneve}, {"udp-nogro", codec.Geneve}, {"udp", codec.PSPTunnel}, {"afxdp", codec.Geneve}, {"afxdp", codec.PSPTunnel}} {
+	}{{"udp", codec.Geneve}, {"udp-nogro", codec.Geneve}, {"udp", codec.PSPTunnel}, {"afxdp", codec.Geneve}, {"afxdp", codec.PSPTunnel}, {"afxdp-generic", codec.Geneve}} {
 		fr := bench.fr
 		b.Run(bench.underlay+"/"+fr.String(), func(b *testing.B) {
 			tn := newTunnelIO(b, fr, bench.underlay)

@@ -89,7 +89,20 @@ func TestScale(t *testing.T) {
 	}
 	t.Logf("%d namespaces, links and identities in %v", n+2, time.Since(setup).Round(time.Millisecond))
 	metrics := filepath.Join(hub.Dir, "metrics.sock")
-	if err := hub.WriteConfig("listen: 198.18.0.1\nmetrics: unix:" + metrics + "\nbackend: userspace\nuserspace: {address: 10.201.0.1/16, io: udp}\npeers:\n" + peers.String()); err != nil {
+	hubConfig := "listen: 198.18.0.1\nmetrics: unix:" + metrics + "\nbackend: userspace\nuserspace: {address: 10.201.0.1/16, io: udp}\npeers:\n"
+	// The hub with no peers is the baseline of the per-peer figures.
+	if err := hub.WriteConfig(hubConfig + "  []\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := hub.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	empty, err := scrape(ctx, metrics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hub.Stop()
+	if err := hub.WriteConfig(hubConfig + peers.String()); err != nil {
 		t.Fatal(err)
 	}
 	if err := hub.Start(ctx); err != nil {
@@ -172,14 +185,20 @@ func TestScale(t *testing.T) {
 		t.Fatal(err)
 	}
 	const mib = 1 << 20
-	rss, gor, fds := full["process_resident_memory_bytes"], full["go_goroutines"], full["process_open_fds"]
-	t.Logf("hub with %d peers configured, none associated: RSS %.1f MiB, %.0f goroutines, %.0f fds",
-		n, idle["process_resident_memory_bytes"]/mib, idle["go_goroutines"], idle["process_open_fds"])
-	t.Logf("hub with %d associations: RSS %.1f MiB (%.1f KiB per peer over the idle hub), %.0f goroutines (%.2f per peer), %.0f fds (%.2f per peer)",
-		n, rss/mib, (rss-idle["process_resident_memory_bytes"])/1024/float64(n),
-		gor, (gor-idle["go_goroutines"])/float64(n), fds, (fds-idle["process_open_fds"])/float64(n))
-	if srss, err := procRSS(spokes[0]); err == nil {
-		t.Logf("one spoke (one peer): RSS %.1f MiB", float64(srss)/mib)
+	per := func(m map[string]float64, k string) float64 { return (m[k] - empty[k]) / float64(n) }
+	for _, c := range []struct {
+		what string
+		m    map[string]float64
+	}{{"no peers", empty}, {fmt.Sprintf("%d peers configured, none associated", n), idle}, {fmt.Sprintf("%d associations", n), full}} {
+		t.Logf("hub, %s: RSS %.1f MiB, %.0f goroutines, %.0f fds", c.what,
+			c.m["process_resident_memory_bytes"]/mib, c.m["go_goroutines"], c.m["process_open_fds"])
+	}
+	t.Logf("hub per peer over the hub with none: %.1f KiB RSS (%.1f KiB of it configuring, %.1f associating), %.2f goroutines, %.3f fds",
+		per(full, "process_resident_memory_bytes")/1024, per(idle, "process_resident_memory_bytes")/1024,
+		(full["process_resident_memory_bytes"]-idle["process_resident_memory_bytes"])/1024/float64(n),
+		per(full, "go_goroutines"), per(full, "process_open_fds"))
+	if rss, private, err := procMem(spokes[0]); err == nil {
+		t.Logf("one spoke (one peer): RSS %.1f MiB, %.1f MiB of it private (the rest is the shared binary)", float64(rss)/mib, float64(private)/mib)
 	}
 }
 
@@ -212,20 +231,31 @@ func scrape(ctx context.Context, sock string) (map[string]float64, error) {
 	return m, sc.Err()
 }
 
-// procRSS is a running daemon's resident set from /proc.
-func procRSS(d *Daemon) (int64, error) {
+// procMem is a running daemon's resident set and the private part of it,
+// from /proc/PID/smaps_rollup.
+func procMem(d *Daemon) (rss, private int64, err error) {
 	if d.cmd == nil || d.cmd.Process == nil {
-		return 0, fmt.Errorf("pspd in %s is not running", d.Host.Name)
+		return 0, 0, fmt.Errorf("pspd in %s is not running", d.Host.Name)
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", d.cmd.Process.Pid))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10, err
+		f := strings.Fields(line)
+		if len(f) != 3 || f[2] != "kB" {
+			continue
+		}
+		kb, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return 0, 0, err
+		}
+		switch f[0] {
+		case "Rss:":
+			rss = kb << 10
+		case "Private_Clean:", "Private_Dirty:":
+			private += kb << 10
 		}
 	}
-	return 0, fmt.Errorf("no VmRSS for pspd in %s", d.Host.Name)
+	return rss, private, nil
 }
