@@ -59,8 +59,8 @@ func TestScale(t *testing.T) {
 	// associate only as the retries find room: 1000 spokes took 7 minutes
 	// with the default 1024, not one.
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/neigh/default/gc_thresh3"); err == nil {
-		if max, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && max < 2*(n+1)+64 {
-			t.Skipf("%d spokes need about %d ARP entries; net.ipv4.neigh.default.gc_thresh3 is %d (raise it, and gc_thresh2, for the run)", n, 2*(n+1), max)
+		if limit, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && limit < 2*(n+1)+64 {
+			t.Skipf("%d spokes need about %d ARP entries; net.ipv4.neigh.default.gc_thresh3 is %d (raise it, and gc_thresh2, for the run)", n, 2*(n+1), limit)
 		}
 	}
 	l := newLab(t, "pns-") // skips when not root
