@@ -406,7 +406,8 @@ func (s *Socket) Frame(d Desc) []byte {
 	return s.umem[d.Addr : d.Addr+uint64(d.Len) : end]
 }
 
-// Pending is how many received frames wait in the RX ring.
+// Pending is how many received frames wait in the RX ring. Like Receive,
+// it belongs to the receive side.
 func (s *Socket) Pending() int { return int(s.rx.avail()) }
 
 // Receive moves up to len(d) received descriptors into d and returns how
