@@ -49,6 +49,8 @@ type XDPStats struct {
 	TXTooBig     uint64 // frame larger than a UMEM frame
 	TXNoFrame    uint64 // every TX frame in flight
 	Socket       xsk.Stats
+	// Counters are the socket's system calls and batches.
+	Counters xsk.Counters
 }
 
 // hopTTL bounds how long a resolved next hop is used before the neighbour
@@ -112,10 +114,13 @@ func NewXDPUnderlay(cfg XDPConfig) (u *XDPUnderlay, err error) {
 	if u.prog, err = xdp.Load(cfg.Queue+1, cfg.Ports); err != nil {
 		return u, err
 	}
-	if err = u.prog.Attach(cfg.Ifindex, cfg.Mode); err != nil {
+	// The socket binds before the program attaches, so a socket the
+	// driver refuses (cfg.Socket.Bind requiring zero-copy) leaves the
+	// interface untouched.
+	if u.sock, err = xsk.Open(cfg.Ifindex, cfg.Queue, cfg.Socket); err != nil {
 		return u, err
 	}
-	if u.sock, err = xsk.Open(cfg.Ifindex, cfg.Queue, cfg.Socket); err != nil {
+	if err = u.prog.Attach(cfg.Ifindex, cfg.Mode); err != nil {
 		return u, err
 	}
 	if err = u.prog.Register(cfg.Queue, u.sock.FD()); err != nil {
@@ -126,6 +131,10 @@ func NewXDPUnderlay(cfg XDPConfig) (u *XDPUnderlay, err error) {
 
 // Mode is the XDP attach mode in use.
 func (u *XDPUnderlay) Mode() xdp.Mode { return u.prog.Mode() }
+
+// ZeroCopy reports whether the socket runs in zero-copy mode (the driver
+// uses the UMEM directly) rather than copy mode.
+func (u *XDPUnderlay) ZeroCopy() bool { return u.sock.ZeroCopy() }
 
 // rxPoll bounds how long ReadBatch sleeps before it looks at Close.
 const rxPollMS = 100
@@ -204,19 +213,22 @@ func (u *XDPUnderlay) WriteBatch(msgs []Message) (int, error) {
 			time.Sleep(10 * time.Microsecond)
 			continue
 		}
-		q := 0
-		for _, d := range u.txD[:k] {
+		// Frames built stay at the front of txD, frames of dropped
+		// datagrams go to the back, so the batch goes out in one Transmit.
+		q, back := 0, k
+		for q < back {
 			m := &msgs[i]
 			i++
-			if n, ok := u.build(u.sock.Frame(d), m); ok {
-				d.Len = uint32(n)
-				u.txD[q] = d
+			if n, ok := u.build(u.sock.Frame(u.txD[q]), m); ok {
+				u.txD[q].Len = uint32(n)
 				q++
 			} else {
 				dropped = true
-				u.sock.FreeTX([]xsk.Desc{d})
+				back--
+				u.txD[q], u.txD[back] = u.txD[back], u.txD[q]
 			}
 		}
+		u.sock.FreeTX(u.txD[back:k])
 		n, err := u.sock.Transmit(u.txD[:q])
 		u.sock.FreeTX(u.txD[n:q])
 		sent += n
@@ -325,6 +337,7 @@ func (u *XDPUnderlay) Stats() XDPStats {
 		TXUnresolved: u.txUnresolved.Load(), TXTooBig: u.txTooBig.Load(), TXNoFrame: u.txNoFrame.Load()}
 	if u.sock != nil {
 		s.Socket, _ = u.sock.Stats()
+		s.Counters = u.sock.Counters()
 	}
 	return s
 }

@@ -8,20 +8,29 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pspd/pspd/userspace/codec"
+	"github.com/pspd/pspd/userspace/xsk"
 )
 
 // BenchmarkTunnelTCP moves 4 MiB per iteration over one TCP connection
 // through the tunnel and, as the baseline in the same run, over one TCP
 // connection between the veth addresses the tunnel runs on. It reports
-// both rates, their ratio and the allocations per tunnelled packet.
+// both rates, their ratio and the allocations per tunnelled packet, and,
+// per MiB tunnelled, the process's context switches (both daemons and the
+// TCP ends share it, so compare rows, not absolute figures) and, for
+// AF_XDP, the sockets' sendto and poll calls. With an XDP program on the
+// veth the kernel gives up GSO there, so the veth baseline of the afxdp
+// rows is lower; compare tunnel-Mbit/s across rows of one run.
 // udp-nogro is the UDP underlay without UDP GRO on receive, to compare
-// with udp in the same run.
+// with udp in the same run; afxdp-generic is AF_XDP with the XDP program
+// in generic (skb) mode rather than veth's native mode.
 func BenchmarkTunnelTCP(b *testing.B) {
 	for _, bench := range []struct {
 		underlay string
 		fr       codec.Framing
-	}{{"udp", codec.Geneve}, {"udp-nogro", codec.Geneve}, {"udp", codec.PSPTunnel}, {"afxdp", codec.Geneve}, {"afxdp", codec.PSPTunnel}} {
+	}{{"udp", codec.Geneve}, {"udp-nogro", codec.Geneve}, {"udp", codec.PSPTunnel}, {"afxdp", codec.Geneve}, {"afxdp", codec.PSPTunnel}, {"afxdp-generic", codec.Geneve}} {
 		fr := bench.fr
 		b.Run(bench.underlay+"/"+fr.String(), func(b *testing.B) {
 			tn := newTunnelIO(b, fr, bench.underlay)
@@ -31,15 +40,29 @@ func BenchmarkTunnelTCP(b *testing.B) {
 			chunk := make([]byte, 4<<20)
 			var tTunnel, tPlain time.Duration
 			var ms0, ms1 runtime.MemStats
+			var csw uint64
+			x0 := tn.xskCalls()
 			pk0 := tn.a.dp.Stats().Peers[0].TXPackets + tn.b.dp.Stats().Peers[0].TXPackets
 			b.ResetTimer()
 			for range b.N {
 				tPlain += plain.send(b, chunk)
 				runtime.ReadMemStats(&ms0)
+				c0 := ctxSwitches(b)
 				tTunnel += tunnelled.send(b, chunk)
+				csw += ctxSwitches(b) - c0
 				runtime.ReadMemStats(&ms1)
 			}
 			b.StopTimer()
+			// The plain TCP connection is not steered to the AF_XDP
+			// socket, so these are the tunnel's (and idle polls').
+			x1 := tn.xskCalls()
+			mib := float64(b.N) * float64(len(chunk)) / (1 << 20)
+			b.ReportMetric(float64(csw)/mib, "ctxsw/MiB")
+			if tn.a.xdp != nil {
+				b.ReportMetric(float64(x1.TXKicks-x0.TXKicks)/mib, "kicks/MiB")
+				b.ReportMetric(float64(x1.RXPolls+x1.FillWakeups-x0.RXPolls-x0.FillWakeups)/mib, "polls/MiB")
+				b.ReportMetric(float64(x1.TXFrames-x0.TXFrames)/float64(max(1, x1.TXBatches-x0.TXBatches)), "frames/kick-batch")
+			}
 			pk := tn.a.dp.Stats().Peers[0].TXPackets + tn.b.dp.Stats().Peers[0].TXPackets - pk0
 			mbit := func(d time.Duration) float64 { return float64(b.N) * float64(len(chunk)) * 8 / d.Seconds() / 1e6 }
 			b.ReportMetric(mbit(tTunnel), "tunnel-Mbit/s")
@@ -51,6 +74,31 @@ func BenchmarkTunnelTCP(b *testing.B) {
 			}
 		})
 	}
+}
+
+// xskCalls sums both sides' AF_XDP socket counters (zero for UDP).
+func (tn *tunnel) xskCalls() (c xsk.Counters) {
+	for _, s := range []*side{&tn.a, &tn.b} {
+		if s.xdp == nil {
+			continue
+		}
+		x := s.xdp.Stats().Counters
+		c.TXKicks += x.TXKicks
+		c.TXBatches += x.TXBatches
+		c.TXFrames += x.TXFrames
+		c.RXPolls += x.RXPolls
+		c.FillWakeups += x.FillWakeups
+	}
+	return c
+}
+
+// ctxSwitches is the process's voluntary and involuntary context switches.
+func ctxSwitches(b *testing.B) uint64 {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return uint64(ru.Nvcsw + ru.Nivcsw)
 }
 
 // tcpConn is a sender whose receiver discards a chunk and answers one byte.

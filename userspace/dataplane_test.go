@@ -39,6 +39,7 @@ type side struct {
 	veth  string
 	dp    *userspace.Dataplane
 	codec *codec.Codec
+	xdp   *userspace.XDPUnderlay // the underlay when it is AF_XDP, for its counters
 }
 
 // tunnel is two namespaces joined by veth, each running the real engine
@@ -55,8 +56,9 @@ type tunnel struct {
 func newTunnel(t testing.TB, f codec.Framing) *tunnel { return newTunnelIO(t, f, "udp") }
 
 // newTunnelIO is newTunnel with the underlay io: "udp" (batched sockets),
-// "udp-nogro" (the same without UDP GRO) or "afxdp" (AF_XDP with the XDP
-// program).
+// "udp-nogro" (the same without UDP GRO), "afxdp" (AF_XDP with the XDP
+// program, native where the driver has it) or "afxdp-generic" (the program
+// in generic mode).
 func newTunnelIO(t testing.TB, f codec.Framing, underlay string) *tunnel {
 	t.Helper()
 	nstest.RequireRoot(t)
@@ -91,14 +93,19 @@ func (s *side) start(t testing.TB, f codec.Framing, underlay string, self, peer,
 		if dev, err = tun.Open(name, mtu); err != nil {
 			return err
 		}
-		if underlay == "afxdp" {
+		if underlay == "afxdp" || underlay == "afxdp-generic" {
 			l, err := s.ns.Netlink.LinkByName(s.veth)
 			if err != nil {
 				return err
 			}
-			conn, xdpErr = userspace.NewXDPUnderlay(userspace.XDPConfig{
-				Ifindex: l.Attrs().Index, Mode: xdp.Auto, Port: f.Port(), Ports: []uint16{f.Port()}, Netlink: s.ns.Netlink,
+			mode := xdp.Auto
+			if underlay == "afxdp-generic" {
+				mode = xdp.Generic
+			}
+			s.xdp, xdpErr = userspace.NewXDPUnderlay(userspace.XDPConfig{
+				Ifindex: l.Attrs().Index, Mode: mode, Port: f.Port(), Ports: []uint16{f.Port()}, Netlink: s.ns.Netlink,
 			})
+			conn = s.xdp
 			return nil
 		}
 		// "udp-nogro" is the path of a kernel without UDP GRO, for benchmarks.

@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -36,6 +37,7 @@ import (
 	"github.com/pspd/pspd/userspace/tun"
 	"github.com/pspd/pspd/userspace/udp"
 	"github.com/pspd/pspd/userspace/xdp"
+	"github.com/pspd/pspd/userspace/xsk"
 )
 
 // prohibitMetric places the fail-closed routes behind the TUN routes.
@@ -63,7 +65,7 @@ func Probe(context.Context) error {
 type IO string
 
 const (
-	IOAuto  IO = "auto"   // AF_XDP where it works, else UDP sockets
+	IOAuto  IO = "auto"   // zero-copy AF_XDP where the driver offers it, else UDP sockets
 	IOAFXDP IO = "af_xdp" // require AF_XDP
 	IOUDP   IO = "udp"    // batched UDP sockets
 )
@@ -94,6 +96,10 @@ type Backend struct {
 	// txKeys outlives every peer's codec: a peer removed and added back
 	// must not be given an earlier TX key either.
 	txKeys *codec.KeyHistory
+
+	// io is the underlay start picked and ioReason why (for status).
+	io       IO
+	ioReason string
 
 	mu    sync.Mutex
 	peers map[identity.PublicKey]*peer
@@ -148,10 +154,12 @@ func (b *Backend) start(ctx context.Context, mtu int) (err error) {
 			return fmt.Errorf("userspace: address %v on %s: %w", cfg.Address, cfg.Interface, err)
 		}
 	}
-	conn, io, err := openUnderlay(cfg, b.log)
+	conn, io, reason, err := openUnderlay(cfg)
 	if err != nil {
 		return err
 	}
+	b.io, b.ioReason = io, reason
+	b.log.Info("userspace: underlay picked", "io", io, "configured", cfg.IO, "reason", reason)
 	dev := b.dev
 	b.engine, err = userspace.Start(ctx, userspace.Config{TUN: dev, Underlay: conn, MTU: mtu, Framing: cfg.Framing, Logger: b.log.With("part", "userspace")})
 	if err != nil {
@@ -202,31 +210,53 @@ func (b *Backend) reconcileRoutes() {
 }
 
 // openUnderlay opens the outer side as configured: AF_XDP on the
-// interface that holds the listen address, or batched UDP sockets. With
-// io auto, AF_XDP is used when it can be and UDP otherwise, and the log
-// says why.
-func openUnderlay(cfg Config, log *slog.Logger) (userspace.Underlay, IO, error) {
-	if cfg.IO != IOUDP {
-		u, err := openXDP(cfg.Listen, cfg.Port)
+// interface that holds the listen address, or batched UDP sockets. It
+// returns what it opened and why, for the log and for status.
+//
+// io auto takes AF_XDP only where the driver offers zero-copy. In copy
+// mode (veth, virtual NICs, drivers without AF_XDP support) the kernel
+// copies and builds an skb for every frame on both ends, while the UDP
+// socket path hands it whole 64 KB bursts (UDP GSO on send, GRO on
+// receive): BenchmarkTunnelTCP on veth measures copy-mode AF_XDP at about
+// half the TCP rate of UDP sockets, and an XDP program on a veth also
+// turns off GSO for the host's own traffic there. Copy-mode AF_XDP has
+// the lower round-trip latency; io af_xdp still asks for it.
+func openUnderlay(cfg Config) (u userspace.Underlay, io IO, reason string, err error) {
+	switch cfg.IO {
+	case IOAFXDP:
+		x, err := openXDP(cfg.Listen, cfg.Port, xsk.BindAuto)
+		if err != nil {
+			return nil, "", "", fmt.Errorf("userspace: io af_xdp: %w (set userspace.io to udp or auto)", err)
+		}
+		mode := "copy mode: the driver offers no zero-copy"
+		if x.ZeroCopy() {
+			mode = "zero-copy"
+		}
+		return x, IOAFXDP, fmt.Sprintf("configured (io: af_xdp); %s, XDP %s", mode, x.Mode()), nil
+	case IOUDP:
+		reason = "configured (io: udp)"
+	default:
+		x, err := openXDP(cfg.Listen, cfg.Port, xsk.BindZeroCopy)
 		if err == nil {
-			return u, IOAFXDP, nil
+			return x, IOAFXDP, fmt.Sprintf("auto: the driver offers zero-copy AF_XDP (XDP %s), where the kernel does no per-packet work for pspd", x.Mode()), nil
 		}
-		if cfg.IO == IOAFXDP {
-			return nil, "", fmt.Errorf("userspace: io af_xdp: %w (set userspace.io to udp or auto)", err)
+		if errors.Is(err, xsk.ErrNoZeroCopy) {
+			reason = fmt.Sprintf("auto: %v; copy-mode AF_XDP measured about half the TCP rate of UDP sockets with segmentation offload on such hosts (set io: af_xdp to use it anyway)", err)
+		} else {
+			reason = fmt.Sprintf("auto: AF_XDP unusable: %v", err)
 		}
-		log.Info("userspace: AF_XDP not used; batched UDP sockets instead", "reason", err)
 	}
 	conn, err := udp.Listen(netip.AddrPortFrom(cfg.Listen, cfg.Port), userspace.DefaultBatch)
 	if err != nil {
-		return nil, "", fmt.Errorf("userspace: underlay socket on port %d: %w", cfg.Port, err)
+		return nil, "", "", fmt.Errorf("userspace: underlay socket on port %d: %w", cfg.Port, err)
 	}
 	if !conn.GRO() {
-		log.Info("userspace: the kernel refused UDP GRO (needs Linux 5.0); datagrams are read one by one")
+		reason += "; the kernel refused UDP GRO (needs Linux 5.0), datagrams are read one by one"
 	}
-	return conn, IOUDP, nil
+	return conn, IOUDP, reason, nil
 }
 
-func openXDP(listen netip.Addr, port uint16) (userspace.Underlay, error) {
+func openXDP(listen netip.Addr, port uint16, bind xsk.Bind) (*userspace.XDPUnderlay, error) {
 	if listen.IsUnspecified() {
 		return nil, errors.New("AF_XDP needs a specific listen address: the interface holding it gets the XDP program")
 	}
@@ -236,12 +266,53 @@ func openXDP(listen netip.Addr, port uint16) (userspace.Underlay, error) {
 	}
 	// The socket binds one receive queue; packets the NIC steers to other
 	// queues would reach no one.
-	queues, _ := filepath.Glob(filepath.Join("/sys/class/net", link.Attrs().Name, "queues", "rx-*"))
-	if len(queues) != 1 {
-		return nil, fmt.Errorf("%s has %d receive queues; the AF_XDP underlay binds one (reduce them with ethtool -L, or use udp)", link.Attrs().Name, len(queues))
+	if q := rxQueues(link.Attrs().Name); q != 1 {
+		return nil, fmt.Errorf("%s has %d receive queues; the AF_XDP underlay binds one (reduce them with ethtool -L, or use udp)", link.Attrs().Name, q)
 	}
-	return userspace.NewXDPUnderlay(userspace.XDPConfig{Ifindex: link.Attrs().Index, Mode: xdp.Auto, Port: port, Ports: []uint16{port}})
+	u, err := userspace.NewXDPUnderlay(userspace.XDPConfig{Ifindex: link.Attrs().Index, Mode: xdp.Auto, Port: port, Ports: []uint16{port},
+		Socket: xsk.Config{Bind: bind}})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", link.Attrs().Name, err)
+	}
+	return u, nil
 }
+
+// ethtoolChannels is struct ethtool_channels.
+type ethtoolChannels struct {
+	cmd                                         uint32
+	maxRX, maxTX, maxOther, maxCombined         uint32
+	rxCount, txCount, otherCount, combinedCount uint32
+}
+
+// ifreqData is struct ifreq with its ifr_data member.
+type ifreqData struct {
+	name [unix.IFNAMSIZ]byte
+	data unsafe.Pointer
+	_    [24 - unsafe.Sizeof(uintptr(0))]byte
+}
+
+// rxQueues counts an interface's receive queues in use: ethtool's channel
+// count, asked over a socket in the calling thread's namespace, or for
+// drivers without channels sysfs (which shows the namespace it was
+// mounted in, not necessarily pspd's).
+func rxQueues(name string) int {
+	if fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err == nil {
+		ch := &ethtoolChannels{cmd: unix.ETHTOOL_GCHANNELS}
+		ifr := &ifreqData{data: unsafe.Pointer(ch)}
+		copy(ifr.name[:unix.IFNAMSIZ-1], name)
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(ifr)))
+		unix.Close(fd)
+		if e == 0 && ch.rxCount+ch.combinedCount > 0 {
+			return int(ch.rxCount + ch.combinedCount)
+		}
+	}
+	queues, _ := filepath.Glob(filepath.Join("/sys/class/net", name, "queues", "rx-*"))
+	return len(queues)
+}
+
+// IO returns the underlay the data plane uses ("af_xdp" or "udp") and why
+// it was picked, for the daemon's status.
+func (b *Backend) IO() (string, string) { return string(b.io), b.ioReason }
 
 func linkWithAddr(a netip.Addr) (netlink.Link, error) {
 	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)

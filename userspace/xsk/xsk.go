@@ -9,6 +9,14 @@
 // the descriptors. sync/atomic loads and stores are sequentially consistent,
 // which is at least as strong on every architecture Go supports.
 //
+// System calls are made only when the kernel asks for them: the socket is
+// bound with XDP_USE_NEED_WAKEUP, and Transmit kicks the kernel with sendto
+// only while the TX ring's need_wakeup flag is set, Release polls only when
+// the fill ring's flag is set. (In copy mode the kernel keeps the TX flag
+// set, because there the sendto is what transmits; Open raises the frames
+// one sendto may send, XDP_MAX_TX_SKB_BUDGET, from 32 to the ring size, so
+// that a batch goes out with one call.)
+//
 // A Socket's receive side (Receive, Release, WaitRX) and transmit side
 // (AllocTX, Transmit, FreeTX) each belong to one goroutine at a time; the two
 // sides may run concurrently because they touch disjoint rings and frames.
@@ -39,9 +47,70 @@ type Config struct {
 	// RingSize is the number of entries of each ring, a power of two.
 	// Default NumFrames/2.
 	RingSize int
-	// ZeroCopy asks for driver zero-copy instead of forcing copy mode.
-	// veth and most virtual devices only do copy mode.
-	ZeroCopy bool
+	// Bind chooses between zero-copy and copy mode; default BindAuto.
+	Bind Bind
+}
+
+// Bind is how the socket shares its UMEM with the driver.
+type Bind int
+
+const (
+	// BindAuto asks for zero-copy and lets the kernel fall back to copy
+	// mode where the driver does not offer it (veth and most virtual
+	// devices); Socket.ZeroCopy tells which it got.
+	BindAuto Bind = iota
+	// BindCopy forces copy mode: the kernel copies every frame.
+	BindCopy
+	// BindZeroCopy requires zero-copy; Open fails where the driver
+	// cannot do it.
+	BindZeroCopy
+)
+
+func (b Bind) String() string {
+	switch b {
+	case BindCopy:
+		return "copy"
+	case BindZeroCopy:
+		return "zero-copy"
+	}
+	return "auto"
+}
+
+// Counters count a socket's system calls and batches, so tests and
+// benchmarks can see how many frames one call moved.
+type Counters struct {
+	TXKicks     uint64 // sendto calls asking the kernel to transmit
+	TXNoWakeup  uint64 // kicks left out because the kernel did not ask (need_wakeup clear)
+	TXBatches   uint64 // Transmit calls that queued frames
+	TXFrames    uint64 // frames queued by Transmit
+	RXPolls     uint64 // poll calls waiting for frames (WaitRX)
+	FillWakeups uint64 // poll calls because the fill ring asked for one
+	RXBatches   uint64 // Receive calls that returned frames
+	RXFrames    uint64 // frames returned by Receive
+}
+
+type counters struct {
+	txKicks, txNoWakeup, txBatches, txFrames  atomic.Uint64
+	rxPolls, fillWakeups, rxBatches, rxFrames atomic.Uint64
+}
+
+// kernel is the socket's system calls: the real ones, or a fake in the
+// package's ring tests.
+type kernel interface {
+	sendto(fd int) unix.Errno
+	poll(fd, timeoutMS int) error
+}
+
+type sysKernel struct{}
+
+func (sysKernel) sendto(fd int) unix.Errno {
+	_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), 0, 0, unix.MSG_DONTWAIT, 0, 0)
+	return e
+}
+
+func (sysKernel) poll(fd, timeoutMS int) error {
+	_, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, timeoutMS)
+	return err
 }
 
 func (c *Config) setDefaults() error {
@@ -144,7 +213,10 @@ type Socket struct {
 	ifindex   int
 	queue     int
 	zeroCopy  bool
+	txBudget  int // frames one sendto sends in copy mode
 	closed    bool
+	sys       kernel
+	n         counters
 }
 
 // Open creates an AF_XDP socket, registers a UMEM, maps the four rings, gives
@@ -159,7 +231,7 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("xsk: socket(AF_XDP): %w", err)
 	}
-	s = &Socket{fd: fd, frameSize: uint64(cfg.FrameSize), ifindex: ifindex, queue: queue}
+	s = &Socket{fd: fd, frameSize: uint64(cfg.FrameSize), ifindex: ifindex, queue: queue, sys: sysKernel{}}
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -218,18 +290,42 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 	for i := nrx; i < uint32(cfg.NumFrames); i++ {
 		s.txFree = append(s.txFree, uint64(i)*s.frameSize)
 	}
+	// In copy mode one sendto sends at most max_tx_budget frames (32 by
+	// default); Linux 6.17 lets it be raised to the TX ring's size. Older
+	// kernels answer ENOPROTOOPT and a batch takes several kicks.
+	s.txBudget = 32
+	budget := size
+	if setsockopt(fd, unix.XDP_MAX_TX_SKB_BUDGET, unsafe.Pointer(&budget), 4) == nil {
+		s.txBudget = int(size)
+	}
+	// Without a mode flag the kernel tries zero-copy and falls back to
+	// copy mode itself; XDP_OPTIONS then says which it chose.
 	flags := uint16(unix.XDP_USE_NEED_WAKEUP)
-	if cfg.ZeroCopy {
-		flags |= unix.XDP_ZEROCOPY
-	} else {
+	switch cfg.Bind {
+	case BindCopy:
 		flags |= unix.XDP_COPY
+	case BindZeroCopy:
+		flags |= unix.XDP_ZEROCOPY
 	}
 	if err := bind(fd, &unix.SockaddrXDP{Flags: flags, Ifindex: uint32(ifindex), QueueID: uint32(queue)}); err != nil {
-		return s, fmt.Errorf("xsk: bind ifindex %d queue %d (zero-copy %v): %w", ifindex, queue, cfg.ZeroCopy, err)
+		if cfg.Bind == BindZeroCopy && (errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)) {
+			return s, fmt.Errorf("xsk: bind ifindex %d queue %d in zero-copy mode: %w (%w)", ifindex, queue, ErrNoZeroCopy, err)
+		}
+		return s, fmt.Errorf("xsk: bind ifindex %d queue %d (%v mode): %w", ifindex, queue, cfg.Bind, err)
 	}
-	s.zeroCopy = cfg.ZeroCopy
+	var opts uint32
+	olen = 4
+	if _, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_XDP, unix.XDP_OPTIONS,
+		uintptr(unsafe.Pointer(&opts)), uintptr(unsafe.Pointer(&olen)), 0); e != 0 {
+		return s, fmt.Errorf("xsk: XDP_OPTIONS: %w", e)
+	}
+	s.zeroCopy = opts&unix.XDP_OPTIONS_ZEROCOPY != 0
 	return s, nil
 }
+
+// ErrNoZeroCopy means a socket that required zero-copy was refused it: the
+// driver has no zero-copy AF_XDP (veth, most virtual devices).
+var ErrNoZeroCopy = errors.New("the driver offers no zero-copy AF_XDP")
 
 // bind binds, waiting out EBUSY for up to a second: the kernel frees a closed
 // socket's claim on the queue from a work queue, so a socket reopened right
@@ -282,6 +378,24 @@ func (s *Socket) Queue() int   { return s.queue }
 // FrameSize is the size of one UMEM frame.
 func (s *Socket) FrameSize() int { return int(s.frameSize) }
 
+// ZeroCopy reports whether the driver uses the UMEM directly (zero-copy
+// mode) rather than the kernel copying each frame (copy mode).
+func (s *Socket) ZeroCopy() bool { return s.zeroCopy }
+
+// TXBudget is how many frames one kick sends in copy mode: the ring size
+// where the kernel lets it be raised, else the kernel's 32.
+func (s *Socket) TXBudget() int { return s.txBudget }
+
+// Counters returns the socket's system call and batch counts so far.
+func (s *Socket) Counters() Counters {
+	return Counters{
+		TXKicks: s.n.txKicks.Load(), TXNoWakeup: s.n.txNoWakeup.Load(),
+		TXBatches: s.n.txBatches.Load(), TXFrames: s.n.txFrames.Load(),
+		RXPolls: s.n.rxPolls.Load(), FillWakeups: s.n.fillWakeups.Load(),
+		RXBatches: s.n.rxBatches.Load(), RXFrames: s.n.rxFrames.Load(),
+	}
+}
+
 // Frame returns the packet bytes of d. The slice's capacity ends at the end
 // of d's UMEM frame, so appending cannot reach a neighbouring frame.
 func (s *Socket) Frame(d Desc) []byte {
@@ -291,6 +405,10 @@ func (s *Socket) Frame(d Desc) []byte {
 	}
 	return s.umem[d.Addr : d.Addr+uint64(d.Len) : end]
 }
+
+// Pending is how many received frames wait in the RX ring. Like Receive,
+// it belongs to the receive side.
+func (s *Socket) Pending() int { return int(s.rx.avail()) }
 
 // Receive moves up to len(d) received descriptors into d and returns how
 // many. It does not block (see WaitRX). The frames belong to the caller until
@@ -302,6 +420,8 @@ func (s *Socket) Receive(d []Desc) int {
 	}
 	if n > 0 {
 		s.rx.release(n)
+		s.n.rxBatches.Add(1)
+		s.n.rxFrames.Add(uint64(n))
 	}
 	return int(n)
 }
@@ -324,10 +444,12 @@ func (s *Socket) Release(d []Desc) error {
 		*s.fill.addr(s.fill.cachedProd + i) = d[i].Addr &^ (s.frameSize - 1)
 	}
 	s.fill.submit(n)
-	// In copy mode the kernel refills from the ring itself; a need_wakeup
-	// flag on the fill ring asks for a poll to restart reception.
+	// In copy mode the kernel refills from the ring itself; in zero-copy
+	// mode a driver that ran out of frames sets the fill ring's
+	// need_wakeup flag and waits for a poll to restart reception.
 	if s.fill.needWakeup() {
-		unix.Poll([]unix.PollFd{{Fd: int32(s.fd), Events: unix.POLLIN}}, 0)
+		s.n.fillWakeups.Add(1)
+		s.sys.poll(s.fd, 0)
 	}
 	return nil
 }
@@ -338,7 +460,8 @@ func (s *Socket) WaitRX(timeoutMS int) error {
 	if s.rx.avail() > 0 {
 		return nil
 	}
-	_, err := unix.Poll([]unix.PollFd{{Fd: int32(s.fd), Events: unix.POLLIN}}, timeoutMS)
+	s.n.rxPolls.Add(1)
+	err := s.sys.poll(s.fd, timeoutMS)
 	if err != nil && err != unix.EINTR {
 		return fmt.Errorf("xsk: poll: %w", err)
 	}
@@ -379,8 +502,7 @@ func (s *Socket) reclaim() {
 }
 
 // kickBudget bounds the sendto calls of one Transmit. In copy mode each call
-// sends at most a small batch (32 frames by default) and returns EAGAIN when
-// more are queued.
+// sends at most TXBudget frames and returns EAGAIN when more are queued.
 const kickBudget = 64
 
 // ErrTXBusy means the kernel did not take every queued frame; they stay
@@ -401,6 +523,8 @@ func (s *Socket) Transmit(d []Desc) (int, error) {
 	}
 	if n > 0 {
 		s.tx.submit(n)
+		s.n.txBatches.Add(1)
+		s.n.txFrames.Add(uint64(n))
 	}
 	err := s.kick()
 	s.reclaim()
@@ -420,10 +544,14 @@ func (s *Socket) kick() error {
 		if atomic.LoadUint32(s.tx.consumer) == s.tx.cachedProd {
 			return nil
 		}
-		if s.zeroCopy && !s.tx.needWakeup() {
+		// A zero-copy driver that is already draining the ring clears
+		// the flag: a sendto would only cost a system call.
+		if !s.tx.needWakeup() {
+			s.n.txNoWakeup.Add(1)
 			return nil
 		}
-		_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(s.fd), 0, 0, unix.MSG_DONTWAIT, 0, 0)
+		s.n.txKicks.Add(1)
+		e := s.sys.sendto(s.fd)
 		switch e {
 		case 0, unix.EAGAIN:
 			// EAGAIN: the batch limit was reached with frames left.

@@ -298,3 +298,98 @@ func testRedirect(t *testing.T, mode xdp.Mode) {
 		t.Errorf("with no socket registered, port 6081 did not fall back to the kernel: %v", err)
 	}
 }
+
+// TestBindModes: on veth, which has no zero-copy AF_XDP, BindAuto falls back
+// to copy mode and says so, and BindZeroCopy fails naming the cause.
+func TestBindModes(t *testing.T) {
+	p := newPair(t)
+	s := open(t, p.a, p.ifA) // skips without AF_XDP
+	if s.ZeroCopy() {
+		t.Errorf("veth socket bound with BindAuto reports zero-copy")
+	}
+	s.Close() // one socket per queue
+	err := p.a.Do(func() error {
+		zc, err := xsk.Open(p.ifA, 0, xsk.Config{NumFrames: 64, Bind: xsk.BindZeroCopy})
+		if err == nil {
+			zc.Close()
+		}
+		return err
+	})
+	if !errors.Is(err, xsk.ErrNoZeroCopy) {
+		t.Errorf("BindZeroCopy on veth: %v, want ErrNoZeroCopy", err)
+	}
+	if err := p.a.Do(func() error {
+		c, err := xsk.Open(p.ifA, 0, xsk.Config{NumFrames: 64, Bind: xsk.BindCopy})
+		if err == nil {
+			defer c.Close()
+			if c.ZeroCopy() {
+				t.Error("BindCopy socket reports zero-copy")
+			}
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBatchIsOneKick sends a batch of frames with one Transmit through the
+// real kernel (copy mode on veth): it costs ceil(frames/TXBudget) sendto
+// calls, one where the kernel lets the budget be raised (Linux 6.17), and
+// the receiver takes the whole batch with one Receive and one Release.
+func TestBatchIsOneKick(t *testing.T) {
+	p := newPair(t)
+	prog, err := xdp.Load(1, []uint16{6081})
+	if err != nil {
+		t.Skip("cannot load an XDP program with an XSKMAP (needs CONFIG_BPF_SYSCALL, CONFIG_XDP_SOCKETS): ", err)
+	}
+	t.Cleanup(func() { prog.Close() })
+	if err := p.b.Do(func() error { return prog.Attach(p.ifB, xdp.Auto) }); err != nil {
+		t.Fatal(err)
+	}
+	rx := open(t, p.b, p.ifB)
+	if err := prog.Register(0, rx.FD()); err != nil {
+		t.Fatal(err)
+	}
+	tx := open(t, p.a, p.ifA)
+	const count = 200
+	descs := make([]xsk.Desc, 256)
+	if n := tx.AllocTX(descs[:count]); n != count {
+		t.Fatalf("AllocTX: %d of %d frames", n, count)
+	}
+	src, dst := netip.AddrPortFrom(addrA.Addr(), 40000), netip.AddrPortFrom(addrB.Addr(), 6081)
+	for i := range count {
+		f := tx.Frame(descs[i])
+		hl := frame.HeaderLen(dst.Addr())
+		binary.BigEndian.PutUint32(f[hl:], uint32(i))
+		frame.PutEthernet(f, p.macB, p.macA, frame.EtherTypeIPv4)
+		frame.PutIPUDP(f[frame.EthLen:], src, dst, 64)
+		descs[i].Len = uint32(hl + 64)
+	}
+	before := tx.Counters()
+	if q, err := tx.Transmit(descs[:count]); q != count || err != nil {
+		t.Fatalf("Transmit: %d of %d queued, %v", q, count, err)
+	}
+	c := tx.Counters()
+	want := uint64((count + tx.TXBudget() - 1) / tx.TXBudget())
+	if kicks := c.TXKicks - before.TXKicks; kicks != want {
+		t.Errorf("one Transmit of %d frames with budget %d: %d sendto calls, want %d", count, tx.TXBudget(), kicks, want)
+	}
+	t.Logf("TX budget %d: %d frames, %d kicks (%+v)", tx.TXBudget(), count, c.TXKicks-before.TXKicks, c)
+
+	// Copy mode delivers asynchronously (the receiver's NAPI or backlog);
+	// wait until the whole batch is in the RX ring, then take it at once.
+	for deadline := time.Now().Add(5 * time.Second); rx.Pending() < count && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	n := rx.Receive(descs)
+	if n != count {
+		st, _ := rx.Stats()
+		t.Fatalf("Receive: %d frames of %d in one call (socket stats %+v)", n, count, st)
+	}
+	if err := rx.Release(descs[:n]); err != nil {
+		t.Fatal(err)
+	}
+	if rc := rx.Counters(); rc.RXBatches != 1 || rc.RXFrames != count {
+		t.Errorf("RX counters %+v: want one batch of %d", rc, count)
+	}
+}

@@ -1,0 +1,271 @@
+package netns
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// scalePeers is the spoke count of TestScale: PSPD_SCALE_PEERS, default 256.
+// The underlay is one /16 behind one bridge (at most 1023 ports).
+func scalePeers(t *testing.T) int {
+	n := 256
+	if s := os.Getenv("PSPD_SCALE_PEERS"); s != "" {
+		v, err := strconv.Atoi(s)
+		if err != nil || v < 1 || v > 1000 {
+			t.Fatalf("PSPD_SCALE_PEERS=%q: want 1..1000", s)
+		}
+		n = v
+	}
+	return n
+}
+
+// scaleAddr is spoke i's address in 198.18.0.0/16 (underlay) or
+// 10.201.0.0/16 (inner); the hub is .0.1 of both.
+func scaleAddr(inner bool, i int) string {
+	p := "198.18"
+	if inner {
+		p = "10.201"
+	}
+	return fmt.Sprintf("%s.%d.%d", p, 1+i/250, 1+i%250)
+}
+
+// TestScale is a hub with many spokes on the userspace backend, each spoke
+// a pspd in its own network namespace behind one bridge: how long until
+// every association is up, what `pspctl assoc list` costs, and the hub's
+// memory, goroutines and file descriptors per peer (from its /metrics).
+// It measures rather than asserts (only that everything associates and
+// carries traffic); PSPD_SCALE=1 runs it, so make test does not.
+func TestScale(t *testing.T) {
+	if os.Getenv("PSPD_SCALE") != "1" {
+		t.Skip("scale test: PSPD_SCALE=1 runs it (PSPD_SCALE_PEERS sets the spokes, default 256); make test leaves it out")
+	}
+	hostOnly(t)
+	n := scalePeers(t)
+	// ARP entries of every namespace count against one host-wide limit:
+	// the hub holds one per spoke, each spoke one for the hub. Past it
+	// the kernel drops packets ("neighbor table overflow") and spokes
+	// associate only as the retries find room: 1000 spokes took 7 minutes
+	// with the default 1024, not one.
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/neigh/default/gc_thresh3"); err == nil {
+		if limit, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && limit < 2*(n+1)+64 {
+			t.Skipf("%d spokes need about %d ARP entries; net.ipv4.neigh.default.gc_thresh3 is %d (raise it, and gc_thresh2, for the run)", n, 2*(n+1), limit)
+		}
+	}
+	l := newLab(t, "pns-") // skips when not root
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	sw, err := l.Switch(ctx, "sw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hubHost, err := l.Host(ctx, "hub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Attach(ctx, sw, hubHost, netip.MustParsePrefix("198.18.0.1/16")); err != nil {
+		t.Fatal(err)
+	}
+	hub, err := l.NewDaemon(ctx, hubHost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setup := time.Now()
+	spokes := make([]*Daemon, n)
+	var peers strings.Builder
+	for i := range n {
+		h, err := l.Host(ctx, fmt.Sprintf("s%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Attach(ctx, sw, h, netip.MustParsePrefix(scaleAddr(false, i)+"/16")); err != nil {
+			t.Fatal(err)
+		}
+		if spokes[i], err = l.NewDaemon(ctx, h); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(&peers, "  - {name: s%d, endpoint: %s, public_key: %s, prefixes: [%s/32]}\n", i, scaleAddr(false, i), spokes[i].PubKey, scaleAddr(true, i))
+	}
+	t.Logf("%d namespaces, links and identities in %v", n+2, time.Since(setup).Round(time.Millisecond))
+	metrics := filepath.Join(hub.Dir, "metrics.sock")
+	hubConfig := "listen: 198.18.0.1\nmetrics: unix:" + metrics + "\nbackend: userspace\nuserspace: {address: 10.201.0.1/16, io: udp}\npeers:\n"
+	// The hub with no peers is the baseline of the per-peer figures.
+	if err := hub.WriteConfig(hubConfig + "  []\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := hub.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	empty, err := scrape(ctx, metrics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hub.Stop()
+	if err := hub.WriteConfig(hubConfig + peers.String()); err != nil {
+		t.Fatal(err)
+	}
+	if err := hub.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	idle, err := scrape(ctx, metrics)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Start the spokes a few at a time: Start waits for each API.
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	sem := make(chan struct{}, 8)
+	for i, s := range spokes {
+		cfg := fmt.Sprintf("listen: %s\nmetrics: off\nbackend: userspace\nuserspace: {address: %s/16, io: udp}\npeers:\n  - {name: hub, endpoint: 198.18.0.1, public_key: %s, prefixes: [10.201.0.1/32]}\n",
+			scaleAddr(false, i), scaleAddr(true, i), hub.PubKey)
+		if err := s.WriteConfig(cfg); err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := s.Start(ctx); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	started := time.Since(start)
+	t.Cleanup(func() {
+		for _, s := range spokes {
+			s.Kill()
+		}
+	})
+	var up int
+	for {
+		as, err := hub.Assocs(ctx)
+		if err == nil {
+			up = len(as)
+		}
+		if up == n {
+			break
+		}
+		if time.Since(start) > 15*time.Minute {
+			t.Fatalf("%d of %d associations 15 minutes after the first spoke started (%v)\n%s", up, n, err, hub.Tail(20))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	assoc := time.Since(start)
+	t.Logf("%d spokes started in %v; all %d associations up %v after the first spoke started", n, started.Round(time.Millisecond), n, assoc.Round(time.Millisecond))
+
+	// pspctl assoc list, process start included: the median of 11.
+	var lists []time.Duration
+	for range 11 {
+		s := time.Now()
+		if _, err := hub.Ctl(ctx, "assoc", "list"); err != nil {
+			t.Fatal(err)
+		}
+		lists = append(lists, time.Since(s))
+	}
+	sort.Slice(lists, func(i, j int) bool { return lists[i] < lists[j] })
+	t.Logf("pspctl assoc list with %d associations: median %v (min %v, max %v), process start included",
+		n, lists[5].Round(10*time.Microsecond), lists[0].Round(10*time.Microsecond), lists[10].Round(10*time.Microsecond))
+
+	for _, i := range []int{0, n / 2, n - 1} {
+		if _, err := EchoTCP(ctx, spokes[i].Host, hubHost, "10.201.0.1", 32<<10, "scale-canary-"); err != nil {
+			t.Fatalf("spoke %d to hub: %v", i, err)
+		}
+	}
+	full, err := scrape(ctx, metrics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const mib = 1 << 20
+	per := func(m map[string]float64, k string) float64 { return (m[k] - empty[k]) / float64(n) }
+	for _, c := range []struct {
+		what string
+		m    map[string]float64
+	}{{"no peers", empty}, {fmt.Sprintf("%d peers configured, none associated", n), idle}, {fmt.Sprintf("%d associations", n), full}} {
+		t.Logf("hub, %s: RSS %.1f MiB, %.0f goroutines, %.0f fds", c.what,
+			c.m["process_resident_memory_bytes"]/mib, c.m["go_goroutines"], c.m["process_open_fds"])
+	}
+	t.Logf("hub per peer over the hub with none: %.1f KiB RSS (%.1f KiB of it configuring, %.1f associating), %.2f goroutines, %.3f fds",
+		per(full, "process_resident_memory_bytes")/1024, per(idle, "process_resident_memory_bytes")/1024,
+		(full["process_resident_memory_bytes"]-idle["process_resident_memory_bytes"])/1024/float64(n),
+		per(full, "go_goroutines"), per(full, "process_open_fds"))
+	if rss, private, err := procMem(spokes[0]); err == nil {
+		t.Logf("one spoke (one peer): RSS %.1f MiB, %.1f MiB of it private (the rest is the shared binary)", float64(rss)/mib, float64(private)/mib)
+	}
+}
+
+// scrape reads the gauges of a pspd's /metrics served on a unix socket.
+func scrape(ctx context.Context, sock string) (map[string]float64, error) {
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}, Timeout: 10 * time.Second}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://pspd/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("metrics on %s: %w", sock, err)
+	}
+	defer resp.Body.Close()
+	m := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) != 2 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		if v, err := strconv.ParseFloat(f[1], 64); err == nil {
+			m[f[0]] = v
+		}
+	}
+	return m, sc.Err()
+}
+
+// procMem is a running daemon's resident set and the private part of it,
+// from /proc/PID/smaps_rollup.
+func procMem(d *Daemon) (rss, private int64, err error) {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return 0, 0, fmt.Errorf("pspd in %s is not running", d.Host.Name)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", d.cmd.Process.Pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 || f[2] != "kB" {
+			continue
+		}
+		kb, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return 0, 0, err
+		}
+		switch f[0] {
+		case "Rss:":
+			rss = kb << 10
+		case "Private_Clean:", "Private_Dirty:":
+			private += kb << 10
+		}
+	}
+	return rss, private, nil
+}
