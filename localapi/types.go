@@ -42,6 +42,10 @@ type Status struct {
 	// by a reload); LastReloadError why that load was not applied.
 	LastReload      time.Time `json:"last_reload"`
 	LastReloadError string    `json:"last_reload_error,omitempty"`
+	// UserspaceIO is how the userspace data plane moves outer packets
+	// (af_xdp or udp), and UserspaceIOReason why; empty without it.
+	UserspaceIO       string `json:"userspace_io,omitempty"`
+	UserspaceIOReason string `json:"userspace_io_reason,omitempty"`
 }
 
 // Peer is one configured remote pspd.

@@ -86,6 +86,13 @@ type SocketController interface {
 	Control(network, address string, c syscall.RawConn) error
 }
 
+// UnderlayReporter is a Backend that chose how to move outer packets at
+// start (the userspace data plane: AF_XDP or UDP sockets) and says which
+// and why, for pspctl status.
+type UnderlayReporter interface {
+	IO() (pick, reason string)
+}
+
 // PeerSpec is a peer as a data plane needs it. The daemon is the only
 // place that makes one, from the configuration.
 type PeerSpec struct {

@@ -181,6 +181,9 @@ func (c *cli) status(cmd *cobra.Command, _ []string) error {
 		{"peers", fmt.Sprintf("%d configured, %d up", st.Peers, st.PeersUp)},
 		{"associations", strconv.Itoa(st.Assocs)},
 	}
+	if st.UserspaceIO != "" {
+		rows = append(rows, []string{"userspace io", fmt.Sprintf("%s (%s)", st.UserspaceIO, st.UserspaceIOReason)})
+	}
 	if !st.LastReload.IsZero() {
 		res := "applied"
 		if st.LastReloadError != "" {

@@ -39,7 +39,7 @@ func fixture() *apitest.Service {
 	return &apitest.Service{
 		StatusV: localapi.Status{Version: "0.1.0", PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
 			Listen: "[::]:6082", Backends: []string{"userspace"}, Started: now.Add(-90 * time.Minute), Peers: 2, PeersUp: 1, Assocs: 1,
-			LastReload: now.Add(-20 * time.Minute)},
+			LastReload: now.Add(-20 * time.Minute), UserspaceIO: "udp", UserspaceIOReason: "auto: the driver offers no zero-copy AF_XDP"},
 		PeersV: []localapi.Peer{
 			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
 				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768",

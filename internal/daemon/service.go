@@ -13,6 +13,7 @@ import (
 	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/offload/psp"
 )
 
@@ -34,6 +35,11 @@ func (d *Daemon) Status(context.Context) (localapi.Status, error) {
 	}
 	for _, b := range d.report.Available() {
 		st.Backends = append(st.Backends, b.String())
+	}
+	for _, b := range d.backends {
+		if u, ok := b.(offload.UnderlayReporter); ok {
+			st.UserspaceIO, st.UserspaceIOReason = u.IO()
+		}
 	}
 	for _, p := range d.peers {
 		if p.kx.Session() != nil {
