@@ -1,0 +1,347 @@
+package netns
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestNATRebinding puts a masquerading NAT (nftables) between a and b and
+// runs the userspace backend across it: a, behind the NAT, knows b's
+// address; b knows only the NAT's public address for a. The association
+// comes up, UDP echoes flow both ways, then the NAT mapping changes
+// mid-stream (the rule now maps to another public address and conntrack
+// is flushed): b's engine follows a to its new outer address on a's first
+// authenticated packet, and the echoes resume by themselves. The recovery
+// time is logged. Last, forged packets under b's live RX SPI from a third
+// address must not move b's idea of where a is.
+func TestNATRebinding(t *testing.T) {
+	hostOnly(t)
+	for _, bin := range []string{"nft", "conntrack"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("needs %s (tests/deps.sh installs nftables and conntrack)", bin)
+		}
+	}
+	l := newLab(t, "pnat-")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	var hs [3]*Host
+	for i, name := range []string{"a", "n", "b"} {
+		h, err := l.Host(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs[i] = h
+	}
+	a, n, b := hs[0], hs[1], hs[2]
+	pfx := netip.MustParsePrefix
+	const (
+		natPublic  = "198.51.100.1"
+		natPublic2 = "198.51.100.3"
+		bAddr      = "198.51.100.2"
+		forger     = "198.51.100.9"
+	)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(l.Link(ctx, a, n, pfx("10.9.0.2/24"), pfx("10.9.0.1/24")))
+	must(l.Link(ctx, n, b, pfx(natPublic+"/24"), pfx(bAddr+"/24")))
+	wan := l.Prefix + "nb"
+	must(n.IP(ctx, "addr", "add", natPublic2+"/24", "dev", wan))
+	must(a.IP(ctx, "route", "add", "default", "via", "10.9.0.1"))
+	nsRun := func(h *Host, name string, args ...string) {
+		t.Helper()
+		if out, err := h.Command(ctx, name, args...).CombinedOutput(); err != nil {
+			t.Fatalf("%s %s in %s: %v: %s", name, strings.Join(args, " "), h.Name, err, out)
+		}
+	}
+	nsRun(n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	nft := func(rules string) {
+		t.Helper()
+		cmd := n.Command(ctx, "nft", "-f", "-")
+		cmd.Stdin = strings.NewReader(rules)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("nft in %s: %v: %s\n%s", n.Name, err, out, rules)
+		}
+	}
+	nft(fmt.Sprintf(`table ip nat {
+	chain post {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname %q masquerade
+	}
+}
+`, wan))
+
+	da, err := l.NewDaemon(ctx, a)
+	must(err)
+	db, err := l.NewDaemon(ctx, b)
+	must(err)
+	inner := [2]string{"10.200.0.1", "10.200.0.2"}
+	conf := func(self *Daemon, listen, addr, peerName, peerEP, peerKey, peerInner string) {
+		t.Helper()
+		must(self.WriteConfig(fmt.Sprintf(`listen: %s
+metrics: off
+backend: userspace
+rekey_interval: 10m
+require_encryption: true
+userspace:
+  address: %s/24
+  io: udp
+peers:
+  - name: %s
+    endpoint: %s
+    public_key: %s
+    prefixes: [%s/32]
+`, listen, addr, peerName, peerEP, peerKey, peerInner)))
+	}
+	conf(da, "10.9.0.2", inner[0], "b", bAddr, db.PubKey, inner[1])
+	conf(db, bAddr, inner[1], "a", natPublic, da.PubKey, inner[0])
+	if err := da.Available(ctx, "userspace"); err != nil {
+		t.Skip(err)
+	}
+	for _, d := range []*Daemon{da, db} {
+		must(d.Start(ctx))
+	}
+	p := &Pair{A: da, B: db, Inner: inner}
+	as, err := p.WaitAssoc(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("association up through the NAT: a rx %#x, b rx %#x", as[0].RxSPI, as[1].RxSPI)
+
+	// Echo servers on both inner addresses; each side probes the other.
+	ea, err := listenIn(a, inner[0]+":7790")
+	must(err)
+	eb, err := listenIn(b, inner[1]+":7790")
+	must(err)
+	for _, c := range []*net.UDPConn{ea, eb} {
+		t.Cleanup(func() { c.Close() })
+		go echo(c)
+	}
+	pa, err := newProber(a, inner[1]+":7790")
+	must(err)
+	t.Cleanup(pa.close)
+	pb, err := newProber(b, inner[0]+":7790")
+	must(err)
+	t.Cleanup(pb.close)
+	for _, pr := range []*prober{pa, pb} {
+		if _, err := pr.waitReply(time.Now(), 10*time.Second); err != nil {
+			t.Fatalf("before the rebinding, %s → %s: %v\n%s\n%s", pr.from.Name, pr.to, err, da.Tail(20), db.Tail(20))
+		}
+	}
+
+	// The NAT now maps a to another public address, and forgets the old
+	// mapping: a's packets reach b from an address b never heard of.
+	nft(fmt.Sprintf(`flush chain ip nat post
+add rule ip nat post oifname %q snat ip to %s
+`, wan, natPublic2))
+	rebound := time.Now()
+	nsRun(n, "conntrack", "-F")
+	for _, pr := range []*prober{pa, pb} {
+		took, err := pr.waitReply(rebound, 10*time.Second)
+		if err != nil {
+			t.Fatalf("after the NAT rebinding, %s → %s: %v\n%s\n%s", pr.from.Name, pr.to, err, da.Tail(20), db.Tail(20))
+		}
+		t.Logf("NAT rebinding: echoes %s → %s resumed %v after the mapping changed", pr.from.Name, pr.to, took.Round(time.Millisecond))
+	}
+	moves := 0
+	for _, line := range strings.Split(readFile(t, db.Log), "\n") {
+		if strings.Contains(line, "peer endpoint moved") {
+			t.Logf("b: %s", line)
+			moves++
+		}
+	}
+	if moves == 0 {
+		t.Errorf("b's log does not say a's endpoint moved\n%s", db.Tail(20))
+	}
+
+	// Forged packets under b's RX SPI for a, from a third address: they
+	// fail authentication, so b keeps sending to a's real mapping.
+	stop, err := capture(ctx, b, l.Prefix+"bn", true)
+	must(err)
+	must(n.Spray(ctx, "forged", forger+":6081", bAddr+":6081", 200, as[1].RxSPI))
+	since := time.Now()
+	if _, err := pb.waitReply(since, 5*time.Second); err != nil {
+		t.Fatalf("after the forged spray, b → a: %v", err)
+	}
+	pcap, err := stop()
+	must(err)
+	if got := framesTo(t, pcap, netip.MustParseAddr(natPublic2)); got == 0 {
+		t.Fatalf("the capture of b's underlay shows no frame to a's mapping %s: it proves nothing", natPublic2)
+	}
+	if got := framesTo(t, pcap, netip.MustParseAddr(forger)); got != 0 {
+		t.Fatalf("b sent %d frames to the forger's address %s after forged packets under its SPI", got, forger)
+	}
+	if _, err := pa.waitReply(since, 5*time.Second); err != nil {
+		t.Fatalf("after the forged spray, a → b: %v", err)
+	}
+}
+
+// listenIn opens a UDP socket inside h's network namespace; the socket
+// stays there after the thread that made it leaves.
+func listenIn(h *Host, addr string) (*net.UDPConn, error) {
+	var c *net.UDPConn
+	err := inNetns(h, func() (err error) {
+		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+		return err
+	})
+	return c, err
+}
+
+func inNetns(h *Host, f func() error) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	self, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		return err
+	}
+	defer self.Close()
+	target, err := os.Open("/run/netns/" + h.NS)
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		return fmt.Errorf("setns %s: %w", h.NS, err)
+	}
+	ferr := f()
+	if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
+		// This thread is in the wrong namespace: let it die with the
+		// goroutine instead of running anything else.
+		runtime.Goexit()
+	}
+	return ferr
+}
+
+func echo(c *net.UDPConn) {
+	buf := make([]byte, 2048)
+	for {
+		n, from, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return
+		}
+		c.WriteToUDPAddrPort(buf[:n], from)
+	}
+}
+
+// prober sends a numbered, timestamped datagram every 20ms to an echo
+// server and records when each reply comes back.
+type prober struct {
+	from *Host
+	to   string
+	c    *net.UDPConn
+	mu   sync.Mutex
+	// replies holds the send time of every datagram whose echo came back.
+	replies []time.Time
+	done    chan struct{}
+}
+
+func newProber(from *Host, to string) (*prober, error) {
+	c, err := listenIn(from, "0.0.0.0:0")
+	if err != nil {
+		return nil, err
+	}
+	dst := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(to))
+	p := &prober{from: from, to: to, c: c, done: make(chan struct{})}
+	go func() {
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		buf := make([]byte, 16)
+		for {
+			select {
+			case <-p.done:
+				return
+			case <-tick.C:
+			}
+			binary.BigEndian.PutUint64(buf, uint64(time.Now().UnixNano()))
+			c.WriteToUDP(buf, dst)
+		}
+	}()
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return
+			}
+			if n == 16 {
+				sent := time.Unix(0, int64(binary.BigEndian.Uint64(buf)))
+				p.mu.Lock()
+				p.replies = append(p.replies, sent)
+				p.mu.Unlock()
+			}
+		}
+	}()
+	return p, nil
+}
+
+// waitReply waits until a datagram sent after since has come back and
+// returns how long after since the first such datagram was sent.
+func (p *prober) waitReply(since time.Time, wait time.Duration) (time.Duration, error) {
+	deadline := time.Now().Add(wait)
+	for time.Now().Before(deadline) {
+		p.mu.Lock()
+		var first time.Time
+		for _, s := range p.replies {
+			if s.After(since) && (first.IsZero() || s.Before(first)) {
+				first = s
+			}
+		}
+		p.mu.Unlock()
+		if !first.IsZero() {
+			return first.Sub(since), nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return 0, errors.New("no echo within " + wait.String())
+}
+
+func (p *prober) close() {
+	close(p.done)
+	p.c.Close()
+}
+
+func readFile(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// framesTo counts the IPv4 frames of an Ethernet pcap addressed to dst.
+func framesTo(t *testing.T, pcap []byte, dst netip.Addr) int {
+	t.Helper()
+	if len(pcap) < 24 || binary.LittleEndian.Uint32(pcap) != 0xa1b2c3d4 {
+		t.Fatalf("capture is not a little-endian classic pcap (%d bytes)", len(pcap))
+	}
+	count := 0
+	for rest := pcap[24:]; len(rest) >= 16; {
+		n := int(binary.LittleEndian.Uint32(rest[8:]))
+		if n > len(rest)-16 {
+			t.Fatal("truncated pcap record")
+		}
+		f := rest[16 : 16+n]
+		if len(f) >= 34 && binary.BigEndian.Uint16(f[12:]) == 0x0800 && netip.AddrFrom4([4]byte(f[30:34])) == dst {
+			count++
+		}
+		rest = rest[16+n:]
+	}
+	return count
+}
