@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pspd/pspd/keyexchange/identity"
 )
 
 // TestNATRebinding puts a masquerading NAT (nftables) between a and b and
@@ -27,8 +29,21 @@ import (
 // authenticated packet, and the echoes resume by themselves. The recovery
 // time is logged. Last, forged packets under b's live RX SPI from a third
 // address must not move b's idea of where a is.
+//
+// Which side dials the control plane follows the keys (the smaller SPKI
+// initiates). The subtests pick the identities so that the host behind
+// the NAT is the initiator in one and the responder in the other. With a
+// responder behind the NAT, the initiator reaches it only through the
+// mapping the responder's own start-up dial left, so after the rebinding
+// the data plane recovers but a rekey cannot (a keyexchange limitation,
+// issue 16): that subtest stops before the rekey.
 func TestNATRebinding(t *testing.T) {
 	hostOnly(t)
+	t.Run("nated-initiator", func(t *testing.T) { testNATRebinding(t, true) })
+	t.Run("nated-responder", func(t *testing.T) { testNATRebinding(t, false) })
+}
+
+func testNATRebinding(t *testing.T, natedInitiates bool) {
 	for _, bin := range []string{"nft", "conntrack"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			t.Skipf("needs %s (tests/deps.sh installs nftables and conntrack)", bin)
@@ -91,6 +106,11 @@ func TestNATRebinding(t *testing.T) {
 	must(err)
 	db, err := l.NewDaemon(ctx, b)
 	must(err)
+	for initiates(t, da, db) != natedInitiates {
+		if da, err = l.NewDaemon(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+	}
 	inner := [2]string{"10.200.0.1", "10.200.0.2"}
 	conf := func(self *Daemon, listen, addr, peerName, peerEP, peerKey, peerInner string) {
 		t.Helper()
@@ -150,8 +170,9 @@ peers:
 	nft(fmt.Sprintf(`flush chain ip nat post
 add rule ip nat post oifname %q snat ip to %s
 `, wan, natPublic2))
-	rebound := time.Now()
+	// Until the flush the old conntrack entries still map a as before.
 	nsRun(n, "conntrack", "-F")
+	rebound := time.Now()
 	for _, pr := range []*prober{pa, pb} {
 		took, err := pr.waitReply(rebound, 10*time.Second)
 		if err != nil {
@@ -159,16 +180,18 @@ add rule ip nat post oifname %q snat ip to %s
 		}
 		t.Logf("NAT rebinding: echoes %s → %s resumed %v after the mapping changed", pr.from.Name, pr.to, took.Round(time.Millisecond))
 	}
-	moves := 0
-	for _, line := range strings.Split(readFile(t, db.Log), "\n") {
-		if strings.Contains(line, "peer endpoint moved") {
-			t.Logf("b: %s", line)
-			moves++
+	moved := ""
+	for deadline := time.Now().Add(5 * time.Second); moved == "" && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		for _, line := range strings.Split(readFile(t, db.Log), "\n") {
+			if strings.Contains(line, "peer endpoint moved") && strings.Contains(line, "to="+natPublic2+":") {
+				moved = line
+			}
 		}
 	}
-	if moves == 0 {
-		t.Errorf("b's log does not say a's endpoint moved\n%s", db.Tail(20))
+	if moved == "" {
+		t.Fatalf("b's log does not say a's endpoint moved to %s\n%s", natPublic2, db.Tail(20))
 	}
+	t.Logf("b: %s", moved)
 
 	// Forged packets under b's RX SPI for a, from a third address: they
 	// fail authentication, so b keeps sending to a's real mapping.
@@ -190,6 +213,51 @@ add rule ip nat post oifname %q snat ip to %s
 	if _, err := pa.waitReply(since, 5*time.Second); err != nil {
 		t.Fatalf("after the forged spray, a → b: %v", err)
 	}
+
+	if !natedInitiates {
+		return
+	}
+	// The control plane across the new mapping: a rekey from b (whose
+	// QUIC peer now sits behind another address) completes, and the data
+	// plane carries traffic under the new generation.
+	rotated := time.Now()
+	var out string
+	for {
+		out, err = db.Ctl(ctx, "assoc", "rotate", "--all")
+		if err == nil && strings.Contains(out, " ok") {
+			break
+		}
+		if time.Since(rotated) > 90*time.Second {
+			t.Fatalf("no rekey through the rebound NAT within 90s: %q %v\n%s\n%s", out, err, da.Tail(20), db.Tail(20))
+		}
+		time.Sleep(time.Second)
+	}
+	after, err := p.WaitAssoc(ctx, as[0].Generation+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("rekey through the rebound NAT: generation %d → %d, %v after asking", as[0].Generation, after[0].Generation, time.Since(rotated).Round(time.Millisecond))
+	since = time.Now()
+	for _, pr := range []*prober{pa, pb} {
+		if _, err := pr.waitReply(since, 10*time.Second); err != nil {
+			t.Fatalf("after the rekey, %s → %s: %v", pr.from.Name, pr.to, err)
+		}
+	}
+}
+
+// initiates reports whether x is the key exchange's initiator towards y:
+// the side with the smaller SPKI.
+func initiates(t *testing.T, x, y *Daemon) bool {
+	t.Helper()
+	kx, err := identity.ParsePublicKey(x.PubKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ky, err := identity.ParsePublicKey(y.PubKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return identity.Compare(kx, ky) < 0
 }
 
 // listenIn opens a UDP socket inside h's network namespace; the socket
