@@ -3,12 +3,14 @@ package netns
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -18,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/localapi"
 )
 
 // TestNATRebinding puts a masquerading NAT (nftables) between a and b and
@@ -129,7 +132,9 @@ peers:
     prefixes: [%s/32]
 `, listen, addr, peerName, peerEP, peerKey, peerInner)))
 	}
-	conf(da, "10.9.0.2", inner[0], "b", bAddr, db.PubKey, inner[1])
+	// a knows b by name, from its namespace's hosts file.
+	hostsFile(t, a, bAddr+" peer-b.pspd.test\n")
+	conf(da, "10.9.0.2", inner[0], "b", "peer-b.pspd.test", db.PubKey, inner[1])
 	conf(db, bAddr, inner[1], "a", natPublic, da.PubKey, inner[0])
 	if err := da.Available(ctx, "userspace"); err != nil {
 		t.Skip(err)
@@ -143,6 +148,12 @@ peers:
 		t.Fatal(err)
 	}
 	t.Logf("association up through the NAT: a rx %#x, b rx %#x", as[0].RxSPI, as[1].RxSPI)
+	out, err := da.Ctl(ctx, "peer", "list", "--json")
+	must(err)
+	var peers []localapi.Peer
+	if err := json.Unmarshal([]byte(out), &peers); err != nil || len(peers) != 1 || peers[0].Endpoint != bAddr+":6082" {
+		t.Fatalf("a's peer b, configured as peer-b.pspd.test, is not at %s:6082: %s %v", bAddr, out, err)
+	}
 
 	// Echo servers on both inner addresses; each side probes the other.
 	ea, err := listenIn(a, inner[0]+":7790")
@@ -221,7 +232,6 @@ add rule ip nat post oifname %q snat ip to %s
 	// QUIC peer now sits behind another address) completes, and the data
 	// plane carries traffic under the new generation.
 	rotated := time.Now()
-	var out string
 	for {
 		out, err = db.Ctl(ctx, "assoc", "rotate", "--all")
 		if err == nil && strings.Contains(out, " ok") {
@@ -412,4 +422,68 @@ func framesTo(t *testing.T, pcap []byte, dst netip.Addr) int {
 		rest = rest[16+n:]
 	}
 	return count
+}
+
+// hostsFile gives h its own /etc/hosts: ip netns exec, which runs
+// everything in h, bind-mounts /etc/netns/NS/hosts over /etc/hosts.
+func hostsFile(t *testing.T, h *Host, body string) {
+	t.Helper()
+	dir := filepath.Join("/etc/netns", h.NS)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		os.RemoveAll(dir)
+		os.Remove("/etc/netns") // only if now empty
+	})
+	if err := os.WriteFile(filepath.Join(dir, "hosts"), []byte("127.0.0.1 localhost\n"+body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestEndpointNameUnresolvable: a peer endpoint whose name does not
+// resolve stops pspd at start with the file, line and field, not a crash.
+func TestEndpointNameUnresolvable(t *testing.T) {
+	l := newLab(t, "pdns-")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	h, err := l.Host(ctx, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostsFile(t, h, "")
+	d, err := l.NewDaemon(ctx, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WriteConfig(`listen: 127.0.0.1
+backend: userspace
+peers:
+  - name: b
+    endpoint: nope.pspd.test:6082
+    public_key: ` + otherKey(t, l) + `
+    prefixes: [10.1.0.0/16]
+`); err != nil {
+		t.Fatal(err)
+	}
+	err = d.Start(ctx)
+	if err == nil {
+		t.Fatal("pspd started with an unresolvable peer endpoint")
+	}
+	log := readFile(t, d.Log)
+	want := d.Config + `:7: peers[0].endpoint: cannot resolve host name "nope.pspd.test"`
+	if !strings.Contains(log, want) || strings.Contains(log, "panic") {
+		t.Fatalf("pspd's start error does not name the line (want %q):\n%s", want, log)
+	}
+}
+
+// otherKey is the public key of a fresh identity, for a peer that never
+// runs.
+func otherKey(t *testing.T, l *Lab) string {
+	t.Helper()
+	out, err := exec.Command(l.Pspd, "genkey", "--force", "--identity", filepath.Join(t.TempDir(), "other.pem")).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(out))
 }
