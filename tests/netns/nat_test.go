@@ -441,11 +441,14 @@ func hostsFile(t *testing.T, h *Host, body string) {
 	}
 }
 
-// TestEndpointNameUnresolvable: a peer endpoint whose name does not
-// resolve stops pspd at start with the file, line and field, not a crash.
-func TestEndpointNameUnresolvable(t *testing.T) {
+// TestEndpointByNameReload: a peer endpoint given by name is resolved at
+// start from the namespace's hosts file, and again at each reload; a name
+// that does not resolve stops pspd at start, and fails a reload, with the
+// file, line and field, not a crash, and the failed reload keeps the
+// running configuration.
+func TestEndpointByNameReload(t *testing.T) {
 	l := newLab(t, "pdns-")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	h, err := l.Host(ctx, "a")
 	if err != nil {
@@ -456,24 +459,73 @@ func TestEndpointNameUnresolvable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := d.WriteConfig(`listen: 127.0.0.1
+	key := otherKey(t, l)
+	conf := func(name string) {
+		t.Helper()
+		if err := d.WriteConfig(`listen: 127.0.0.1
 backend: userspace
+userspace:
+  address: 10.200.0.1/24
+  io: udp
 peers:
   - name: b
-    endpoint: nope.pspd.test:6082
-    public_key: ` + otherKey(t, l) + `
+    endpoint: ` + name + `:6082
+    public_key: ` + key + `
     prefixes: [10.1.0.0/16]
 `); err != nil {
-		t.Fatal(err)
+			t.Fatal(err)
+		}
 	}
-	err = d.Start(ctx)
-	if err == nil {
+	// The endpoint is on line 10 of the file (identity and socket first).
+	unresolvable := d.Config + `:10: peers[0].endpoint: cannot resolve host name "nope.pspd.test"`
+	conf("nope.pspd.test")
+	if err := d.Start(ctx); err == nil {
 		t.Fatal("pspd started with an unresolvable peer endpoint")
 	}
-	log := readFile(t, d.Log)
-	want := d.Config + `:7: peers[0].endpoint: cannot resolve host name "nope.pspd.test"`
-	if !strings.Contains(log, want) || strings.Contains(log, "panic") {
-		t.Fatalf("pspd's start error does not name the line (want %q):\n%s", want, log)
+	if log := readFile(t, d.Log); !strings.Contains(log, unresolvable) || strings.Contains(log, "panic") {
+		t.Fatalf("pspd's start error does not name the line (want %q):\n%s", unresolvable, log)
+	}
+
+	endpoint := func() string {
+		t.Helper()
+		out, err := d.Ctl(ctx, "peer", "list", "--json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ps []localapi.Peer
+		if err := json.Unmarshal([]byte(out), &ps); err != nil || len(ps) != 1 {
+			t.Fatalf("peer list %q: %v", out, err)
+		}
+		return ps[0].Endpoint
+	}
+	hostsFile(t, h, "127.0.0.2 peer-b.pspd.test\n")
+	conf("peer-b.pspd.test")
+	if err := d.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := endpoint(); got != "127.0.0.2:6082" {
+		t.Fatalf("peer-b.pspd.test is at %s, want 127.0.0.2:6082", got)
+	}
+	// The peer moves; its name follows at the next reload. Go's resolver
+	// reads the hosts file again after at most 5 s, so reload until then.
+	hostsFile(t, h, "127.0.0.3 peer-b.pspd.test\n")
+	deadline := time.Now().Add(15 * time.Second)
+	for endpoint() != "127.0.0.3:6082" {
+		if time.Now().After(deadline) {
+			t.Fatalf("after reloads, peer-b.pspd.test is still at %s, want 127.0.0.3:6082\n%s", endpoint(), d.Tail(20))
+		}
+		if line, err := d.Reload(ctx, "configuration reloaded", "reload failed"); err != nil || !strings.Contains(line, "configuration reloaded") {
+			t.Fatalf("reload: %q %v", line, err)
+		}
+		time.Sleep(time.Second)
+	}
+	conf("nope.pspd.test")
+	line, err := d.Reload(ctx, "configuration reloaded", "reload failed")
+	if err != nil || !strings.Contains(line, "reload failed") || !strings.Contains(line, "peers[0].endpoint: cannot resolve host name") {
+		t.Fatalf("reload with an unresolvable name: %q %v", line, err)
+	}
+	if got := endpoint(); got != "127.0.0.3:6082" {
+		t.Fatalf("a failed reload changed the endpoint to %s", got)
 	}
 }
 
