@@ -156,9 +156,9 @@ peers:
 	}
 
 	// Echo servers on both inner addresses; each side probes the other.
-	ea, err := listenIn(a, inner[0]+":7790")
+	ea, err := listenIn(a, "udp4", inner[0]+":7790")
 	must(err)
-	eb, err := listenIn(b, inner[1]+":7790")
+	eb, err := listenIn(b, "udp4", inner[1]+":7790")
 	must(err)
 	for _, c := range []*net.UDPConn{ea, eb} {
 		t.Cleanup(func() { c.Close() })
@@ -272,10 +272,10 @@ func initiates(t *testing.T, x, y *Daemon) bool {
 
 // listenIn opens a UDP socket inside h's network namespace; the socket
 // stays there after the thread that made it leaves.
-func listenIn(h *Host, addr string) (*net.UDPConn, error) {
+func listenIn(h *Host, network, addr string) (*net.UDPConn, error) {
 	var c *net.UDPConn
 	err := inNetns(h, func() (err error) {
-		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+		c, err = net.ListenUDP(network, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
 		return err
 	})
 	return c, err
@@ -330,11 +330,15 @@ type prober struct {
 }
 
 func newProber(from *Host, to string) (*prober, error) {
-	c, err := listenIn(from, "0.0.0.0:0")
+	dst := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(to))
+	network, wildcard := "udp4", "0.0.0.0:0"
+	if dst.IP.To4() == nil {
+		network, wildcard = "udp6", "[::]:0"
+	}
+	c, err := listenIn(from, network, wildcard)
 	if err != nil {
 		return nil, err
 	}
-	dst := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(to))
 	p := &prober{from: from, to: to, c: c, done: make(chan struct{})}
 	go func() {
 		tick := time.NewTicker(20 * time.Millisecond)
