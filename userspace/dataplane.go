@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/pspd/pspd/userspace/codec"
 )
@@ -490,7 +491,7 @@ func (d *Dataplane) rxLoop() {
 		msgs[i].Buf = make([]byte, maxPayload)
 	}
 	s := &rxState{msgs: msgs, pkts: make([][]byte, 0, d.cfg.Batch), peers: make([]*peer, 0, d.cfg.Batch),
-		scratch: make([]byte, maxPayload)}
+		scratch: make([]byte, maxPayload), bySPI: map[uint32][]*peer{}}
 	for d.rxBatch(s) {
 	}
 }
@@ -501,10 +502,14 @@ type rxState struct {
 	msgs  []Message
 	pkts  [][]byte
 	peers []*peer
-	// cands and scratch serve packets from an address that is no peer's
-	// current one (roam.go).
+	// The rest serve packets from an address that is no peer's current
+	// one (roam.go). bySPI is the SPI index as of indexed; it may pin a
+	// removed peer until the next rebuild, but candidates checks the table.
 	cands   []*peer
 	scratch []byte
+	bySPI   map[uint32][]*peer
+	spiBuf  []uint32
+	indexed time.Time
 }
 
 func (d *Dataplane) rxBatch(s *rxState) (more bool) {

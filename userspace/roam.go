@@ -3,6 +3,7 @@ package userspace
 import (
 	"net/netip"
 	"sync/atomic"
+	"time"
 
 	"github.com/pspd/pspd/userspace/codec"
 	"github.com/pspd/pspd/userspace/wire"
@@ -17,14 +18,22 @@ import (
 // one is refused by the replay window or is not newer than what the peer
 // already sent.
 //
-// SPIs are allocated per session, so two peers may receive on the same
-// SPI. A packet from a peer's current address whose SPI that peer's codec
-// has is that peer's to open and no other's: the hot path costs one map
+// A packet from a peer's current address whose SPI that peer's codec has
+// is that peer's to open and no other's: the hot path costs one map
 // look-up and one AEAD open, as before roaming. A packet from any other
-// address is tried with every peer whose codec has its SPI (one AEAD open
-// each, on a copy but for the last). A limit follows: a peer that roams
-// onto the exact address and port another peer holds, under an SPI that
-// other peer also has, is not recognised until one of them moves.
+// address is found by its SPI in an index of every peer's receive SPIs.
+// The codecs install SAs without the engine seeing it, so the index is
+// rebuilt when an SPI misses it, at most every spiIndexInterval: a spray
+// of unknown SPIs from unknown addresses costs a map look-up per packet
+// and ten index builds a second, not a scan of every peer per packet; a
+// peer that roams right after a rekey waits at most that interval.
+//
+// The key exchange hands out receive SPIs once per host, so an SPI has
+// one peer; should two peers' codecs hold the same SPI anyway, the packet
+// is tried with each (one AEAD open each, on a copy but for the last). A
+// limit follows: a peer that roams onto the exact address and port
+// another peer holds, under an SPI that other peer also has, is not
+// recognised until one of them moves.
 
 // roaming is a peer's current send address and what the RX loop knows of
 // the newest packet it authenticated. Only the RX loop writes it; the TX
@@ -41,7 +50,12 @@ type roaming struct {
 	newestCtr  uint64
 	retired    [codec.MaxRXSAs]uint32
 	nextRetire int
+	// A flapping path logs at most movesLogged moves a second.
+	logSince time.Time
+	logCount int
 }
+
+const movesLogged = 4
 
 func newRoaming(ep netip.AddrPort) *roaming {
 	r := &roaming{}
@@ -112,11 +126,10 @@ func (d *Dataplane) open(t *table, s *rxState, m *Message) (*peer, []byte) {
 		return p, m.Buf[start : start+length]
 	}
 
-	s.cands = s.cands[:0]
-	for _, p := range t.byEndpoint {
-		if p.Codec.HasRX(h.SPI) {
-			s.cands = append(s.cands, p)
-		}
+	s.candidates(t, h.SPI)
+	if len(s.cands) == 0 && time.Since(s.indexed) >= spiIndexInterval {
+		s.reindex(t)
+		s.candidates(t, h.SPI)
 	}
 	defer clear(s.cands) // do not pin removed peers
 	if len(s.cands) == 0 {
@@ -159,6 +172,33 @@ func (d *Dataplane) open(t *table, s *rxState, m *Message) (*peer, []byte) {
 	return nil, nil
 }
 
+// spiIndexInterval is the least time between two builds of the RX loop's
+// SPI index.
+const spiIndexInterval = 100 * time.Millisecond
+
+// candidates sets s.cands to the peers of t that may own spi: in the
+// index, still in the table, and with an SA of spi now.
+func (s *rxState) candidates(t *table, spi uint32) {
+	s.cands = s.cands[:0]
+	for _, p := range s.bySPI[spi] {
+		if t.byEndpoint[p.Endpoint] == p && p.Codec.HasRX(spi) {
+			s.cands = append(s.cands, p)
+		}
+	}
+}
+
+// reindex rebuilds s.bySPI from every peer's codec.
+func (s *rxState) reindex(t *table) {
+	clear(s.bySPI)
+	for _, p := range t.byEndpoint {
+		s.spiBuf = p.Codec.AppendRXSPIs(s.spiBuf[:0])
+		for _, spi := range s.spiBuf {
+			s.bySPI[spi] = append(s.bySPI[spi], p)
+		}
+	}
+	s.indexed = time.Now()
+}
+
 // authenticated reports whether a codec verdict means the packet passed
 // the AEAD and the replay window: delivered, or an empty keep-alive.
 func authenticated(r codec.DropReason) bool { return r == codec.Pass || r == codec.DropEmpty }
@@ -183,5 +223,13 @@ func (d *Dataplane) moved(p *peer, src netip.AddrPort) {
 	p.roam.cur.Store(&src)
 	p.roam.moves.Add(1)
 	d.table.Store(nt)
-	d.log.Info("userspace: peer endpoint moved: an authenticated packet came from a new address", "peer", p.Endpoint, "from", old, "to", src)
+	r := p.roam
+	if now := time.Now(); now.Sub(r.logSince) >= time.Second {
+		r.logSince, r.logCount = now, 0
+	}
+	if r.logCount < movesLogged {
+		r.logCount++
+		d.log.Info("userspace: peer endpoint moved: an authenticated packet came from a new address",
+			"peer", p.Endpoint, "from", old, "to", src, "moves", r.moves.Load())
+	}
 }

@@ -121,6 +121,24 @@ func newRoamRig(t *testing.T, configured *net.UDPConn) *roamRig {
 	return r
 }
 
+// rekey gives the peer's direction towards the engine a new SA, as a
+// rekey does: the engine's codec receives on spi before the peer sends.
+func (r *roamRig) rekey(spi kdf.SPI, seed byte) {
+	r.t.Helper()
+	k := make([]byte, kdf.AESGCM256.KeyLen())
+	for i := range k {
+		k[i] = seed + byte(i)
+	}
+	key := secret.Own(k)
+	defer key.Wipe()
+	if err := r.engine.InstallRX(codec.SA{SPI: spi, Suite: kdf.AESGCM256, Key: key}); err != nil {
+		r.t.Fatal(err)
+	}
+	if err := r.remote.InstallTX(codec.SA{SPI: spi, Suite: kdf.AESGCM256, Key: key}); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
 // seal returns a fresh packet from the peer, carrying fill.
 func (r *roamRig) seal(fill byte) []byte {
 	r.t.Helper()
@@ -301,6 +319,31 @@ func TestRoaming(t *testing.T) {
 	}
 	if to := r.replyGoesTo(10, all...); to != home {
 		t.Fatalf("the peer came back but the engine sent to %v", to.LocalAddr())
+	}
+
+	// A rekey, then a roam: the first packet under the new SPI comes from
+	// a new address, so the engine finds it by an SPI it has not indexed
+	// yet. Past the index's rebuild interval it is found at once.
+	late := r.seal(13) // under the old SA
+	r.rekey(257, 0x50)
+	time.Sleep(150 * time.Millisecond)
+	r.sendFrom(away, r.seal(11))
+	if !r.delivered(11, 5*time.Second) {
+		t.Fatal("the first packet under a new SPI, from a new address, was not delivered")
+	}
+	if to := r.replyGoesTo(12, all...); to != away {
+		t.Fatalf("after a rekey and a roam the engine sent to %v, want %v", to.LocalAddr(), away.LocalAddr())
+	}
+	// A late packet under the old SA, from the old address, is from
+	// before the peer's switch to the new SA: whether the codec still
+	// takes it or not, it moves nothing.
+	r.sendFrom(home, late)
+	r.delivered(13, 300*time.Millisecond)
+	if to := r.replyGoesTo(14, all...); to != away {
+		t.Fatalf("a late packet under the old SA moved the peer to %v", to.LocalAddr())
+	}
+	if _, n := r.current(); n != 3 {
+		t.Fatalf("%d moves, want 3", n)
 	}
 }
 

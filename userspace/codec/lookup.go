@@ -12,3 +12,13 @@ func (c *Codec) HasRX(spi uint32) bool {
 	}
 	return false
 }
+
+// AppendRXSPIs appends the SPIs of the codec's live receive SAs to dst.
+func (c *Codec) AppendRXSPIs(dst []uint32) []uint32 {
+	for _, r := range c.tab.Load().rx {
+		if !r.off.Load() {
+			dst = append(dst, uint32(r.spi))
+		}
+	}
+	return dst
+}
