@@ -436,3 +436,41 @@ func TestRoamingSharedSPI(t *testing.T) {
 		t.Fatalf("B's codec counted %d auth drops, want 0", d)
 	}
 }
+
+// TestUpdatePeerKeepsRoam: an UpdatePeer that keeps the configured
+// endpoint (a reload that changed prefixes) keeps where the peer roamed
+// to; one that changes the endpoint sends to the new one.
+func TestUpdatePeerKeepsRoam(t *testing.T) {
+	home := listenLoopback(t, "127.0.0.2")
+	away := listenLoopback(t, "127.0.0.5")
+	moved := listenLoopback(t, "127.0.0.7") // the operator's new endpoint
+	r := newRoamRig(t, home)
+	all := []*net.UDPConn{home, away, moved}
+	r.sendFrom(away, r.seal(1))
+	if !r.delivered(1, 5*time.Second) {
+		t.Fatal("not delivered")
+	}
+	ep := home.LocalAddr().(*net.UDPAddr).AddrPort()
+	wider := []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24")}
+	if err := r.dp.UpdatePeer(ep, userspace.Peer{Endpoint: ep, Prefixes: wider, Codec: r.engine}); err != nil {
+		t.Fatal(err)
+	}
+	if to := r.replyGoesTo(2, all...); to != away {
+		t.Fatalf("after a prefix update the engine sent to %v, want where the peer roamed (%v)", to.LocalAddr(), away.LocalAddr())
+	}
+	next := moved.LocalAddr().(*net.UDPAddr).AddrPort()
+	if err := r.dp.UpdatePeer(ep, userspace.Peer{Endpoint: next, Prefixes: wider, Codec: r.engine}); err != nil {
+		t.Fatal(err)
+	}
+	if to := r.replyGoesTo(3, all...); to != moved {
+		t.Fatalf("after an endpoint update the engine sent to %v, want the new endpoint %v", to.LocalAddr(), moved.LocalAddr())
+	}
+	// The peer is still where it roamed; its next packet moves it back.
+	r.sendFrom(away, r.seal(4))
+	if !r.delivered(4, 5*time.Second) {
+		t.Fatal("not delivered")
+	}
+	if to := r.replyGoesTo(5, all...); to != away {
+		t.Fatalf("engine sent to %v, want %v", to.LocalAddr(), away.LocalAddr())
+	}
+}
