@@ -49,6 +49,7 @@ type parser struct {
 	file    string
 	lines   map[string]int // field path → line of its key (of the entry, in lists)
 	maxLine int
+	resolve Resolver // nil: host-name endpoints are refused
 }
 
 func (p parser) fail(n *yaml.Node, field, format string, args ...any) error {
@@ -242,9 +243,15 @@ func (p parser) addrPort(n *yaml.Node, field string, defaultPort uint16) (netip.
 	return netip.AddrPort{}, p.fail(n, field, "%q is not an IP address with optional :port (host names are not resolved)", s)
 }
 
-// Parse validates data, read from file, into a Config.
+// Parse validates data, read from file, into a Config. It resolves no
+// host names: an endpoint given by name is an error (ParseResolve and
+// Load resolve them).
 func Parse(file string, data []byte) (*Config, error) {
-	p := parser{file: file, lines: map[string]int{}, maxLine: maxLine(data)}
+	return parse(parser{file: file, lines: map[string]int{}, maxLine: maxLine(data)}, data)
+}
+
+func parse(p parser, data []byte) (*Config, error) {
+	file := p.file
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return nil, syntaxError(file, data, err)
@@ -510,7 +517,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				}
 			case "endpoint":
 				endpointNode = v
-				pr.Endpoint, err = p.addrPort(v, f, DefaultListenPort)
+				pr.Endpoint, pr.EndpointName, err = p.endpoint(v, f, c.Listen)
 			case "public_key":
 				keyNode = v
 				var s string

@@ -10,6 +10,7 @@ package policy
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"regexp"
@@ -147,12 +148,16 @@ const (
 
 // Peer is one remote pspd.
 type Peer struct {
-	Name      string
-	Endpoint  netip.AddrPort
-	PublicKey identity.PublicKey
-	Prefixes  []netip.Prefix
-	Backend   Backend // BackendAuto unless the peer overrides the global choice
-	Suite     kdf.Suite
+	Name     string
+	Endpoint netip.AddrPort
+	// EndpointName is the host name (with the port, if given) the file
+	// gives as endpoint, resolved into Endpoint when the file was loaded
+	// and again at each reload; "" for an address.
+	EndpointName string
+	PublicKey    identity.PublicKey
+	Prefixes     []netip.Prefix
+	Backend      Backend // BackendAuto unless the peer overrides the global choice
+	Suite        kdf.Suite
 }
 
 // Peer returns the peer with the given name.
@@ -206,7 +211,7 @@ func Load(path string) (*Config, error) {
 	if _, err := f.ReadAt(buf, 0); err != nil && st.Size() > 0 {
 		return nil, fmt.Errorf("policy: read %s: %w", path, err)
 	}
-	return Parse(path, buf)
+	return ParseResolve(path, buf, net.DefaultResolver)
 }
 
 var peerName = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$`)

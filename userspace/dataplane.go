@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/pspd/pspd/userspace/codec"
 )
@@ -53,9 +54,10 @@ type Config struct {
 
 // Peer is one remote end of the tunnel.
 type Peer struct {
-	// Endpoint is the peer's outer address and UDP port: where its packets
-	// are sent, and the source address by which received packets are
-	// attributed to it.
+	// Endpoint is the peer's configured outer address and UDP port: where
+	// its packets are sent until a packet that authenticated under its
+	// codec arrives from another address (roaming, NAT rebinding), and the
+	// key by which UpdatePeer and RemovePeer name the peer.
 	Endpoint netip.AddrPort
 	// Prefixes are the inner addresses the peer may send from and that are
 	// routed to it (cryptokey routing). Each must be masked.
@@ -69,7 +71,7 @@ type Peer struct {
 type Drop uint8
 
 const (
-	DropNoPeer        Drop = iota // TX: no peer's prefix holds the destination; RX: the outer source is no peer
+	DropNoPeer        Drop = iota // TX: no peer's prefix holds the destination; RX: no peer has the packet's SPI
 	DropNotIP                     // TX: a TUN packet too short or not IPv4/IPv6
 	DropSrcNotAllowed             // RX: the inner source is outside the sending peer's prefixes
 	DropTUNWrite                  // RX: writing to the TUN device failed
@@ -97,9 +99,11 @@ type Stats struct {
 
 // PeerStats is one peer's share of Stats.
 type PeerStats struct {
-	Endpoint  netip.AddrPort
-	TXPackets uint64 // handed to the underlay
-	RXPackets uint64 // written to the TUN device
+	Endpoint  netip.AddrPort // as configured
+	Current   netip.AddrPort // where packets go now: Endpoint, or where the peer roamed to
+	Roams     uint64         // times Current moved
+	TXPackets uint64         // handed to the underlay
+	RXPackets uint64         // written to the TUN device
 	Drops     [NumDrops]uint64
 	Codec     codec.Stats
 }
@@ -117,6 +121,18 @@ type peer struct {
 	Peer
 	drops          counters
 	txPkts, rxPkts atomic.Uint64
+	// roam is shared by the entries UpdatePeer makes for one peer while
+	// its configured endpoint stays.
+	roam *roaming
+}
+
+func newPeer(p Peer, r *roaming) *peer {
+	np := &peer{Peer: p, roam: r}
+	np.Prefixes = slices.Clone(p.Prefixes)
+	if np.roam == nil {
+		np.roam = newRoaming(p.Endpoint)
+	}
+	return np
 }
 
 func (p *peer) allows(a netip.Addr) bool {
@@ -136,8 +152,11 @@ type route struct {
 // table is replaced, never modified, so the packet path reads it without
 // locks.
 type table struct {
-	byEndpoint map[netip.AddrPort]*peer
-	routes     []route // longest prefix first
+	byEndpoint map[netip.AddrPort]*peer // by configured endpoint
+	// bySource finds the peer of a received packet by where the peer is
+	// now; a packet from elsewhere is attributed by its SPI (roam.go).
+	bySource map[netip.AddrPort]*peer
+	routes   []route // longest prefix first
 }
 
 func (t *table) lookup(dst netip.Addr) *peer {
@@ -151,7 +170,8 @@ func (t *table) lookup(dst netip.Addr) *peer {
 
 // Dataplane moves packets between a TUN device and an Underlay: one
 // goroutine seals TUN packets to the peer routed by inner destination, one
-// opens underlay payloads from the peer found by outer source.
+// opens underlay payloads from the peer whose codec authenticates them
+// (roam.go). One RX loop: roaming state is that loop's alone.
 type Dataplane struct {
 	cfg                Config
 	headroom, tailroom int
@@ -192,7 +212,7 @@ func Start(ctx context.Context, cfg Config) (*Dataplane, error) {
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
 	}
-	d.table.Store(&table{byEndpoint: map[netip.AddrPort]*peer{}})
+	d.table.Store(&table{byEndpoint: map[netip.AddrPort]*peer{}, bySource: map[netip.AddrPort]*peer{}})
 	d.wg.Add(2)
 	go d.txLoop()
 	go d.rxLoop()
@@ -217,9 +237,7 @@ func (d *Dataplane) AddPeer(p Peer) error {
 			return fmt.Errorf("userspace: add peer %v: prefix %v already routes to peer %v", p.Endpoint, r.pfx, r.p.Endpoint)
 		}
 	}
-	np := &peer{Peer: p}
-	np.Prefixes = slices.Clone(p.Prefixes)
-	d.table.Store(old.with(np, nil))
+	d.table.Store(old.with(newPeer(p, nil), nil))
 	return nil
 }
 
@@ -270,8 +288,13 @@ func (d *Dataplane) UpdatePeer(old netip.AddrPort, p Peer) error {
 			return fmt.Errorf("userspace: update peer %v: prefix %v already routes to peer %v", old, r.pfx, r.p.Endpoint)
 		}
 	}
-	np := &peer{Peer: p}
-	np.Prefixes = slices.Clone(p.Prefixes)
+	// A peer keeps where it roamed to unless its configured endpoint
+	// changed: then the operator's word is the new place to send.
+	var r *roaming
+	if p.Endpoint == cur.Endpoint {
+		r = cur.roam
+	}
+	np := newPeer(p, r)
 	np.txPkts.Store(cur.txPkts.Load())
 	np.rxPkts.Store(cur.rxPkts.Load())
 	for i := range cur.drops {
@@ -297,10 +320,18 @@ func (d *Dataplane) RemovePeer(endpoint netip.AddrPort) bool {
 
 // with returns a copy of t plus add minus remove.
 func (t *table) with(add, remove *peer) *table {
-	nt := &table{byEndpoint: make(map[netip.AddrPort]*peer, len(t.byEndpoint)+1)}
+	nt := &table{
+		byEndpoint: make(map[netip.AddrPort]*peer, len(t.byEndpoint)+1),
+		bySource:   make(map[netip.AddrPort]*peer, len(t.bySource)+1),
+	}
 	for ep, p := range t.byEndpoint {
 		if p != remove {
 			nt.byEndpoint[ep] = p
+		}
+	}
+	for src, p := range t.bySource {
+		if p != remove {
+			nt.bySource[src] = p
 		}
 	}
 	for _, r := range t.routes {
@@ -310,6 +341,7 @@ func (t *table) with(add, remove *peer) *table {
 	}
 	if add != nil {
 		nt.byEndpoint[add.Endpoint] = add
+		nt.bySource[add.roam.current()] = add
 		for _, pfx := range add.Prefixes {
 			nt.routes = append(nt.routes, route{pfx, add})
 		}
@@ -324,6 +356,8 @@ func (d *Dataplane) Stats() Stats {
 	for _, p := range d.table.Load().byEndpoint {
 		s.Peers = append(s.Peers, PeerStats{
 			Endpoint:  p.Endpoint,
+			Current:   p.roam.current(),
+			Roams:     p.roam.moves.Load(),
 			TXPackets: p.txPkts.Load(),
 			RXPackets: p.rxPkts.Load(),
 			Drops:     p.drops.snapshot(),
@@ -424,7 +458,7 @@ func (d *Dataplane) txBatch(s *txState) (more bool) {
 		if err != nil {
 			continue // counted by the codec; never sent in clear
 		}
-		s.msgs[k] = Message{Buf: s.bufs[i], Off: start, N: length, Addr: p.Endpoint}
+		s.msgs[k] = Message{Buf: s.bufs[i], Off: start, N: length, Addr: p.roam.current()}
 		s.peers[k] = p
 		k++
 	}
@@ -456,7 +490,8 @@ func (d *Dataplane) rxLoop() {
 	for i := range msgs {
 		msgs[i].Buf = make([]byte, maxPayload)
 	}
-	s := &rxState{msgs: msgs, pkts: make([][]byte, 0, d.cfg.Batch), peers: make([]*peer, 0, d.cfg.Batch)}
+	s := &rxState{msgs: msgs, pkts: make([][]byte, 0, d.cfg.Batch), peers: make([]*peer, 0, d.cfg.Batch),
+		scratch: make([]byte, maxPayload), bySPI: map[uint32][]*peer{}}
 	for d.rxBatch(s) {
 	}
 }
@@ -467,6 +502,14 @@ type rxState struct {
 	msgs  []Message
 	pkts  [][]byte
 	peers []*peer
+	// The rest serve packets from an address that is no peer's current
+	// one (roam.go). bySPI is the SPI index as of indexed; it may pin a
+	// removed peer until the next rebuild, but candidates checks the table.
+	cands   []*peer
+	scratch []byte
+	bySPI   map[uint32][]*peer
+	spiBuf  []uint32
+	indexed time.Time
 }
 
 func (d *Dataplane) rxBatch(s *rxState) (more bool) {
@@ -489,16 +532,10 @@ func (d *Dataplane) rxBatch(s *rxState) (more bool) {
 	s.pkts, s.peers = s.pkts[:0], s.peers[:0]
 	for i := range n {
 		m := &s.msgs[i]
-		p := t.byEndpoint[m.Addr]
-		if p == nil {
-			d.drops[DropNoPeer].Add(1)
-			continue
+		p, pkt := d.open(t, s, m)
+		if pkt == nil {
+			continue // counted by the codec or the engine
 		}
-		start, length, reason := p.Codec.Open(d.cfg.Framing, m.Buf, m.Off, m.N)
-		if reason != codec.Pass {
-			continue // counted by the codec
-		}
-		pkt := m.Buf[start : start+length]
 		if src, ok := innerAddr(pkt, true); !ok || !p.allows(src) {
 			p.drops[DropSrcNotAllowed].Add(1)
 			continue

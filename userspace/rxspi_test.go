@@ -54,8 +54,9 @@ func innerFrom(src netip.Addr, fill byte) []byte {
 
 // TestSameRXSPIForTwoPeers: two peers of the same role both have this
 // host receive on SPI 256 (each session allocates from 256 up). The
-// engine attributes a payload to a peer by its outer source before any
-// SPI lookup, and each peer's codec has its own SA table, so peer B's
+// engine opens a payload from a peer's current address with that peer's
+// codec only (roam_test.go covers other addresses), and each peer's codec
+// has its own SA table, so peer B's
 // install neither replaces nor shadows peer A's SA, and removing B's
 // leaves A's. (Issue 11 item 3 is the XFRM version, where the kernel keys
 // inbound SAs by SPI.)
