@@ -58,15 +58,14 @@ type Backend struct {
 	kernel *Kernel
 	rekey  chan identity.PublicKey
 
-	mu      sync.Mutex
-	peers   map[identity.PublicKey]offload.PeerSpec
-	live    map[saKey]*installed
-	txSeen  map[identity.PublicKey]map[[32]byte]bool
-	keys    []secret.Key
-	drops   map[string]uint64
-	traffic offload.Traffic
-	calls   []string
-	closed  bool
+	mu     sync.Mutex
+	peers  map[identity.PublicKey]offload.PeerSpec
+	live   map[saKey]*installed
+	txSeen map[identity.PublicKey]map[[32]byte]bool
+	keys   []secret.Key
+	drops  map[string]uint64
+	calls  []string
+	closed bool
 }
 
 type saKey struct {
@@ -244,32 +243,6 @@ func (b *Backend) Live() []assoc.SA {
 	return out
 }
 
-// IsLive reports whether an SA with that receive SPI is installed for
-// some peer.
-func (b *Backend) IsLive(spi assoc.SPI) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for k := range b.live {
-		if k.spi == spi {
-			return true
-		}
-	}
-	return false
-}
-
-// IsActive reports whether the SA with that receive SPI carries outbound
-// traffic.
-func (b *Backend) IsActive(spi assoc.SPI) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for k, in := range b.live {
-		if k.spi == spi && in.active {
-			return true
-		}
-	}
-	return false
-}
-
 // Keys returns clones of every key the backend was given, for tests that
 // look for key bytes where they must not be.
 func (b *Backend) Keys() []secret.Key {
@@ -278,18 +251,12 @@ func (b *Backend) Keys() []secret.Key {
 	return slices.Clone(b.keys)
 }
 
-// SetTraffic sets what Traffic reports for every live SA.
-func (b *Backend) SetTraffic(t offload.Traffic) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.traffic = t
-}
-
-// Traffic implements offload.Backend.
+// Traffic implements offload.Backend: the fake counts nothing, so it
+// reports zero counters for every live SA.
 func (b *Backend) Traffic(sa *assoc.SA) (offload.Traffic, bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.traffic, b.live[saKey{sa.Peer, sa.RxSPI}] != nil
+	return offload.Traffic{}, b.live[saKey{sa.Peer, sa.RxSPI}] != nil
 }
 
 // SetDrops sets what Drops reports.
