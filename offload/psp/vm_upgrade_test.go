@@ -411,8 +411,8 @@ func TestVMCloseMany(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if !waitFor(5*time.Second, func() bool { return len(evA.kinds("psp-rotated")) > 0 && len(evB.kinds("psp-rotated")) > 0 }) {
-		t.Fatal("no psp-rotated events")
+	if !waitFor(5*time.Second, func() bool { return len(evA.kinds("device-rotated")) > 0 && len(evB.kinds("device-rotated")) > 0 }) {
+		t.Fatal("no device-rotated events")
 	}
 	time.Sleep(300 * time.Millisecond)
 	if s := append(evA.kinds("psp-stale-soon"), evB.kinds("psp-stale-soon")...); len(s) > 0 {
