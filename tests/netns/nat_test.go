@@ -460,6 +460,7 @@ func hostsFile(t *testing.T, h *Host, body string) {
 // file, line and field, not a crash, and the failed reload keeps the
 // running configuration.
 func TestEndpointByNameReload(t *testing.T) {
+	hostOnly(t) // the VM has no /etc/hosts for ip netns exec to bind over
 	l := newLab(t, "pdns-")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
