@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -102,6 +103,10 @@ func (s *Session) PeerBootID() wire.BootID { return s.hello.BootID }
 // Group is the TLS key exchange group the session was set up with, such
 // as tls.SecP256r1MLKEM768 (hybrid post-quantum) or tls.CurveP256.
 func (s *Session) Group() tls.CurveID { return s.conn.ConnectionState().TLS.CurveID }
+
+// RemoteAddr is where the peer's end of the session is, as this host
+// sees it (behind a NAT, the NAT's address and port).
+func (s *Session) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
 
 // PeerBackends are the backends the peer offered in its Hello.
 func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }

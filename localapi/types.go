@@ -72,8 +72,11 @@ type Peer struct {
 	// LastUp when the latest session came up; both stay once it is down.
 	LastHandshake time.Time `json:"last_handshake,omitzero"`
 	LastUp        time.Time `json:"last_up,omitzero"`
-	LastError     string    `json:"last_error,omitempty"`
-	LastErrorAt   time.Time `json:"last_error_at,omitzero"`
+	// Observed is where this host sees the peer's session come from
+	// (behind a NAT, the NAT's address), while up.
+	Observed    string    `json:"observed,omitempty"`
+	LastError   string    `json:"last_error,omitempty"`
+	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 	// LastErrorOld says LastError is from before the session now up.
 	LastErrorOld bool   `json:"last_error_old,omitempty"`
 	Assocs       int    `json:"assocs"`
@@ -109,6 +112,9 @@ type Assoc struct {
 	Generation uint32    `json:"generation"`
 	Created    time.Time `json:"created"`
 	NextRekey  time.Time `json:"next_rekey,omitzero"`
+	// HardExpiry is when the data plane ends the generation if no rekey
+	// replaced it.
+	HardExpiry time.Time `json:"hard_expiry,omitzero"`
 	// Counters are the association's, over all its generations.
 	Counters
 	// ThisGeneration is what the current generation alone carried.

@@ -250,6 +250,7 @@ func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
 	rows := [][]string{
 		{"peer", p.Name},
 		{"endpoint", p.Endpoint},
+		{"observed at", dash(p.Observed)},
 		{"prefixes", dash(strings.Join(p.Prefixes, ", "))},
 		{"fingerprint", p.Fingerprint},
 		{"state", state},
@@ -368,15 +369,18 @@ func (c *cli) assocList(cmd *cobra.Command, _ []string) error {
 	sort.Slice(as, func(i, j int) bool { return as[i].ID < as[j].ID })
 	var rows [][]string
 	for _, a := range as {
-		next := "-"
+		next, expiry := "-", "-"
 		if !a.NextRekey.IsZero() {
 			next = "in " + age(a.NextRekey, c.now())
 		}
+		if !a.HardExpiry.IsZero() {
+			expiry = "in " + age(a.HardExpiry, c.now())
+		}
 		rows = append(rows, []string{a.ID, a.Peer, a.Backend, a.Suite, spi(a.RxSPI), spi(a.TxSPI),
-			strconv.FormatUint(uint64(a.Generation), 10), age(c.now(), a.Created), next,
+			strconv.FormatUint(uint64(a.Generation), 10), age(c.now(), a.Created), next, expiry,
 			traffic(a.BytesIn, a.PacketsIn), traffic(a.BytesOut, a.PacketsOut), strconv.FormatUint(a.Drops, 10)})
 	}
-	return c.table("ID\tPEER\tBACKEND\tSUITE\tRX SPI\tTX SPI\tGEN\tAGE\tNEXT REKEY\tIN\tOUT\tDROPS", rows)
+	return c.table("ID\tPEER\tBACKEND\tSUITE\tRX SPI\tTX SPI\tGEN\tAGE\tNEXT REKEY\tHARD EXPIRY\tIN\tOUT\tDROPS", rows)
 }
 
 func (c *cli) assocRotate(cmd *cobra.Command, req localapi.RotateRequest) error {

@@ -42,7 +42,7 @@ func fixture() *apitest.Service {
 			LastReload: now.Add(-20 * time.Minute), UserspaceIO: "udp", UserspaceIOReason: "auto: the driver offers no zero-copy AF_XDP"},
 		PeersV: []localapi.Peer{
 			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
-				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768",
+				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768", Observed: "192.0.2.2:6082",
 				LastHandshake: now.Add(-42 * time.Second), LastUp: now.Add(-75 * time.Second), Assocs: 1, Assoc: "web-2/3", Rekeys: 7,
 				LastError: "dial 192.0.2.2:6082: timeout: no recent network activity", LastErrorAt: now.Add(-80 * time.Second), LastErrorOld: true,
 				Counters: localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4}},
@@ -51,7 +51,7 @@ func fixture() *apitest.Service {
 				LastError: "peer presented key sha256:ffff0000, not the pinned sha256:cc33dd44", LastErrorAt: now.Add(-3 * time.Second)},
 		},
 		AssocsV: []localapi.Assoc{{ID: "web-2/3", Peer: "web-2", Backend: "userspace", Suite: "aes-gcm-256", RxSPI: 0x00000003, TxSPI: 0x40000003,
-			Generation: 3, Created: now.Add(-75 * time.Second), NextRekey: now.Add(525 * time.Second),
+			Generation: 3, Created: now.Add(-75 * time.Second), NextRekey: now.Add(525 * time.Second), HardExpiry: now.Add(1725 * time.Second),
 			Counters:       localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4},
 			ThisGeneration: localapi.Counters{BytesIn: 1536000, PacketsIn: 1100, BytesOut: 2048, PacketsOut: 12, Drops: 1}}},
 		DevicesV: []localapi.Device{{ID: 1, Ifindex: 4, Ifname: "eth0", Capable: []string{"hdr0-aes-gcm-128", "hdr0-aes-gcm-256"},

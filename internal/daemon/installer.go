@@ -107,10 +107,7 @@ func spec(pc policy.Peer, cfg *policy.Config, b assoc.Backend) (offload.PeerSpec
 	s := offload.PeerSpec{
 		Name: pc.Name, Key: pc.PublicKey, Endpoint: pc.Endpoint, Local: cfg.Listen.Addr(),
 		Prefixes: pc.Prefixes, RequireEncryption: cfg.RequireEncryption, Suite: pc.Suite,
-		Limits: offload.Limits{
-			SoftPackets: cfg.PacketBudget, HardPackets: 2 * cfg.PacketBudget,
-			SoftLifetime: 2 * cfg.RekeyInterval, HardLifetime: 3 * cfg.RekeyInterval,
-		},
+		Limits: limits(cfg),
 	}
 	if len(s.Prefixes) == 0 {
 		if b != assoc.BackendXFRM {
@@ -121,6 +118,16 @@ func spec(pc policy.Peer, cfg *policy.Config, b assoc.Backend) (offload.PeerSpec
 		s.Prefixes = []netip.Prefix{netip.PrefixFrom(a, a.BitLen())}
 	}
 	return s, nil
+}
+
+// limits bound every SA under cfg: the soft limits ask for a rekey well
+// after the key exchange's own timer would have made one, the hard ones
+// end the SA if no rekey came.
+func limits(cfg *policy.Config) offload.Limits {
+	return offload.Limits{
+		SoftPackets: cfg.PacketBudget, HardPackets: 2 * cfg.PacketBudget,
+		SoftLifetime: 2 * cfg.RekeyInterval, HardLifetime: 3 * cfg.RekeyInterval,
+	}
 }
 
 // attach gives backend b the peer. Callers hold p.bmu or own p alone.

@@ -190,3 +190,23 @@ func TestJSONLogsTyped(t *testing.T) {
 		}
 	}
 }
+
+// TestObservedAndExpiry: peer list says where the peer's session comes
+// from, and assoc list when the generation ends without a rekey.
+func TestObservedAndExpiry(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b := newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a))
+	ca := client.New(a.sock)
+	as := waitAssoc(t, ca, 1)
+	if want := as.Created.Add(3 * time.Hour); !as.HardExpiry.Equal(want) { // rekey_interval 1h in the test config
+		t.Errorf("hard expiry %v, want %v (3 × rekey_interval after creation)", as.HardExpiry, want)
+	}
+	ps, err := ca.Peers(context.Background())
+	if err != nil || len(ps) != 1 || !strings.HasPrefix(ps[0].Observed, "127.0.0.1:") {
+		t.Errorf("peers %+v %v, want b observed on 127.0.0.1", ps, err)
+	}
+}

@@ -90,6 +90,9 @@ func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 	if st.Up {
 		lp.PeerBootID = fmt.Sprintf("%x", st.PeerBootID)
 		lp.KeyExchange = st.Group.String()
+		if s := p.kx.Session(); s != nil {
+			lp.Observed = s.RemoteAddr().String()
+		}
 	}
 	var id assoc.ID
 	if sa, ok := p.kx.Current(); ok {
@@ -110,6 +113,7 @@ func (d *Daemon) assoc(p *peer, sa keyexchange.SA) localapi.Assoc {
 	}
 	if !a.Created.IsZero() {
 		a.NextRekey = a.Created.Add(d.cfg.RekeyInterval)
+		a.HardExpiry = a.Created.Add(limits(d.cfg).HardLifetime)
 	}
 	_, ofAssoc, ofGen := d.totals(p, sa.ID, sa.Generation)
 	a.Counters, a.ThisGeneration = counters(ofAssoc), counters(ofGen)
