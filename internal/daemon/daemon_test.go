@@ -154,6 +154,20 @@ func (h *host) stop() {
 	h.d = nil
 }
 
+// runningPair starts two daemons that pin each other with the default
+// test configuration (root only: the local API answers root or group
+// pspd).
+func runningPair(t *testing.T) (a, b *host) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the local API answers root or the pspd group only")
+	}
+	a, b = newHost(t, "a"), newHost(t, "b")
+	a.start(t, a.config(t, "", b))
+	b.start(t, b.config(t, "", a))
+	return a, b
+}
+
 func waitAssoc(t *testing.T, c *client.Client, gen uint32) localapi.Assoc {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
@@ -169,12 +183,7 @@ func waitAssoc(t *testing.T, c *client.Client, gen uint32) localapi.Assoc {
 }
 
 func TestTwoDaemons(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the local API answers root or the pspd group only")
-	}
-	a, b := newHost(t, "a"), newHost(t, "b")
-	a.start(t, a.config(t, "", b))
-	b.start(t, b.config(t, "", a))
+	a, b := runningPair(t)
 	ca, cb := client.New(a.sock), client.New(b.sock)
 
 	aa, ab := waitAssoc(t, ca, 1), waitAssoc(t, cb, 1)
@@ -343,12 +352,7 @@ func TestStopKeepsFailClosedState(t *testing.T) {
 // keeps its session; a restart-only setting or a peer the running
 // backends cannot serve refuses the reload before any backend call.
 func TestReloadInPlace(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the local API answers root or the pspd group only")
-	}
-	a, b := newHost(t, "a"), newHost(t, "b")
-	a.start(t, a.config(t, "", b))
-	b.start(t, b.config(t, "", a))
+	a, b := runningPair(t)
 	before := waitAssoc(t, client.New(a.sock), 1)
 
 	next := a.config(t, "", b)

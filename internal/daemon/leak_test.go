@@ -26,12 +26,7 @@ import (
 // knows, in everything an operator can read: the logs, what pspctl prints
 // as JSON (status, peers, associations), /metrics, and the event stream.
 func TestNoKeysAnywhere(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the local API answers root or the pspd group only")
-	}
-	a, b := newHost(t, "a"), newHost(t, "b")
-	a.start(t, a.config(t, "", b))
-	b.start(t, b.config(t, "", a))
+	a, b := runningPair(t)
 	ca, cb := client.New(a.sock), client.New(b.sock)
 	waitAssoc(t, ca, 1)
 
@@ -136,12 +131,7 @@ func TestMetricsOnUnixSocket(t *testing.T) {
 // hex strings, durations as strings, suites, framings and backends by
 // name, lists as arrays.
 func TestJSONLogsTyped(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the local API answers root or the pspd group only")
-	}
-	a, b := newHost(t, "a"), newHost(t, "b")
-	a.start(t, a.config(t, "", b))
-	b.start(t, b.config(t, "", a))
+	a, _ := runningPair(t)
 	ca := client.New(a.sock)
 	waitAssoc(t, ca, 1)
 	for range 2 {
@@ -194,12 +184,7 @@ func TestJSONLogsTyped(t *testing.T) {
 // TestObservedAndExpiry: peer list says where the peer's session comes
 // from, and assoc list when the generation ends without a rekey.
 func TestObservedAndExpiry(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the local API answers root or the pspd group only")
-	}
-	a, b := newHost(t, "a"), newHost(t, "b")
-	a.start(t, a.config(t, "", b))
-	b.start(t, b.config(t, "", a))
+	a, _ := runningPair(t)
 	ca := client.New(a.sock)
 	as := waitAssoc(t, ca, 1)
 	if want := as.Created.Add(3 * time.Hour); !as.HardExpiry.Equal(want) { // rekey_interval 1h in the test config
