@@ -12,7 +12,7 @@ if [ "$what" = bench ]; then
 	pkgs+=(iperf3 wireguard-tools)
 fi
 if [ "$what" = test ]; then
-	pkgs+=(iperf3 ethtool nftables conntrack
+	pkgs+=(iperf3 ethtool nftables conntrack socat curl
 		# The VM harness (tests/vm): qemu, a static busybox, tools copied into the VM,
 		# and what building the kernel needs.
 		qemu-system-x86 busybox-static cpio kmod make gcc flex bison bc xz-utils perl libelf-dev libssl-dev

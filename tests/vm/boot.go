@@ -21,11 +21,15 @@ const marker = "@@PSPD-VM "
 // hostTools are copied into the image when the host has them; tests find them through the
 // environment variable because busybox ash runs its own applet for a bare "ip".
 var hostTools = map[string]string{
-	"PSPD_VM_IP":      "ip",
-	"PSPD_VM_TC":      "tc",
-	"PSPD_VM_ETHTOOL": "ethtool",
-	"PSPD_VM_TCPDUMP": "tcpdump",
-	"PSPD_VM_SS":      "ss",
+	"PSPD_VM_IP":        "ip",
+	"PSPD_VM_TC":        "tc",
+	"PSPD_VM_ETHTOOL":   "ethtool",
+	"PSPD_VM_TCPDUMP":   "tcpdump",
+	"PSPD_VM_SS":        "ss",
+	"PSPD_VM_NFT":       "nft",
+	"PSPD_VM_CONNTRACK": "conntrack",
+	"PSPD_VM_SOCAT":     "socat",
+	"PSPD_VM_CURL":      "curl",
 }
 
 // bootConfig is one VM run: a kernel, a group of test binaries and their filter.
