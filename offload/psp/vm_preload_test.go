@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -80,24 +83,73 @@ func TestVMPreloadSocat(t *testing.T) {
 		t.Fatalf("socat does not listen:\n%s", srvErr.String())
 	}
 
+	// The MSS of a clear connection on the same link, for comparison.
+	var ln net.Listener
+	var err error
+	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp4", "10.94.0.2:7301") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var clear net.Conn
+	nstest.Do(t, a.ns, func() { clear, err = net.Dial("tcp4", "10.94.0.2:7301") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	clearMSS := mss(t, clear.(*net.TCPConn))
+	clear.Close()
+	if c, err := ln.Accept(); err == nil {
+		c.Close()
+	}
+
+	// connect-timeout makes socat connect non-blocking: the library
+	// completes the connect before it hands the socket over.
 	msg := bytes.Repeat([]byte("pspd-preload-canary "), 3277) // 64 KiB
-	var out, cliErr bytes.Buffer
-	cli := preloaded(lib, a.sock, nil, socat, "-d", "-t", "10", "-", "TCP:10.94.0.2:7300")
-	cli.Stdin, cli.Stdout, cli.Stderr = bytes.NewReader(msg), &out, &cliErr
+	var cliErr bytes.Buffer
+	cli := preloaded(lib, a.sock, nil, socat, "-d", "-t", "10", "-", "TCP:10.94.0.2:7300,connect-timeout=10")
+	in, err := cli.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	outR, err := cli.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli.Stderr = &cliErr
 	runIn(t, a.ns, cli)
-	done := make(chan error, 1)
-	go func() { done <- cli.Wait() }()
+	got := make(chan []byte, 1)
+	go func() {
+		b := make([]byte, len(msg))
+		n, _ := io.ReadFull(outR, b)
+		got <- b[:n]
+	}()
+	go in.Write(msg)
+	var out []byte
 	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("socat client: %v\nclient:\n%s\nserver:\n%s\nA:\n%s\nB:\n%s", err, cliErr.String(), srvErr.String(), a.logs.Bytes(), b.logs.Bytes())
-		}
+	case out = <-got:
 	case <-ctx.Done():
 		cli.Process.Kill()
-		t.Fatalf("socat client hung\nclient:\n%s\nserver:\n%s", cliErr.String(), srvErr.String())
+		t.Fatalf("socat client hung\nclient:\n%s\nserver:\n%s\nA:\n%s\nB:\n%s", cliErr.String(), srvErr.String(), a.logs.Bytes(), b.logs.Bytes())
 	}
-	if !bytes.Equal(out.Bytes(), msg) {
-		t.Errorf("echo through socat: got %d bytes, want %d intact", out.Len(), len(msg))
+	// While the connection is open: its MSS, as ss reports it.
+	if ssBin := os.Getenv("PSPD_VM_SS"); ssBin != "" {
+		var ssOut []byte
+		nstest.Do(t, a.ns, func() { ssOut, err = exec.Command(ssBin, "-tin", "dst", "10.94.0.2:7300").CombinedOutput() })
+		m := regexp.MustCompile(`\bmss:(\d+)`).FindSubmatch(ssOut)
+		if err != nil || m == nil {
+			t.Errorf("ss: %v\n%s", err, ssOut)
+		} else if v, _ := strconv.Atoi(string(m[1])); v != clearMSS-40 {
+			t.Errorf("socat's connection has MSS %d, want the clear connection's %d - 40 (PSP overhead)", v, clearMSS)
+		} else {
+			t.Logf("MSS %d through PSP, %d in the clear", v, clearMSS)
+		}
+	}
+	in.Close()
+	if err := cli.Wait(); err != nil {
+		t.Fatalf("socat client: %v\nclient:\n%s\nserver:\n%s", err, cliErr.String(), srvErr.String())
+	}
+	if !bytes.Equal(out, msg) {
+		t.Errorf("echo through socat: got %d bytes, want %d intact", len(out), len(msg))
 	}
 	t.Logf("client stderr:\n%s", cliErr.String())
 	t.Logf("server stderr:\n%s", srvErr.String())
@@ -133,13 +185,6 @@ func TestVMPreloadSocat(t *testing.T) {
 	}
 
 	// pspd refuses (no such peer): socat's connect fails closed.
-	var ln net.Listener
-	var err error
-	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp4", "10.94.0.2:7301") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	var refErr bytes.Buffer
 	ref := preloaded(lib, a.sock, []string{"PSPD_PRELOAD_PEER=nobody"}, socat, "-", "TCP:10.94.0.2:7301")
 	ref.Stdin, ref.Stderr = strings.NewReader("must not arrive"), &refErr
