@@ -339,7 +339,11 @@ static bool prefix_has(const struct rule *r, const uint8_t *a)
 // selected: does a rule take the connection to or from addr (remote) on port?
 static bool selected(const struct rules *rs, const struct endpoint *remote, uint16_t port)
 {
-	if (rs->none || is_loopback(remote))
+	if (is_loopback(remote))
+		return false;
+	if (cfg.invalid) // which connections were meant is unknown: all fail
+		return true;
+	if (rs->none)
 		return false;
 	for (int i = 0; i < rs->n; i++) {
 		const struct rule *r = &rs->r[i];
