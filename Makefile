@@ -6,7 +6,7 @@ FUZZTIME  ?= 10s
 PSPD_VM   ?= auto
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build test unit fips fuzz lint bench bench-e2e vmtest demo deps deps-demo dist install deb package-test
+.PHONY: all build preload test unit fips fuzz lint bench bench-e2e vmtest demo deps deps-demo dist install deb package-test
 
 # Installation layout (make install PREFIX=/usr DESTDIR=/tmp/stage). The
 # configuration goes to SYSCONFDIR, /etc also for /usr/local: that is where
@@ -29,11 +29,20 @@ COMMIT      ?= $(shell git rev-parse HEAD 2>/dev/null)
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 export SOURCE_DATE_EPOCH
 OUT         ?= out
+LIBDIR      ?= $(PREFIX)/lib/pspd
+# The LD_PRELOAD library for unmodified programs (psp-preload/; README, Kernel PSP).
+CC          ?= cc
+PRELOAD_CFLAGS ?= -O2 -g -Wall -Wextra -Werror
+PRELOAD     ?= $(OUT)/lib/libpspd-preload.so
 
 all: build
 
-build:
+build: preload
 	$(GO) build $(PKGS)
+
+preload:
+	mkdir -p $(dir $(PRELOAD))
+	$(CC) $(PRELOAD_CFLAGS) -fPIC -shared -o $(PRELOAD) psp-preload/pspd_preload.c -ldl
 
 # Everything CI runs: lint, unit and netns tests, short fuzzing, the real-kernel VM tests.
 # It first installs what is missing (apt packages, staticcheck, Go modules).
@@ -94,7 +103,7 @@ lint:
 	cd tests/bench && $(GO) vet ./...
 
 # Static binaries, man pages generated from the commands, shell completions.
-dist:
+dist: preload
 	rm -rf $(OUT)/man $(OUT)/completion
 	mkdir -p $(OUT)/bin $(OUT)/man $(OUT)/completion
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-X main.commit=$(COMMIT)' -o $(OUT)/bin/pspd ./cmd/pspd
@@ -112,6 +121,7 @@ dist:
 install: dist
 	install -Dm755 $(OUT)/bin/pspd $(DESTDIR)$(SBINDIR)/pspd
 	install -Dm755 $(OUT)/bin/pspctl $(DESTDIR)$(BINDIR)/pspctl
+	install -Dm644 $(PRELOAD) $(DESTDIR)$(LIBDIR)/libpspd-preload.so
 	install -d $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8
 	install -m644 $(OUT)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
 	install -m644 $(OUT)/man/*.8 $(DESTDIR)$(MANDIR)/man8/

@@ -18,7 +18,7 @@ var (
 	ErrHasPSPState         = errors.New("socket already has PSP state (rx-assoc done before)")
 	ErrTxKeySet            = errors.New("socket already has a PSP transmit key")
 	ErrNotConnected        = errors.New("socket is not an established TCP connection")
-	ErrIncompatibleState   = errors.New("socket has kernel TLS receive state, which excludes PSP")
+	ErrIncompatibleState   = errors.New("socket has the kernel TLS ULP, which excludes PSP")
 	ErrVersionUnsupported  = errors.New("PSP version not supported by the device")
 	ErrVersionMismatch     = errors.New("PSP version differs from the socket's Rx association")
 	ErrNotTCP              = errors.New("socket is not TCP")

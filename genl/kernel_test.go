@@ -9,6 +9,7 @@ package genl
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -866,4 +867,77 @@ func TestKernelDevAssoc(t *testing.T) {
 	if devs, err := cC.Devices(); err != nil || len(devs) != 0 {
 		t.Fatalf("after dev-disassoc the other namespace sees %+v (%v)", devs, err)
 	}
+}
+
+// setTLS puts the kernel TLS ULP on s and, if dir is TLS_TX (1) or TLS_RX
+// (2), a TLS 1.2 AES-GCM-128 state in that direction (a fixed test key).
+func setTLS(s *net.TCPConn, dir int) error {
+	rc, err := s.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	rc.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptString(int(fd), unix.SOL_TCP, unix.TCP_ULP, "tls"); serr != nil || dir == 0 {
+			return
+		}
+		// struct tls12_crypto_info_aes_gcm_128: version, cipher_type,
+		// iv[8], key[16], salt[4], rec_seq[8].
+		info := make([]byte, 40)
+		binary.NativeEndian.PutUint16(info[0:], 0x0303) // TLS_1_2_VERSION
+		binary.NativeEndian.PutUint16(info[2:], 51)     // TLS_CIPHER_AES_GCM_128
+		for i := 4; i < 36; i++ {
+			info[i] = byte(i)
+		}
+		serr = unix.SetsockoptString(int(fd), unix.SOL_TLS, dir, string(info))
+	})
+	return serr
+}
+
+// TestKernelTLSExclusive is psp.py's kTLS cases: a socket is either kernel
+// TLS or PSP. rx-assoc on a socket with the TLS ULP (with or without a TX
+// or RX state) is EINVAL "Socket has incompatible state"
+// (ErrIncompatibleState); the TLS ULP on a socket with PSP state is EINVAL.
+func TestKernelTLSExclusive(t *testing.T) {
+	p := newPort(t, newNetns(t), "")
+	c, id := p.psp, p.dev.ID
+	if err := setTLS(p.loopback(t, unix.AF_INET6), 0); errors.Is(err, unix.ENOENT) {
+		t.Skip("kernel has no TLS ULP (CONFIG_TLS)")
+	} else if err != nil {
+		t.Fatalf("TCP_ULP tls on a fresh connection: %v", err)
+	}
+	for _, tc := range []struct {
+		name string
+		dir  int
+	}{{"ulp", 0}, {"tls-tx", 1}, {"tls-rx", 2}} {
+		t.Run(tc.name+"-then-psp", func(t *testing.T) {
+			s := p.loopback(t, unix.AF_INET6)
+			if err := setTLS(s, tc.dir); err != nil {
+				t.Fatalf("kTLS: %v", err)
+			}
+			r, err := c.RxAssoc(s, AESGCM128, id)
+			t.Logf("rx-assoc on a kTLS (%s) socket: %v", tc.name, err)
+			if err == nil {
+				r.Key.Wipe()
+				t.Fatal("rx-assoc accepted a socket with the TLS ULP")
+			}
+			if !errors.Is(err, ErrIncompatibleState) {
+				t.Fatalf("rx-assoc on a kTLS socket: %v, want ErrIncompatibleState", err)
+			}
+			kernelSays(t, err, "Socket has incompatible state")
+		})
+	}
+	t.Run("psp-then-ulp", func(t *testing.T) {
+		s := p.loopback(t, unix.AF_INET6)
+		r, err := c.RxAssoc(s, AESGCM128, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Key.Wipe()
+		err = setTLS(s, 0)
+		t.Logf("TCP_ULP tls after rx-assoc: %v", err)
+		if !errors.Is(err, unix.EINVAL) {
+			t.Fatalf("TCP_ULP tls on a socket with PSP state: %v, want EINVAL", err)
+		}
+	})
 }

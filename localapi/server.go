@@ -471,13 +471,31 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) error {
 // UpgradeProtocol is the HTTP Upgrade token for passing a socket.
 const UpgradeProtocol = "pspd-fd/1"
 
+// UpgradeAutoPeer, as the peer of an upgrade, has the daemon pick the
+// configured peer whose endpoint or prefixes hold the connection's remote
+// address (the preload library asks this way: it knows no peer names).
+const UpgradeAutoPeer = "auto"
+
+// ErrNoPeer: an upgrade with UpgradeAutoPeer found no configured peer for
+// the connection's remote address. Its answer says so ("no_peer": true),
+// so that a caller told to leave connections to non-peers in the clear
+// can tell this refusal from the others.
+var ErrNoPeer = errors.New("no configured peer has the connection's remote address")
+
+// upgradeError is the JSON line of a failed upgrade after the socket was
+// passed: ErrorBody, and whether the cause is ErrNoPeer.
+type upgradeError struct {
+	Error  string `json:"error"`
+	NoPeer bool   `json:"no_peer,omitempty"`
+}
+
 // upgrade switches the connection to fd passing: after "101 Switching
 // Protocols" the client sends one byte carrying exactly one descriptor in
 // SCM_RIGHTS, and the server answers with one JSON line.
 func (s *Server) upgrade(w http.ResponseWriter, r *http.Request) error {
 	peer := r.URL.Query().Get("peer")
 	if peer == "" {
-		return fmt.Errorf("%w: the peer query parameter names the pspd peer the socket is connected to", ErrInvalid)
+		return fmt.Errorf("%w: the peer query parameter names the pspd peer the socket is connected to (or is %s)", ErrInvalid, UpgradeAutoPeer)
 	}
 	if r.Header.Get("Upgrade") != UpgradeProtocol {
 		return fmt.Errorf("%w: expected Upgrade: %s", ErrInvalid, UpgradeProtocol)
@@ -514,7 +532,7 @@ func (s *Server) upgrade(w http.ResponseWriter, r *http.Request) error {
 	uc.SetDeadline(time.Time{})
 	res, err := s.svc.UpgradePSP(r.Context(), f, peer)
 	if err != nil {
-		reply(ErrorBody{Error: err.Error()})
+		reply(upgradeError{Error: err.Error(), NoPeer: errors.Is(err, ErrNoPeer)})
 		return nil
 	}
 	reply(res)

@@ -261,7 +261,8 @@ type Service interface {
 	// Events streams events until ctx ends.
 	Events(ctx context.Context) (<-chan Event, error)
 	// UpgradePSP takes ownership of sock, a connected TCP socket of the
-	// calling application, and upgrades it to PSP with the named peer.
+	// calling application, and upgrades it to PSP with the named peer
+	// (UpgradeAutoPeer: the one whose addresses hold the remote address).
 	UpgradePSP(ctx context.Context, sock *os.File, peer string) (UpgradeResult, error)
 }
 

@@ -5,9 +5,14 @@ import (
 	"crypto/fips140"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
+	"slices"
 	"sort"
+	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/keyexchange"
@@ -204,14 +209,23 @@ func (d *Daemon) RotateDevice(ctx context.Context, id uint32) (localapi.Device, 
 // key the named peer's pspd sends for the same connection.
 func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string) (localapi.UpgradeResult, error) {
 	defer sock.Close()
-	d.mu.Lock()
-	p := d.peers[peerName]
-	d.mu.Unlock()
-	if p == nil {
-		return localapi.UpgradeResult{}, fmt.Errorf("unknown peer %q (see pspctl peer list): %w", peerName, localapi.ErrNotFound)
-	}
 	if d.psp == nil {
 		return localapi.UpgradeResult{}, d.errNoPSP()
+	}
+	var p *peer
+	if peerName == localapi.UpgradeAutoPeer {
+		var err error
+		if p, err = d.peerForSocket(sock); err != nil {
+			return localapi.UpgradeResult{}, err
+		}
+		peerName = p.cfg.Name
+	} else {
+		d.mu.Lock()
+		p = d.peers[peerName]
+		d.mu.Unlock()
+	}
+	if p == nil {
+		return localapi.UpgradeResult{}, fmt.Errorf("unknown peer %q (see pspctl peer list): %w", peerName, localapi.ErrNotFound)
 	}
 	if s := p.kx.Session(); s == nil {
 		return localapi.UpgradeResult{}, fmt.Errorf("no session with peer %s right now (see pspctl peer list); the socket was not touched", peerName)
@@ -226,6 +240,46 @@ func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string)
 	d.events.publish(localapi.Event{Kind: localapi.EventPSPUpgrade, Peer: peerName, Device: r.Device, RxSPI: r.RxSPI, TxSPI: r.TxSPI,
 		Backend: "psp", Detail: fmt.Sprintf("connection upgraded to PSP %s on device %d", r.Version, r.Device)})
 	return localapi.UpgradeResult{Peer: peerName, Device: r.Device, Version: r.Version.String(), RxSPI: r.RxSPI, TxSPI: r.TxSPI}, nil
+}
+
+// peerForSocket is the one peer whose endpoint or prefixes hold the
+// socket's remote address, as the PSP manager knows them.
+func (d *Daemon) peerForSocket(sock *os.File) (*peer, error) {
+	sa, err := unix.Getpeername(int(sock.Fd()))
+	if err != nil {
+		return nil, fmt.Errorf("the socket's remote address: %w (the socket was not touched): %w", err, localapi.ErrInvalid)
+	}
+	var remote netip.Addr
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		remote = netip.AddrFrom4(a.Addr)
+	case *unix.SockaddrInet6:
+		remote = netip.AddrFrom16(a.Addr).Unmap()
+	default:
+		return nil, fmt.Errorf("the socket is not an IP connection (the socket was not touched): %w", localapi.ErrInvalid)
+	}
+	keys := d.psp.PeersFor(remote)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var found []*peer
+	for _, p := range d.peers {
+		if slices.Contains(keys, p.cfg.PublicKey) {
+			found = append(found, p)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("%s is neither the endpoint nor in the prefixes of any peer (see pspctl peer list); the socket was not touched: %w", remote, localapi.ErrNoPeer)
+	case 1:
+		return found[0], nil
+	}
+	names := make([]string, len(found))
+	for i, p := range found {
+		names[i] = p.cfg.Name
+	}
+	slices.Sort(names)
+	return nil, localapi.Refused(fmt.Errorf("%s belongs to peers %s: name the peer instead of %s, or make their prefixes disjoint; the socket was not touched",
+		remote, strings.Join(names, ", "), localapi.UpgradeAutoPeer))
 }
 
 func (d *Daemon) Events(ctx context.Context) (<-chan localapi.Event, error) {

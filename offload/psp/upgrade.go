@@ -194,6 +194,21 @@ func (p *peerAddrs) allows(peer identity.PublicKey, a netip.Addr) bool {
 	return false
 }
 
+// PeersFor returns the peers whose endpoint or prefixes hold a, the
+// remote address of a connection to upgrade without a named peer.
+func (m *Manager) PeersFor(a netip.Addr) []identity.PublicKey {
+	a = a.Unmap()
+	m.peers.mu.Lock()
+	defer m.peers.mu.Unlock()
+	var out []identity.PublicKey
+	for peer, set := range m.peers.m {
+		if slices.ContainsFunc(set, func(pf netip.Prefix) bool { return pf.Contains(a) }) {
+			out = append(out, peer)
+		}
+	}
+	return out
+}
+
 // SetPeer tells the manager which remote addresses belong to peer: its
 // endpoint's and those in prefixes. Upgrade refuses a connection towards
 // peer whose remote address is not among them, and PeerKey drops keys

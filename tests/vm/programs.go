@@ -19,6 +19,13 @@ var programs = map[string]string{
 	"PSPCTL_BIN": "./cmd/pspctl",
 }
 
+// libraries are C shared libraries of the module that go into programDir too, each built
+// by the Makefile target of its name into the file; env=/usr/local/bin/<file>. A host
+// without a C compiler ships none, and the tests that need one skip.
+var libraries = map[string][2]string{
+	"PSPD_PRELOAD_LIB": {"preload", "libpspd-preload.so"},
+}
+
 // programDir is where the programs sit in the image.
 const programDir = "/usr/local/bin"
 
@@ -37,6 +44,16 @@ func buildPrograms(ctx context.Context, root, dir string) (map[string]string, er
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if b, err := cmd.CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("build %s for the VM: %v\n%s", pkg, err, b)
+		}
+		built[env] = out
+	}
+	for env, lib := range libraries {
+		out := filepath.Join(dir, lib[1])
+		cmd := exec.CommandContext(ctx, "make", "-s", lib[0], "PRELOAD="+out)
+		cmd.Dir = root
+		if b, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "vm: %s not shipped (make %s: %v): %s", lib[1], lib[0], err, b)
+			continue
 		}
 		built[env] = out
 	}
