@@ -81,6 +81,19 @@ type Peer struct {
 	remind    *time.Timer // while not up: expiredReminder
 	remindGen uint64      // tells the armed reminder from one stopped before it ran
 	closed    bool
+	nat       NAT // last NAT detection logged, so that each session does not repeat it
+}
+
+// natChanged records n and reports whether it differs from the last NAT
+// detection of the peer's sessions.
+func (p *Peer) natChanged(n NAT) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.nat == n {
+		return false
+	}
+	p.nat = n
+	return true
 }
 
 // AddPeer pins a peer and starts keeping a session with it.
@@ -230,6 +243,8 @@ type Status struct {
 	LastErrorAt time.Time
 	// LastUp is when the most recent session came up; zero if none has.
 	LastUp time.Time
+	// NAT is what the session's Hellos showed about NATs; zero when down.
+	NAT NAT
 }
 
 // Status reports the peer's session state.
@@ -240,7 +255,7 @@ func (p *Peer) Status() Status {
 	if p.state == StateUp {
 		st.Up = true
 		if s := p.sess; s != nil {
-			st.Group, st.PeerBootID = s.Group(), s.PeerBootID()
+			st.Group, st.PeerBootID, st.NAT = s.Group(), s.PeerBootID(), s.NAT()
 		}
 	} else {
 		st.DownSince = p.downSince

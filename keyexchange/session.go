@@ -10,6 +10,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -44,6 +46,7 @@ type Session struct {
 	peer    identity.PublicKey
 	role    kdf.Role
 	hello   wire.Hello // the peer's
+	nat     NAT
 	timeout time.Duration
 	log     *slog.Logger
 	ctx     context.Context
@@ -107,6 +110,77 @@ func (s *Session) Group() tls.CurveID { return s.conn.ConnectionState().TLS.Curv
 // RemoteAddr is where the peer's end of the session is, as this host
 // sees it (behind a NAT, the NAT's address and port).
 func (s *Session) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
+
+// NAT is what the Hellos showed about NATs between the two sides.
+func (s *Session) NAT() NAT { return s.nat }
+
+// NAT is the result of NAT detection: each side tells the other, in its
+// Hello, the address and port it observes the session from.
+type NAT struct {
+	// LocalObserved is where the peer sees this side's end of the
+	// session; zero if the peer did not say (an older pspd).
+	LocalObserved netip.AddrPort
+	// PeerObserved is where this side sees the peer's end.
+	PeerObserved netip.AddrPort
+	// Behind: this side's own address and port differ from what the peer
+	// observed, so a NAT sits in front of this host.
+	Behind bool
+	// PeerBehind: the peer's configured endpoint differs from where its
+	// packets come from, so a NAT sits in front of the peer.
+	PeerBehind bool
+}
+
+// Detected reports whether a NAT sits on either side.
+func (n NAT) Detected() bool { return n.Behind || n.PeerBehind }
+
+// detectNAT compares what each side observed. local is this side's socket
+// address (perhaps a wildcard, then localAddrs are the host's addresses),
+// peerCfg the peer's configured endpoint (zero for a responder that was
+// not told one).
+func detectNAT(local, localObserved, peerObserved, peerCfg netip.AddrPort, localAddrs []netip.Addr) NAT {
+	n := NAT{LocalObserved: localObserved, PeerObserved: peerObserved}
+	if lo := localObserved; lo.IsValid() {
+		la := local.Addr().Unmap()
+		switch {
+		case lo.Port() != local.Port():
+			n.Behind = true
+		case la.IsValid() && !la.IsUnspecified():
+			n.Behind = lo.Addr().Unmap() != la
+		default:
+			n.Behind = !slices.Contains(localAddrs, lo.Addr().Unmap())
+		}
+	}
+	if peerCfg.IsValid() && peerObserved.IsValid() {
+		n.PeerBehind = peerCfg.Addr().Unmap() != peerObserved.Addr().Unmap() || peerCfg.Port() != peerObserved.Port()
+	}
+	return n
+}
+
+// hostAddrs are the addresses of this host's interfaces, unmapped.
+func hostAddrs() []netip.Addr {
+	as, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, a := range as {
+		if pn, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(pn.IP); ok {
+				out = append(out, ip.Unmap())
+			}
+		}
+	}
+	return out
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	ua, ok := a.(*net.UDPAddr)
+	if !ok {
+		return netip.AddrPort{}
+	}
+	ap := ua.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
 
 // PeerBackends are the backends the peer offered in its Hello.
 func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
@@ -256,6 +330,16 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 		s.Close(err)
 		return nil, err
 	}
+	var peerCfg netip.AddrPort
+	p := e.peer(peer)
+	if p != nil {
+		peerCfg = p.cfg.Addr
+	}
+	s.nat = detectNAT(addrPortOf(conn.LocalAddr()), s.hello.Observed, addrPortOf(conn.RemoteAddr()), peerCfg, hostAddrs())
+	if s.nat.Detected() && (p == nil || p.natChanged(s.nat)) {
+		s.log.Info("NAT detected", "behind_nat", s.nat.Behind, "peer_behind_nat", s.nat.PeerBehind,
+			"local_observed", s.nat.LocalObserved.String(), "peer_observed", s.nat.PeerObserved.String(), "peer_configured", peerCfg.String())
+	}
 	return s, nil
 }
 
@@ -350,6 +434,7 @@ func (e *Endpoint) exchangeHello(ctx context.Context, conn *quic.Conn, peer iden
 		str.SetDeadline(d)
 	}
 	mine := e.hello(peer)
+	mine.Observed = addrPortOf(conn.RemoteAddr())
 	if dialer {
 		if err := wire.WriteMessage(str, mine); err != nil {
 			return wire.Hello{}, err

@@ -48,6 +48,15 @@ type Status struct {
 	UserspaceIOReason string `json:"userspace_io_reason,omitempty"`
 }
 
+// PeerNAT is the NAT detection of a peer's session: each side tells the
+// other where it sees it from.
+type PeerNAT struct {
+	// LocalObserved is where the peer sees this host from.
+	LocalObserved string `json:"local_observed,omitempty"`
+	Behind        bool   `json:"behind"`      // a NAT sits in front of this host
+	PeerBehind    bool   `json:"peer_behind"` // a NAT sits in front of the peer
+}
+
 // Peer is one configured remote pspd.
 type Peer struct {
 	Name        string   `json:"name"`
@@ -74,7 +83,10 @@ type Peer struct {
 	LastUp        time.Time `json:"last_up,omitzero"`
 	// Observed is where this host sees the peer's session come from
 	// (behind a NAT, the NAT's address), while up.
-	Observed    string    `json:"observed,omitempty"`
+	Observed string `json:"observed,omitempty"`
+	// NAT is what NAT detection in the key exchange found, while up: nil
+	// when neither side is behind a NAT.
+	NAT         *PeerNAT  `json:"nat,omitempty"`
 	LastError   string    `json:"last_error,omitempty"`
 	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 	// LastErrorOld says LastError is from before the session now up.

@@ -109,6 +109,55 @@ type PeerSpec struct {
 	RequireEncryption bool
 	Suite             assoc.Suite
 	Limits            Limits
+	// NATTraversal is when the XFRM data plane wraps ESP in UDP (RFC
+	// 3948), and EncapPort the UDP port of that on both hosts.
+	NATTraversal NATTraversal
+	EncapPort    uint16
+	// NAT is what the key exchange's NAT detection found for the peer's
+	// session; zero until a session has come up.
+	NAT NAT
+}
+
+// NATTraversal says when ESP travels in UDP.
+type NATTraversal uint8
+
+const (
+	NATAuto  NATTraversal = iota // when the key exchange detects a NAT
+	NATForce                     // always
+	NATOff                       // never
+)
+
+func (n NATTraversal) String() string {
+	switch n {
+	case NATAuto:
+		return "auto"
+	case NATForce:
+		return "force"
+	case NATOff:
+		return "off"
+	}
+	return "nat_traversal(?)"
+}
+
+// NAT is a peer's NAT detection result, as the data plane needs it.
+type NAT struct {
+	Behind     bool // a NAT sits in front of this host
+	PeerBehind bool // a NAT sits in front of the peer
+	// PeerObserved is where this host sees the peer's packets come from:
+	// behind a NAT, the NAT's public address, which SAs must be sent to.
+	PeerObserved netip.AddrPort
+}
+
+// Encapsulate reports whether the peer's ESP travels in UDP: forced, or
+// automatic with a NAT detected on either side.
+func (p PeerSpec) Encapsulate() bool {
+	switch p.NATTraversal {
+	case NATForce:
+		return true
+	case NATAuto:
+		return p.NAT.Behind || p.NAT.PeerBehind
+	}
+	return false
 }
 
 // Limits bound an SA's life. The soft limits ask for a rekey, the hard

@@ -43,3 +43,21 @@ func TestCandidates(t *testing.T) {
 		t.Errorf("Candidates(auto) on a host with nothing = %v; want ErrNoCommonBackend with the reason", err)
 	}
 }
+
+func TestEncapsulate(t *testing.T) {
+	for _, c := range []struct {
+		mode NATTraversal
+		nat  NAT
+		want bool
+	}{
+		{NATAuto, NAT{}, false},
+		{NATAuto, NAT{Behind: true}, true},
+		{NATAuto, NAT{PeerBehind: true}, true},
+		{NATForce, NAT{}, true},
+		{NATOff, NAT{Behind: true, PeerBehind: true}, false},
+	} {
+		if got := (PeerSpec{NATTraversal: c.mode, NAT: c.nat}).Encapsulate(); got != c.want {
+			t.Errorf("%s with %+v: encapsulate %v, want %v", c.mode, c.nat, got, c.want)
+		}
+	}
+}

@@ -268,6 +268,8 @@ func parse(p parser, data []byte) (*Config, error) {
 		Metrics:           DefaultMetrics,
 		Backend:           BackendAuto,
 		Offload:           OffloadAuto,
+		NATTraversal:      NATAuto,
+		EncapPort:         DefaultEncapPort,
 		Suite:             DefaultSuite,
 		RekeyInterval:     DefaultRekeyInterval,
 		PacketBudget:      DefaultPacketBudget,
@@ -282,7 +284,7 @@ func parse(p parser, data []byte) (*Config, error) {
 		},
 	}
 	var peersNode *yaml.Node
-	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "suite",
+	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "nat_traversal", "encap_port", "suite",
 		"rekey_interval", "packet_budget", "psp_rotation_interval", "require_encryption", "key_exchange", "userspace", "peers"}
 	err := p.fields(root, "", known, func(k string, v *yaml.Node) (err error) {
 		switch k {
@@ -314,6 +316,12 @@ func parse(p parser, data []byte) (*Config, error) {
 			err = p.enum(v, k, func(s string) (e error) { c.Backend, e = parseBackend(s); return })
 		case "offload":
 			err = p.enum(v, k, func(s string) (e error) { c.Offload, e = parseOffload(s); return })
+		case "nat_traversal":
+			err = p.enum(v, k, func(s string) (e error) { c.NATTraversal, e = parseNATTraversal(s); return })
+		case "encap_port":
+			var port uint64
+			port, err = p.uint(v, k, 1, 65535)
+			c.EncapPort = uint16(port)
 		case "suite":
 			err = p.enum(v, k, func(s string) (e error) { c.Suite, e = kdf.ParseSuite(s); return })
 		case "rekey_interval":
@@ -505,7 +513,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 		p.lines[path[:len(path)-1]] = pn.Line
 		pr := Peer{Backend: BackendAuto, Suite: c.Suite}
 		var keyNode, nameNode, endpointNode *yaml.Node
-		known := []string{"name", "endpoint", "public_key", "prefixes", "backend", "suite"}
+		known := []string{"name", "endpoint", "public_key", "prefixes", "backend", "suite", "nat_traversal"}
 		err := p.fields(pn, path, known, func(k string, v *yaml.Node) (err error) {
 			f := path + k
 			switch k {
@@ -535,6 +543,8 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				err = p.enum(v, f, func(s string) (e error) { pr.Backend, e = parseBackend(s); return })
 			case "suite":
 				err = p.enum(v, f, func(s string) (e error) { pr.Suite, e = kdf.ParseSuite(s); return })
+			case "nat_traversal":
+				err = p.enum(v, f, func(s string) (e error) { pr.NATTraversal, e = parseNATTraversal(s); return })
 			}
 			return err
 		})

@@ -99,13 +99,18 @@ const (
 
 // Config is a validated pspd configuration.
 type Config struct {
-	File              string // where it was read from, for messages
-	Identity          string // path of the PEM identity key
-	Listen            netip.AddrPort
-	Socket            string
-	Metrics           string // host:port, unix:/path, or "" for none
-	Backend           Backend
-	Offload           Offload
+	File     string // where it was read from, for messages
+	Identity string // path of the PEM identity key
+	Listen   netip.AddrPort
+	Socket   string
+	Metrics  string // host:port, unix:/path, or "" for none
+	Backend  Backend
+	Offload  Offload
+	// NATTraversal is when the XFRM backend wraps ESP in UDP (RFC 3948);
+	// a peer may override it. EncapPort is the UDP port of that
+	// encapsulation, on both sides.
+	NATTraversal      NATTraversal
+	EncapPort         uint16
 	Suite             kdf.Suite
 	RekeyInterval     time.Duration
 	PacketBudget      uint64
@@ -158,6 +163,41 @@ type Peer struct {
 	Prefixes     []netip.Prefix
 	Backend      Backend // BackendAuto unless the peer overrides the global choice
 	Suite        kdf.Suite
+	// NATTraversal is the peer's own choice; "" leaves it to the global
+	// one (see OrDefault).
+	NATTraversal NATTraversal
+}
+
+// NATTraversal is when ESP travels in UDP (RFC 3948) to get through NATs.
+type NATTraversal string
+
+const (
+	// NATAuto encapsulates when the key exchange detects a NAT between
+	// the two hosts, and sends plain ESP otherwise.
+	NATAuto NATTraversal = "auto"
+	// NATForce always encapsulates, for paths that drop plain ESP.
+	NATForce NATTraversal = "force"
+	// NATOff never encapsulates, NAT or not.
+	NATOff NATTraversal = "off"
+)
+
+// DefaultEncapPort is the UDP port of ESP-in-UDP (RFC 3948's 4500).
+const DefaultEncapPort = 4500
+
+func parseNATTraversal(s string) (NATTraversal, error) {
+	switch n := NATTraversal(s); n {
+	case NATAuto, NATForce, NATOff:
+		return n, nil
+	}
+	return "", fmt.Errorf("%q is not one of auto, force, off", s)
+}
+
+// OrDefault is n, or global when the peer leaves the choice to it.
+func (n NATTraversal) OrDefault(global NATTraversal) NATTraversal {
+	if n == "" {
+		return global
+	}
+	return n
 }
 
 // Peer returns the peer with the given name.

@@ -104,6 +104,23 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
+// TestNATTraversal: auto and port 4500 by default; a peer overrides the
+// global choice.
+func TestNATTraversal(t *testing.T) {
+	c, err := Parse("x", []byte("identity: /k.pem\n"))
+	if err != nil || c.NATTraversal != NATAuto || c.EncapPort != DefaultEncapPort {
+		t.Fatalf("defaults: nat_traversal %q encap_port %d (%v)", c.NATTraversal, c.EncapPort, err)
+	}
+	key := pubkey(t, elliptic.P256())
+	c, err = Parse("x", []byte("identity: /k.pem\nnat_traversal: off\nencap_port: 4501\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: "+key+", nat_traversal: force}\n  - {name: c, endpoint: 192.0.2.3, public_key: "+pubkey(t, elliptic.P256())+"}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.EncapPort != 4501 || c.Peers[0].NATTraversal.OrDefault(c.NATTraversal) != NATForce || c.Peers[1].NATTraversal.OrDefault(c.NATTraversal) != NATOff {
+		t.Fatalf("encap_port %d, peer b %q, peer c %q", c.EncapPort, c.Peers[0].NATTraversal, c.Peers[1].NATTraversal)
+	}
+}
+
 // Every refusal names the file, the line and the field.
 func TestParseRefuses(t *testing.T) {
 	good := pubkey(t, elliptic.P256())
@@ -128,6 +145,9 @@ func TestParseRefuses(t *testing.T) {
 		{"bool", "identity: /k\nrequire_encryption: maybe\n", "f.yaml:2: require_encryption: expected true or false"},
 		{"relative socket", "identity: /k\nsocket: pspd.sock\n", "f.yaml:2: socket: \"pspd.sock\" must be an absolute path"},
 		{"relative metrics socket", "identity: /k\nmetrics: unix:m.sock\n", "f.yaml:2: metrics: \"unix:m.sock\": the unix socket path must be absolute"},
+		{"bad nat traversal", "identity: /k\nnat_traversal: always\n", `f.yaml:2: nat_traversal: "always" is not one of auto, force, off`},
+		{"bad encap port", "identity: /k\nencap_port: 70000\n", "f.yaml:2: encap_port: 70000 is outside 1..65535"},
+		{"bad peer nat traversal", "identity: /k\npeers:\n  - name: b\n    endpoint: 192.0.2.2\n    public_key: " + good + "\n    nat_traversal: yes\n", `f.yaml:6: peers[0].nat_traversal: "yes" is not one of auto, force, off`},
 		{"bad key exchange", "identity: /k\nkey_exchange: quantum\n", `f.yaml:2: key_exchange: "quantum" is not one of hybrid, classic`},
 		{"hostname listen", "identity: /k\nlisten: example:1\n", "f.yaml:2: listen: \"example:1\" is not an IP address"},
 		{"peers not list", "identity: /k\npeers: {}\n", "f.yaml:2: peers: expected a list"},

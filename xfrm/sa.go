@@ -126,6 +126,34 @@ type SA struct {
 	OffloadDev string
 	// Offload overrides the Handle's offload mode for this SA when set.
 	Offload OffloadMode
+	// Encap, when set, carries the SA's ESP in UDP (RFC 3948), as
+	// through a NAT. Such an SA is never offloaded.
+	Encap *Encap
+}
+
+// Encap is an SA's UDP encapsulation (XFRMA_ENCAP, XFRM_ENCAP_ESPINUDP).
+type Encap struct {
+	// SrcPort and DstPort are the UDP ports of the packets the SA
+	// covers: this host's encapsulation port and the peer's as observed
+	// (behind a NAT, the NAT's) for an outbound SA, the other way round
+	// for an inbound one. The kernel compares an inbound packet's source
+	// with the inbound SA's Src and SrcPort and reports a mismatch as a
+	// mapping change (XFRM_MSG_MAPPING).
+	SrcPort, DstPort uint16
+	// OrigAddr is the peer's original address (NAT-OA, RFC 3948 §4.2),
+	// for transport mode checksum fixing; unset means none.
+	OrigAddr netip.Addr
+}
+
+// encapESPInUDP is UDP_ENCAP_ESPINUDP (RFC 3948, non-IKE marker free).
+const encapESPInUDP = 2
+
+func (e *Encap) attr() []byte {
+	t := nl.XfrmEncapTmpl{EncapType: encapESPInUDP, EncapSport: nl.Swap16(e.SrcPort), EncapDport: nl.Swap16(e.DstPort)}
+	if e.OrigAddr.IsValid() {
+		t.EncapOa = xaddr(e.OrigAddr)
+	}
+	return append([]byte(nil), t.Serialize()...)
 }
 
 // ID names an installed SA.
@@ -159,6 +187,10 @@ func (h *Handle) validateSA(s *SA) error {
 		return fmt.Errorf("key is %d bytes, suite %s needs %d", s.Key.Len(), s.Suite, s.Suite.KeyLen())
 	case s.Offload != 0 && !s.Offload.valid():
 		return fmt.Errorf("offload mode %d is not auto, crypto or none", s.Offload)
+	case s.Encap != nil && (s.Encap.SrcPort == 0 || s.Encap.DstPort == 0):
+		return fmt.Errorf("UDP encapsulation with port %d -> %d: both ports are required", s.Encap.SrcPort, s.Encap.DstPort)
+	case s.Encap != nil && s.Offload == OffloadCrypto:
+		return errors.New("UDP-encapsulated ESP is not offloaded: crypto offload cannot be required for it")
 	}
 	return s.Lifetime.validate()
 }
@@ -294,6 +326,9 @@ func (h *Handle) AddSA(ctx context.Context, s *SA) (offloaded bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("xfrm: add SA spi=%#x: %w", s.SPI, err)
 	}
+	if s.Encap != nil {
+		dev = nil // devices that offload ESP in UDP are rare and untested here
+	}
 	if dev != nil {
 		err = h.addSA(s, dev, true)
 		if err != nil && !errors.Is(err, errSPIInUse) {
@@ -392,6 +427,10 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq, esn bool) []byte {
 
 	b = h.markAttr(b)
 
+	if s.Encap != nil {
+		b = appendAttr(b, nl.XFRMA_ENCAP, s.Encap.attr())
+	}
+
 	replay := make([]byte, nl.SizeofXfrmReplayStateEsn+ReplayWindow/8)
 	binary.NativeEndian.PutUint32(replay[0:], ReplayWindow/32) // bmp_len in u32 words
 	binary.NativeEndian.PutUint32(replay[20:], ReplayWindow)
@@ -460,6 +499,7 @@ type State struct {
 	Ifindex  int // offload device
 	Lifetime Lifetime
 	Stats    Stats
+	Encap    *Encap // UDP encapsulation; nil for plain ESP
 }
 
 // Stats are an SA's counters.
@@ -548,6 +588,16 @@ func parseSA(b []byte) (State, []byte, error) {
 			}
 		case nl.XFRMA_ALG_CRYPT, nl.XFRMA_ALG_AUTH, nl.XFRMA_ALG_AUTH_TRUNC:
 			st.Larval = false
+		case nl.XFRMA_ENCAP:
+			if len(a.data) >= nl.SizeofXfrmEncapTmpl {
+				var t nl.XfrmEncapTmpl
+				copy(structBytes(&t), a.data)
+				e := &Encap{SrcPort: nl.Swap16(t.EncapSport), DstPort: nl.Swap16(t.EncapDport)}
+				if oa := fromXaddr(t.EncapOa, info.Family); !oa.IsUnspecified() {
+					e.OrigAddr = oa
+				}
+				st.Encap = e
+			}
 		case nl.XFRMA_OFFLOAD_DEV:
 			if len(a.data) >= 5 {
 				st.Offload = true

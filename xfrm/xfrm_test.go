@@ -397,3 +397,32 @@ func TestNewSAMsgCarriesSalt(t *testing.T) {
 		t.Fatal("the message carries the salt derived from the key")
 	}
 }
+
+// TestNewSAMsgEncap: an SA with UDP encapsulation carries XFRMA_ENCAP with
+// ESP-in-UDP, its ports in network order and the original address, and
+// parseSA reads them back; one without carries none.
+func TestNewSAMsgEncap(t *testing.T) {
+	h := openNS(t, newNS(t), Config{})
+	s := SA{Src: addrA6, Dst: addrB6, SPI: 0x40000100, ReqID: testReqID, Dir: Out, Mode: Tunnel, Suite: kdf.AESGCM128,
+		Key: randKey(t, kdf.AESGCM128), Salt: [SaltLen]byte{1, 2, 3, 4},
+		Encap: &Encap{SrcPort: 4500, DstPort: 1024, OrigAddr: addrA6}}
+	msg := h.newSAMsg(&s, nil, true)
+	st, _, err := parseSA(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Encap == nil || *st.Encap != *s.Encap {
+		t.Fatalf("encap read back as %+v, want %+v", st.Encap, s.Encap)
+	}
+	if !bytes.Contains(msg, []byte{encapESPInUDP, 0, 0x11, 0x94, 0x04, 0x00}) {
+		t.Fatal("no ESP-in-UDP template with ports 4500 -> 1024 in network order")
+	}
+	s.Encap = nil
+	if st, _, _ := parseSA(h.newSAMsg(&s, nil, true)); st.Encap != nil {
+		t.Fatalf("plain ESP SA carries encap %+v", st.Encap)
+	}
+	s.Encap = &Encap{SrcPort: 4500}
+	if err := h.validateSA(&s); err == nil {
+		t.Fatal("an encapsulation without a destination port was accepted")
+	}
+}

@@ -255,6 +255,16 @@ func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
 		{"fingerprint", p.Fingerprint},
 		{"state", state},
 	}
+	if n := p.NAT; n != nil {
+		var sides []string
+		if n.Behind {
+			sides = append(sides, "this host behind a NAT (the peer sees it at "+dash(n.LocalObserved)+")")
+		}
+		if n.PeerBehind {
+			sides = append(sides, "the peer behind a NAT")
+		}
+		rows = append(rows, []string{"nat", strings.Join(sides, "; ")})
+	}
 	if p.State != "up" && !p.DownSince.IsZero() {
 		rows = append(rows, []string{"down for", age(c.now(), p.DownSince)})
 	}

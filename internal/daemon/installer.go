@@ -107,7 +107,15 @@ func spec(pc policy.Peer, cfg *policy.Config, b assoc.Backend) (offload.PeerSpec
 	s := offload.PeerSpec{
 		Name: pc.Name, Key: pc.PublicKey, Endpoint: pc.Endpoint, Local: cfg.Listen.Addr(),
 		Prefixes: pc.Prefixes, RequireEncryption: cfg.RequireEncryption, Suite: pc.Suite,
-		Limits: limits(cfg),
+		Limits: limits(cfg), EncapPort: cfg.EncapPort,
+	}
+	switch pc.NATTraversal.OrDefault(cfg.NATTraversal) {
+	case policy.NATForce:
+		s.NATTraversal = offload.NATForce
+	case policy.NATOff:
+		s.NATTraversal = offload.NATOff
+	default:
+		s.NATTraversal = offload.NATAuto
 	}
 	if len(s.Prefixes) == 0 {
 		if b != assoc.BackendXFRM {

@@ -166,7 +166,25 @@ type Hello struct {
 	// session never reuses an SPI of a generation that one side kept and
 	// the other rolled back when the previous session died mid-negotiation.
 	SPIFloor uint32
+	// Observed is where the sender sees the receiver's end of the session
+	// from (its QUIC remote address): behind a NAT, the NAT's public
+	// address and port. The receiver compares it with its own socket
+	// address to learn whether a NAT sits in front of it (NAT detection,
+	// as IKEv2's NAT_DETECTION payloads). Zero: the sender did not say
+	// (an older pspd).
+	Observed netip.AddrPort
 }
+
+// Hello extensions follow the fixed fields as
+//
+//	type u8 | length u8 | value (length bytes)
+//
+// in increasing type order, each type at most once. A receiver skips a
+// type it does not know, so a later version can add fields without a new
+// frame version; a known type with a bad value is refused.
+const (
+	helloExtObserved = 1 // value: family u8 | address [16] | port u16, as ExplicitKey's
+)
 
 // SAOffer is the initiator's proposal: it will receive on RxSPI.
 type SAOffer struct {
@@ -481,7 +499,45 @@ func appendAddrPort(b []byte, ap netip.AddrPort) []byte {
 func (m Hello) appendBody(b []byte) []byte {
 	b = append(b, byte(m.Backends), byte(m.Suites))
 	b = append(b, m.BootID[:]...)
-	return binary.BigEndian.AppendUint32(b, m.SPIFloor)
+	b = binary.BigEndian.AppendUint32(b, m.SPIFloor)
+	if m.Observed.IsValid() {
+		b = append(b, helloExtObserved, addrPortLen)
+		b = appendAddrPort(b, m.Observed)
+	}
+	return b
+}
+
+// addrPortLen is the encoded size of an address and port.
+const addrPortLen = 1 + 16 + 2
+
+// helloExts decodes the extensions of a Hello into m.
+func helloExts(r *reader, m *Hello) error {
+	last := -1
+	for r.err == nil && len(r.b) > 0 {
+		typ := int(r.u8())
+		n := int(r.u8())
+		v := r.take(n)
+		if r.err != nil {
+			return nil // reported as too short
+		}
+		if typ <= last {
+			return fmt.Errorf("extension %d after %d: out of order or repeated", typ, last)
+		}
+		last = typ
+		switch typ {
+		case helloExtObserved:
+			if n != addrPortLen {
+				return fmt.Errorf("observed address extension is %d bytes, want %d", n, addrPortLen)
+			}
+			er := &reader{b: v}
+			ap, err := er.addrPort()
+			if err != nil {
+				return fmt.Errorf("observed address: %w", err)
+			}
+			m.Observed = ap
+		}
+	}
+	return nil
 }
 
 func (m SAOffer) appendBody(b []byte) []byte {
@@ -561,6 +617,10 @@ func decodeFields(typ Type, r *reader) (Message, error) {
 			return nil, fmt.Errorf("zero boot id")
 		case m.SPIFloor >= kdf.MaxKeyID:
 			return nil, fmt.Errorf("SPI floor %d leaves no SPI", m.SPIFloor)
+		default:
+			if err := helloExts(r, &m); err != nil {
+				return nil, err
+			}
 		}
 		return m, nil
 	case TypeSAOffer, TypeSAAck:

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -33,6 +34,10 @@ func samples() []Message {
 		Error{Code: CodeInstall, Text: "xfrm: add SA spi=0x5: no such device"},
 		Goodbye{Reason: GoodbyeShutdown},
 		Goodbye{Reason: GoodbyeRemoved},
+		Hello{Backends: NewBackends(BackendXFRM), Suites: NewSuites(kdf.AESGCM128), BootID: BootID{9}, SPIFloor: 300,
+			Observed: netip.MustParseAddrPort("198.51.100.1:6082")},
+		Hello{Backends: NewBackends(BackendXFRM), Suites: NewSuites(kdf.AESGCM256), BootID: BootID{9},
+			Observed: netip.MustParseAddrPort("[2001:db8::1]:40000")},
 	}
 }
 
@@ -277,3 +282,46 @@ func (w *wipeCheckReader) Read(p []byte) (int, error) {
 }
 
 func (w *wipeCheckReader) seen() []byte { return bytes.Join(w.bufs, nil) }
+
+// TestHelloExtensions: a Hello without extensions is what an older pspd
+// sends and still decodes; an unknown extension is skipped; extensions out
+// of order, repeated, truncated or with a bad observed address are refused.
+func TestHelloExtensions(t *testing.T) {
+	base := Hello{Backends: NewBackends(BackendXFRM), Suites: NewSuites(kdf.AESGCM128), BootID: BootID{7}}
+	plain := frame(t, base)
+	withObs := base
+	withObs.Observed = netip.MustParseAddrPort("203.0.113.5:4500")
+	obs := frame(t, withObs)
+	ext := obs[len(plain):]
+	mk := func(exts ...[]byte) []byte {
+		b := append([]byte(nil), plain...)
+		for _, e := range exts {
+			b = append(b, e...)
+		}
+		binary.BigEndian.PutUint16(b[2:], uint16(len(b)-headerLen))
+		return b
+	}
+	unknown := []byte{200, 3, 1, 2, 3}
+	if m, err := Decode(mk(ext, unknown)); err != nil || m.(Hello).Observed != withObs.Observed {
+		t.Fatalf("Hello with an unknown extension after observed: %v %v", m, err)
+	}
+	if m, err := Decode(plain); err != nil || m.(Hello).Observed.IsValid() {
+		t.Fatalf("Hello without extensions: %v %v", m, err)
+	}
+	bad := ext[:len(ext):len(ext)]
+	zeroPort := append(append([]byte(nil), bad[:len(bad)-2]...), 0, 0)
+	mapped := append([]byte(nil), bad...)
+	mapped[2] = 6 // family 6 with an IPv4-mapped address
+	for name, b := range map[string][]byte{
+		"repeated":     mk(ext, ext),
+		"out-of-order": mk(unknown, ext),
+		"truncated":    mk(ext[:5]),
+		"short-value":  mk([]byte{helloExtObserved, 2, 4, 0}),
+		"zero-port":    mk(zeroPort),
+		"mapped-v6":    mk(mapped),
+	} {
+		if m, err := Decode(b); err == nil {
+			t.Errorf("%s: decoded %v", name, m)
+		}
+	}
+}

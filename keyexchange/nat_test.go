@@ -1,0 +1,85 @@
+package keyexchange
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDetectNAT(t *testing.T) {
+	ap := netip.MustParseAddrPort
+	a := netip.MustParseAddr
+	host := []netip.Addr{a("10.9.0.2"), a("127.0.0.1")}
+	for _, c := range []struct {
+		name                       string
+		local, observed, peer, cfg netip.AddrPort
+		behind, peerBehind         bool
+	}{
+		{"direct", ap("10.9.0.2:6082"), ap("10.9.0.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false},
+		{"masquerade keeps the port", ap("10.9.0.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false},
+		{"port rewritten", ap("10.9.0.2:6082"), ap("10.9.0.2:1024"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false},
+		{"wildcard, own address", ap("0.0.0.0:6082"), ap("10.9.0.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false},
+		{"wildcard, foreign address", ap("0.0.0.0:6082"), ap("198.51.100.1:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false},
+		{"peer NATed", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.7:6082"), false, true},
+		{"peer port rewritten", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:3000"), ap("198.51.100.1:6082"), false, true},
+		{"older peer says nothing", ap("10.9.0.2:6082"), netip.AddrPort{}, ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false},
+		{"no configured endpoint", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), netip.AddrPort{}, false, false},
+	} {
+		n := detectNAT(c.local, c.observed, c.peer, c.cfg, host)
+		if n.Behind != c.behind || n.PeerBehind != c.peerBehind || n.LocalObserved != c.observed || n.PeerObserved != c.peer {
+			t.Errorf("%s: got %+v, want behind=%v peer_behind=%v", c.name, n, c.behind, c.peerBehind)
+		}
+	}
+}
+
+// TestNATDetection: two endpoints on loopback tell each other where they
+// see each other from, and without a NAT neither detects one.
+func TestNATDetection(t *testing.T) {
+	ini, resp, pi, pr := pair(t, nil, nil)
+	if _, err := pi.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
+		t.Fatal(err)
+	}
+	within(t, 3*time.Second, "both up", func() bool { return pi.Status().Up && pr.Status().Up })
+	for _, c := range []struct {
+		p          *Peer
+		self, peer *node
+	}{{pi, ini, resp}, {pr, resp, ini}} {
+		n := c.p.Status().NAT
+		if n.LocalObserved != c.self.ep.Addr() || n.PeerObserved != c.peer.ep.Addr() || n.Detected() {
+			t.Errorf("%s: NAT %+v; want local observed %s, peer observed %s, no NAT", c.p.Role(), n, c.self.ep.Addr(), c.peer.ep.Addr())
+		}
+	}
+}
+
+// TestNATDetectionPeerMoved: the responder knows the initiator at another
+// port than the one its session comes from, as behind a NAT that rewrites
+// ports: the responder says the peer is behind a NAT, and logs it once.
+func TestNATDetectionPeerMoved(t *testing.T) {
+	a, b := orderedIdentities(t)
+	ini, resp := newNode(t, a, nil), newNode(t, b, nil)
+	cr := peerCfg(ini)
+	cr.Addr = netip.AddrPortFrom(cr.Addr.Addr(), cr.Addr.Port()+1)
+	pr, err := resp.ep.AddPeer(cr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pi, err := ini.ep.AddPeer(peerCfg(resp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pi.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
+		t.Fatal(err)
+	}
+	within(t, 3*time.Second, "responder up", func() bool { return pr.Status().Up })
+	n := pr.Status().NAT
+	if !n.PeerBehind || n.Behind || n.PeerObserved != ini.ep.Addr() {
+		t.Fatalf("responder's NAT %+v: want the peer behind a NAT at %s", n, ini.ep.Addr())
+	}
+	if got := strings.Count(string(resp.logs.Bytes()), `"msg":"NAT detected"`); got != 1 {
+		t.Fatalf("responder logged NAT detected %d times, want 1", got)
+	}
+	if n := pi.Status().NAT; n.Detected() {
+		t.Fatalf("initiator detects a NAT: %+v", n)
+	}
+}
