@@ -77,7 +77,9 @@ type Peer struct {
 	lastUp    time.Time
 	lastErr   error // why the last dial or session failed
 	lastErrAt time.Time
-	warned    string      // causeKey of the cause last logged at WARN, so that retries do not repeat it
+	// warned holds the causeKeys logged at WARN since the peer was last up, so that retries,
+	// and causes that alternate with a transient one (a replaced session), do not repeat them.
+	warned    map[string]bool
 	remind    *time.Timer // while not up: expiredReminder
 	remindGen uint64      // tells the armed reminder from one stopped before it ran
 	closed    bool
@@ -336,15 +338,18 @@ func (p *Peer) updateLocked(cause error, next func(State) State) func() {
 	switch {
 	case st == StateUp:
 		p.lastUp = now
-		p.warned = ""
+		clear(p.warned)
 		p.timersUp()
 		attrs := []any{downFor}
 		if s := p.sess; s != nil {
 			attrs = append(attrs, "remote", s.conn.RemoteAddr().String(), "group", s.Group().String(), "boot_id", fmt.Sprintf("%x", s.PeerBootID()))
 		}
 		return func() { p.log.Info("peer up", attrs...) }
-	case cause != nil && causeKey(cause) != p.warned:
-		p.warned = causeKey(cause)
+	case cause != nil && !p.warned[causeKey(cause)]:
+		if p.warned == nil {
+			p.warned = map[string]bool{}
+		}
+		p.warned[causeKey(cause)] = true
 		p.timersDown()
 		msg := "peer not up"
 		if prev == StateUp {
