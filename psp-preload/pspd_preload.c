@@ -434,19 +434,28 @@ static ssize_t read_some(int fd, char *buf, size_t *len, size_t cap, long long d
 	}
 }
 
-// json_string copies the string value of key in the JSON object at js
-// into out (escapes other than \" \\ \/ \n \t kept as written).
-static bool json_string(const char *js, const char *key, char *out, size_t cap)
+// json_value finds key in the one-line JSON object at js (pspd's upgrade
+// answer, which this library only reads two fields of) and returns where
+// its value starts, or NULL.
+static const char *json_value(const char *js, const char *key)
 {
 	char pat[64];
 	snprintf(pat, sizeof pat, "\"%s\"", key);
 	const char *p = strstr(js, pat);
 	if (!p)
-		return false;
+		return NULL;
 	p += strlen(pat);
 	while (*p == ' ' || *p == ':')
 		p++;
-	if (*p++ != '"')
+	return p;
+}
+
+// json_string copies the string value of key in the JSON object at js
+// into out (escapes other than \" \\ \/ \n \t kept as written).
+static bool json_string(const char *js, const char *key, char *out, size_t cap)
+{
+	const char *p = json_value(js, key);
+	if (!p || *p++ != '"')
 		return false;
 	size_t n = 0;
 	for (; *p && *p != '"' && n + 2 < cap; p++) {
@@ -475,15 +484,8 @@ static bool json_string(const char *js, const char *key, char *out, size_t cap)
 
 static bool json_true(const char *js, const char *key)
 {
-	char pat[64];
-	snprintf(pat, sizeof pat, "\"%s\"", key);
-	const char *p = strstr(js, pat);
-	if (!p)
-		return false;
-	p += strlen(pat);
-	while (*p == ' ' || *p == ':')
-		p++;
-	return !strncmp(p, "true", 4);
+	const char *p = json_value(js, key);
+	return p && !strncmp(p, "true", 4);
 }
 
 enum outcome { UPGRADED, NO_PEER, FAILED };
