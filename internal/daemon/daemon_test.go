@@ -427,3 +427,17 @@ func TestClassicKeyExchange(t *testing.T) {
 		}
 	}
 }
+
+// The xfrm backend has no ESP-in-UDP yet: a forced nat_traversal is
+// refused for it, not silently ignored, and stays allowed elsewhere.
+func TestSpecRefusesForcedNATOnXFRM(t *testing.T) {
+	pc := policy.Peer{Name: "b", Endpoint: netip.MustParseAddrPort("192.0.2.2:6082"),
+		Prefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.2/32")}, NATTraversal: policy.NATForce}
+	cfg := &policy.Config{}
+	if _, err := spec(pc, cfg, assoc.BackendXFRM); err == nil || !strings.Contains(err.Error(), "nat_traversal: force") {
+		t.Fatalf("xfrm: %v, want a refusal naming nat_traversal: force", err)
+	}
+	if _, err := spec(pc, cfg, assoc.BackendUserspace); err != nil {
+		t.Fatalf("userspace: %v", err)
+	}
+}

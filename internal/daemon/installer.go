@@ -111,6 +111,12 @@ func spec(pc policy.Peer, cfg *policy.Config, b assoc.Backend) (offload.PeerSpec
 	}
 	switch pc.NATTraversal.OrDefault(cfg.NATTraversal) {
 	case policy.NATForce:
+		if b == assoc.BackendXFRM {
+			// Refused rather than ignored: the XFRM backend does not yet
+			// wrap ESP in UDP, and a forced setting that did nothing would
+			// leave the peer unreachable behind its NAT with no word why.
+			return s, fmt.Errorf("peer %s: nat_traversal: force: this pspd's xfrm backend cannot encapsulate ESP in UDP yet; use backend: userspace for a peer behind NAT, or nat_traversal: auto", pc.Name)
+		}
 		s.NATTraversal = offload.NATForce
 	case policy.NATOff:
 		s.NATTraversal = offload.NATOff
