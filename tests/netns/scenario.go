@@ -250,6 +250,33 @@ func (p *Pair) Capture(ctx context.Context) (stop func() (Wire, error), err erro
 	return stopAll, nil
 }
 
+// UnderlayBytes is how many bytes the capture points have carried so far:
+// what a switch port sent and received, or what a host's own end sent.
+// Unlike a capture, a device counter drops nothing under load.
+func (p *Pair) UnderlayBytes(ctx context.Context) (uint64, error) {
+	var sum uint64
+	for _, tp := range p.taps {
+		out, err := tp.h.Command(ctx, "ip", "-j", "-s", "link", "show", "dev", tp.dev).Output()
+		if err != nil {
+			return 0, fmt.Errorf("netns: counters of %s in %s: %w", tp.dev, tp.h.Name, err)
+		}
+		var links []struct {
+			Stats struct {
+				RX struct{ Bytes uint64 } `json:"rx"`
+				TX struct{ Bytes uint64 } `json:"tx"`
+			} `json:"stats64"`
+		}
+		if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
+			return 0, fmt.Errorf("netns: counters of %s in %s: %q: %v", tp.dev, tp.h.Name, out, err)
+		}
+		sum += links[0].Stats.TX.Bytes
+		if !tp.outOnly {
+			sum += links[0].Stats.RX.Bytes
+		}
+	}
+	return sum, nil
+}
+
 // Assocs is the daemon's association list.
 func (d *Daemon) Assocs(ctx context.Context) ([]localapi.Assoc, error) {
 	out, err := d.Ctl(ctx, "assoc", "list", "--json")
@@ -289,7 +316,10 @@ func capture(ctx context.Context, h *Host, dev string, outOnly bool) (stop func(
 	file := filepath.Join(h.lab.Dir, h.Name+"-"+dev+".pcap")
 	// -Z root: tcpdump would otherwise switch to user tcpdump, which the
 	// VM's /etc/passwd does not have.
-	args := []string{"-Z", "root", "-i", dev, "-U", "-s", "0", "-w", file, "--immediate-mode"}
+	// -B: a burst from an AF_XDP data plane overflows the default 2 MiB
+	// buffer, and every frame dropped there is one the plaintext check
+	// never sees.
+	args := []string{"-Z", "root", "-i", dev, "-U", "-s", "0", "-B", "32768", "-w", file, "--immediate-mode"}
 	if outOnly {
 		args = append(args, "-Q", "out")
 	}
