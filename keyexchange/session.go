@@ -111,6 +111,10 @@ func (s *Session) Group() tls.CurveID { return s.conn.ConnectionState().TLS.Curv
 // sees it (behind a NAT, the NAT's address and port).
 func (s *Session) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
 
+// RTT is the session's smoothed round-trip time (RFC 9002) as QUIC
+// measures it on the control path; zero before the first sample.
+func (s *Session) RTT() time.Duration { return s.conn.ConnectionStats().SmoothedRTT }
+
 // NAT is what the Hellos showed about NATs between the two sides.
 func (s *Session) NAT() NAT { return s.nat }
 

@@ -86,7 +86,10 @@ type Peer struct {
 	Observed string `json:"observed,omitempty"`
 	// NAT is what NAT detection in the key exchange found, while up: nil
 	// when neither side is behind a NAT.
-	NAT         *PeerNAT  `json:"nat,omitempty"`
+	NAT *PeerNAT `json:"nat,omitempty"`
+	// RTTMicros is the session's smoothed round-trip time on the control
+	// path, as QUIC measures it, in microseconds; while up.
+	RTTMicros   uint64    `json:"rtt_us,omitempty"`
 	LastError   string    `json:"last_error,omitempty"`
 	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 	// LastErrorOld says LastError is from before the session now up.
@@ -111,6 +114,10 @@ type Counters struct {
 	// XFRM counts per SA (it restarts at a rekey), the userspace data
 	// plane per peer.
 	Drops uint64 `json:"drops"`
+	// LastIn and LastOut are when a packet was last received and sent
+	// (XFRM knows it to the second); they stay once the peer is down.
+	LastIn  time.Time `json:"last_in,omitzero"`
+	LastOut time.Time `json:"last_out,omitzero"`
 }
 
 // Assoc is one association: an SA pair on one backend.

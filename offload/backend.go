@@ -172,4 +172,8 @@ type Traffic struct {
 	BytesIn, BytesOut     uint64
 	PacketsIn, PacketsOut uint64
 	Drops                 uint64
+	// LastIn and LastOut are when a packet was last received and sent,
+	// zero if never: the SA pair's for XFRM (to the second), the peer's
+	// for the userspace data plane.
+	LastIn, LastOut time.Time
 }

@@ -104,7 +104,11 @@ type PeerStats struct {
 	Roams     uint64         // times Current moved
 	TXPackets uint64         // handed to the underlay
 	RXPackets uint64         // written to the TUN device
-	Drops     [NumDrops]uint64
+	// LastTX and LastRX are when the last packet went to the underlay and
+	// when the last authenticated one went to the TUN device; zero if none
+	// has.
+	LastTX, LastRX time.Time
+	Drops          [NumDrops]uint64
 	Codec     codec.Stats
 }
 
@@ -121,6 +125,9 @@ type peer struct {
 	Peer
 	drops          counters
 	txPkts, rxPkts atomic.Uint64
+	// lastTX and lastRX are Unix nanoseconds, read once per batch: the
+	// packet path reads no clock per packet.
+	lastTX, lastRX atomic.Int64
 	// roam is shared by the entries UpdatePeer makes for one peer while
 	// its configured endpoint stays.
 	roam *roaming
@@ -297,6 +304,8 @@ func (d *Dataplane) UpdatePeer(old netip.AddrPort, p Peer) error {
 	np := newPeer(p, r)
 	np.txPkts.Store(cur.txPkts.Load())
 	np.rxPkts.Store(cur.rxPkts.Load())
+	np.lastTX.Store(cur.lastTX.Load())
+	np.lastRX.Store(cur.lastRX.Load())
 	for i := range cur.drops {
 		np.drops[i].Store(cur.drops[i].Load())
 	}
@@ -360,12 +369,31 @@ func (d *Dataplane) Stats() Stats {
 			Roams:     p.roam.moves.Load(),
 			TXPackets: p.txPkts.Load(),
 			RXPackets: p.rxPkts.Load(),
+			LastTX:    unixNano(p.lastTX.Load()),
+			LastRX:    unixNano(p.lastRX.Load()),
 			Drops:     p.drops.snapshot(),
 			Codec:     p.Codec.Stats(),
 		})
 	}
 	slices.SortFunc(s.Peers, func(a, b PeerStats) int { return a.Endpoint.Compare(b.Endpoint) })
 	return s
+}
+
+// Activity reports when the peer at endpoint (as configured) last sent
+// and received, without the cost of Stats.
+func (d *Dataplane) Activity(endpoint netip.AddrPort) (lastTX, lastRX time.Time, ok bool) {
+	p, ok := d.table.Load().byEndpoint[endpoint]
+	if !ok {
+		return time.Time{}, time.Time{}, false
+	}
+	return unixNano(p.lastTX.Load()), unixNano(p.lastRX.Load()), true
+}
+
+func unixNano(ns int64) time.Time {
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
 }
 
 // Close stops both loops, closes the TUN device and the underlay, and waits
@@ -462,10 +490,12 @@ func (d *Dataplane) txBatch(s *txState) (more bool) {
 		s.peers[k] = p
 		k++
 	}
+	now := time.Now().UnixNano()
 	for off := 0; off < k; {
 		w, err := d.cfg.Underlay.WriteBatch(s.msgs[off:k])
 		for _, p := range s.peers[off : off+w] {
 			p.txPkts.Add(1)
+			p.lastTX.Store(now)
 		}
 		off += w
 		if err != nil {
@@ -545,10 +575,12 @@ func (d *Dataplane) rxBatch(s *rxState) (more bool) {
 	}
 	// One batch write lets the TUN device hand runs of one TCP flow to the
 	// kernel as one packet.
+	now := time.Now().UnixNano()
 	for off := 0; off < len(s.pkts); {
 		w, err := d.cfg.TUN.WriteBatch(s.pkts[off:])
 		for _, p := range s.peers[off : off+w] {
 			p.rxPkts.Add(1)
+			p.lastRX.Store(now)
 		}
 		off += w
 		if err != nil {

@@ -508,7 +508,10 @@ type Stats struct {
 	ReplayDrops     uint32 // packets dropped as replays
 	OutOfWindow     uint32 // packets dropped as older than the replay window
 	IntegrityFailed uint32 // packets whose ICV did not verify (wrong key, forgery)
-	Added, LastUsed time.Time
+	Added time.Time
+	// FirstUsed is when the SA first carried a packet (curlft.use_time),
+	// LastUsed when it last did (XFRMA_LASTUSED); seconds, zero if never.
+	FirstUsed, LastUsed time.Time
 }
 
 func (h *Handle) owns(st State) bool {
@@ -554,7 +557,7 @@ func parseSA(b []byte) (State, []byte, error) {
 		st.Stats.Added = time.Unix(int64(min(info.Curlft.AddTime, 1<<40)), 0)
 	}
 	if info.Curlft.UseTime != 0 {
-		st.Stats.LastUsed = time.Unix(int64(min(info.Curlft.UseTime, 1<<40)), 0)
+		st.Stats.FirstUsed = time.Unix(int64(min(info.Curlft.UseTime, 1<<40)), 0)
 	}
 	st.Larval = true
 	var key []byte
@@ -597,6 +600,12 @@ func parseSA(b []byte) (State, []byte, error) {
 					e.OrigAddr = oa
 				}
 				st.Encap = e
+			}
+		case nl.XFRMA_LASTUSED:
+			if len(a.data) >= 8 {
+				if t := binary.NativeEndian.Uint64(a.data); t != 0 {
+					st.Stats.LastUsed = time.Unix(int64(min(t, 1<<40)), 0)
+				}
 			}
 		case nl.XFRMA_OFFLOAD_DEV:
 			if len(a.data) >= 5 {

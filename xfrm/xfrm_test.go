@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -424,5 +425,30 @@ func TestNewSAMsgEncap(t *testing.T) {
 	s.Encap = &Encap{SrcPort: 4500}
 	if err := h.validateSA(&s); err == nil {
 		t.Fatal("an encapsulation without a destination port was accepted")
+	}
+}
+
+// TestParseSAUseTimes: curlft.use_time is when the SA first carried a
+// packet and XFRMA_LASTUSED when it last did; the kernel sets the first
+// once and the second on every packet, so they must not be confused.
+func TestParseSAUseTimes(t *testing.T) {
+	h := openNS(t, newNS(t), Config{})
+	s := SA{Src: addrA6, Dst: addrB6, SPI: 0x40000100, ReqID: testReqID, Dir: Out, Mode: Tunnel, Suite: kdf.AESGCM128,
+		Key: randKey(t, kdf.AESGCM128), Salt: [SaltLen]byte{1, 2, 3, 4}}
+	msg := h.newSAMsg(&s, nil, true)
+	var info nl.XfrmUsersaInfo
+	copy(structBytes(&info), msg)
+	info.Curlft.UseTime = 1_700_000_000
+	copy(msg, structBytes(&info))
+	msg = appendAttr(msg, nl.XFRMA_LASTUSED, binary.NativeEndian.AppendUint64(nil, 1_700_000_042))
+	st, _, err := parseSA(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.Stats.FirstUsed.Unix(); got != 1_700_000_000 {
+		t.Errorf("FirstUsed %d, want the use_time 1700000000", got)
+	}
+	if got := st.Stats.LastUsed.Unix(); got != 1_700_000_042 {
+		t.Errorf("LastUsed %d, want XFRMA_LASTUSED 1700000042", got)
 	}
 }

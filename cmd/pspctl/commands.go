@@ -292,8 +292,12 @@ func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
 		[]string{"association", dash(p.Assoc)},
 		[]string{"rekeys", strconv.FormatUint(p.Rekeys, 10)},
 		[]string{"transfer", fmt.Sprintf("received %s in %d packets, sent %s in %d packets", humanBytes(p.BytesIn), p.PacketsIn, humanBytes(p.BytesOut), p.PacketsOut)},
+		[]string{"last packet", c.lastPacket(p.Counters)},
 		[]string{"drops", strconv.FormatUint(p.Drops, 10)},
 	)
+	if p.RTTMicros > 0 {
+		rows = append(rows, []string{"rtt", (time.Duration(p.RTTMicros) * time.Microsecond).String() + " (key exchange path)"})
+	}
 	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 	for _, r := range rows {
 		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])
@@ -358,6 +362,15 @@ func (c *cli) ago(t time.Time) string {
 		return "-"
 	}
 	return age(c.now(), t) + " ago"
+}
+
+// lastPacket says how long ago traffic last went each way, as `wg show`
+// says "latest handshake": the idle time, with which direction is silent.
+func (c *cli) lastPacket(n localapi.Counters) string {
+	if n.LastIn.IsZero() && n.LastOut.IsZero() {
+		return "-"
+	}
+	return "received " + c.ago(n.LastIn) + ", sent " + c.ago(n.LastOut)
 }
 
 // at is a time and how long ago it was, or "-".

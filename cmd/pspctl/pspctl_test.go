@@ -43,9 +43,10 @@ func fixture() *apitest.Service {
 		PeersV: []localapi.Peer{
 			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
 				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768", Observed: "192.0.2.2:6082",
-				LastHandshake: now.Add(-42 * time.Second), LastUp: now.Add(-75 * time.Second), Assocs: 1, Assoc: "web-2/3", Rekeys: 7,
+				LastHandshake: now.Add(-42 * time.Second), LastUp: now.Add(-75 * time.Second), Assocs: 1, Assoc: "web-2/3", Rekeys: 7, RTTMicros: 412,
 				LastError: "dial 192.0.2.2:6082: timeout: no recent network activity", LastErrorAt: now.Add(-80 * time.Second), LastErrorOld: true,
-				Counters: localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4}},
+				Counters: localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4,
+					LastIn: now.Add(-2 * time.Second), LastOut: now.Add(-1 * time.Second)}},
 			{Name: "db-1", Endpoint: "192.0.2.9:6082", Prefixes: []string{"10.9.0.0/24"}, Fingerprint: "sha256:cc33dd44", State: "backoff", Since: now.Add(-3 * time.Second), DownSince: now.Add(-20 * time.Minute),
 				Cause:     "peer presented key sha256:ffff0000, not the pinned sha256:cc33dd44",
 				LastError: "peer presented key sha256:ffff0000, not the pinned sha256:cc33dd44", LastErrorAt: now.Add(-3 * time.Second)},

@@ -1,6 +1,8 @@
 package daemon
 
 import (
+	"time"
+
 	"github.com/pspd/pspd/assoc"
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/offload"
@@ -31,15 +33,26 @@ type liveSA struct {
 	seen offload.Traffic // the highest counts read, per field
 }
 
+// addTraffic adds b's counts to a; the last-packet times are the later of
+// the two.
 func addTraffic(a *offload.Traffic, b offload.Traffic) {
 	a.BytesIn += b.BytesIn
 	a.BytesOut += b.BytesOut
 	a.PacketsIn += b.PacketsIn
 	a.PacketsOut += b.PacketsOut
+	a.LastIn, a.LastOut = later(a.LastIn, b.LastIn), later(a.LastOut, b.LastOut)
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 func counters(t offload.Traffic) localapi.Counters {
-	return localapi.Counters{BytesIn: t.BytesIn, BytesOut: t.BytesOut, PacketsIn: t.PacketsIn, PacketsOut: t.PacketsOut, Drops: t.Drops}
+	return localapi.Counters{BytesIn: t.BytesIn, BytesOut: t.BytesOut, PacketsIn: t.PacketsIn, PacketsOut: t.PacketsOut, Drops: t.Drops,
+		LastIn: t.LastIn, LastOut: t.LastOut}
 }
 
 // sample reads the counts of every SA of the peer into their high-water
@@ -57,6 +70,7 @@ func (t *traffic) sample(backends map[assoc.Backend]offload.Backend) {
 		s := &l.seen
 		s.BytesIn, s.BytesOut = max(s.BytesIn, c.BytesIn), max(s.BytesOut, c.BytesOut)
 		s.PacketsIn, s.PacketsOut = max(s.PacketsIn, c.PacketsIn), max(s.PacketsOut, c.PacketsOut)
+		s.LastIn, s.LastOut = later(s.LastIn, c.LastIn), later(s.LastOut, c.LastOut)
 		s.Drops = c.Drops // as the data plane counts them now (see Counters)
 	}
 }

@@ -97,6 +97,7 @@ func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 		lp.KeyExchange = st.Group.String()
 		if s := p.kx.Session(); s != nil {
 			lp.Observed = s.RemoteAddr().String()
+			lp.RTTMicros = uint64(s.RTT().Microseconds())
 			if n := s.NAT(); n.Detected() {
 				lp.NAT = &localapi.PeerNAT{Behind: n.Behind, PeerBehind: n.PeerBehind}
 				if n.LocalObserved.IsValid() {

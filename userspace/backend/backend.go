@@ -522,11 +522,19 @@ func (b *Backend) Remove(_ context.Context, sa *assoc.SA) error {
 
 // Traffic implements offload.Backend from the codec's per-SA counters.
 func (b *Backend) Traffic(sa *assoc.SA) (offload.Traffic, bool) {
-	c, err := b.codecFor(sa)
-	if err != nil {
+	b.mu.Lock()
+	pr := b.peers[sa.Peer]
+	var outer netip.AddrPort
+	if pr != nil {
+		outer = pr.outer
+	}
+	b.mu.Unlock()
+	if pr == nil {
 		return offload.Traffic{}, false
 	}
+	c := pr.codec
 	var t offload.Traffic
+	t.LastOut, t.LastIn, _ = b.engine.Activity(outer)
 	found := false
 	st := c.Stats()
 	for _, s := range st.SAs {

@@ -815,14 +815,14 @@ func (b *Backend) Traffic(sa *assoc.SA) (offload.Traffic, bool) {
 	if err != nil {
 		return t, false
 	}
-	t.BytesIn, t.PacketsIn = in.Stats.Bytes, in.Stats.Packets
+	t.BytesIn, t.PacketsIn, t.LastIn = in.Stats.Bytes, in.Stats.Packets, in.Stats.LastUsed
 	t.Drops = uint64(in.Stats.ReplayDrops) + uint64(in.Stats.OutOfWindow) + uint64(in.Stats.IntegrityFailed)
 	if p.outAdded {
 		out, err := b.h.GetSA(ctx, p.out)
 		if err != nil {
 			return t, false
 		}
-		t.BytesOut, t.PacketsOut = out.Stats.Bytes, out.Stats.Packets
+		t.BytesOut, t.PacketsOut, t.LastOut = out.Stats.Bytes, out.Stats.Packets, out.Stats.LastUsed
 	}
 	return t, true
 }
