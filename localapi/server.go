@@ -246,6 +246,7 @@ func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 	s.route("GET /v1/status", AccessRead, read(svc.Status))
 	s.route("GET /v1/peers", AccessRead, read(svc.Peers))
 	s.route("GET /v1/peers/{name}", AccessRead, s.peer)
+	s.route("POST /v1/peers/{name}/ping", AccessRead, s.ping)
 	s.route("GET /v1/assocs", AccessRead, read(svc.Assocs))
 	s.route("POST /v1/assocs/rotate", AccessWrite, s.rotate)
 	s.route("GET /v1/devices", AccessRead, read(svc.Devices))
@@ -403,6 +404,24 @@ func (s *Server) peer(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	return fmt.Errorf("no peer named %q is configured (see pspctl peer list): %w", name, ErrNotFound)
+}
+
+// ping is open to readers: a diagnosis, bounded by MaxPingCount.
+func (s *Server) ping(w http.ResponseWriter, r *http.Request) error {
+	var req PingRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return fmt.Errorf("%w: ping body: %v", ErrInvalid, err)
+	}
+	if req.Count < 0 || req.Count > MaxPingCount {
+		return fmt.Errorf("%w: count %d: want 1 to %d", ErrInvalid, req.Count, MaxPingCount)
+	}
+	v, err := s.svc.Ping(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
 }
 
 func (s *Server) reload(w http.ResponseWriter, r *http.Request) error {

@@ -249,6 +249,40 @@ type Event struct {
 	Detail string `json:"detail,omitempty"`
 }
 
+// PingRequest asks for ICMP echo round trips through a peer's
+// association.
+type PingRequest struct {
+	// To is the address to ping, inside the peer's prefixes; empty: the
+	// peer's one single-address prefix.
+	To string `json:"to,omitempty"`
+	// Count is the number of requests, 1 to MaxPingCount; 0 means 3.
+	Count int `json:"count,omitempty"`
+}
+
+// MaxPingCount bounds a PingRequest: members of the pspd group may ping.
+const MaxPingCount = 20
+
+// PingResult reports the round trips of a ping.
+type PingResult struct {
+	Peer    string      `json:"peer"`
+	To      string      `json:"to"`
+	Assoc   string      `json:"assoc"`
+	Backend string      `json:"backend"`
+	Replies []PingReply `json:"replies"`
+	// AssocPacketsOut and AssocPacketsIn are what the peer's SAs carried
+	// while the ping ran: at least the requests sent and the replies
+	// received, if they went through the association.
+	AssocPacketsOut uint64 `json:"assoc_packets_out"`
+	AssocPacketsIn  uint64 `json:"assoc_packets_in"`
+}
+
+// PingReply is one request's outcome: its round-trip time, or why none.
+type PingReply struct {
+	Seq       int    `json:"seq"`
+	RTTMicros uint64 `json:"rtt_us,omitempty"`
+	Error     string `json:"error,omitempty"`
+}
+
 // Reloaded reports an applied reload.
 type Reloaded struct {
 	File string    `json:"file"`
@@ -277,6 +311,9 @@ type Service interface {
 	// ReloadConfig reads the configuration file again and applies it, or
 	// refuses it whole with the reason (an error wrapping ErrRefused).
 	ReloadConfig(ctx context.Context) (Reloaded, error)
+	// Ping sends ICMP echo requests through the named peer's association
+	// and reports the round trips.
+	Ping(ctx context.Context, peer string, req PingRequest) (PingResult, error)
 	// Events streams events until ctx ends.
 	Events(ctx context.Context) (<-chan Event, error)
 	// UpgradePSP takes ownership of sock, a connected TCP socket of the

@@ -109,7 +109,7 @@ type PeerStats struct {
 	// has.
 	LastTX, LastRX time.Time
 	Drops          [NumDrops]uint64
-	Codec     codec.Stats
+	Codec          codec.Stats
 }
 
 type counters [NumDrops]atomic.Uint64

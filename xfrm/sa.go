@@ -508,7 +508,7 @@ type Stats struct {
 	ReplayDrops     uint32 // packets dropped as replays
 	OutOfWindow     uint32 // packets dropped as older than the replay window
 	IntegrityFailed uint32 // packets whose ICV did not verify (wrong key, forgery)
-	Added time.Time
+	Added           time.Time
 	// FirstUsed is when the SA first carried a packet (curlft.use_time),
 	// LastUsed when it last did (XFRMA_LASTUSED); seconds, zero if never.
 	FirstUsed, LastUsed time.Time

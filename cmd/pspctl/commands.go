@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -59,6 +60,26 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 	peer.AddCommand(&cobra.Command{Use: "show NAME", Short: "Show everything pspd knows of one peer", Args: cobra.ExactArgs(1), RunE: c.peerShow,
 		ValidArgsFunction: c.completePeers})
 	root.AddCommand(peer)
+
+	var pingTo string
+	var pingCount int
+	pingCmd := &cobra.Command{
+		Use:   "ping PEER",
+		Short: "Time ICMP echo round trips through the peer's association (xfrm, userspace)",
+		Long: "Time ICMP echo round trips through the peer's association (xfrm, userspace).\n\n" +
+			"pspd sends the requests from this host to an address in the peer's prefixes (--to, or the peer's one\n" +
+			"single-address prefix), and reads the association's packet counters before and after, which shows\n" +
+			"whether the round trips went through it. The host at that address must answer ICMP echo.",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: c.completePeers,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.ping(cmd, args[0], localapi.PingRequest{To: pingTo, Count: pingCount})
+		},
+	}
+	pingCmd.Flags().StringVar(&pingTo, "to", "", "the address to ping, inside the peer's prefixes")
+	pingCmd.Flags().IntVarP(&pingCount, "count", "c", 3, fmt.Sprintf("requests to send (at most %d)", localapi.MaxPingCount))
+	root.AddCommand(pingCmd)
+
 	root.AddCommand(&cobra.Command{
 		Use:   "events",
 		Short: "Follow pspd's events (associations, rekeys, peers, PSP devices) until interrupted",
@@ -432,6 +453,52 @@ func (c *cli) assocRotate(cmd *cobra.Command, req localapi.RotateRequest) error 
 	}
 	if len(rs) == 0 {
 		return errors.New("no association matched")
+	}
+	return nil
+}
+
+func (c *cli) ping(cmd *cobra.Command, peer string, req localapi.PingRequest) error {
+	r, err := c.client().Ping(cmd.Context(), peer, req)
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		if err := c.emitJSON(r); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(c.out, "PING %s at %s through %s (%s)\n", r.Peer, r.To, r.Assoc, r.Backend)
+	}
+	var rtts []time.Duration
+	for _, rp := range r.Replies {
+		if rp.Error != "" {
+			if !c.json {
+				fmt.Fprintf(c.out, "seq=%d %s\n", rp.Seq, rp.Error)
+			}
+			continue
+		}
+		d := time.Duration(rp.RTTMicros) * time.Microsecond
+		rtts = append(rtts, d)
+		if !c.json {
+			fmt.Fprintf(c.out, "seq=%d rtt=%s\n", rp.Seq, d)
+		}
+	}
+	if !c.json {
+		fmt.Fprintf(c.out, "%d sent, %d received", len(r.Replies), len(rtts))
+		if len(rtts) > 0 {
+			var sum time.Duration
+			for _, d := range rtts {
+				sum += d
+			}
+			fmt.Fprintf(c.out, "; rtt min/avg/max %s/%s/%s", slices.Min(rtts), (sum / time.Duration(len(rtts))).Round(time.Microsecond), slices.Max(rtts))
+		}
+		fmt.Fprintf(c.out, "\nthe association carried %d packets out and %d in meanwhile\n", r.AssocPacketsOut, r.AssocPacketsIn)
+	}
+	switch {
+	case len(rtts) == 0:
+		return fmt.Errorf("no reply from %s: check that it answers ICMP echo and that the peer routes it (pspctl peer show %s)", r.To, r.Peer)
+	case r.AssocPacketsOut < uint64(len(r.Replies)) || r.AssocPacketsIn < uint64(len(rtts)):
+		return fmt.Errorf("the replies came, but the association carried fewer packets than the round trips: they did not all go through it")
 	}
 	return nil
 }

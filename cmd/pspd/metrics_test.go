@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/pspd/pspd/internal/nstest"
 )
 
@@ -29,16 +27,7 @@ func TestLiveMetricsPassPromtool(t *testing.T) {
 		}
 		t.Skip("promtool not installed (apt-get install prometheus, or tests/deps.sh)")
 	}
-	ns := nstest.New(t, "pspdmet")
-	nstest.Do(t, ns, func() {
-		lo, err := netlink.LinkByName("lo")
-		if err == nil {
-			err = netlink.LinkSetUp(lo)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-	})
+	ns := nstest.NewUp(t, "pspdmet")
 	cfg := writeConfig(t, "backend: userspace\nuserspace:\n  interface: pspdm0\n  io: udp")
 	body, err := os.ReadFile(cfg)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"testing"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
@@ -63,4 +64,20 @@ func Do(t testing.TB, nsFD int, f func()) {
 		t.Fatalf("return to original netns: %v", err) // the thread stays locked and is discarded
 	}
 	runtime.UnlockOSThread()
+}
+
+// NewUp is New with the namespace's loopback device up, as a host's is.
+func NewUp(t testing.TB, prefix string) int {
+	t.Helper()
+	ns := New(t, prefix)
+	Do(t, ns, func() {
+		lo, err := netlink.LinkByName("lo")
+		if err == nil {
+			err = netlink.LinkSetUp(lo)
+		}
+		if err != nil {
+			t.Fatalf("loopback up: %v", err)
+		}
+	})
+	return ns
 }

@@ -6,10 +6,12 @@
 package apitest
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -56,6 +58,31 @@ func (s *Service) ReloadConfig(context.Context) (localapi.Reloaded, error) {
 		return localapi.Reloaded{}, s.ReloadErr
 	}
 	return localapi.Reloaded{File: "/etc/pspd/pspd.yaml", Time: s.StatusV.LastReload}, nil
+}
+
+// Ping answers for an up peer as if each request came back after
+// 400µs plus 10µs per sequence number.
+func (s *Service) Ping(_ context.Context, peer string, req localapi.PingRequest) (localapi.PingResult, error) {
+	for _, p := range s.PeersV {
+		if p.Name != peer {
+			continue
+		}
+		if p.State != "up" {
+			return localapi.PingResult{}, localapi.Refused(fmt.Errorf("peer %s is %s: it has no association to ping through", peer, p.State))
+		}
+		to := req.To
+		if to == "" {
+			to = netip.MustParsePrefix(p.Prefixes[0]).Addr().String()
+		}
+		r := localapi.PingResult{Peer: peer, To: to, Assoc: p.Assoc, Backend: p.Backend}
+		n := cmp.Or(req.Count, 3)
+		for i := range n {
+			r.Replies = append(r.Replies, localapi.PingReply{Seq: i, RTTMicros: uint64(400 + 10*i)})
+		}
+		r.AssocPacketsOut, r.AssocPacketsIn = uint64(n), uint64(n)
+		return r, nil
+	}
+	return localapi.PingResult{}, fmt.Errorf("no peer named %q: %w", peer, localapi.ErrNotFound)
 }
 
 // Rotate answers for the associations the request selects, giving each a

@@ -146,6 +146,13 @@ func (c *Client) Rotate(ctx context.Context, req localapi.RotateRequest) ([]loca
 	return v, c.do(ctx, http.MethodPost, "/v1/assocs/rotate", req, &v)
 }
 
+// Ping asks the daemon for ICMP echo round trips through the peer's
+// association.
+func (c *Client) Ping(ctx context.Context, peer string, req localapi.PingRequest) (localapi.PingResult, error) {
+	var v localapi.PingResult
+	return v, c.do(ctx, http.MethodPost, "/v1/peers/"+url.PathEscape(peer)+"/ping", req, &v)
+}
+
 // Reload makes the daemon read its configuration file again. A reload it
 // refuses is an *APIError with status 409 and the reason.
 func (c *Client) Reload(ctx context.Context) (localapi.Reloaded, error) {

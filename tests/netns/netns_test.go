@@ -175,7 +175,27 @@ func testDemo(t *testing.T, backend string, configure func(*Lab)) {
 		t.Fatalf("status does not say %s: %s", want, st)
 	}
 
-	out, err := p.A.Ctl(ctx, "assoc", "list")
+	// pspctl ping: round trips through the association, which its
+	// counters show.
+	out, err := p.A.Ctl(ctx, "ping", p.B.Host.Name, "--json")
+	var pr localapi.PingResult
+	if err == nil {
+		err = json.Unmarshal([]byte(out), &pr)
+	}
+	if err != nil {
+		t.Fatalf("pspctl ping %s: %v\n%s", p.B.Host.Name, err, out)
+	}
+	t.Logf("pspctl ping: %+v", pr)
+	for _, r := range pr.Replies {
+		if r.Error != "" || r.RTTMicros == 0 {
+			t.Errorf("ping reply %+v", r)
+		}
+	}
+	if len(pr.Replies) != 3 || pr.AssocPacketsOut < 3 || pr.AssocPacketsIn < 3 || pr.Backend != backend {
+		t.Errorf("pspctl ping %s: %+v, want 3 round trips through the %s association", p.B.Host.Name, pr, backend)
+	}
+
+	out, err = p.A.Ctl(ctx, "assoc", "list")
 	if err != nil || !strings.Contains(out, "b/1") || !strings.Contains(out, backend) {
 		t.Fatalf("assoc list: %q %v", out, err)
 	}
