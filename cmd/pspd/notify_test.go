@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/pspd/pspd/internal/nstest"
+	"github.com/pspd/pspd/localapi/client"
 )
 
 // notifySocket is a stand-in for systemd's end of $NOTIFY_SOCKET.
@@ -130,6 +131,19 @@ func TestNotifyReadyAndReload(t *testing.T) {
 		t.Errorf("refused reload: exit %d, %q; want 1 and the daemon's reason", code, out)
 	}
 	expectReloadFrame("last reload refused")
+
+	// A reload through the API (pspctl reload) is one too: systemd hears
+	// of it, and so does pspd reload's state file.
+	if err := os.WriteFile(cfg, []byte(added), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.New(sock).Reload(t.Context()); err != nil {
+		t.Fatalf("API reload: %v", err)
+	}
+	expectReloadFrame("configuration reloaded")
+	if st, err := readReloadState(reloadStatePath(sock)); err != nil || !st.OK || st.Seq != 3 {
+		t.Errorf("state file after the API reload: %+v %v; want the third reload, applied", st, err)
+	}
 
 	// A broken file is refused before the daemon is bothered.
 	if err := os.WriteFile(cfg, []byte(added+"bogus_field: 1\n"), 0o600); err != nil {

@@ -69,7 +69,7 @@ for pspd reload (the socket path with .reload appended).`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			return runDaemon(ctx, pc, cfgPath, group, log)
+			return runDaemon(ctx, pc, group, log)
 		},
 	}
 	cmd.Flags().StringVar(&cfgPath, "config", "/etc/pspd/pspd.yaml", "configuration file")
@@ -80,7 +80,7 @@ for pspd reload (the socket path with .reload appended).`,
 	return cmd
 }
 
-func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, log *slog.Logger) error {
+func runDaemon(ctx context.Context, pc *policy.Config, group string, log *slog.Logger) error {
 	// Take the API socket first: a second pspd must fail before it touches
 	// any kernel state the first one owns.
 	auth := localapi.NewAuthorizer(group)
@@ -102,7 +102,12 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 	if err != nil {
 		return err
 	}
-	d, err := daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report, Backends: backends, PSP: pm})
+	// The state file tells pspd reload where to send SIGHUP and, later,
+	// how each reload ended; it exists before systemd hears READY=1.
+	state := reloadStatePath(pc.Socket)
+	sd := newNotifier()
+	obs := &reloadObserver{sd: sd, state: state, log: log}
+	d, err := daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report, Backends: backends, PSP: pm, Reloads: obs})
 	if err != nil {
 		for _, b := range backends {
 			b.Close()
@@ -115,52 +120,61 @@ func runDaemon(ctx context.Context, pc *policy.Config, cfgPath, group string, lo
 	defer d.Close()
 
 	// SIGHUP is caught before the state file tells pspd reload where to
-	// send it, and the file before systemd hears READY=1.
+	// send it.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	state := reloadStatePath(pc.Socket)
 	if err := writeReloadState(state, reloadState{PID: os.Getpid(), OK: true, Time: time.Now()}); err != nil {
 		return err
 	}
 	defer os.Remove(state)
-	sd := newNotifier()
 	if err := sd.notify("READY=1", "STATUS=running; local API on "+pc.Socket); err != nil {
 		log.Warn("cannot tell systemd that pspd is ready", "err", err)
 	}
 	defer sd.notify("STOPPING=1")
 	go func() {
-		var seq uint64
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-hup:
 			}
-			if err := sd.reloading(); err != nil {
-				log.Warn("cannot tell systemd about the reload", "err", err)
-			}
-			next, err := policy.Load(cfgPath)
-			if err == nil {
-				err = d.Reload(next)
-			}
-			seq++
-			st, status := reloadState{PID: os.Getpid(), Seq: seq, OK: err == nil, Time: time.Now()}, "STATUS=running; configuration reloaded"
-			if err != nil {
-				log.Error("reload failed", "err", err)
-				st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
-			}
-			// systemd hears READY=1 before pspd reload (ExecReload) sees
-			// the result and exits, so the reload job ends in state active.
-			if err := sd.notify("READY=1", status); err != nil {
-				log.Warn("cannot tell systemd about the reload", "err", err)
-			}
-			if err := writeReloadState(state, st); err != nil {
-				log.Error("cannot record the reload's result for pspd reload", "err", err)
-			}
+			d.ReloadConfig(ctx) // the observer reports the outcome
 		}
 	}()
 	return d.Serve(ctx, ln, group)
+}
+
+// reloadObserver tells systemd and pspd reload about every reload, from
+// SIGHUP or the API.
+type reloadObserver struct {
+	sd    notifier
+	state string
+	log   *slog.Logger
+	seq   uint64 // reloads so far; the daemon calls one reload at a time
+}
+
+func (o *reloadObserver) Reloading() {
+	if err := o.sd.reloading(); err != nil {
+		o.log.Warn("cannot tell systemd about the reload", "err", err)
+	}
+}
+
+func (o *reloadObserver) Reloaded(err error) {
+	o.seq++
+	st, status := reloadState{PID: os.Getpid(), Seq: o.seq, OK: err == nil, Time: time.Now()}, "STATUS=running; configuration reloaded"
+	if err != nil {
+		o.log.Error("reload failed", "err", err)
+		st.Error, status = err.Error(), "STATUS=running; last reload refused: "+err.Error()
+	}
+	// systemd hears READY=1 before pspd reload (ExecReload) sees the
+	// result and exits, so the reload job ends in state active.
+	if err := o.sd.notify("READY=1", status); err != nil {
+		o.log.Warn("cannot tell systemd about the reload", "err", err)
+	}
+	if err := writeReloadState(o.state, st); err != nil {
+		o.log.Error("cannot record the reload's result for pspd reload", "err", err)
+	}
 }
 
 func newCheckCmd() *cobra.Command {

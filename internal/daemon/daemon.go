@@ -44,6 +44,18 @@ type Config struct {
 	// PSP manages kernel PSP devices and socket upgrades; nil on a host
 	// without them. The daemon closes it.
 	PSP *psp.Manager
+	// Reloads, if set, hears of every reload of the configuration file,
+	// however it was asked for (SIGHUP, the API).
+	Reloads ReloadObserver
+}
+
+// ReloadObserver is told when a reload of the configuration file begins
+// and how it ended: cmd/pspd tells systemd (RELOADING=1, READY=1) and
+// records the outcome for pspd reload. Calls come in pairs, one reload at
+// a time.
+type ReloadObserver interface {
+	Reloading()
+	Reloaded(err error)
 }
 
 // Daemon is a running pspd.
@@ -68,6 +80,10 @@ type Daemon struct {
 
 	rmu      sync.Mutex
 	reloaded reloadResult // guarded by rmu
+	// lmu makes reloads of the file one at a time, so that the observer's
+	// calls pair up.
+	lmu     sync.Mutex
+	reloads ReloadObserver
 
 	mu    sync.Mutex
 	cfg   *policy.Config
@@ -104,7 +120,7 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	dctx, cancel := context.WithCancel(ctx)
 	// dd survives the "return nil, err" below for the deferred cleanup.
 	dd := &Daemon{
-		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(),
+		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(), reloads: cfg.Reloads,
 		events: newHub(), ctx: dctx, cancel: cancel, reloaded: reloadResult{at: time.Now()},
 		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
 	}

@@ -32,20 +32,30 @@ func (d *Daemon) lastReload() reloadResult {
 }
 
 // ReloadConfig reads the configuration file the daemon runs with again
-// and reloads it: the API's reload. A SIGHUP to cmd/pspd does the same
-// and also tells systemd.
+// and reloads it: the API's reload, and cmd/pspd's on SIGHUP. The
+// ReloadObserver hears of both.
 func (d *Daemon) ReloadConfig(context.Context) (localapi.Reloaded, error) {
+	d.lmu.Lock()
+	defer d.lmu.Unlock()
+	if d.reloads != nil {
+		d.reloads.Reloading()
+	}
 	d.mu.Lock()
 	file := d.cfg.File
 	d.mu.Unlock()
 	next, err := policy.Load(file)
 	if err != nil {
+		err = fmt.Errorf("reload refused, nothing applied: %w", err)
 		d.rmu.Lock()
 		d.reloaded = reloadResult{at: time.Now(), err: err}
 		d.rmu.Unlock()
-		return localapi.Reloaded{}, localapi.Refused(fmt.Errorf("reload refused, nothing applied: %w", err))
+	} else {
+		err = d.Reload(next)
 	}
-	if err := d.Reload(next); err != nil {
+	if d.reloads != nil {
+		d.reloads.Reloaded(err)
+	}
+	if err != nil {
 		return localapi.Reloaded{}, localapi.Refused(err)
 	}
 	return localapi.Reloaded{File: file, Time: d.lastReload().at}, nil
