@@ -27,6 +27,7 @@ var (
 	descPeerSince  = prometheus.NewDesc("pspd_peer_state_since_timestamp_seconds", "When the peer entered its current state.", []string{"peer"}, nil)
 	descDownSince  = prometheus.NewDesc("pspd_peer_down_since_timestamp_seconds", "When the peer was added or last went down; absent while it is up.", []string{"peer"}, nil)
 	descHandshake  = prometheus.NewDesc("pspd_peer_last_handshake_timestamp_seconds", "When the peer's latest generation of keys was confirmed; kept while it is down.", []string{"peer"}, nil)
+	descLastPacket = prometheus.NewDesc("pspd_peer_last_packet_timestamp_seconds", "When a packet of the peer last went through its associations, by direction (xfrm: to the second); kept while it is down.", []string{"peer", "direction"}, nil)
 	descAssocs     = prometheus.NewDesc("pspd_associations", "Current associations by backend.", []string{"backend"}, nil)
 	descAssocAge   = prometheus.NewDesc("pspd_association_age_seconds", "Age of the peer's current generation of keys.", []string{"peer", "backend"}, nil)
 	descRekeys     = prometheus.NewDesc("pspd_rekeys_total", "Completed rekeys by peer and reason (timer, budget, operator, peer).", []string{"peer", "reason"}, nil)
@@ -71,7 +72,7 @@ func dropName(backendName string) string {
 }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPSPDev, descPSPUp, descPSPStale, descPSPConns, descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descDownSince, descHandshake, descAssocs,
+	for _, d := range []*prometheus.Desc{descPSPDev, descPSPUp, descPSPStale, descPSPConns, descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descDownSince, descHandshake, descLastPacket, descAssocs,
 		descAssocAge, descRekeys, descBytes, descPkts, descPeerDrops, descHands, descGroups, descDrops, descReloadOK, descReloadTime} {
 		ch <- d
 	}
@@ -143,6 +144,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descPkts, all.PacketsIn, name, "in")
 		counter(descPkts, all.PacketsOut, name, "out")
 		counter(descPeerDrops, all.Drops, name)
+		for dir, t := range map[string]time.Time{"in": all.LastIn, "out": all.LastOut} {
+			if !t.IsZero() {
+				gauge(descLastPacket, float64(t.UnixNano())/1e9, name, dir)
+			}
+		}
 	}
 	d.mu.Unlock()
 	for _, s := range states {

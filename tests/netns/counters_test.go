@@ -59,6 +59,9 @@ func readCounters(t *testing.T, ctx context.Context, d *Daemon) counterReading {
 	if !ok1 || !ok2 {
 		t.Fatalf("no pspd_bytes_total for peer %s in /metrics", name)
 	}
+	if ts, ok := MetricValue(m, "pspd_peer_last_packet_timestamp_seconds", fmt.Sprintf(`direction="in",peer=%q`, name)); !ok || int64(ts) < p.LastIn.Unix() {
+		t.Errorf("pspd_peer_last_packet_timestamp_seconds in: %v %v; peer show says %s", ts, ok, p.LastIn)
+	}
 	return r
 }
 
