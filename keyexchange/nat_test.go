@@ -15,18 +15,23 @@ func TestDetectNAT(t *testing.T) {
 		name                       string
 		local, observed, peer, cfg netip.AddrPort
 		behind, peerBehind         bool
+		source                     netip.AddrPort // what the peer says it sends from
 	}{
-		{"direct", ap("10.9.0.2:6082"), ap("10.9.0.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false},
-		{"masquerade keeps the port", ap("10.9.0.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false},
-		{"port rewritten", ap("10.9.0.2:6082"), ap("10.9.0.2:1024"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false},
-		{"wildcard, own address", ap("0.0.0.0:6082"), ap("10.9.0.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false},
-		{"wildcard, foreign address", ap("0.0.0.0:6082"), ap("198.51.100.1:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false},
-		{"peer NATed", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.7:6082"), false, true},
-		{"peer port rewritten", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:3000"), ap("198.51.100.1:6082"), false, true},
-		{"older peer says nothing", ap("10.9.0.2:6082"), netip.AddrPort{}, ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false},
-		{"no configured endpoint", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), netip.AddrPort{}, false, false},
+		{"direct", ap("10.9.0.2:6082"), ap("10.9.0.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false, netip.AddrPort{}},
+		{"masquerade keeps the port", ap("10.9.0.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false, netip.AddrPort{}},
+		{"port rewritten", ap("10.9.0.2:6082"), ap("10.9.0.2:1024"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false, netip.AddrPort{}},
+		{"wildcard, own address", ap("0.0.0.0:6082"), ap("10.9.0.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false, netip.AddrPort{}},
+		{"wildcard, foreign address", ap("0.0.0.0:6082"), ap("198.51.100.1:6082"), ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), true, false, netip.AddrPort{}},
+		{"peer NATed", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.7:6082"), false, true, netip.AddrPort{}},
+		{"peer port rewritten", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:3000"), ap("198.51.100.1:6082"), false, true, netip.AddrPort{}},
+		{"older peer says nothing", ap("10.9.0.2:6082"), netip.AddrPort{}, ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), false, false, netip.AddrPort{}},
+		{"no configured endpoint", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), netip.AddrPort{}, false, false, netip.AddrPort{}},
+		// The peer is configured at its NAT's address, which is where its
+		// session comes from: only what it says of its own source tells.
+		{"peer NATed, configured at the NAT", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.1:6082"), false, true, ap("10.9.0.2:6082")},
+		{"peer says where it is", ap("198.51.100.2:6082"), ap("198.51.100.2:6082"), ap("198.51.100.1:6082"), ap("198.51.100.1:6082"), false, false, ap("198.51.100.1:6082")},
 	} {
-		n := detectNAT(c.local, c.observed, c.peer, c.cfg, host)
+		n := detectNAT(c.local, c.observed, c.peer, c.source, c.cfg, host)
 		if n.Behind != c.behind || n.PeerBehind != c.peerBehind || n.LocalObserved != c.observed || n.PeerObserved != c.peer {
 			t.Errorf("%s: got %+v, want behind=%v peer_behind=%v", c.name, n, c.behind, c.peerBehind)
 		}

@@ -139,9 +139,10 @@ func (n NAT) Detected() bool { return n.Behind || n.PeerBehind }
 
 // detectNAT compares what each side observed. local is this side's socket
 // address (perhaps a wildcard, then localAddrs are the host's addresses),
+// peerSource where the peer says it sends from (zero if it did not say),
 // peerCfg the peer's configured endpoint (zero for a responder that was
 // not told one).
-func detectNAT(local, localObserved, peerObserved, peerCfg netip.AddrPort, localAddrs []netip.Addr) NAT {
+func detectNAT(local, localObserved, peerObserved, peerSource, peerCfg netip.AddrPort, localAddrs []netip.Addr) NAT {
 	n := NAT{LocalObserved: localObserved, PeerObserved: peerObserved}
 	if lo := localObserved; lo.IsValid() {
 		la := local.Addr().Unmap()
@@ -154,10 +155,32 @@ func detectNAT(local, localObserved, peerObserved, peerCfg netip.AddrPort, local
 			n.Behind = !slices.Contains(localAddrs, lo.Addr().Unmap())
 		}
 	}
-	if peerCfg.IsValid() && peerObserved.IsValid() {
-		n.PeerBehind = peerCfg.Addr().Unmap() != peerObserved.Addr().Unmap() || peerCfg.Port() != peerObserved.Port()
+	differs := func(a, b netip.AddrPort) bool {
+		return a.IsValid() && b.IsValid() && (a.Addr().Unmap() != b.Addr().Unmap() || a.Port() != b.Port())
 	}
+	n.PeerBehind = differs(peerSource, peerObserved) || differs(peerCfg, peerObserved)
 	return n
+}
+
+// sourceOf is where this side sends a session to remote from: the
+// socket's own address if it is bound to one, else the address the
+// kernel picks towards remote, with the socket's port. Zero if neither
+// is known.
+func sourceOf(local, remote netip.AddrPort) netip.AddrPort {
+	if !local.IsValid() || !remote.IsValid() {
+		return netip.AddrPort{}
+	}
+	if a := local.Addr().Unmap(); !a.IsUnspecified() {
+		return netip.AddrPortFrom(a, local.Port())
+	}
+	// Connecting a UDP socket sends nothing; it makes the kernel choose
+	// the source address as it does for the session's packets.
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())))
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	defer c.Close()
+	return netip.AddrPortFrom(c.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap(), local.Port())
 }
 
 // hostAddrs are the addresses of this host's interfaces, unmapped.
@@ -339,7 +362,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	if p != nil {
 		peerCfg = p.cfg.Addr
 	}
-	s.nat = detectNAT(addrPortOf(conn.LocalAddr()), s.hello.Observed, addrPortOf(conn.RemoteAddr()), peerCfg, hostAddrs())
+	s.nat = detectNAT(addrPortOf(conn.LocalAddr()), s.hello.Observed, addrPortOf(conn.RemoteAddr()), s.hello.Source, peerCfg, hostAddrs())
 	if s.nat.Detected() && (p == nil || p.natChanged(s.nat)) {
 		s.log.Info("NAT detected", "behind_nat", s.nat.Behind, "peer_behind_nat", s.nat.PeerBehind,
 			"local_observed", s.nat.LocalObserved.String(), "peer_observed", s.nat.PeerObserved.String(), "peer_configured", peerCfg.String())
@@ -439,6 +462,7 @@ func (e *Endpoint) exchangeHello(ctx context.Context, conn *quic.Conn, peer iden
 	}
 	mine := e.hello(peer)
 	mine.Observed = addrPortOf(conn.RemoteAddr())
+	mine.Source = sourceOf(addrPortOf(conn.LocalAddr()), mine.Observed)
 	if dialer {
 		if err := wire.WriteMessage(str, mine); err != nil {
 			return wire.Hello{}, err

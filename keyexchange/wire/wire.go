@@ -173,6 +173,12 @@ type Hello struct {
 	// as IKEv2's NAT_DETECTION payloads). Zero: the sender did not say
 	// (an older pspd).
 	Observed netip.AddrPort
+	// Source is where the sender believes its own end of the session is:
+	// the address and port it sends from. A receiver that sees the
+	// session come from elsewhere knows a NAT sits in front of the sender,
+	// whatever address it was configured with for it (IKEv2's
+	// NAT_DETECTION_SOURCE_IP). Zero: the sender did not say.
+	Source netip.AddrPort
 }
 
 // Hello extensions follow the fixed fields as
@@ -184,6 +190,7 @@ type Hello struct {
 // frame version; a known type with a bad value is refused.
 const (
 	helloExtObserved = 1 // value: family u8 | address [16] | port u16, as ExplicitKey's
+	helloExtSource   = 2 // value: as helloExtObserved's
 )
 
 // SAOffer is the initiator's proposal: it will receive on RxSPI.
@@ -504,6 +511,10 @@ func (m Hello) appendBody(b []byte) []byte {
 		b = append(b, helloExtObserved, addrPortLen)
 		b = appendAddrPort(b, m.Observed)
 	}
+	if m.Source.IsValid() {
+		b = append(b, helloExtSource, addrPortLen)
+		b = appendAddrPort(b, m.Source)
+	}
 	return b
 }
 
@@ -524,18 +535,25 @@ func helloExts(r *reader, m *Hello) error {
 			return fmt.Errorf("extension %d after %d: out of order or repeated", typ, last)
 		}
 		last = typ
+		var field *netip.AddrPort
+		var what string
 		switch typ {
 		case helloExtObserved:
-			if n != addrPortLen {
-				return fmt.Errorf("observed address extension is %d bytes, want %d", n, addrPortLen)
-			}
-			er := &reader{b: v}
-			ap, err := er.addrPort()
-			if err != nil {
-				return fmt.Errorf("observed address: %w", err)
-			}
-			m.Observed = ap
+			field, what = &m.Observed, "observed address"
+		case helloExtSource:
+			field, what = &m.Source, "source address"
+		default:
+			continue
 		}
+		if n != addrPortLen {
+			return fmt.Errorf("%s extension is %d bytes, want %d", what, n, addrPortLen)
+		}
+		er := &reader{b: v}
+		ap, err := er.addrPort()
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		*field = ap
 	}
 	return nil
 }

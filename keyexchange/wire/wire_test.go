@@ -38,6 +38,10 @@ func samples() []Message {
 			Observed: netip.MustParseAddrPort("198.51.100.1:6082")},
 		Hello{Backends: NewBackends(BackendXFRM), Suites: NewSuites(kdf.AESGCM256), BootID: BootID{9},
 			Observed: netip.MustParseAddrPort("[2001:db8::1]:40000")},
+		Hello{Backends: NewBackends(BackendXFRM), Suites: NewSuites(kdf.AESGCM256), BootID: BootID{9},
+			Observed: netip.MustParseAddrPort("198.51.100.1:6082"), Source: netip.MustParseAddrPort("10.9.0.2:6082")},
+		Hello{Backends: NewBackends(BackendXFRM), Suites: NewSuites(kdf.AESGCM256), BootID: BootID{9},
+			Source: netip.MustParseAddrPort("[fd00::2]:6082")},
 	}
 }
 
