@@ -10,18 +10,22 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// NATKeepalive is the RFC 3948 §2.3 NAT-keepalive packet: one 0xFF byte,
-// which the receiving kernel's encapsulation socket drops.
-var NATKeepalive = []byte{0xff}
-
 // ListenEncap opens the ESP-in-UDP encapsulation socket on port for
 // network ("udp4" or "udp6"): UDP_ENCAP set to UDP_ENCAP_ESPINUDP, so
 // that the kernel takes the ESP packets arriving on it to its SAs, and
 // exempted from IPsec policies like pspd's control socket (BypassSocket),
-// so that the NAT keep-alives it sends are never themselves encrypted or
-// held back. The kernel needs CONFIG_XFRM and ESP for the family
-// (CONFIG_INET_ESP, CONFIG_INET6_ESP for IPv6 since Linux 5.8).
-func ListenEncap(ctx context.Context, network string, port uint16) (*net.UDPConn, error) {
+// so that what it sends is never itself encrypted or held back. The
+// kernel needs CONFIG_XFRM and ESP for the family (CONFIG_INET_ESP,
+// CONFIG_INET6_ESP for IPv6 since Linux 5.8). A non-zero netNS is the
+// network namespace to open it in.
+func ListenEncap(ctx context.Context, netNS int, network string, port uint16) (c *net.UDPConn, err error) {
+	if netNS != 0 {
+		_, err = inNetNS(netNS, func() (int, error) {
+			c, err = ListenEncap(ctx, 0, network, port)
+			return 0, err
+		})
+		return c, err
+	}
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) {

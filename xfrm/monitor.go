@@ -34,6 +34,11 @@ const (
 	// UnknownSPI: ESP arrived for SPIs with no SA (XfrmInNoStates grew),
 	// typically because the peer restarted; re-establish associations.
 	UnknownSPI
+	// Mapping: a UDP-encapsulated packet that authenticated on the
+	// inbound SA came from another address or port than the SA's (a NAT
+	// in front of the peer changed its mapping); Src and Port are the new
+	// ones. The kernel reports it for every such packet.
+	Mapping
 )
 
 func (k EventKind) String() string {
@@ -48,6 +53,8 @@ func (k EventKind) String() string {
 		return "migrate"
 	case UnknownSPI:
 		return "unknown-spi"
+	case Mapping:
+		return "mapping"
 	}
 	return fmt.Sprintf("event(%d)", uint8(k))
 }
@@ -59,8 +66,10 @@ type Event struct {
 	SA    ID
 	ReqID uint32
 	// Src and Dst are the packet addresses that triggered an Acquire, or
-	// the new endpoints of a Migrate.
+	// the new endpoints of a Migrate; Src and Port the new source of a
+	// Mapping.
 	Src, Dst netip.Addr
+	Port     uint16
 	// Count is how many packets with unknown SPIs arrived since the last
 	// UnknownSPI event.
 	Count uint64
@@ -70,20 +79,22 @@ const (
 	grpAcquire = 1 // XFRMNLGRP_ACQUIRE
 	grpExpire  = 2 // XFRMNLGRP_EXPIRE
 	grpMigrate = 7 // XFRMNLGRP_MIGRATE
+	grpMapping = 8 // XFRMNLGRP_MAPPING
 
 	sizeofUserExpire  = nl.SizeofXfrmUsersaInfo + 8 // struct xfrm_user_expire, padded
 	sizeofUserAcquire = 280                         // struct xfrm_user_acquire
 	sizeofUserMigrate = 76                          // struct xfrm_user_migrate
+	sizeofUserMapping = 64                          // struct xfrm_user_mapping
 )
 
-// Monitor delivers pspd's EXPIRE, ACQUIRE and MIGRATE events until ctx is
+// Monitor delivers pspd's EXPIRE, ACQUIRE, MIGRATE and MAPPING events until ctx is
 // done. Events about other owners' state are not delivered. Decoding
 // failures are counted and logged, never fatal: a monitor must outlive a
 // kernel that sends something new.
 func (h *Handle) Monitor(ctx context.Context, events chan<- Event) error {
 	conn, err := netlink.Dial(unix.NETLINK_XFRM, &netlink.Config{
 		NetNS:  h.nsFD,
-		Groups: 1<<(grpAcquire-1) | 1<<(grpExpire-1) | 1<<(grpMigrate-1),
+		Groups: 1<<(grpAcquire-1) | 1<<(grpExpire-1) | 1<<(grpMigrate-1) | 1<<(grpMapping-1),
 	})
 	if err != nil {
 		return fmt.Errorf("xfrm: monitor: %w", err)
@@ -117,8 +128,9 @@ func (h *Handle) Monitor(ctx context.Context, events chan<- Event) error {
 			if !ok || !h.owner.ownsReqID(ev.ReqID) {
 				continue
 			}
-			// MIGRATE messages carry no mark; the others must carry ours.
-			if ev.Kind != Migrate && !h.owner.ownsMark(ev.mark.Value, ev.mark.Mask) {
+			// MIGRATE and MAPPING messages carry no mark; the others
+			// must carry ours.
+			if ev.Kind != Migrate && ev.Kind != Mapping && !h.owner.ownsMark(ev.mark.Value, ev.mark.Mask) {
 				continue
 			}
 			select {
@@ -203,6 +215,23 @@ func decodeEvent(typ uint16, b []byte) (decoded, bool, error) {
 			return ev, true, nil
 		}
 		return ev, false, errors.New("migrate message without a migrate entry")
+	case nl.XFRM_MSG_MAPPING:
+		if len(b) < sizeofUserMapping {
+			return ev, false, fmt.Errorf("mapping message is %d bytes, want %d", len(b), sizeofUserMapping)
+		}
+		// struct xfrm_user_mapping: xfrm_usersa_id (daddr, spi, family,
+		// proto), reqid, old and new saddr, old and new sport.
+		fam := binary.NativeEndian.Uint16(b[20:])
+		if fam != unix.AF_INET && fam != unix.AF_INET6 {
+			return ev, false, fmt.Errorf("mapping message has address family %d", fam)
+		}
+		ev.Kind = Mapping
+		ev.SA = ID{Dst: fromXaddr(nl.XfrmAddress(b[0:16]), fam), SPI: binary.BigEndian.Uint32(b[16:])}
+		ev.Dst = ev.SA.Dst
+		ev.ReqID = binary.NativeEndian.Uint32(b[24:])
+		ev.Src = fromXaddr(nl.XfrmAddress(b[44:60]), fam)
+		ev.Port = binary.BigEndian.Uint16(b[62:])
+		return ev, true, nil
 	}
 	return ev, false, nil
 }

@@ -2,6 +2,7 @@ package xfrm
 
 import (
 	"context"
+	"encoding/binary"
 	"net/netip"
 	"os"
 	"strings"
@@ -191,12 +192,48 @@ func TestDecodeEvent(t *testing.T) {
 	}
 }
 
+// mappingMsg is a struct xfrm_user_mapping as build_mapping lays it out:
+// the SA's id, its reqid, the old and the new source, ports big-endian.
+func mappingMsg(reqid, spi uint32, newSrc netip.Addr, newPort uint16) []byte {
+	b := make([]byte, sizeofUserMapping)
+	d := xaddr(netip.MustParseAddr("192.0.2.1"))
+	copy(b[0:16], d[:])
+	binary.BigEndian.PutUint32(b[16:], spi)
+	binary.NativeEndian.PutUint16(b[20:], unix.AF_INET)
+	b[22] = unix.IPPROTO_ESP
+	binary.NativeEndian.PutUint32(b[24:], reqid)
+	old := xaddr(netip.MustParseAddr("198.51.100.1"))
+	copy(b[28:44], old[:])
+	n := xaddr(newSrc)
+	copy(b[44:60], n[:])
+	binary.BigEndian.PutUint16(b[60:], 4500)
+	binary.BigEndian.PutUint16(b[62:], newPort)
+	return b
+}
+
+// TestDecodeMapping: a NAT's new mapping of the peer reaches the backend
+// with the SA it concerns and the new source address and port.
+func TestDecodeMapping(t *testing.T) {
+	ev, ok, err := decodeEvent(nl.XFRM_MSG_MAPPING, mappingMsg(testReqID, 0x4000_0101, netip.MustParseAddr("198.51.100.3"), 61000))
+	if err != nil || !ok {
+		t.Fatalf("mapping: ok=%v err=%v", ok, err)
+	}
+	if ev.Kind != Mapping || ev.ReqID != testReqID || ev.SA != (ID{Dst: netip.MustParseAddr("192.0.2.1"), SPI: 0x4000_0101}) ||
+		ev.Src != netip.MustParseAddr("198.51.100.3") || ev.Port != 61000 {
+		t.Fatalf("mapping decoded as %+v", ev.Event)
+	}
+	if _, _, err := decodeEvent(nl.XFRM_MSG_MAPPING, mappingMsg(1, 1, netip.MustParseAddr("198.51.100.3"), 1)[:40]); err == nil {
+		t.Fatal("truncated mapping accepted")
+	}
+}
+
 // FuzzDecodeEvent checks that no kernel message, however malformed,
 // panics the monitor; the seeds run as part of the unit tests.
 func FuzzDecodeEvent(f *testing.F) {
 	f.Add(uint16(nl.XFRM_MSG_EXPIRE), expireMsg(true, testReqID, 0x100))
 	f.Add(uint16(nl.XFRM_MSG_ACQUIRE), make([]byte, sizeofUserAcquire+8))
 	f.Add(uint16(nl.XFRM_MSG_MIGRATE), append(make([]byte, nl.SizeofXfrmUserpolicyId), appendAttr(nil, nl.XFRMA_MIGRATE, make([]byte, sizeofUserMigrate))...))
+	f.Add(uint16(nl.XFRM_MSG_MAPPING), mappingMsg(testReqID, 0x100, netip.MustParseAddr("198.51.100.3"), 4501))
 	f.Fuzz(func(t *testing.T, typ uint16, b []byte) {
 		decodeEvent(typ, b)
 		parseSA(b)

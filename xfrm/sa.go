@@ -129,6 +129,12 @@ type SA struct {
 	// Encap, when set, carries the SA's ESP in UDP (RFC 3948), as
 	// through a NAT. Such an SA is never offloaded.
 	Encap *Encap
+	// NATKeepalive, on an outbound SA with Encap, makes the kernel send a
+	// NAT keep-alive (RFC 3948 §2.3) whenever the SA has been idle this
+	// long, and one as soon as it is added, so that the NAT in front of
+	// this host keeps the mapping the peer sends to. Whole seconds; it
+	// needs Linux 6.10 (XFRMA_NAT_KEEPALIVE_INTERVAL).
+	NATKeepalive time.Duration
 }
 
 // Encap is an SA's UDP encapsulation (XFRMA_ENCAP, XFRM_ENCAP_ESPINUDP).
@@ -147,6 +153,9 @@ type Encap struct {
 
 // encapESPInUDP is UDP_ENCAP_ESPINUDP (RFC 3948, non-IKE marker free).
 const encapESPInUDP = 2
+
+// saDirOut is XFRM_SA_DIR_OUT.
+const saDirOut = 2
 
 func (e *Encap) attr() []byte {
 	t := nl.XfrmEncapTmpl{EncapType: encapESPInUDP, EncapSport: nl.Swap16(e.SrcPort), EncapDport: nl.Swap16(e.DstPort)}
@@ -191,6 +200,8 @@ func (h *Handle) validateSA(s *SA) error {
 		return fmt.Errorf("UDP encapsulation with port %d -> %d: both ports are required", s.Encap.SrcPort, s.Encap.DstPort)
 	case s.Encap != nil && s.Offload == OffloadCrypto:
 		return errors.New("UDP-encapsulated ESP is not offloaded: crypto offload cannot be required for it")
+	case s.NATKeepalive != 0 && (s.Dir != Out || s.Encap == nil || s.NATKeepalive < time.Second):
+		return fmt.Errorf("NAT keep-alive every %v on a %s SA with encap %v: keep-alives are for outbound UDP-encapsulated SAs, at least a second apart", s.NATKeepalive, s.Dir, s.Encap != nil)
 	}
 	return s.Lifetime.validate()
 }
@@ -431,9 +442,18 @@ func (h *Handle) newSAMsg(s *SA, off *offloadReq, esn bool) []byte {
 		b = appendAttr(b, nl.XFRMA_ENCAP, s.Encap.attr())
 	}
 
-	replay := make([]byte, nl.SizeofXfrmReplayStateEsn+ReplayWindow/8)
-	binary.NativeEndian.PutUint32(replay[0:], ReplayWindow/32) // bmp_len in u32 words
-	binary.NativeEndian.PutUint32(replay[20:], ReplayWindow)
+	// The kernel sends keep-alives only for an SA that says it is
+	// outbound (XFRMA_SA_DIR), and an SA that says so may carry no replay
+	// window.
+	window := uint32(ReplayWindow)
+	if s.NATKeepalive != 0 {
+		b = appendAttr(b, nl.XFRMA_SA_DIR, []byte{saDirOut})
+		b = appendAttr(b, nl.XFRMA_NAT_KEEPALIVE_INTERVAL, binary.NativeEndian.AppendUint32(nil, uint32(s.NATKeepalive/time.Second)))
+		window = 0
+	}
+	replay := make([]byte, nl.SizeofXfrmReplayStateEsn+window/8)
+	binary.NativeEndian.PutUint32(replay[0:], window/32) // bmp_len in u32 words
+	binary.NativeEndian.PutUint32(replay[20:], window)
 	b = appendAttr(b, nl.XFRMA_REPLAY_ESN_VAL, replay)
 
 	if off != nil {
@@ -500,6 +520,8 @@ type State struct {
 	Lifetime Lifetime
 	Stats    Stats
 	Encap    *Encap // UDP encapsulation; nil for plain ESP
+	// NATKeepalive is the kernel's NAT keep-alive interval for the SA.
+	NATKeepalive time.Duration
 }
 
 // Stats are an SA's counters.
@@ -600,6 +622,10 @@ func parseSA(b []byte) (State, []byte, error) {
 					e.OrigAddr = oa
 				}
 				st.Encap = e
+			}
+		case nl.XFRMA_NAT_KEEPALIVE_INTERVAL:
+			if len(a.data) >= 4 {
+				st.NATKeepalive = time.Duration(binary.NativeEndian.Uint32(a.data)) * time.Second
 			}
 		case nl.XFRMA_LASTUSED:
 			if len(a.data) >= 8 {

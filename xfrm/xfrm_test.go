@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pspd/pspd/internal/nstest"
 	"github.com/pspd/pspd/internal/secret"
@@ -425,6 +426,26 @@ func TestNewSAMsgEncap(t *testing.T) {
 	s.Encap = &Encap{SrcPort: 4500}
 	if err := h.validateSA(&s); err == nil {
 		t.Fatal("an encapsulation without a destination port was accepted")
+	}
+
+	// NAT keep-alives: only on an outbound encapsulated SA, which then
+	// says it is outbound and carries no replay window.
+	s.Encap, s.NATKeepalive = &Encap{SrcPort: 4500, DstPort: 4500}, 20*time.Second
+	if err := h.validateSA(&s); err != nil {
+		t.Fatalf("outbound SA with keep-alives refused: %v", err)
+	}
+	st, _, err = parseSA(h.newSAMsg(&s, nil, true))
+	if err != nil || st.NATKeepalive != 20*time.Second || st.ReplayWindow != 0 {
+		t.Fatalf("keep-alive read back as %v, replay window %d (%v); want 20s and 0", st.NATKeepalive, st.ReplayWindow, err)
+	}
+	in := s
+	in.Dir = In
+	if err := h.validateSA(&in); err == nil {
+		t.Fatal("keep-alives on an inbound SA were accepted")
+	}
+	s.Encap = nil
+	if err := h.validateSA(&s); err == nil {
+		t.Fatal("keep-alives on plain ESP were accepted")
 	}
 }
 

@@ -100,6 +100,7 @@ type peer struct {
 	bmu     sync.Mutex
 	on      map[assoc.Backend]int
 	traffic traffic              // cumulative counters, also guarded by bmu
+	nat     offload.NAT          // of the session that installed the latest SA; guarded by bmu
 	stop    context.CancelFunc   // stops the watch of the current kx
 	hist    history              // guarded by Daemon.mu
 	created map[uint32]time.Time // generation → when it became current

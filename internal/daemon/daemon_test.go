@@ -428,16 +428,26 @@ func TestClassicKeyExchange(t *testing.T) {
 	}
 }
 
-// The xfrm backend has no ESP-in-UDP yet: a forced nat_traversal is
-// refused for it, not silently ignored, and stays allowed elsewhere.
-func TestSpecRefusesForcedNATOnXFRM(t *testing.T) {
+// nat_traversal reaches every backend's spec: a global setting, and a
+// peer's own, which wins.
+func TestSpecNATTraversal(t *testing.T) {
 	pc := policy.Peer{Name: "b", Endpoint: netip.MustParseAddrPort("192.0.2.2:6082"),
-		Prefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.2/32")}, NATTraversal: policy.NATForce}
-	cfg := &policy.Config{}
-	if _, err := spec(pc, cfg, assoc.BackendXFRM); err == nil || !strings.Contains(err.Error(), "nat_traversal: force") {
-		t.Fatalf("xfrm: %v, want a refusal naming nat_traversal: force", err)
-	}
-	if _, err := spec(pc, cfg, assoc.BackendUserspace); err != nil {
-		t.Fatalf("userspace: %v", err)
+		Prefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.2/32")}}
+	for _, tc := range []struct {
+		global, own policy.NATTraversal
+		want        offload.NATTraversal
+	}{
+		{"", "", offload.NATAuto},
+		{policy.NATForce, "", offload.NATForce},
+		{policy.NATForce, policy.NATOff, offload.NATOff},
+		{policy.NATAuto, policy.NATForce, offload.NATForce},
+	} {
+		pc.NATTraversal = tc.own
+		for _, b := range []assoc.Backend{assoc.BackendXFRM, assoc.BackendUserspace} {
+			s, err := spec(pc, &policy.Config{NATTraversal: tc.global, EncapPort: 4500}, b)
+			if err != nil || s.NATTraversal != tc.want || s.EncapPort != 4500 {
+				t.Errorf("%s: global %q, peer %q: %v %v, want %v", b, tc.global, tc.own, s.NATTraversal, err, tc.want)
+			}
+		}
 	}
 }

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/pspd/pspd/assoc"
@@ -41,8 +42,21 @@ func (i installer) Install(ctx context.Context, sa *assoc.SA) error {
 	}
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
+	nat := sessionNAT(p.kx.Session())
 	if _, ok := p.on[i.b]; !ok {
+		p.nat = nat
 		if err := i.d.attach(ctx, p, i.b); err != nil {
+			return err
+		}
+	} else if nat != p.nat {
+		// The session that negotiated this SA runs through other NATs
+		// than the last one: the backend's next SAs follow it.
+		p.nat = nat
+		s, err := i.d.specFor(p, i.b)
+		if err != nil {
+			return err
+		}
+		if err := i.d.backends[i.b].UpdatePeer(ctx, s); err != nil {
 			return err
 		}
 	}
@@ -111,12 +125,6 @@ func spec(pc policy.Peer, cfg *policy.Config, b assoc.Backend) (offload.PeerSpec
 	}
 	switch pc.NATTraversal.OrDefault(cfg.NATTraversal) {
 	case policy.NATForce:
-		if b == assoc.BackendXFRM {
-			// Refused rather than ignored: the XFRM backend does not yet
-			// wrap ESP in UDP, and a forced setting that did nothing would
-			// leave the peer unreachable behind its NAT with no word why.
-			return s, fmt.Errorf("peer %s: nat_traversal: force: this pspd's xfrm backend cannot encapsulate ESP in UDP yet; use backend: userspace for a peer behind NAT, or nat_traversal: auto", pc.Name)
-		}
 		s.NATTraversal = offload.NATForce
 	case policy.NATOff:
 		s.NATTraversal = offload.NATOff
@@ -144,9 +152,31 @@ func limits(cfg *policy.Config) offload.Limits {
 	}
 }
 
+// specFor is the peer's spec for backend b under the configuration in
+// force, with the NAT detection of its latest session. Callers hold
+// p.bmu or own p alone.
+func (d *Daemon) specFor(p *peer, b assoc.Backend) (offload.PeerSpec, error) {
+	s, err := spec(p.cfg, d.cfg, b)
+	s.NAT = p.nat
+	return s, err
+}
+
+// sessionNAT is what the data plane needs of a session's NAT detection.
+func sessionNAT(s *keyexchange.Session) offload.NAT {
+	if s == nil {
+		return offload.NAT{}
+	}
+	n := s.NAT()
+	out := offload.NAT{Behind: n.Behind, PeerBehind: n.PeerBehind}
+	if a, ok := s.RemoteAddr().(*net.UDPAddr); ok {
+		out.PeerObserved = a.AddrPort()
+	}
+	return out
+}
+
 // attach gives backend b the peer. Callers hold p.bmu or own p alone.
 func (d *Daemon) attach(ctx context.Context, p *peer, b assoc.Backend) error {
-	s, err := spec(p.cfg, d.cfg, b)
+	s, err := d.specFor(p, b)
 	if err != nil {
 		return err
 	}
@@ -173,6 +203,7 @@ func (d *Daemon) update(ctx context.Context, p *peer, cfg *policy.Config) error 
 		if err != nil {
 			return err
 		}
+		s.NAT = p.nat
 		if err := d.backends[b].UpdatePeer(ctx, s); err != nil {
 			return err
 		}

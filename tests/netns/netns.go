@@ -139,6 +139,24 @@ func (h *Host) Command(ctx context.Context, name string, args ...string) *exec.C
 	return exec.CommandContext(ctx, tool("ip"), append([]string{"netns", "exec", h.NS, tool(name)}, args...)...)
 }
 
+// Run runs a command inside the host; its output is in the error.
+func (h *Host) Run(ctx context.Context, name string, args ...string) error {
+	if out, err := h.Command(ctx, name, args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %s in %s: %v: %s", name, strings.Join(args, " "), h.Name, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// Nft loads rules (nft -f syntax) into the host's nftables.
+func (h *Host) Nft(ctx context.Context, rules string) error {
+	cmd := h.Command(ctx, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("nft in %s: %v: %s\n%s", h.Name, err, bytes.TrimSpace(out), rules)
+	}
+	return nil
+}
+
 // Link joins a and b with a veth pair carrying the given addresses.
 func (l *Lab) Link(ctx context.Context, a, b *Host, addrA, addrB netip.Prefix) error {
 	ea, eb := l.Prefix+a.Name+b.Name, l.Prefix+b.Name+a.Name

@@ -20,6 +20,15 @@
 // packet (the peer has switched), at the latest after Config.RetireGrace.
 // The key exchange's own later Remove of it is then a no-op.
 //
+// Behind a NAT (the key exchange detected one on either side) or with
+// nat_traversal forced, a peer's SAs carry ESP in UDP (RFC 3948) between
+// this host's encapsulation socket and the peer's as this host sees it:
+// the address its session comes from, and the port its ESP comes from
+// once the kernel reported a packet from another port than the SA's
+// (XFRM_MSG_MAPPING, after the packet authenticated). A changed mapping
+// asks the key exchange for a new generation, which uses it; the kernel
+// sends NAT keep-alives for the host behind the NAT.
+//
 // Keys stay in the process only until the kernel has them: Install hands
 // the receive key to the kernel and keeps a copy of the transmit key,
 // which Activate hands over and wipes. What the backend remembers of a
@@ -37,6 +46,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
@@ -74,6 +84,11 @@ type Config struct {
 // Config.RetireGrace is 0: the key exchange's default grace.
 const defaultRetireGrace = 30 * time.Second
 
+// natKeepalive is how long an outbound SA of a host behind a NAT may be
+// idle before the kernel sends a keep-alive: below the 30 s that NATs
+// commonly keep an idle UDP mapping.
+const natKeepalive = 20 * time.Second
+
 // retirePoll is how often a pending retirement reads the new inbound SA's
 // counters, and so about how long the old generation outlives the first
 // packet on the new one.
@@ -85,6 +100,7 @@ type Backend struct {
 	log     *slog.Logger
 	h       *xfrm.Handle
 	links   *vnl.Handle
+	netNS   int
 	rekey   chan identity.PublicKey
 	grace   time.Duration
 	// ctx ends with Close: the kernel monitor and every pending
@@ -105,13 +121,33 @@ type Backend struct {
 	// pair the backend was given, for as long as it runs: peers come and
 	// go, the record stays.
 	sent map[identity.PublicKey]map[[sha256.Size]byte]struct{}
+	// encap holds the ESP-in-UDP sockets, opened at the first SA that
+	// needs one and kept until Close: the kernel takes the ESP arriving
+	// on them.
+	encap map[encapKey]*net.UDPConn
+	// noKeepalive is set once the kernel refused NAT keep-alives (older
+	// than 6.10); outbound SAs go without them from then on.
+	noKeepalive bool
+}
+
+type encapKey struct {
+	v6   bool
+	port uint16
 }
 
 type peer struct {
-	cfg      offload.PeerSpec
-	reqid    uint32
-	mode     xfrm.Mode
-	local    netip.Addr
+	cfg   offload.PeerSpec
+	reqid uint32
+	mode  xfrm.Mode
+	local netip.Addr
+	// remote is the peer's address in SAs and policy templates: its
+	// endpoint's, or with encapsulation the one its session or its ESP
+	// comes from.
+	remote netip.Addr
+	// mapped is where the peer's ESP-in-UDP last came from when that was
+	// not where its SAs expected it (a NAT's new mapping); unset until
+	// then.
+	mapped   netip.AddrPort
 	dev      string // egress device, for crypto offload
 	policies []xfrm.Policy
 	polUp    bool
@@ -216,7 +252,7 @@ func New(ctx context.Context, cfg Config) (b *Backend, err error) {
 		if !p.RequireEncryption {
 			continue
 		}
-		pr, err := b.newPeer(p, h.Owner().ReqIDMin+uint32(i))
+		pr, err := b.newPeer(p, h.Owner().ReqIDMin+uint32(i), netip.AddrPort{})
 		if err != nil {
 			continue // AddPeer reports it
 		}
@@ -248,9 +284,9 @@ func newBackend(h *xfrm.Handle, links *vnl.Handle, cfg Config) (*Backend, error)
 		return nil, fmt.Errorf("xfrm: fingerprint key: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Backend{offload: cfg.Offload, log: cfg.Logger, h: h, links: links, rekey: make(chan identity.PublicKey, 16),
+	return &Backend{offload: cfg.Offload, log: cfg.Logger, h: h, links: links, netNS: cfg.NetNS, rekey: make(chan identity.PublicKey, 16),
 		grace: cmp.Or(cfg.RetireGrace, defaultRetireGrace), ctx: ctx, cancel: cancel, fpKey: secret.Own(fp),
-		peers: map[identity.PublicKey]*peer{}, sent: map[identity.PublicKey]map[[sha256.Size]byte]struct{}{}}, nil
+		peers: map[identity.PublicKey]*peer{}, sent: map[identity.PublicKey]map[[sha256.Size]byte]struct{}{}, encap: map[encapKey]*net.UDPConn{}}, nil
 }
 
 // Control exempts pspd's control socket from the policies this backend
@@ -304,6 +340,58 @@ func (b *Backend) event(ev xfrm.Event) {
 		b.log.Warn("xfrm: the kernel expired an SA before it was rekeyed", "sa", ev.SA)
 	case xfrm.UnknownSPI:
 		b.log.Info("xfrm: ESP arrived for SPIs with no SA (a peer restarted?)", "packets", ev.Count)
+	case xfrm.Mapping:
+		b.mapping(ev)
+	}
+}
+
+// mapping follows a peer whose ESP-in-UDP now comes from another address
+// or port. The kernel reports every such packet, and only packets that
+// authenticated on the peer's inbound SA, so a forger cannot move the
+// peer; one change is acted on once. The SAs in place keep their
+// addresses (an SA's cannot change); the next generation uses the new
+// ones, and a new address moves the policies at once.
+func (b *Backend) mapping(ev xfrm.Event) {
+	now := netip.AddrPortFrom(ev.Src.Unmap(), ev.Port)
+	b.mu.Lock()
+	var key identity.PublicKey
+	var pr *peer
+	for k, p := range b.peers {
+		if p.reqid != ev.ReqID || !p.cfg.Encapsulate() {
+			continue
+		}
+		for _, sp := range p.sas {
+			if sp.in == ev.SA {
+				key, pr = k, p
+			}
+		}
+	}
+	if pr == nil || now == pr.mapped || (!pr.mapped.IsValid() && now == netip.AddrPortFrom(pr.remote, pr.cfg.EncapPort)) {
+		b.mu.Unlock()
+		return
+	}
+	was := netip.AddrPortFrom(pr.remote, cmp.Or(pr.mapped.Port(), pr.cfg.EncapPort))
+	var err error
+	if now.Addr() != pr.remote {
+		ctx, cancel := context.WithTimeout(b.ctx, 5*time.Second)
+		var next *peer
+		if next, err = b.newPeer(pr.cfg, pr.reqid, now); err == nil {
+			err = b.follow(ctx, pr, next)
+		}
+		cancel()
+	} else {
+		pr.mapped = now
+	}
+	name := pr.cfg.Name
+	b.mu.Unlock()
+	if err != nil {
+		b.log.Warn("xfrm: the peer's NAT mapping changed, but its policies could not follow", "peer", name, "from", was, "to", now, "err", err)
+		return
+	}
+	b.log.Info("xfrm: the peer's NAT mapping changed; rekeying to follow it", "peer", name, "from", was, "to", now)
+	select {
+	case b.rekey <- key:
+	default:
 	}
 }
 
@@ -313,13 +401,24 @@ func (b *Backend) RekeyWanted() <-chan identity.PublicKey { return b.rekey }
 // Kind implements offload.Backend.
 func (b *Backend) Kind() assoc.Backend { return assoc.BackendXFRM }
 
-// newPeer works out a peer's addresses, mode and policies.
-func (b *Backend) newPeer(p offload.PeerSpec, reqid uint32) (*peer, error) {
+// newPeer works out a peer's addresses, mode and policies; mapped is
+// where its ESP-in-UDP was last seen coming from, if that is known.
+func (b *Backend) newPeer(p offload.PeerSpec, reqid uint32, mapped netip.AddrPort) (*peer, error) {
 	if len(p.Prefixes) == 0 {
 		// Tunnel mode with no policy would be "up" and protect nothing.
 		return nil, fmt.Errorf("xfrm: peer %s: no prefixes: the xfrm backend protects a peer's prefixes (list the peer's endpoint address in prefixes for transport mode)", p.Name)
 	}
 	remote := p.Endpoint.Addr().Unmap()
+	if p.Encapsulate() {
+		switch {
+		case mapped.IsValid():
+			remote = mapped.Addr().Unmap()
+		case p.NAT.PeerObserved.IsValid():
+			remote = p.NAT.PeerObserved.Addr().Unmap()
+		}
+	} else {
+		mapped = netip.AddrPort{}
+	}
 	local := p.Local.Unmap()
 	var dev string
 	routes, err := b.links.RouteGet(remote.AsSlice())
@@ -339,7 +438,7 @@ func (b *Backend) newPeer(p offload.PeerSpec, reqid uint32) (*peer, error) {
 	if l, err := b.links.LinkByIndex(routes[0].LinkIndex); err == nil {
 		dev = l.Attrs().Name
 	}
-	pr := &peer{cfg: p, reqid: reqid, local: local, dev: dev, sas: map[saKey]*pair{}}
+	pr := &peer{cfg: p, reqid: reqid, local: local, remote: remote, mapped: mapped, dev: dev, sas: map[saKey]*pair{}}
 	pr.mode, pr.policies = policies(p, local, remote, reqid)
 	return pr, nil
 }
@@ -387,7 +486,7 @@ func (b *Backend) AddPeer(ctx context.Context, p offload.PeerSpec) error {
 	if err != nil {
 		return err
 	}
-	pr, err := b.newPeer(p, reqid)
+	pr, err := b.newPeer(p, reqid, netip.AddrPort{})
 	if err != nil {
 		return err
 	}
@@ -411,10 +510,18 @@ func (b *Backend) UpdatePeer(ctx context.Context, p offload.PeerSpec) error {
 	if pr == nil {
 		return fmt.Errorf("xfrm: update of peer %s that was never added", p.Name)
 	}
-	next, err := b.newPeer(p, pr.reqid)
+	next, err := b.newPeer(p, pr.reqid, pr.mapped)
 	if err != nil {
 		return err
 	}
+	return b.follow(ctx, pr, next)
+}
+
+// follow moves pr to next's addresses and policies. Policies that stay
+// are left alone, new ones are added before the dropped ones go.
+// Callers hold b.mu.
+func (b *Backend) follow(ctx context.Context, pr, next *peer) error {
+	p := next.cfg
 	want := pr.polUp || p.RequireEncryption
 	var added, dropped []xfrm.Policy
 	for _, np := range next.policies {
@@ -446,7 +553,7 @@ func (b *Backend) UpdatePeer(ctx context.Context, p offload.PeerSpec) error {
 			}
 		}
 	}
-	pr.cfg, pr.mode, pr.policies, pr.local, pr.dev = p, next.mode, next.policies, next.local, next.dev
+	pr.cfg, pr.mode, pr.policies, pr.local, pr.remote, pr.mapped, pr.dev = p, next.mode, next.policies, next.local, next.remote, next.mapped, next.dev
 	pr.polUp = want
 	if pr.polUp && !p.RequireEncryption && len(pr.sas) == 0 {
 		b.dropPolicies(ctx, pr)
@@ -520,17 +627,65 @@ func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir, key secret.Key, salt 
 	s := xfrm.SA{ReqID: pr.reqid, Dir: dir, Mode: pr.mode, Suite: sa.Suite, OffloadDev: pr.dev, Lifetime: xfrm.Lifetime{
 		SoftPackets: l.SoftPackets, HardPackets: l.HardPackets, Soft: l.SoftLifetime, Hard: l.HardLifetime,
 	}}
-	remote := pr.cfg.Endpoint.Addr().Unmap()
 	if dir == xfrm.In {
-		s.Src, s.Dst, s.SPI = remote, pr.local, uint32(sa.RxSPI)
+		s.Src, s.Dst, s.SPI = pr.remote, pr.local, uint32(sa.RxSPI)
 	} else {
-		s.Src, s.Dst, s.SPI = pr.local, remote, uint32(sa.TxSPI)
+		s.Src, s.Dst, s.SPI = pr.local, pr.remote, uint32(sa.TxSPI)
 	}
 	s.Key, s.Salt = key, salt
 	if b.offload == xfrm.OffloadNone {
 		s.OffloadDev = ""
 	}
+	if pr.cfg.Encapsulate() {
+		port := pr.cfg.EncapPort
+		theirs := cmp.Or(pr.mapped.Port(), port)
+		s.OffloadDev = ""
+		if dir == xfrm.In {
+			s.Encap = &xfrm.Encap{SrcPort: theirs, DstPort: port}
+		} else {
+			s.Encap = &xfrm.Encap{SrcPort: port, DstPort: theirs}
+			if pr.cfg.NAT.Behind && !b.noKeepalive {
+				s.NATKeepalive = natKeepalive
+			}
+		}
+	}
 	return s
+}
+
+// openEncap makes sure the ESP-in-UDP socket pr's SAs need is open.
+// Callers hold b.mu.
+func (b *Backend) openEncap(ctx context.Context, pr *peer) error {
+	if !pr.cfg.Encapsulate() {
+		return nil
+	}
+	k := encapKey{v6: pr.local.Is6(), port: pr.cfg.EncapPort}
+	if b.encap[k] != nil {
+		return nil
+	}
+	network := "udp4"
+	if k.v6 {
+		network = "udp6"
+	}
+	c, err := xfrm.ListenEncap(ctx, b.netNS, network, k.port)
+	if err != nil {
+		return fmt.Errorf("xfrm: peer %s needs ESP in UDP (%s): %w", pr.cfg.Name, natWhy(pr.cfg), err)
+	}
+	b.encap[k] = c
+	b.log.Info("xfrm: ESP-in-UDP socket open", "network", network, "port", k.port, "peer", pr.cfg.Name, "why", natWhy(pr.cfg))
+	return nil
+}
+
+// natWhy says why a peer's ESP travels in UDP.
+func natWhy(p offload.PeerSpec) string {
+	switch {
+	case p.NATTraversal == offload.NATForce:
+		return "nat_traversal: force"
+	case p.NAT.Behind && p.NAT.PeerBehind:
+		return "NATs in front of both hosts"
+	case p.NAT.Behind:
+		return "a NAT in front of this host"
+	}
+	return "a NAT in front of the peer"
 }
 
 func (b *Backend) peer(sa *assoc.SA) (*peer, error) {
@@ -569,6 +724,9 @@ func (b *Backend) Install(ctx context.Context, sa *assoc.SA) error {
 	var none [assoc.SaltLen]byte
 	if sa.RxSalt == none || sa.TxSalt == none {
 		return fmt.Errorf("xfrm: peer %s: %s carries no ESP salts (a key exchange that does not derive them)", pr.cfg.Name, sa)
+	}
+	if err := b.openEncap(ctx, pr); err != nil {
+		return err
 	}
 	if err := b.claimTx(pr, sa); err != nil {
 		return err
@@ -641,6 +799,14 @@ func (b *Backend) Activate(ctx context.Context, sa *assoc.SA) error {
 	}
 	out := b.sa(pr, sa, xfrm.Out, p.tx, p.txSalt)
 	_, err = b.h.AddSA(ctx, &out)
+	if err != nil && out.NATKeepalive != 0 {
+		// A kernel before 6.10 knows no keep-alives; traffic alone then
+		// holds the NAT's mapping.
+		b.noKeepalive = true
+		b.log.Warn("xfrm: the kernel refused NAT keep-alives; the NAT in front of this host keeps its mapping only while traffic flows", "peer", pr.cfg.Name, "err", err)
+		out.NATKeepalive = 0
+		_, err = b.h.AddSA(ctx, &out)
+	}
 	p.tx.Wipe()
 	p.tx = secret.Key{}
 	clear(p.txSalt[:])
@@ -881,6 +1047,10 @@ func (b *Backend) Close() error {
 		b.dropPolicies(ctx, pr)
 	}
 	b.peers = map[identity.PublicKey]*peer{}
+	for k, c := range b.encap {
+		errs = append(errs, c.Close())
+		delete(b.encap, k)
+	}
 	b.mu.Unlock()
 	b.fpKey.Wipe()
 	if kept > 0 {

@@ -126,7 +126,7 @@ func testPeer(t *testing.T, b *Backend) identity.PublicKey {
 		t.Fatal(err)
 	}
 	key := id.Public()
-	b.peers[key] = &peer{cfg: offload.PeerSpec{Name: "b", Key: key, Endpoint: netip.MustParseAddrPort("10.1.0.2:6082")}, reqid: 1, local: netip.MustParseAddr("10.1.0.1"),
+	b.peers[key] = &peer{cfg: offload.PeerSpec{Name: "b", Key: key, Endpoint: netip.MustParseAddrPort("10.1.0.2:6082")}, reqid: 1, local: netip.MustParseAddr("10.1.0.1"), remote: netip.MustParseAddr("10.1.0.2"),
 		sas: map[saKey]*pair{}}
 	return key
 }
