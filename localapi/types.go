@@ -59,10 +59,14 @@ type PeerNAT struct {
 
 // Peer is one configured remote pspd.
 type Peer struct {
-	Name        string   `json:"name"`
-	Endpoint    string   `json:"endpoint"`
-	Prefixes    []string `json:"prefixes"`
-	Fingerprint string   `json:"fingerprint"`
+	Name     string `json:"name"`
+	Endpoint string `json:"endpoint"`
+	// EndpointName is the host name the configuration gives as the
+	// endpoint, which pspd resolves again while it runs; Endpoint is
+	// what it resolved to last.
+	EndpointName string   `json:"endpoint_name,omitempty"`
+	Prefixes     []string `json:"prefixes"`
+	Fingerprint  string   `json:"fingerprint"`
 	// State is down, connecting, handshaking, up or backoff; Since is
 	// when the peer entered it, and Cause why it is not up.
 	State string    `json:"state"`

@@ -274,6 +274,7 @@ func parse(p parser, data []byte) (*Config, error) {
 		RekeyInterval:     DefaultRekeyInterval,
 		PacketBudget:      DefaultPacketBudget,
 		PSPRotation:       DefaultPSPRotation,
+		ResolveInterval:   DefaultResolveInterval,
 		RequireEncryption: true,
 		KeyExchange:       KeyExchangeHybrid,
 		Userspace: Userspace{
@@ -285,7 +286,7 @@ func parse(p parser, data []byte) (*Config, error) {
 	}
 	var peersNode *yaml.Node
 	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "nat_traversal", "encap_port", "suite",
-		"rekey_interval", "packet_budget", "psp_rotation_interval", "require_encryption", "key_exchange", "userspace", "peers"}
+		"rekey_interval", "packet_budget", "psp_rotation_interval", "resolve_interval", "require_encryption", "key_exchange", "userspace", "peers"}
 	err := p.fields(root, "", known, func(k string, v *yaml.Node) (err error) {
 		switch k {
 		case "identity":
@@ -330,6 +331,8 @@ func parse(p parser, data []byte) (*Config, error) {
 			c.PacketBudget, err = p.uint(v, k, minPacketBudget, maxPacketBudget)
 		case "psp_rotation_interval":
 			c.PSPRotation, err = p.duration(v, k, minPSPRotation, maxPSPRotation)
+		case "resolve_interval":
+			c.ResolveInterval, err = p.duration(v, k, minResolveInterval, maxResolveInterval)
 		case "require_encryption":
 			c.RequireEncryption, err = p.boolean(v, k)
 		case "key_exchange":

@@ -74,14 +74,19 @@ const (
 	DefaultSuite         = kdf.AESGCM256
 	DefaultInterface     = "pspd0"
 	DefaultDataPort      = 6081
-	minRekeyInterval     = 10 * time.Second
-	maxRekeyInterval     = 24 * time.Hour
-	minPacketBudget      = 1 << 10
-	minPSPRotation       = time.Minute
-	maxPSPRotation       = 30 * 24 * time.Hour
-	maxPeers             = 4096
-	maxPrefixesPerPeer   = 256
-	maxConfigFileBytes   = 1 << 20
+	// DefaultResolveInterval is how often endpoint names are resolved
+	// again while pspd runs.
+	DefaultResolveInterval = 5 * time.Minute
+	minRekeyInterval       = 10 * time.Second
+	minResolveInterval     = 10 * time.Second
+	maxResolveInterval     = 24 * time.Hour
+	maxRekeyInterval       = 24 * time.Hour
+	minPacketBudget        = 1 << 10
+	minPSPRotation         = time.Minute
+	maxPSPRotation         = 30 * 24 * time.Hour
+	maxPeers               = 4096
+	maxPrefixesPerPeer     = 256
+	maxConfigFileBytes     = 1 << 20
 
 	// maxPacketBudget bounds packet_budget, the packet count at which a
 	// key asks to be replaced; the backends stop using the key at twice
@@ -109,12 +114,16 @@ type Config struct {
 	// NATTraversal is when the XFRM backend wraps ESP in UDP (RFC 3948);
 	// a peer may override it. EncapPort is the UDP port of that
 	// encapsulation, on both sides.
-	NATTraversal      NATTraversal
-	EncapPort         uint16
-	Suite             kdf.Suite
-	RekeyInterval     time.Duration
-	PacketBudget      uint64
-	PSPRotation       time.Duration
+	NATTraversal  NATTraversal
+	EncapPort     uint16
+	Suite         kdf.Suite
+	RekeyInterval time.Duration
+	PacketBudget  uint64
+	PSPRotation   time.Duration
+	// ResolveInterval is how often peers' endpoint names are resolved
+	// again while pspd runs (a peer that is down is resolved again at
+	// most this often too, and at least every minute).
+	ResolveInterval   time.Duration
 	RequireEncryption bool
 	KeyExchange       KeyExchange
 	Userspace         Userspace

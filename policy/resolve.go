@@ -61,9 +61,19 @@ func (p parser) endpoint(n *yaml.Node, field string, listen netip.AddrPort) (ap 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), resolveTimeout)
 	defer cancel()
-	addrs, err := p.resolve.LookupNetIP(ctx, "ip", host)
+	ap, err = resolve(ctx, p.resolve, host, port, listen)
 	if err != nil {
-		return netip.AddrPort{}, "", p.fail(n, field, "cannot resolve host name %q: %v; fix the name or the resolver (/etc/hosts, DNS), or give the peer's IP address", host, err)
+		return netip.AddrPort{}, "", p.fail(n, field, "%v", err)
+	}
+	return ap, s, nil
+}
+
+// resolve looks host up and returns its first address of listen's family
+// (any family for a wildcard listen) with port.
+func resolve(ctx context.Context, r Resolver, host string, port uint16, listen netip.AddrPort) (netip.AddrPort, error) {
+	addrs, err := r.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("cannot resolve host name %q: %v; fix the name or the resolver (/etc/hosts, DNS), or give the peer's IP address", host, err)
 	}
 	want4, want6 := true, true
 	if l := listen.Addr(); !l.IsUnspecified() {
@@ -72,13 +82,27 @@ func (p parser) endpoint(n *yaml.Node, field string, listen netip.AddrPort) (ap 
 	for _, a := range addrs {
 		a = a.Unmap()
 		if (a.Is4() && want4) || (a.Is6() && want6) {
-			return netip.AddrPortFrom(a, port), s, nil
+			return netip.AddrPortFrom(a, port), nil
 		}
 	}
 	if len(addrs) == 0 {
-		return netip.AddrPort{}, "", p.fail(n, field, "host name %q resolves to no address; fix the name or the resolver, or give the peer's IP address", host)
+		return netip.AddrPort{}, fmt.Errorf("host name %q resolves to no address; fix the name or the resolver, or give the peer's IP address", host)
 	}
-	return netip.AddrPort{}, "", p.fail(n, field, "host name %q resolves to %v, none of the family of listen %v; listen on [::] or give an address of that family", host, addrs, listen.Addr())
+	return netip.AddrPort{}, fmt.Errorf("host name %q resolves to %v, none of the family of listen %v; listen on [::] or give an address of that family", host, addrs, listen.Addr())
+}
+
+// Resolve looks the peer's endpoint name up again, as Load did, and
+// returns the endpoint it names now; a peer given by address is its
+// endpoint.
+func (p Peer) Resolve(ctx context.Context, r Resolver, listen netip.AddrPort) (netip.AddrPort, error) {
+	if p.EndpointName == "" {
+		return p.Endpoint, nil
+	}
+	host := p.EndpointName
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	return resolve(ctx, r, host, p.Endpoint.Port(), listen)
 }
 
 // ParseResolve is Parse with host-name endpoints resolved by r.

@@ -270,7 +270,7 @@ func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
 	}
 	rows := [][]string{
 		{"peer", p.Name},
-		{"endpoint", p.Endpoint},
+		{"endpoint", endpoint(p)},
 		{"observed at", dash(p.Observed)},
 		{"prefixes", dash(strings.Join(p.Prefixes, ", "))},
 		{"fingerprint", p.Fingerprint},
@@ -392,6 +392,14 @@ func (c *cli) lastPacket(n localapi.Counters) string {
 		return "-"
 	}
 	return "received " + c.ago(n.LastIn) + ", sent " + c.ago(n.LastOut)
+}
+
+// endpoint is a peer's endpoint, with the name it was resolved from.
+func endpoint(p localapi.Peer) string {
+	if p.EndpointName == "" {
+		return p.Endpoint
+	}
+	return p.EndpointName + " (" + p.Endpoint + ")"
 }
 
 // at is a time and how long ago it was, or "-".

@@ -47,7 +47,7 @@ func fixture() *apitest.Service {
 				LastError: "dial 192.0.2.2:6082: timeout: no recent network activity", LastErrorAt: now.Add(-80 * time.Second), LastErrorOld: true,
 				Counters: localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4,
 					LastIn: now.Add(-2 * time.Second), LastOut: now.Add(-1 * time.Second)}},
-			{Name: "db-1", Endpoint: "192.0.2.9:6082", Prefixes: []string{"10.9.0.0/24"}, Fingerprint: "sha256:cc33dd44", State: "backoff", Since: now.Add(-3 * time.Second), DownSince: now.Add(-20 * time.Minute),
+			{Name: "db-1", Endpoint: "192.0.2.9:6082", EndpointName: "db-1.example:6082", Prefixes: []string{"10.9.0.0/24"}, Fingerprint: "sha256:cc33dd44", State: "backoff", Since: now.Add(-3 * time.Second), DownSince: now.Add(-20 * time.Minute),
 				Cause:     "peer presented key sha256:ffff0000, not the pinned sha256:cc33dd44",
 				LastError: "peer presented key sha256:ffff0000, not the pinned sha256:cc33dd44", LastErrorAt: now.Add(-3 * time.Second)},
 		},

@@ -4,6 +4,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"crypto/fips140"
 	"errors"
@@ -47,6 +48,9 @@ type Config struct {
 	// Reloads, if set, hears of every reload of the configuration file,
 	// however it was asked for (SIGHUP, the API).
 	Reloads ReloadObserver
+	// Resolver looks endpoint names up again while pspd runs; default
+	// net.DefaultResolver.
+	Resolver policy.Resolver
 }
 
 // ReloadObserver is told when a reload of the configuration file begins
@@ -82,8 +86,9 @@ type Daemon struct {
 	reloaded reloadResult // guarded by rmu
 	// lmu makes reloads of the file one at a time, so that the observer's
 	// calls pair up.
-	lmu     sync.Mutex
-	reloads ReloadObserver
+	lmu      sync.Mutex
+	reloads  ReloadObserver
+	resolver policy.Resolver
 
 	mu    sync.Mutex
 	cfg   *policy.Config
@@ -104,6 +109,7 @@ type peer struct {
 	stop    context.CancelFunc   // stops the watch of the current kx
 	hist    history              // guarded by Daemon.mu
 	created map[uint32]time.Time // generation → when it became current
+	resolve resolving            // guarded by Daemon.mu
 }
 
 // New starts a daemon: it loads the identity, binds the control socket
@@ -122,7 +128,8 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	// dd survives the "return nil, err" below for the deferred cleanup.
 	dd := &Daemon{
 		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(), reloads: cfg.Reloads,
-		events: newHub(), ctx: dctx, cancel: cancel, reloaded: reloadResult{at: time.Now()},
+		resolver: cmp.Or[policy.Resolver](cfg.Resolver, net.DefaultResolver),
+		events:   newHub(), ctx: dctx, cancel: cancel, reloaded: reloadResult{at: time.Now()},
 		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
 	}
 	d = dd
@@ -167,6 +174,8 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	}
 	d.wg.Add(1)
 	go d.watchStates()
+	d.wg.Add(1)
+	go d.resolveLoop(dctx)
 	d.metrics = newMetrics(d)
 	d.log.Info("pspd started", "version", Version, "listen", d.ep.Addr(), "public_key", id.Public().String(),
 		"backends", backendNames(cfg.Report.Available()), "peers", len(pc.Peers), "fips140", fips140.Enabled())
@@ -184,7 +193,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 	if err != nil {
 		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
-	p := &peer{cfg: pc, backend: cs[0], created: map[uint32]time.Time{}, on: map[assoc.Backend]int{}}
+	p := &peer{cfg: pc, backend: cs[0], created: map[uint32]time.Time{}, on: map[assoc.Backend]int{}, resolve: resolving{at: time.Now()}}
 	// The best backend gets the peer now, so that with
 	// require_encryption its traffic is held back from the start; the
 	// one the key exchange settles on gets it with the first SA.

@@ -50,16 +50,18 @@ func (s *syncBuf) Bytes() []byte {
 }
 
 type host struct {
-	name   string
-	dir    string
-	id     *identity.Identity
-	port   int
-	d      *Daemon
-	rec    *offloadtest.Backend
-	logs   *syncBuf
-	sock   string
-	cancel context.CancelFunc
-	done   chan error
+	name string
+	dir  string
+	id   *identity.Identity
+	port int
+	d    *Daemon
+	rec  *offloadtest.Backend
+	logs *syncBuf
+	sock string
+	// resolver, if set, answers the daemon's endpoint look-ups.
+	resolver policy.Resolver
+	cancel   context.CancelFunc
+	done     chan error
 }
 
 func freeUDPPort(t *testing.T) int {
@@ -130,7 +132,7 @@ func (h *host) startBackends(t *testing.T, pc *policy.Config, report offload.Rep
 		bs[r.Kind()] = r
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, Config{Policy: pc, Logger: log, Report: report, Backends: bs})
+	d, err := New(ctx, Config{Policy: pc, Logger: log, Report: report, Backends: bs, Resolver: h.resolver})
 	if err != nil {
 		cancel()
 		t.Fatal(err)

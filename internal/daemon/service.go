@@ -79,7 +79,7 @@ func (d *Daemon) Peers(context.Context) ([]localapi.Peer, error) {
 // peerInfo is what the API shows of a peer. Callers hold d.mu.
 func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 	st := p.kx.Status()
-	lp := localapi.Peer{Name: p.cfg.Name, Endpoint: p.cfg.Endpoint.String(), Fingerprint: p.cfg.PublicKey.Fingerprint(),
+	lp := localapi.Peer{Name: p.cfg.Name, Endpoint: p.cfg.Endpoint.String(), EndpointName: p.cfg.EndpointName, Fingerprint: p.cfg.PublicKey.Fingerprint(),
 		State: st.State.String(), Since: st.Since, DownSince: st.DownSince, Backend: p.backend.String(), Prefixes: []string{},
 		LastHandshake: p.hist.lastHandshake, LastUp: st.LastUp, Rekeys: p.hist.rekeys()}
 	for _, pf := range p.cfg.Prefixes {

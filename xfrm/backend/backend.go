@@ -218,6 +218,22 @@ func Probe(ctx context.Context, listen netip.AddrPort, peers []offload.PeerSpec,
 	if err := h.DeleteSA(ctx, sa.ID()); err != nil {
 		return fmt.Errorf("remove the probe SA: %w", err)
 	}
+	// A peer that always needs ESP in UDP needs a kernel that has it; one
+	// that needs it only behind a NAT finds out at its first such SA.
+	for _, p := range peers {
+		if p.NATTraversal != offload.NATForce {
+			continue
+		}
+		network := "udp4"
+		if p.Endpoint.Addr().Unmap().Is6() {
+			network = "udp6"
+		}
+		c, err := xfrm.ListenEncap(ctx, netNS, network, 0)
+		if err != nil {
+			return fmt.Errorf("peer %s has nat_traversal: force, but %w", p.Name, err)
+		}
+		c.Close()
+	}
 	return nil
 }
 
