@@ -8,12 +8,14 @@ import (
 	"time"
 )
 
-// TestIPv6Userspace runs the userspace backend over an IPv6-only underlay
-// (no IPv4 address on either host but loopback's) with IPv6 inner
-// addresses: the association comes up, UDP echoes flow both ways, and a
-// rekey keeps them flowing.
-func TestIPv6Userspace(t *testing.T) {
-	hostOnly(t)
+// TestIPv6 runs each backend over an IPv6-only underlay (no IPv4
+// address on either host but loopback's) with IPv6 inner addresses (the
+// xfrm backend in tunnel mode between addresses on loopback): the
+// association comes up, UDP echoes flow both ways, and a rekey keeps
+// them flowing.
+func TestIPv6(t *testing.T) { perBackend(t, testIPv6) }
+
+func testIPv6(t *testing.T, backend string) {
 	l := newLab(t, "pv6-")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
@@ -48,24 +50,32 @@ func TestIPv6Userspace(t *testing.T) {
 	}
 	for i, d := range ds {
 		peer := ds[1-i]
+		plane := fmt.Sprintf("userspace:\n  address: %s/64\n  io: udp\n", inner[i])
+		if backend == "xfrm" {
+			plane = ""
+			h := d.Host
+			if err := h.IP(ctx, "addr", "add", inner[i]+"/128", "dev", "lo"); err != nil {
+				t.Fatal(err)
+			}
+			if err := h.IP(ctx, "route", "add", inner[1-i]+"/128", "via", under[1-i], "src", inner[i]); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if err := d.WriteConfig(fmt.Sprintf(`listen: "[%s]"
 metrics: off
-backend: userspace
+backend: %s
 rekey_interval: 10m
 require_encryption: true
-userspace:
-  address: %s/64
-  io: udp
-peers:
+%speers:
   - name: %s
     endpoint: "[%s]"
     public_key: %s
     prefixes: [%s/128]
-`, under[i], inner[i], peer.Host.Name, under[1-i], peer.PubKey, inner[1-i])); err != nil {
+`, under[i], backend, plane, peer.Host.Name, under[1-i], peer.PubKey, inner[1-i])); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := ds[0].Available(ctx, "userspace"); err != nil {
+	if err := ds[0].Available(ctx, backend); err != nil {
 		t.Skip(err)
 	}
 	for _, d := range ds {
@@ -112,5 +122,5 @@ peers:
 			t.Fatalf("after the rekey, %s → %s: %v", pr.from.Name, pr.to, err)
 		}
 	}
-	t.Logf("IPv6 underlay %s ↔ %s, inner %s ↔ %s: echoes both ways, generation %d → %d", under[0], under[1], inner[0], inner[1], as[0].Generation, after[0].Generation)
+	t.Logf("%s over the IPv6 underlay %s ↔ %s, inner %s ↔ %s: echoes both ways, generation %d → %d", backend, under[0], under[1], inner[0], inner[1], as[0].Generation, after[0].Generation)
 }
