@@ -113,6 +113,10 @@ type PeerSpec struct {
 	// 3948), and EncapPort the UDP port of that on both hosts.
 	NATTraversal NATTraversal
 	EncapPort    uint16
+	// NATKeepalive is how long the data path to the peer may idle before
+	// a host behind a NAT sends a keep-alive; zero means the backend's
+	// default.
+	NATKeepalive time.Duration
 	// NAT is what the key exchange's NAT detection found for the peer's
 	// session; zero until a session has come up.
 	NAT NAT

@@ -270,6 +270,7 @@ func parse(p parser, data []byte) (*Config, error) {
 		Offload:           OffloadAuto,
 		NATTraversal:      NATAuto,
 		EncapPort:         DefaultEncapPort,
+		NATKeepalive:      DefaultNATKeepalive,
 		Suite:             DefaultSuite,
 		RekeyInterval:     DefaultRekeyInterval,
 		PacketBudget:      DefaultPacketBudget,
@@ -285,7 +286,7 @@ func parse(p parser, data []byte) (*Config, error) {
 		},
 	}
 	var peersNode *yaml.Node
-	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "nat_traversal", "encap_port", "suite",
+	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "nat_traversal", "encap_port", "nat_keepalive", "suite",
 		"rekey_interval", "packet_budget", "psp_rotation_interval", "resolve_interval", "require_encryption", "key_exchange", "userspace", "peers"}
 	err := p.fields(root, "", known, func(k string, v *yaml.Node) (err error) {
 		switch k {
@@ -323,6 +324,8 @@ func parse(p parser, data []byte) (*Config, error) {
 			var port uint64
 			port, err = p.uint(v, k, 1, 65535)
 			c.EncapPort = uint16(port)
+		case "nat_keepalive":
+			c.NATKeepalive, err = p.duration(v, k, minNATKeepalive, maxNATKeepalive)
 		case "suite":
 			err = p.enum(v, k, func(s string) (e error) { c.Suite, e = kdf.ParseSuite(s); return })
 		case "rekey_interval":

@@ -77,16 +77,22 @@ const (
 	// DefaultResolveInterval is how often endpoint names are resolved
 	// again while pspd runs.
 	DefaultResolveInterval = 5 * time.Minute
-	minRekeyInterval       = 10 * time.Second
-	minResolveInterval     = 10 * time.Second
-	maxResolveInterval     = 24 * time.Hour
-	maxRekeyInterval       = 24 * time.Hour
-	minPacketBudget        = 1 << 10
-	minPSPRotation         = time.Minute
-	maxPSPRotation         = 30 * 24 * time.Hour
-	maxPeers               = 4096
-	maxPrefixesPerPeer     = 256
-	maxConfigFileBytes     = 1 << 20
+	// DefaultNATKeepalive is how long a host behind a NAT lets its path
+	// to a peer idle before it sends a keep-alive: below the 30 s many
+	// NATs keep an idle UDP mapping.
+	DefaultNATKeepalive = 20 * time.Second
+	minNATKeepalive     = time.Second
+	maxNATKeepalive     = 10 * time.Minute
+	minRekeyInterval    = 10 * time.Second
+	minResolveInterval  = 10 * time.Second
+	maxResolveInterval  = 24 * time.Hour
+	maxRekeyInterval    = 24 * time.Hour
+	minPacketBudget     = 1 << 10
+	minPSPRotation      = time.Minute
+	maxPSPRotation      = 30 * 24 * time.Hour
+	maxPeers            = 4096
+	maxPrefixesPerPeer  = 256
+	maxConfigFileBytes  = 1 << 20
 
 	// maxPacketBudget bounds packet_budget, the packet count at which a
 	// key asks to be replaced; the backends stop using the key at twice
@@ -114,8 +120,11 @@ type Config struct {
 	// NATTraversal is when the XFRM backend wraps ESP in UDP (RFC 3948);
 	// a peer may override it. EncapPort is the UDP port of that
 	// encapsulation, on both sides.
-	NATTraversal  NATTraversal
-	EncapPort     uint16
+	NATTraversal NATTraversal
+	EncapPort    uint16
+	// NATKeepalive is how long a host behind a NAT lets its data path to
+	// a peer idle before it sends a keep-alive (both backends).
+	NATKeepalive  time.Duration
 	Suite         kdf.Suite
 	RekeyInterval time.Duration
 	PacketBudget  uint64

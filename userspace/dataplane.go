@@ -65,6 +65,10 @@ type Peer struct {
 	// Codec holds the peer's SAs. The caller keeps ownership: RemovePeer
 	// and Close do not close it.
 	Codec *codec.Codec
+	// Keepalive, when set, is how long the peer may be sent nothing
+	// before it is sent a keep-alive (keepalive.go): for a host behind a
+	// NAT. Its resolution is a second.
+	Keepalive time.Duration
 }
 
 // Drop says why the engine, rather than the codec, dropped a packet.
@@ -104,6 +108,9 @@ type PeerStats struct {
 	Roams     uint64         // times Current moved
 	TXPackets uint64         // handed to the underlay
 	RXPackets uint64         // written to the TUN device
+	// Keepalives counts the keep-alives sent to the peer (not in
+	// TXPackets).
+	Keepalives uint64
 	// LastTX and LastRX are when the last packet went to the underlay and
 	// when the last authenticated one went to the TUN device; zero if none
 	// has.
@@ -128,6 +135,7 @@ type peer struct {
 	// lastTX and lastRX are Unix nanoseconds, read once per batch: the
 	// packet path reads no clock per packet.
 	lastTX, lastRX atomic.Int64
+	keepalives     atomic.Uint64
 	// roam is shared by the entries UpdatePeer makes for one peer while
 	// its configured endpoint stays.
 	roam *roaming
@@ -184,6 +192,8 @@ type Dataplane struct {
 	headroom, tailroom int
 	log                *slog.Logger
 	mu                 sync.Mutex // serialises table writers
+	wmu                sync.Mutex // serialises underlay writes: the TX loop's and keep-alives
+	stop               chan struct{}
 	table              atomic.Pointer[table]
 	drops              counters
 	closing            atomic.Bool
@@ -220,9 +230,11 @@ func Start(ctx context.Context, cfg Config) (*Dataplane, error) {
 		d.log = slog.New(slog.DiscardHandler)
 	}
 	d.table.Store(&table{byEndpoint: map[netip.AddrPort]*peer{}, bySource: map[netip.AddrPort]*peer{}})
-	d.wg.Add(2)
+	d.stop = make(chan struct{})
+	d.wg.Add(3)
 	go d.txLoop()
 	go d.rxLoop()
+	go d.keepaliveLoop(d.stop)
 	d.stopCtx = context.AfterFunc(ctx, func() { d.Close() })
 	return d, nil
 }
@@ -306,6 +318,7 @@ func (d *Dataplane) UpdatePeer(old netip.AddrPort, p Peer) error {
 	np.rxPkts.Store(cur.rxPkts.Load())
 	np.lastTX.Store(cur.lastTX.Load())
 	np.lastRX.Store(cur.lastRX.Load())
+	np.keepalives.Store(cur.keepalives.Load())
 	for i := range cur.drops {
 		np.drops[i].Store(cur.drops[i].Load())
 	}
@@ -364,15 +377,16 @@ func (d *Dataplane) Stats() Stats {
 	s := Stats{Drops: d.drops.snapshot()}
 	for _, p := range d.table.Load().byEndpoint {
 		s.Peers = append(s.Peers, PeerStats{
-			Endpoint:  p.Endpoint,
-			Current:   p.roam.current(),
-			Roams:     p.roam.moves.Load(),
-			TXPackets: p.txPkts.Load(),
-			RXPackets: p.rxPkts.Load(),
-			LastTX:    unixNano(p.lastTX.Load()),
-			LastRX:    unixNano(p.lastRX.Load()),
-			Drops:     p.drops.snapshot(),
-			Codec:     p.Codec.Stats(),
+			Endpoint:   p.Endpoint,
+			Current:    p.roam.current(),
+			Roams:      p.roam.moves.Load(),
+			TXPackets:  p.txPkts.Load(),
+			RXPackets:  p.rxPkts.Load(),
+			Keepalives: p.keepalives.Load(),
+			LastTX:     unixNano(p.lastTX.Load()),
+			LastRX:     unixNano(p.lastRX.Load()),
+			Drops:      p.drops.snapshot(),
+			Codec:      p.Codec.Stats(),
 		})
 	}
 	slices.SortFunc(s.Peers, func(a, b PeerStats) int { return a.Endpoint.Compare(b.Endpoint) })
@@ -402,6 +416,7 @@ func (d *Dataplane) Close() error {
 	var err error
 	d.closeOnce.Do(func() {
 		d.closing.Store(true)
+		close(d.stop)
 		err = errors.Join(d.cfg.Underlay.Close(), d.cfg.TUN.Close())
 		d.wg.Wait()
 		d.stopCtx()
@@ -491,6 +506,8 @@ func (d *Dataplane) txBatch(s *txState) (more bool) {
 		k++
 	}
 	now := time.Now().UnixNano()
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
 	for off := 0; off < k; {
 		w, err := d.cfg.Underlay.WriteBatch(s.msgs[off:k])
 		for _, p := range s.peers[off : off+w] {

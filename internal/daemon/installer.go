@@ -121,7 +121,7 @@ func spec(pc policy.Peer, cfg *policy.Config, b assoc.Backend) (offload.PeerSpec
 	s := offload.PeerSpec{
 		Name: pc.Name, Key: pc.PublicKey, Endpoint: pc.Endpoint, Local: cfg.Listen.Addr(),
 		Prefixes: pc.Prefixes, RequireEncryption: cfg.RequireEncryption, Suite: pc.Suite,
-		Limits: limits(cfg), EncapPort: cfg.EncapPort,
+		Limits: limits(cfg), EncapPort: cfg.EncapPort, NATKeepalive: cfg.NATKeepalive,
 	}
 	switch pc.NATTraversal.OrDefault(cfg.NATTraversal) {
 	case policy.NATForce:

@@ -31,7 +31,29 @@ func TestNATXFRM(t *testing.T) {
 	t.Run("nated-responder", func(t *testing.T) { testNATXFRM(t, false) })
 }
 
-func testNATXFRM(t *testing.T, natedInitiates bool) {
+// natLab is two hosts with a masquerading NAT (nftables) between them,
+// each running pspd: a (10.9.0.2) behind the NAT knows b's address; b
+// (198.51.100.2) knows a only as the NAT's public address 198.51.100.1.
+type natLab struct {
+	ctx     context.Context
+	a, n, b *Host
+	da, db  *Daemon
+	wan     string // the NAT's outside link
+	inner   [2]string
+	p       *Pair
+	as      [2]localapi.Assoc
+}
+
+const (
+	natPublic = "198.51.100.1"
+	natB      = "198.51.100.2"
+)
+
+// newNATLab builds the topology, starts both daemons on backend with the
+// extra configuration lines, and waits for their first association. The
+// host behind the NAT is the key exchange's initiator if natedInitiates.
+func newNATLab(t *testing.T, backend string, natedInitiates bool, extra string) *natLab {
+	t.Helper()
 	for _, bin := range []string{"nft", "conntrack"} {
 		if _, err := exec.LookPath(tool(bin)); err != nil {
 			t.Skipf("needs %s (tests/deps.sh installs nftables and conntrack)", bin)
@@ -46,6 +68,7 @@ func testNATXFRM(t *testing.T, natedInitiates bool) {
 			t.Fatal(err)
 		}
 	}
+	nl := &natLab{ctx: ctx, inner: [2]string{"10.200.0.1", "10.200.0.2"}}
 	var hs [3]*Host
 	for i, name := range []string{"a", "n", "b"} {
 		h, err := l.Host(ctx, name)
@@ -53,22 +76,27 @@ func testNATXFRM(t *testing.T, natedInitiates bool) {
 		hs[i] = h
 	}
 	a, n, b := hs[0], hs[1], hs[2]
-	const (
-		natPublic = "198.51.100.1"
-		bAddr     = "198.51.100.2"
-	)
-	inner := [2]string{"10.200.0.1", "10.200.0.2"}
+	nl.a, nl.n, nl.b = a, n, b
+	inner := nl.inner
 	must(l.Link(ctx, a, n, netip.MustParsePrefix("10.9.0.2/24"), netip.MustParsePrefix("10.9.0.1/24")))
-	must(l.Link(ctx, n, b, netip.MustParsePrefix(natPublic+"/24"), netip.MustParsePrefix(bAddr+"/24")))
-	wan := l.Prefix + "nb"
+	must(l.Link(ctx, n, b, netip.MustParsePrefix(natPublic+"/24"), netip.MustParsePrefix(natB+"/24")))
+	nl.wan = l.Prefix + "nb"
 	must(a.IP(ctx, "route", "add", "default", "via", "10.9.0.1"))
-	// Tunnel mode between inner addresses on loopback, as TestDemo/xfrm.
-	must(a.IP(ctx, "addr", "add", inner[0]+"/32", "dev", "lo"))
-	must(b.IP(ctx, "addr", "add", inner[1]+"/32", "dev", "lo"))
-	must(a.IP(ctx, "route", "add", inner[1]+"/32", "via", "10.9.0.1", "src", inner[0]))
-	must(b.IP(ctx, "route", "add", inner[0]+"/32", "via", natPublic, "src", inner[1]))
+	plane := [2]string{}
+	if backend == "xfrm" {
+		// Tunnel mode between inner addresses on loopback, as
+		// TestDemo/xfrm.
+		must(a.IP(ctx, "addr", "add", inner[0]+"/32", "dev", "lo"))
+		must(b.IP(ctx, "addr", "add", inner[1]+"/32", "dev", "lo"))
+		must(a.IP(ctx, "route", "add", inner[1]+"/32", "via", "10.9.0.1", "src", inner[0]))
+		must(b.IP(ctx, "route", "add", inner[0]+"/32", "via", natPublic, "src", inner[1]))
+	} else {
+		for i := range plane {
+			plane[i] = fmt.Sprintf("userspace:\n  address: %s/24\n  io: udp\n", inner[i])
+		}
+	}
 	must(n.Run(ctx, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
-	must(n.Nft(ctx, fmt.Sprintf("table ip nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname %q masquerade\n\t}\n}\n", wan)))
+	must(n.Nft(ctx, fmt.Sprintf("table ip nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname %q masquerade\n\t}\n}\n", nl.wan)))
 
 	da, err := l.NewDaemon(ctx, a)
 	must(err)
@@ -78,32 +106,44 @@ func testNATXFRM(t *testing.T, natedInitiates bool) {
 		da, err = l.NewDaemon(ctx, a)
 		must(err)
 	}
-	conf := func(self *Daemon, listen, peerName, peerEP, peerKey, peerInner string) {
+	conf := func(self *Daemon, listen, plane, peerName, peerEP, peerKey, peerInner string) {
 		t.Helper()
 		must(self.WriteConfig(fmt.Sprintf(`listen: %s
 metrics: off
-backend: xfrm
+backend: %s
 rekey_interval: 10m
 require_encryption: true
-peers:
+%s%speers:
   - name: %s
     endpoint: %s
     public_key: %s
     prefixes: [%s/32]
-`, listen, peerName, peerEP, peerKey, peerInner)))
+`, listen, backend, extra, plane, peerName, peerEP, peerKey, peerInner)))
 	}
-	conf(da, "10.9.0.2", "b", bAddr, db.PubKey, inner[1])
-	conf(db, bAddr, "a", natPublic, da.PubKey, inner[0])
-	if err := da.Available(ctx, "xfrm"); err != nil {
+	conf(da, "10.9.0.2", plane[0], "b", natB, db.PubKey, inner[1])
+	conf(db, natB, plane[1], "a", natPublic, da.PubKey, inner[0])
+	if err := da.Available(ctx, backend); err != nil {
 		t.Skip(err)
 	}
 	for _, d := range []*Daemon{da, db} {
 		must(d.Start(ctx))
 	}
-	p := &Pair{A: da, B: db, Inner: inner}
-	as, err := p.WaitAssoc(ctx, 1)
-	if err != nil {
+	nl.da, nl.db = da, db
+	nl.p = &Pair{A: da, B: db, Inner: inner}
+	if nl.as, err = nl.p.WaitAssoc(ctx, 1); err != nil {
 		t.Fatalf("%v\n%s\n%s", err, da.Tail(30), db.Tail(30))
+	}
+	return nl
+}
+
+func testNATXFRM(t *testing.T, natedInitiates bool) {
+	nl := newNATLab(t, "xfrm", natedInitiates, "")
+	ctx, a, n, b, da, db, wan, inner, p, as := nl.ctx, nl.a, nl.n, nl.b, nl.da, nl.db, nl.wan, nl.inner, nl.p, nl.as
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, c := range []struct {
 		d           *Daemon

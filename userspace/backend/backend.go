@@ -14,6 +14,7 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -23,6 +24,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/vishvananda/netlink"
@@ -358,7 +360,7 @@ func (b *Backend) AddPeer(_ context.Context, p offload.PeerSpec) (err error) {
 			c.Close()
 		}
 	}()
-	if err := b.engine.AddPeer(userspace.Peer{Endpoint: pr.outer, Prefixes: p.Prefixes, Codec: c}); err != nil {
+	if err := b.engine.AddPeer(userspace.Peer{Endpoint: pr.outer, Prefixes: p.Prefixes, Codec: c, Keepalive: keepalive(p)}); err != nil {
 		return fmt.Errorf("userspace: peer %s: %w", p.Name, err)
 	}
 	if pr.routes, err = b.addRoutes(p, p.Prefixes, nil); err != nil {
@@ -424,7 +426,7 @@ func (b *Backend) UpdatePeer(_ context.Context, p offload.PeerSpec) error {
 	if err != nil {
 		return err
 	}
-	if err := b.engine.UpdatePeer(pr.outer, userspace.Peer{Endpoint: outer, Prefixes: p.Prefixes, Codec: pr.codec}); err != nil {
+	if err := b.engine.UpdatePeer(pr.outer, userspace.Peer{Endpoint: outer, Prefixes: p.Prefixes, Codec: pr.codec, Keepalive: keepalive(p)}); err != nil {
 		b.dropRoutes(added)
 		return fmt.Errorf("userspace: peer %s: %w", p.Name, err)
 	}
@@ -439,6 +441,18 @@ func (b *Backend) UpdatePeer(_ context.Context, p offload.PeerSpec) error {
 	b.dropRoutes(dropped)
 	pr.cfg, pr.outer, pr.routes = p, outer, append(kept, added...)
 	return nil
+}
+
+// defaultNATKeepalive is the keep-alive interval when the spec gives none.
+const defaultNATKeepalive = 20 * time.Second
+
+// keepalive is the engine's keep-alive interval for a peer: only a host
+// behind a NAT needs to hold a mapping open.
+func keepalive(p offload.PeerSpec) time.Duration {
+	if !p.NAT.Behind {
+		return 0
+	}
+	return cmp.Or(p.NATKeepalive, defaultNATKeepalive)
 }
 
 func (b *Backend) forwardRekeys(ctx context.Context, key identity.PublicKey, c *codec.Codec) {

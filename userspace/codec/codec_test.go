@@ -232,8 +232,8 @@ func TestEmptyAndMalformedInner(t *testing.T) {
 					}
 				}
 			}
-			if b.Stats().Drops[DropEmpty] != 2 {
-				t.Error("empty drops not counted")
+			if st := b.Stats(); st.Keepalives != 2 || st.Drops[DropEmpty] != 0 {
+				t.Errorf("authenticated empty packets: %d keep-alives, %d drops; want 2 keep-alives, no drop", st.Keepalives, st.Drops[DropEmpty])
 			}
 		})
 	}
@@ -458,5 +458,49 @@ func TestKeysNeverPrinted(t *testing.T) {
 				t.Fatalf("key bytes in output %q", o)
 			}
 		}
+	}
+}
+
+// TestSealKeepalive: a keep-alive is an empty packet under the next
+// counter of the TX SA: the peer authenticates it (DropEmpty, which the
+// engine takes as a keep-alive), a replay of it is refused, and a codec
+// without a TX SA seals none and counts no drop.
+func TestSealKeepalive(t *testing.T) {
+	for _, f := range framings {
+		t.Run(f.String(), func(t *testing.T) {
+			a, b := pair(t, f, kdf.AESGCM256, nil)
+			buf := make([]byte, 256)
+			start, n, err := a.SealKeepalive(buf, a.Headroom())
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := buf[start : start+n]
+			if _, r := openOne(b, f, p); r != DropEmpty {
+				t.Fatalf("keep-alive opened as %v, want DropEmpty (authenticated, empty)", r)
+			}
+			if _, r := openOne(b, f, p); r != DropReplay {
+				t.Fatalf("replayed keep-alive: %v, want replay", r)
+			}
+			// A packet sealed after it uses a later counter.
+			inner := ipv4(10, 0)
+			pb := append(make([]byte, a.Headroom()), inner...)
+			pb = append(pb, make([]byte, a.Tailroom())...)
+			s2, n2, err := a.Seal(pb, a.Headroom(), len(inner))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, r := openOne(b, f, pb[s2:s2+n2]); r != Pass {
+				t.Fatalf("packet after the keep-alive: %v", r)
+			}
+			c := mustNew(t, Config{Framing: f})
+			if _, _, err := c.SealKeepalive(buf, c.Headroom()); !errors.Is(err, ErrNoTXSA) {
+				t.Fatalf("keep-alive without a TX SA: %v, want ErrNoTXSA", err)
+			}
+			for r, n := range c.Stats().Drops {
+				if n != 0 {
+					t.Errorf("a refused keep-alive counted %d drops of %v", n, DropReason(r))
+				}
+			}
+		})
 	}
 }

@@ -19,7 +19,7 @@ const (
 	DropExpired        // RX SA expired, past its grace, or just removed
 	DropAuth           // AEAD authentication failed
 	DropReplay         // counter seen before or behind the window
-	DropEmpty          // authenticated but empty inner packet
+	DropEmpty          // authenticated but empty: a keep-alive, counted in Stats.Keepalives, not as a drop
 	DropInnerMalformed // inner packet not IPv4/IPv6, bad length, or not what the header announced
 
 	// Transmit side.

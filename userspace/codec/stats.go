@@ -39,6 +39,10 @@ type SAStats struct {
 type Stats struct {
 	// Drops counts packets by reason; Drops[Pass] is always 0.
 	Drops [NumDropReasons]uint64
+	// Keepalives counts the empty packets that authenticated
+	// (SealKeepalive's): Open reports them as DropEmpty, but nothing was
+	// dropped.
+	Keepalives uint64
 	// SAs lists the TX SA (if any) first, then RX SAs oldest first.
 	SAs []SAStats
 }
@@ -50,6 +54,8 @@ func (c *Codec) Stats() Stats {
 	for i := range s.Drops {
 		s.Drops[i] = c.drops[i].Load()
 	}
+	// rxDrop counts keep-alives in the DropEmpty slot.
+	s.Keepalives, s.Drops[DropEmpty] = s.Drops[DropEmpty], 0
 	now := c.clock()
 	t := c.tab.Load()
 	if t.tx != nil {

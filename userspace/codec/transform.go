@@ -55,6 +55,30 @@ func (c *Codec) SealTo(dst, inner []byte) (length int, err error) {
 	return need, nil
 }
 
+// SealKeepalive seals an empty inner packet into buf at off, as Seal
+// lays it out, and returns the UDP payload span. The receiver
+// authenticates it, moves its replay window and its idea of where this
+// host is, and delivers nothing: a keep-alive that holds a NAT's mapping
+// open. It uses a counter of the TX SA like any packet; a failure counts
+// no drop, since no packet was dropped.
+func (c *Codec) SealKeepalive(buf []byte, off int) (start, length int, err error) {
+	if off < c.hdrLen || off > len(buf)-wire.TagLen {
+		return 0, 0, ErrShortBuffer
+	}
+	sa, err := c.txSA()
+	if err != nil {
+		return 0, 0, err
+	}
+	ctr, err := c.nextCounter(sa)
+	if err != nil {
+		return 0, 0, err
+	}
+	hdr := buf[off-c.hdrLen : off]
+	c.putHeader(hdr, sa, wire.IPv4, ctr)
+	sa.aead.Seal(buf[off:off], hdr[c.nonceOff():c.nonceOff()+wire.NonceLen], nil, hdr)
+	return off - c.hdrLen, c.hdrLen + wire.TagLen, nil
+}
+
 func (c *Codec) txFail(err error) error {
 	c.drops[txDrop(err)].Add(1)
 	return err
@@ -69,6 +93,12 @@ func (c *Codec) txPrepare(inner []byte) (*txSA, wire.Inner, error) {
 	case err != nil:
 		return nil, 0, ErrInnerPacket
 	}
+	sa, err := c.txSA()
+	return sa, proto, err
+}
+
+// txSA is the TX SA to seal under now.
+func (c *Codec) txSA() (*txSA, error) {
 	// An SA that goes off between loading the table and this check was
 	// either replaced by a rekey, in which case the table already holds its
 	// successor and the packet goes out under that (a rekey loses no
@@ -78,15 +108,15 @@ func (c *Codec) txPrepare(inner []byte) (*txSA, wire.Inner, error) {
 		sa := t.tx
 		if sa == nil {
 			if t.txExpired {
-				return nil, 0, ErrKeyExpired
+				return nil, ErrKeyExpired
 			}
-			return nil, 0, ErrNoTXSA
+			return nil, ErrNoTXSA
 		}
 		if !sa.off.Load() {
-			return sa, proto, nil
+			return sa, nil
 		}
 	}
-	return nil, 0, ErrKeyExpired
+	return nil, ErrKeyExpired
 }
 
 // nextCounter hands out the next counter of sa. The counter is the one

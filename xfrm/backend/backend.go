@@ -84,10 +84,10 @@ type Config struct {
 // Config.RetireGrace is 0: the key exchange's default grace.
 const defaultRetireGrace = 30 * time.Second
 
-// natKeepalive is how long an outbound SA of a host behind a NAT may be
-// idle before the kernel sends a keep-alive: below the 30 s that NATs
-// commonly keep an idle UDP mapping.
-const natKeepalive = 20 * time.Second
+// defaultNATKeepalive is how long an outbound SA of a host behind a NAT
+// may be idle before the kernel sends a keep-alive, when the spec does
+// not say: below the 30 s that NATs commonly keep an idle UDP mapping.
+const defaultNATKeepalive = 20 * time.Second
 
 // retirePoll is how often a pending retirement reads the new inbound SA's
 // counters, and so about how long the old generation outlives the first
@@ -661,7 +661,7 @@ func (b *Backend) sa(pr *peer, sa *assoc.SA, dir xfrm.Dir, key secret.Key, salt 
 		} else {
 			s.Encap = &xfrm.Encap{SrcPort: port, DstPort: theirs}
 			if pr.cfg.NAT.Behind && !b.noKeepalive {
-				s.NATKeepalive = natKeepalive
+				s.NATKeepalive = cmp.Or(pr.cfg.NATKeepalive, defaultNATKeepalive).Round(time.Second)
 			}
 		}
 	}
