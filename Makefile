@@ -6,7 +6,7 @@ FUZZTIME  ?= 10s
 PSPD_VM   ?= auto
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build preload test unit fips fuzz lint bench bench-e2e vmtest demo deps deps-demo dist install deb package-test
+.PHONY: all build preload test unit fips fuzz lint bench bench-e2e bench-instructions vmtest demo deps deps-demo dist install deb package-test
 
 # Installation layout (make install PREFIX=/usr DESTDIR=/tmp/stage). The
 # configuration goes to SYSCONFDIR, /etc also for /usr/local: that is where
@@ -164,3 +164,8 @@ bench:
 bench-e2e:
 	tests/deps.sh bench
 	cd tests/bench && $(GO) run ./cmd/benche2e -out ../../docs/benchmarks.md
+
+# Instructions per packet of the codec, counted by callgrind: stable
+# across machine load, so a regression shows as a number, not noise.
+bench-instructions:
+	tests/bench/instructions.sh
