@@ -3,6 +3,7 @@ package psp
 import (
 	"bytes"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -160,6 +161,35 @@ func TestSetPeerAddresses(t *testing.T) {
 	m.SetPeer(p, netip.MustParseAddr("192.0.2.9"), nil)
 	if m.peers.allows(p, netip.MustParseAddr("10.1.0.1")) || !m.peers.allows(p, netip.MustParseAddr("192.0.2.9")) {
 		t.Error("SetPeer did not replace the set")
+	}
+}
+
+// TestPeersFor: peer=auto upgrades pick the peer whose addresses hold
+// the connection's remote address. An address no peer holds gives none,
+// and one that two peers' prefixes hold gives both, which the daemon
+// refuses as ambiguous rather than guess.
+func TestPeersFor(t *testing.T) {
+	p, q := newPeer(t), newPeer(t)
+	m := testManager()
+	m.SetPeer(p, netip.MustParseAddr("192.0.2.7"), []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")})
+	m.SetPeer(q, netip.MustParseAddr("192.0.2.8"), []netip.Prefix{netip.MustParsePrefix("10.1.2.0/24")})
+	for addr, want := range map[string][]identity.PublicKey{
+		"192.0.2.7": {p}, "::ffff:192.0.2.8": {q}, "10.1.9.9": {p}, "10.1.2.3": {p, q}, "10.2.0.1": nil,
+	} {
+		got := m.PeersFor(netip.MustParseAddr(addr))
+		if len(got) != len(want) {
+			t.Errorf("peers for %s: %d, want %d", addr, len(got), len(want))
+			continue
+		}
+		for _, w := range want {
+			if !slices.Contains(got, w) {
+				t.Errorf("peers for %s: %v lacks %v", addr, got, w.Fingerprint())
+			}
+		}
+	}
+	m.RemovePeer(q)
+	if got := m.PeersFor(netip.MustParseAddr("10.1.2.3")); len(got) != 1 || got[0] != p {
+		t.Errorf("after q was removed, peers for 10.1.2.3: %v", got)
 	}
 }
 
