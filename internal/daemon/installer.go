@@ -51,14 +51,15 @@ func (i installer) Install(ctx context.Context, sa *assoc.SA) error {
 	} else if nat != p.nat {
 		// The session that negotiated this SA runs through other NATs
 		// than the last one: the backend's next SAs follow it.
-		p.nat = nat
 		s, err := i.d.specFor(p, i.b)
 		if err != nil {
 			return err
 		}
+		s.NAT = nat
 		if err := i.d.backends[i.b].UpdatePeer(ctx, s); err != nil {
 			return err
 		}
+		p.nat = nat
 	}
 	p.traffic.sample(i.d.backends)
 	if err := i.d.backends[i.b].Install(ctx, sa); err != nil {

@@ -814,6 +814,9 @@ func (b *Backend) Activate(ctx context.Context, sa *assoc.SA) error {
 		return fmt.Errorf("xfrm: peer %s: association %d generation %d failed to activate before; remove it", pr.cfg.Name, sa.ID, sa.Generation)
 	}
 	out := b.sa(pr, sa, xfrm.Out, p.tx, p.txSalt)
+	// A NAT's new mapping since Install moved the peer: the SA goes
+	// where the peer is now, and is removed from there.
+	p.out = out.ID()
 	_, err = b.h.AddSA(ctx, &out)
 	if err != nil && out.NATKeepalive != 0 {
 		// A kernel before 6.10 knows no keep-alives; traffic alone then
