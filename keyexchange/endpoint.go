@@ -53,7 +53,10 @@
 //     restart the previous generation is removed at once, since the peer
 //     has lost its keys. A starting responder dials the initiator at once,
 //     so that an initiator still holding a session with its previous
-//     incarnation learns of the restart without waiting for a timeout.
+//     incarnation learns of the restart without waiting for a timeout. A
+//     responder that lost its session dials the initiator too, with
+//     backoff, until it has one again: behind a NAT that rebound, the
+//     initiator can reach it only through the mapping that dial opens.
 //   - A clean stop (Endpoint.Close, Peer.Close) sends a Goodbye, so the
 //     other side marks this host down at once rather than after
 //     Config.IdleTimeout, and reconnects with backoff as after any

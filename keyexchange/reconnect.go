@@ -28,14 +28,18 @@ func (p *Peer) offer(s *Session) {
 }
 
 // run keeps a session with the peer until the peer is closed: it takes
-// the sessions the peer opens, dials (initiator) or knocks once (starting
-// responder), and backs off after every failure.
+// the sessions the peer opens, dials (initiator; responder once at start,
+// and again after it lost a session) and backs off after every failure.
 func (p *Peer) run() {
 	defer close(p.done)
 	defer p.removeAll()
 	defer p.timersStop()
 	var next *Session
 	knocked := false
+	// lost: this responder had a session and lost it. It dials until it
+	// has one again, since the initiator may only reach it through the
+	// path its own dial opens (a NAT in front of it that rebound).
+	lost := false
 	for p.ctx.Err() == nil {
 		s := next
 		next = nil
@@ -49,9 +53,9 @@ func (p *Peer) run() {
 			knocked = true
 			s = p.knock()
 		}
-		if s == nil && p.role == kdf.Initiator {
+		if s == nil && (p.role == kdf.Initiator || lost && p.cfg.Addr.IsValid()) {
 			var err error
-			if s, err = p.dial(); err != nil {
+			if s, err = p.dialPeer(); err != nil {
 				d := p.timersAttemptFailed()
 				p.setState(StateBackoff, nil)
 				p.log.Debug("dial failed; retrying", "err", err, durationAttr("retry_in", d))
@@ -77,6 +81,7 @@ func (p *Peer) run() {
 		var err error
 		next, err = p.runSession(s)
 		p.log.Debug("session ended", "err", err)
+		lost = p.role == kdf.Responder
 		if next == nil && err != nil && p.ctx.Err() == nil {
 			// A session that failed after the handshake (a refused
 			// install, a protocol error) must not turn into a tight
@@ -104,16 +109,19 @@ func (p *Peer) waitBackoff() *Session {
 	return nil
 }
 
-// knock is a starting responder's one dial to the initiator. The
-// initiator normally dials, but after this side restarted the initiator
-// may still hold a session with this side's previous incarnation, which
-// it would only notice at the idle timeout. A starting responder has no
-// session with the initiator, whatever the initiator believes, so it
-// dials at once; a session arriving from us, with our new boot id,
-// replaces the stale one on the initiator. When both sides start together
-// the initiator's dial and ours race: the initiator keeps the session it
-// dialed and refuses ours as a duplicate (same boot id), and we switch to
-// its session when it arrives (see drive), so both settle on one.
+// knock is a starting responder's dial to the initiator. The initiator
+// normally dials, but after this side restarted the initiator may still
+// hold a session with this side's previous incarnation, which it would
+// only notice at the idle timeout. A starting responder has no session
+// with the initiator, whatever the initiator believes, so it dials at
+// once; a session arriving from us, with our new boot id, replaces the
+// stale one on the initiator. If the knock fails the responder waits for
+// the initiator to dial; only after it lost a session does it keep
+// dialing, with backoff (run). When both sides dial at once (they start
+// together, or both lost the session) their dials race: the initiator
+// keeps the session it dialed and refuses ours as a duplicate (same boot
+// id), and we switch to its session when it arrives (see drive and
+// dialPeer), so both settle on one.
 func (p *Peer) knock() *Session {
 	select {
 	case s := <-p.incoming:
@@ -123,20 +131,69 @@ func (p *Peer) knock() *Session {
 	if !p.cfg.Addr.IsValid() {
 		return nil
 	}
-	p.log.Debug("responder has no session with the initiator; dialing it now")
-	s, err := p.dial()
+	s, err := p.dialPeer()
 	if err != nil {
 		p.log.Debug("responder could not reach the initiator; waiting for it to dial", "err", err)
 		return nil
 	}
-	p.log.Info("responder reached the initiator after start")
 	return s
+}
+
+// dialPeer is dial for either role. The initiator waits for its own dial,
+// which it prefers to the responder's. The responder takes a session the
+// initiator opens meanwhile at once, since the initiator would refuse the
+// responder's anyway and starts negotiating on its own as soon as it is
+// up: the responder's dial then finishes on its own and is dropped.
+func (p *Peer) dialPeer() (*Session, error) {
+	if p.role == kdf.Initiator {
+		return p.dial()
+	}
+	p.log.Debug("responder has no session with the initiator; dialing it now")
+	p.setState(StateConnecting, nil)
+	type result struct {
+		s        *Session
+		err      error
+		answered bool
+	}
+	res := make(chan result, 1)
+	go func() {
+		s, answered, err := p.dialOnce()
+		res <- result{s, err, answered}
+	}()
+	select {
+	case r := <-res:
+		if r.err != nil {
+			p.dialFailed(r.err, r.answered)
+			return nil, r.err
+		}
+		p.log.Info("responder reached the initiator")
+		return r.s, nil
+	case s := <-p.incoming:
+		go func() {
+			if r := <-res; r.s != nil {
+				r.s.Close(errDuplicate)
+			}
+		}()
+		return s, nil
+	}
 }
 
 // dial is one attempt to open a session to the peer. A failure is
 // recorded, explained, as the peer's cause.
 func (p *Peer) dial() (*Session, error) {
 	p.setState(StateConnecting, nil)
+	s, answered, err := p.dialOnce()
+	if err != nil {
+		p.dialFailed(err, answered)
+	}
+	return s, err
+}
+
+// dialOnce opens a session to the peer and reports whether the peer
+// answered (presented its pinned key). It records nothing, so that a
+// dial whose result is no longer wanted (dialPeer) does not change the
+// peer's state.
+func (p *Peer) dialOnce() (*Session, bool, error) {
 	ctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
 	defer cancel()
 	var answered atomic.Bool
@@ -144,15 +201,17 @@ func (p *Peer) dial() (*Session, error) {
 		answered.Store(true)
 		p.handshaking()
 	})
-	if err != nil {
-		p.setLastErr(err)
-		cause := err
-		if !answered.Load() || refusedByPeer(err) {
-			cause = p.explain(err, nil)
-		}
-		p.setState(StateConnecting, cause)
+	return s, answered.Load(), err
+}
+
+// dialFailed records a failed dial, explained, as the peer's cause.
+func (p *Peer) dialFailed(err error, answered bool) {
+	p.setLastErr(err)
+	cause := err
+	if !answered || refusedByPeer(err) {
+		cause = p.explain(err, nil)
 	}
-	return s, err
+	p.setState(StateConnecting, cause)
 }
 
 // runSession drives one session until it ends. It returns a newer session
@@ -273,11 +332,16 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 			serveErr <- err // runSession waits for it too
 			return err
 		case n := <-p.incoming:
-			if p.role == kdf.Initiator && n.PeerBootID() == s.PeerBootID() {
+			if p.role == kdf.Initiator && s.Dialed() && n.PeerBootID() == s.PeerBootID() {
 				// The responder dialed while our own dial was under way
-				// (both started together): keep ours, which the
-				// responder switches to. A restarted responder has a new
-				// boot id and replaces the stale session below.
+				// (both started together, or both lost the session): keep
+				// ours, which the responder switches to. A restarted
+				// responder has a new boot id and replaces the stale
+				// session below. So does a responder that dials again
+				// while we hold a session it dialed: it dials only when it
+				// has no session, so that one is dead on its side even if
+				// we have not noticed (its NAT rebound and our packets no
+				// longer reach it).
 				p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
 				n.Close(errDuplicate)
 				continue
