@@ -115,13 +115,20 @@ func (p *Peer) waitBackoff() *Session {
 // only notice at the idle timeout. A starting responder has no session
 // with the initiator, whatever the initiator believes, so it dials at
 // once; a session arriving from us, with our new boot id, replaces the
-// stale one on the initiator. If the knock fails the responder waits for
-// the initiator to dial; only after it lost a session does it keep
-// dialing, with backoff (run). When both sides dial at once (they start
-// together, or both lost the session) their dials race: the initiator
-// keeps the session it dialed and refuses ours as a duplicate (same boot
-// id), and we switch to its session when it arrives (see drive and
-// dialPeer), so both settle on one.
+// stale one on the initiator.
+//
+// A failed knock leaves the dialing to the initiator, as it was before
+// this side ever had a session: most often the initiator is not up yet,
+// and it dials when it starts. A responder that lost a session, though,
+// keeps dialing with backoff until it has one again (run): the initiator
+// may have reached it only through the path the responder's dial opened,
+// and a NAT in front of the responder forgets that path when it rebinds.
+//
+// When both sides dial at once (they start together, or both lost the
+// session) their dials race: the initiator keeps the session it dialed
+// and refuses ours as a duplicate (same boot id), and we switch to its
+// session when it arrives (see drive and dialPeer), so both settle on
+// one.
 func (p *Peer) knock() *Session {
 	select {
 	case s := <-p.incoming:
