@@ -299,12 +299,13 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 		// do handshake work or amplify towards a victim.
 		VerifySourceAddress: func(net.Addr) bool { return true },
 		StatelessResetKey:   &resetKey,
-		// Only to learn of inbound handshakes the dialer aborted (see
-		// inboundEnded).
+		// To learn of inbound handshakes the dialer aborted (see
+		// inboundEnded), and when each inbound connection began (see
+		// dialed.raced).
 		ConnContext: func(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
 			remote := ci.RemoteAddr
 			context.AfterFunc(ctx, func() { e.inboundEnded(remote, context.Cause(ctx)) })
-			return ctx, nil
+			return context.WithValue(ctx, inboundBegan{}, time.Now()), nil
 		},
 	}
 	e.qconf = &quic.Config{
@@ -431,6 +432,9 @@ func (e *Endpoint) strangerNew(pk identity.PublicKey) bool {
 	e.strangers[pk] = now
 	return true
 }
+
+// inboundBegan keys, in an inbound connection's context, when it began.
+type inboundBegan struct{}
 
 // inboundEnded runs when an inbound connection is over. One that the
 // dialer aborted because of this host's certificate (it pins another key

@@ -34,8 +34,11 @@ func (p *Peer) run() {
 	defer close(p.done)
 	defer p.removeAll()
 	defer p.timersStop()
-	var next *Session
-	knocked := false
+	var (
+		next    *Session
+		ours    dialed // initiator: the last session this side dialed
+		knocked bool
+	)
 	// lost: this responder had a session and lost it. It dials until it
 	// has one again, since the initiator may only reach it through the
 	// path its own dial opens (a NAT in front of it that rebound).
@@ -62,6 +65,8 @@ func (p *Peer) run() {
 				if s = p.waitBackoff(); s == nil {
 					continue
 				}
+			} else if p.role == kdf.Initiator {
+				ours = dialed{s.PeerBootID(), time.Now()}
 			}
 		}
 		if s == nil {
@@ -78,6 +83,11 @@ func (p *Peer) run() {
 			s.Close(nil)
 			continue
 		}
+		if ours.raced(p, s) {
+			p.log.Debug("refusing the responder's session that raced the one this side dialed")
+			s.Close(errDuplicate)
+			continue
+		}
 		var err error
 		next, err = p.runSession(s)
 		p.log.Debug("session ended", "err", err)
@@ -92,6 +102,26 @@ func (p *Peer) run() {
 			next = p.waitBackoff()
 		}
 	}
+}
+
+// dialed is a session the initiator dialed: whom it reached, and when.
+type dialed struct {
+	boot wire.BootID
+	at   time.Time
+}
+
+// raced reports whether s is the responder's side of a race with the
+// session d: the responder began dialing s before d came up, so it takes
+// d and drops s, as when drive refuses a duplicate. drive sees only what
+// arrives while d is live; a session queued late, after d ended, would
+// otherwise become the next session, and fail at its first negotiation.
+// A responder that lost d dials after d came up, and is not refused.
+func (d dialed) raced(p *Peer, s *Session) bool {
+	if p.role != kdf.Initiator || s.Dialed() || d.at.IsZero() || s.PeerBootID() != d.boot {
+		return false
+	}
+	began, ok := s.conn.Context().Value(inboundBegan{}).(time.Time)
+	return ok && began.Before(d.at)
 }
 
 // waitBackoff waits for the backoff timer (expiredBackoff), or returns at
@@ -150,7 +180,8 @@ func (p *Peer) knock() *Session {
 // which it prefers to the responder's. The responder takes a session the
 // initiator opens meanwhile at once, since the initiator would refuse the
 // responder's anyway and starts negotiating on its own as soon as it is
-// up: the responder's dial then finishes on its own and is dropped.
+// up. The responder's dial is then abandoned before the initiator can
+// take it for a next session, which the responder would refuse.
 func (p *Peer) dialPeer() (*Session, error) {
 	if p.role == kdf.Initiator {
 		return p.dial()
@@ -162,13 +193,15 @@ func (p *Peer) dialPeer() (*Session, error) {
 		err      error
 		answered bool
 	}
+	ctx, cancel := context.WithCancel(p.ctx)
 	res := make(chan result, 1)
 	go func() {
-		s, answered, err := p.dialOnce()
+		s, answered, err := p.dialOnce(ctx)
 		res <- result{s, err, answered}
 	}()
 	select {
 	case r := <-res:
+		cancel()
 		if r.err != nil {
 			p.dialFailed(r.err, r.answered)
 			return nil, r.err
@@ -176,6 +209,7 @@ func (p *Peer) dialPeer() (*Session, error) {
 		p.log.Info("responder reached the initiator")
 		return r.s, nil
 	case s := <-p.incoming:
+		cancel()
 		go func() {
 			if r := <-res; r.s != nil {
 				r.s.Close(errDuplicate)
@@ -189,7 +223,7 @@ func (p *Peer) dialPeer() (*Session, error) {
 // recorded, explained, as the peer's cause.
 func (p *Peer) dial() (*Session, error) {
 	p.setState(StateConnecting, nil)
-	s, answered, err := p.dialOnce()
+	s, answered, err := p.dialOnce(p.ctx)
 	if err != nil {
 		p.dialFailed(err, answered)
 	}
@@ -200,8 +234,8 @@ func (p *Peer) dial() (*Session, error) {
 // answered (presented its pinned key). It records nothing, so that a
 // dial whose result is no longer wanted (dialPeer) does not change the
 // peer's state.
-func (p *Peer) dialOnce() (*Session, bool, error) {
-	ctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
+func (p *Peer) dialOnce(ctx context.Context) (*Session, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*p.e.cfg.HandshakeTimeout)
 	defer cancel()
 	var answered atomic.Bool
 	s, err := p.e.dialAnd(ctx, p.cfg.Addr, p.cfg.Key, func() {
@@ -339,18 +373,7 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 			serveErr <- err // runSession waits for it too
 			return err
 		case n := <-p.incoming:
-			if p.role == kdf.Initiator && s.Dialed() && n.PeerBootID() == s.PeerBootID() {
-				// The responder dialed while our own dial was under way
-				// (both started together, or both lost the session): keep
-				// ours, which the responder switches to. A restarted
-				// responder has a new boot id and replaces the stale
-				// session below. So does a responder that dials again
-				// while we hold a session it dialed: it dials only when it
-				// has no session, so that one is dead on its side even if
-				// we have not noticed (its NAT rebound and our packets no
-				// longer reach it).
-				p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
-				n.Close(errDuplicate)
+			if p.refuseDuplicate(s, n) {
 				continue
 			}
 			*next = n
@@ -359,6 +382,23 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 			return p.ctx.Err()
 		}
 	}
+}
+
+// refuseDuplicate closes n, a session the peer opened while s was live,
+// if it duplicates s, and reports whether it did. The responder dialed
+// while our own dial was under way (both started together, or both lost
+// the session): keep ours, which the responder switches to. A restarted
+// responder has a new boot id and replaces s. So does a responder that
+// dials again while we hold a session it dialed: it dials only when it
+// has no session, so that one is dead on its side even if we have not
+// noticed (its NAT rebound and our packets no longer reach it).
+func (p *Peer) refuseDuplicate(s, n *Session) bool {
+	if p.role != kdf.Initiator || !s.Dialed() || n.PeerBootID() != s.PeerBootID() {
+		return false
+	}
+	p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
+	n.Close(errDuplicate)
+	return true
 }
 
 // attach makes s the live session. A new boot id means the peer restarted
