@@ -38,11 +38,12 @@ func (p *Peer) run() {
 		next    *Session
 		ours    dialed // initiator: the last session this side dialed
 		knocked bool
+		// lost: this responder had a session and lost it. It dials
+		// until it has one again, since the initiator may only reach it
+		// through the path its own dial opens (a NAT in front of it that
+		// rebound).
+		lost bool
 	)
-	// lost: this responder had a session and lost it. It dials until it
-	// has one again, since the initiator may only reach it through the
-	// path its own dial opens (a NAT in front of it that rebound).
-	lost := false
 	for p.ctx.Err() == nil {
 		s := next
 		next = nil
