@@ -129,8 +129,9 @@ func refusedByPeer(err error) bool {
 	return errors.As(err, &te) && te.Remote && te.ErrorCode == badCertificate
 }
 
-// explain turns a failed dial or session into its cause. s is the session
-// that failed, if one came up.
+// explain turns a failed dial or session into its cause, or nil if the
+// failure is no reason to be down. s is the session that failed, if one
+// came up.
 func (p *Peer) explain(err error, s *Session) error {
 	var (
 		wp    *wrongPinError
@@ -144,6 +145,12 @@ func (p *Peer) explain(err error, s *Session) error {
 	)
 	switch {
 	case err == nil:
+		return nil
+	case s != nil && errors.As(err, &ae) && ae.Remote && ae.ErrorCode == closeReplaced:
+		// The peer keeps another session with this host (the initiator
+		// refusing the responder's duplicate, or either side taking a
+		// newer one), which this side takes when it arrives: no reason
+		// to be down, and a WARN saying so would only mislead.
 		return nil
 	case errors.As(err, &wp):
 		return wp

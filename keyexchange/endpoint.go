@@ -53,7 +53,10 @@
 //     restart the previous generation is removed at once, since the peer
 //     has lost its keys. A starting responder dials the initiator at once,
 //     so that an initiator still holding a session with its previous
-//     incarnation learns of the restart without waiting for a timeout.
+//     incarnation learns of the restart without waiting for a timeout. A
+//     responder that lost its session dials the initiator too, with
+//     backoff, until it has one again: behind a NAT that rebound, the
+//     initiator can reach it only through the mapping that dial opens.
 //   - A clean stop (Endpoint.Close, Peer.Close) sends a Goodbye, so the
 //     other side marks this host down at once rather than after
 //     Config.IdleTimeout, and reconnects with backoff as after any
@@ -296,12 +299,13 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 		// do handshake work or amplify towards a victim.
 		VerifySourceAddress: func(net.Addr) bool { return true },
 		StatelessResetKey:   &resetKey,
-		// Only to learn of inbound handshakes the dialer aborted (see
-		// inboundEnded).
+		// To learn of inbound handshakes the dialer aborted (see
+		// inboundEnded), and when each inbound connection began (see
+		// dialed.raced).
 		ConnContext: func(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
 			remote := ci.RemoteAddr
 			context.AfterFunc(ctx, func() { e.inboundEnded(remote, context.Cause(ctx)) })
-			return ctx, nil
+			return context.WithValue(ctx, inboundBegan{}, time.Now()), nil
 		},
 	}
 	e.qconf = &quic.Config{
@@ -428,6 +432,9 @@ func (e *Endpoint) strangerNew(pk identity.PublicKey) bool {
 	e.strangers[pk] = now
 	return true
 }
+
+// inboundBegan keys, in an inbound connection's context, when it began.
+type inboundBegan struct{}
 
 // inboundEnded runs when an inbound connection is over. One that the
 // dialer aborted because of this host's certificate (it pins another key

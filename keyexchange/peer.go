@@ -22,8 +22,9 @@ type PeerConfig struct {
 	// also give its fingerprint). Optional.
 	Name string
 	Key  identity.PublicKey
-	// Addr is the peer's control socket. Only the initiator dials, but set
-	// it on both sides: which side initiates depends on the keys.
+	// Addr is the peer's control socket. Set it on both sides: which side
+	// initiates depends on the keys, and a responder dials it too, at
+	// start and after it lost its session (see knock).
 	Addr  netip.AddrPort
 	Assoc wire.AssocID // 1
 	// Backends are the data planes this host accepts for the peer, best

@@ -28,14 +28,22 @@ func (p *Peer) offer(s *Session) {
 }
 
 // run keeps a session with the peer until the peer is closed: it takes
-// the sessions the peer opens, dials (initiator) or knocks once (starting
-// responder), and backs off after every failure.
+// the sessions the peer opens, dials (initiator; responder once at start,
+// and again after it lost a session) and backs off after every failure.
 func (p *Peer) run() {
 	defer close(p.done)
 	defer p.removeAll()
 	defer p.timersStop()
-	var next *Session
-	knocked := false
+	var (
+		next    *Session
+		ours    dialed // initiator: the last session this side dialed
+		knocked bool
+		// lost: this responder had a session and lost it. It dials
+		// until it has one again, since the initiator may only reach it
+		// through the path its own dial opens (a NAT in front of it that
+		// rebound).
+		lost bool
+	)
 	for p.ctx.Err() == nil {
 		s := next
 		next = nil
@@ -49,15 +57,17 @@ func (p *Peer) run() {
 			knocked = true
 			s = p.knock()
 		}
-		if s == nil && p.role == kdf.Initiator {
+		if s == nil && (p.role == kdf.Initiator || lost && p.cfg.Addr.IsValid()) {
 			var err error
-			if s, err = p.dial(); err != nil {
+			if s, err = p.dialPeer(); err != nil {
 				d := p.timersAttemptFailed()
 				p.setState(StateBackoff, nil)
 				p.log.Debug("dial failed; retrying", "err", err, durationAttr("retry_in", d))
 				if s = p.waitBackoff(); s == nil {
 					continue
 				}
+			} else if p.role == kdf.Initiator {
+				ours = dialed{s.PeerBootID(), time.Now()}
 			}
 		}
 		if s == nil {
@@ -74,9 +84,15 @@ func (p *Peer) run() {
 			s.Close(nil)
 			continue
 		}
+		if ours.raced(p, s) {
+			p.log.Debug("refusing the responder's session that raced the one this side dialed")
+			s.Close(errDuplicate)
+			continue
+		}
 		var err error
 		next, err = p.runSession(s)
 		p.log.Debug("session ended", "err", err)
+		lost = p.role == kdf.Responder
 		if next == nil && err != nil && p.ctx.Err() == nil {
 			// A session that failed after the handshake (a refused
 			// install, a protocol error) must not turn into a tight
@@ -87,6 +103,26 @@ func (p *Peer) run() {
 			next = p.waitBackoff()
 		}
 	}
+}
+
+// dialed is a session the initiator dialed: whom it reached, and when.
+type dialed struct {
+	boot wire.BootID
+	at   time.Time
+}
+
+// raced reports whether s is the responder's side of a race with the
+// session d: the responder began dialing s before d came up, so it takes
+// d and drops s, as when drive refuses a duplicate. drive sees only what
+// arrives while d is live; a session queued late, after d ended, would
+// otherwise become the next session, and fail at its first negotiation.
+// A responder that lost d dials after d came up, and is not refused.
+func (d dialed) raced(p *Peer, s *Session) bool {
+	if p.role != kdf.Initiator || s.Dialed() || d.at.IsZero() || s.PeerBootID() != d.boot {
+		return false
+	}
+	began, ok := s.conn.Context().Value(inboundBegan{}).(time.Time)
+	return ok && began.Before(d.at)
 }
 
 // waitBackoff waits for the backoff timer (expiredBackoff), or returns at
@@ -104,16 +140,26 @@ func (p *Peer) waitBackoff() *Session {
 	return nil
 }
 
-// knock is a starting responder's one dial to the initiator. The
-// initiator normally dials, but after this side restarted the initiator
-// may still hold a session with this side's previous incarnation, which
-// it would only notice at the idle timeout. A starting responder has no
-// session with the initiator, whatever the initiator believes, so it
-// dials at once; a session arriving from us, with our new boot id,
-// replaces the stale one on the initiator. When both sides start together
-// the initiator's dial and ours race: the initiator keeps the session it
-// dialed and refuses ours as a duplicate (same boot id), and we switch to
-// its session when it arrives (see drive), so both settle on one.
+// knock is a starting responder's dial to the initiator. The initiator
+// normally dials, but after this side restarted the initiator may still
+// hold a session with this side's previous incarnation, which it would
+// only notice at the idle timeout. A starting responder has no session
+// with the initiator, whatever the initiator believes, so it dials at
+// once; a session arriving from us, with our new boot id, replaces the
+// stale one on the initiator.
+//
+// A failed knock leaves the dialing to the initiator, as it was before
+// this side ever had a session: most often the initiator is not up yet,
+// and it dials when it starts. A responder that lost a session, though,
+// keeps dialing with backoff until it has one again (run): the initiator
+// may have reached it only through the path the responder's dial opened,
+// and a NAT in front of the responder forgets that path when it rebinds.
+//
+// When both sides dial at once (they start together, or both lost the
+// session) their dials race: the initiator keeps the session it dialed
+// and refuses ours as a duplicate (same boot id), and we switch to its
+// session when it arrives (see drive and dialPeer), so both settle on
+// one.
 func (p *Peer) knock() *Session {
 	select {
 	case s := <-p.incoming:
@@ -123,36 +169,91 @@ func (p *Peer) knock() *Session {
 	if !p.cfg.Addr.IsValid() {
 		return nil
 	}
-	p.log.Debug("responder has no session with the initiator; dialing it now")
-	s, err := p.dial()
+	s, err := p.dialPeer()
 	if err != nil {
 		p.log.Debug("responder could not reach the initiator; waiting for it to dial", "err", err)
 		return nil
 	}
-	p.log.Info("responder reached the initiator after start")
 	return s
+}
+
+// dialPeer is dial for either role. The initiator waits for its own dial,
+// which it prefers to the responder's. The responder takes a session the
+// initiator opens meanwhile at once, since the initiator would refuse the
+// responder's anyway and starts negotiating on its own as soon as it is
+// up. The responder's dial is then abandoned before the initiator can
+// take it for a next session, which the responder would refuse.
+func (p *Peer) dialPeer() (*Session, error) {
+	if p.role == kdf.Initiator {
+		return p.dial()
+	}
+	p.log.Debug("responder has no session with the initiator; dialing it now")
+	p.setState(StateConnecting, nil)
+	type result struct {
+		s        *Session
+		err      error
+		answered bool
+	}
+	ctx, cancel := context.WithCancel(p.ctx)
+	res := make(chan result, 1)
+	go func() {
+		s, answered, err := p.dialOnce(ctx)
+		res <- result{s, err, answered}
+	}()
+	select {
+	case r := <-res:
+		cancel()
+		if r.err != nil {
+			p.dialFailed(r.err, r.answered)
+			return nil, r.err
+		}
+		p.log.Info("responder reached the initiator")
+		return r.s, nil
+	case s := <-p.incoming:
+		cancel()
+		go func() {
+			if r := <-res; r.s != nil {
+				r.s.Close(errDuplicate)
+			}
+		}()
+		return s, nil
+	}
 }
 
 // dial is one attempt to open a session to the peer. A failure is
 // recorded, explained, as the peer's cause.
 func (p *Peer) dial() (*Session, error) {
 	p.setState(StateConnecting, nil)
-	ctx, cancel := context.WithTimeout(p.ctx, 2*p.e.cfg.HandshakeTimeout)
+	s, answered, err := p.dialOnce(p.ctx)
+	if err != nil {
+		p.dialFailed(err, answered)
+	}
+	return s, err
+}
+
+// dialOnce opens a session to the peer and reports whether the peer
+// answered (presented its pinned key). It records nothing, so that a
+// dial whose result is no longer wanted (dialPeer) does not change the
+// peer's state.
+func (p *Peer) dialOnce(ctx context.Context) (*Session, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*p.e.cfg.HandshakeTimeout)
 	defer cancel()
 	var answered atomic.Bool
 	s, err := p.e.dialAnd(ctx, p.cfg.Addr, p.cfg.Key, func() {
 		answered.Store(true)
 		p.handshaking()
 	})
-	if err != nil {
-		p.setLastErr(err)
-		cause := err
-		if !answered.Load() || refusedByPeer(err) {
-			cause = p.explain(err, nil)
-		}
-		p.setState(StateConnecting, cause)
+	return s, answered.Load(), err
+}
+
+// dialFailed records a failed dial, explained, as the peer's cause.
+func (p *Peer) dialFailed(err error, answered bool) {
+	p.setLastErr(err)
+	cause := err
+	if !answered || refusedByPeer(err) {
+		cause = p.explain(err, nil)
 	}
-	return s, err
+	p.setState(StateConnecting, cause)
 }
 
 // runSession drives one session until it ends. It returns a newer session
@@ -273,13 +374,7 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 			serveErr <- err // runSession waits for it too
 			return err
 		case n := <-p.incoming:
-			if p.role == kdf.Initiator && n.PeerBootID() == s.PeerBootID() {
-				// The responder dialed while our own dial was under way
-				// (both started together): keep ours, which the
-				// responder switches to. A restarted responder has a new
-				// boot id and replaces the stale session below.
-				p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
-				n.Close(errDuplicate)
+			if p.refuseDuplicate(s, n) {
 				continue
 			}
 			*next = n
@@ -288,6 +383,23 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 			return p.ctx.Err()
 		}
 	}
+}
+
+// refuseDuplicate closes n, a session the peer opened while s was live,
+// if it duplicates s, and reports whether it did. The responder dialed
+// while our own dial was under way (both started together, or both lost
+// the session): keep ours, which the responder switches to. A restarted
+// responder has a new boot id and replaces s. So does a responder that
+// dials again while we hold a session it dialed: it dials only when it
+// has no session, so that one is dead on its side even if we have not
+// noticed (its NAT rebound and our packets no longer reach it).
+func (p *Peer) refuseDuplicate(s, n *Session) bool {
+	if p.role != kdf.Initiator || !s.Dialed() || n.PeerBootID() != s.PeerBootID() {
+		return false
+	}
+	p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
+	n.Close(errDuplicate)
+	return true
 }
 
 // attach makes s the live session. A new boot id means the peer restarted

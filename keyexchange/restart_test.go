@@ -1,6 +1,7 @@
 package keyexchange
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -91,4 +92,56 @@ func sameConn(t *testing.T, a, b *Session) bool {
 		t.Fatal(err1, err2)
 	}
 	return string(ea) == string(eb)
+}
+
+// TestResponderRedialsAfterLosingSession: a responder that the initiator
+// cannot reach (its address is stale, as behind a NAT that rebound) gets
+// a session only by dialing. After it loses that session it dials again,
+// with backoff, and the initiator lets the new session replace the one
+// the responder dialed before, even while that one still looks alive on
+// the initiator's side.
+func TestResponderRedialsAfterLosingSession(t *testing.T) {
+	a, b := orderedIdentities(t)
+	ini, resp := newNode(t, a, quick), newNode(t, b, quick)
+	ci := peerCfg(resp)
+	ci.Addr = deadAddr(t)
+	pi, err := ini.ep.AddPeer(ci)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, err := resp.ep.AddPeer(peerCfg(ini))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pi.WaitGeneration(ctxT(t, 10*time.Second), 1); err != nil {
+		t.Fatal(err)
+	}
+	first := pr.Session()
+	if first == nil || !first.Dialed() {
+		t.Fatal("the responder's first session is not one it dialed")
+	}
+
+	// The session ends; only the responder can bring up another.
+	pi.Session().Close(errors.New("test: session lost"))
+	start := time.Now()
+	waitFor(t, func() bool { s := pr.Session(); return s != nil && s != first && s.Dialed() })
+	if _, err := pi.WaitGeneration(ctxT(t, 10*time.Second), 2); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the responder dialed again and a new generation was confirmed %s after the session was lost", time.Since(start))
+
+	// A responder's new session replaces the one it dialed before on the
+	// initiator, which has not noticed that one is gone on the
+	// responder's side.
+	held := pi.Session()
+	if held == nil || held.Dialed() {
+		t.Fatal("the initiator does not hold the session the responder dialed")
+	}
+	n, err := resp.ep.dial(ctxT(t, 5*time.Second), ini.ep.Addr(), ini.ep.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(nil)
+	waitFor(t, func() bool { return held.Context().Err() != nil })
+	waitFor(t, func() bool { return pi.Session() != nil && pi.Session() != held })
 }

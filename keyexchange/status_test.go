@@ -446,4 +446,11 @@ func TestCauseKeyStable(t *testing.T) {
 	if other := pi.explain(errors.New("something else"), s); causeKey(other) == causeKey(a) {
 		t.Fatal("an unrelated error has the install cause's key")
 	}
+	// The responder's redial that the initiator refused as a duplicate of
+	// the session it dialed: the responder takes that one, nothing is
+	// wrong.
+	dup := peerErr(pi.cfg.Key, "session", &quic.ApplicationError{Remote: true, ErrorCode: closeReplaced, ErrorMessage: errDuplicate.Error()})
+	if c := pi.explain(dup, s); c != nil {
+		t.Fatalf("a session refused as a duplicate has cause %v", c)
+	}
 }
