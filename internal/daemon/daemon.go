@@ -416,7 +416,7 @@ func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev,
 	if err != nil || !renegotiate {
 		return err
 	}
-	d.log.Info("peer re-negotiated after a reload", "peer", np.Name)
+	d.log.Info("peer re-negotiated: its endpoint, suite or backends changed", "peer", np.Name, "endpoint", np.Endpoint)
 	d.stopKX(p)
 	p.bmu.Lock()
 	if _, ok := p.on[cs[0]]; !ok {

@@ -206,6 +206,9 @@ type Codec struct {
 	tab    atomic.Pointer[table]
 
 	drops [NumDropReasons]atomic.Uint64
+	// keepalives counts authenticated empty packets, which Open reports
+	// as DropEmpty but which drop nothing.
+	keepalives atomic.Uint64
 }
 
 // table is an immutable snapshot of the SAs; writers replace it whole so

@@ -54,8 +54,7 @@ func (c *Codec) Stats() Stats {
 	for i := range s.Drops {
 		s.Drops[i] = c.drops[i].Load()
 	}
-	// rxDrop counts keep-alives in the DropEmpty slot.
-	s.Keepalives, s.Drops[DropEmpty] = s.Drops[DropEmpty], 0
+	s.Keepalives = c.keepalives.Load()
 	now := c.clock()
 	t := c.tab.Load()
 	if t.tx != nil {

@@ -203,6 +203,10 @@ func (c *Codec) OpenTo(f Framing, dst, pkt []byte) (length int, reason DropReaso
 }
 
 func (c *Codec) rxDrop(r DropReason) DropReason {
+	if r == DropEmpty {
+		c.keepalives.Add(1)
+		return r
+	}
 	c.drops[r].Add(1)
 	return r
 }
