@@ -99,15 +99,15 @@ func (d *Daemon) resolved(pc policy.Peer, ap netip.AddrPort, err error) {
 	if ap == p.cfg.Endpoint {
 		return
 	}
-	d.log.Info("peer's endpoint name resolves to a new address; re-negotiating there", "peer", pc.Name, "endpoint", p.cfg.EndpointName,
-		"from", p.cfg.Endpoint, "to", ap)
 	prev := d.cfg
-	next := *prev
-	next.Peers = slices.Clone(prev.Peers)
-	i := slices.IndexFunc(next.Peers, func(q policy.Peer) bool { return q.Name == pc.Name })
+	i := slices.IndexFunc(prev.Peers, func(q policy.Peer) bool { return q.Name == pc.Name })
 	if i < 0 {
 		return
 	}
+	d.log.Info("peer's endpoint name resolves to a new address; re-negotiating there", "peer", pc.Name, "endpoint", p.cfg.EndpointName,
+		"from", p.cfg.Endpoint, "to", ap)
+	next := *prev
+	next.Peers = slices.Clone(prev.Peers)
 	next.Peers[i].Endpoint = ap
 	d.cfg = &next
 	if err := d.reconfigure(d.ctx, p, next.Peers[i], prev, &next); err != nil {

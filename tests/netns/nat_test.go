@@ -88,28 +88,14 @@ func testNATRebinding(t *testing.T, natedInitiates bool, io string) {
 	wan := l.Prefix + "nb"
 	must(n.IP(ctx, "addr", "add", natPublic2+"/24", "dev", wan))
 	must(a.IP(ctx, "route", "add", "default", "via", "10.9.0.1"))
-	nsRun := func(h *Host, name string, args ...string) {
-		t.Helper()
-		if out, err := h.Command(ctx, name, args...).CombinedOutput(); err != nil {
-			t.Fatalf("%s %s in %s: %v: %s", name, strings.Join(args, " "), h.Name, err, out)
-		}
-	}
-	nsRun(n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-	nft := func(rules string) {
-		t.Helper()
-		cmd := n.Command(ctx, "nft", "-f", "-")
-		cmd.Stdin = strings.NewReader(rules)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("nft in %s: %v: %s\n%s", n.Name, err, out, rules)
-		}
-	}
-	nft(fmt.Sprintf(`table ip nat {
+	must(n.Run(ctx, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
+	must(n.Nft(ctx, fmt.Sprintf(`table ip nat {
 	chain post {
 		type nat hook postrouting priority srcnat; policy accept;
 		oifname %q masquerade
 	}
 }
-`, wan))
+`, wan)))
 
 	da, err := l.NewDaemon(ctx, a)
 	must(err)
@@ -189,11 +175,11 @@ peers:
 
 	// The NAT now maps a to another public address, and forgets the old
 	// mapping: a's packets reach b from an address b never heard of.
-	nft(fmt.Sprintf(`flush chain ip nat post
+	must(n.Nft(ctx, fmt.Sprintf(`flush chain ip nat post
 add rule ip nat post oifname %q snat ip to %s
-`, wan, natPublic2))
+`, wan, natPublic2)))
 	// Until the flush the old conntrack entries still map a as before.
-	nsRun(n, "conntrack", "-F")
+	must(n.Run(ctx, "conntrack", "-F"))
 	rebound := time.Now()
 	for _, pr := range []*prober{pa, pb} {
 		took, err := pr.waitReply(rebound, 10*time.Second)
