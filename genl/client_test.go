@@ -383,6 +383,9 @@ func TestErrorMapping(t *testing.T) {
 		{"tx queue", unix.EBUSY, "Socket has incompatible segments already in the recv queue", tx(0), ErrIncompatibleSegment},
 		{"tx key length", unix.EINVAL, "incorrect key length", tx(0), ErrInvalidKey},
 		{"tx spi", unix.EINVAL, "invalid SPI: lower 31b must be non-zero", tx(0), ErrInvalidSPI},
+		{"dev-assoc before 7.3", unix.EOPNOTSUPP, "", func(c *Client) error { return c.DevAssoc(1, 5, 2) }, ErrNoDevAssoc},
+		{"dev-disassoc before 7.3", unix.EOPNOTSUPP, "", func(c *Client) error { return c.DevDisassoc(1, 5, 2) }, ErrNoDevAssoc},
+		{"dev-assoc twice", unix.EBUSY, "Device already associated with a PSP device", func(c *Client) error { return c.DevAssoc(1, 5, 2) }, ErrAssociated},
 		{"other", unix.EINVAL, "", func(c *Client) error { return c.KeyRotate(1) }, ErrInvalid},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -31,6 +31,12 @@ var (
 	ErrPermission          = errors.New("operation needs CAP_NET_ADMIN")
 	ErrInvalid             = errors.New("invalid request")
 	ErrIncompatibleSegment = errors.New("socket has clear-text segments queued")
+	// ErrNoDevAssoc: the kernel's psp family has no dev-assoc or
+	// dev-disassoc (they came with Linux 7.3).
+	ErrNoDevAssoc = errors.New("kernel has no PSP dev-assoc (giving other network namespaces a device needs Linux 7.3)")
+	// ErrAssociated: the netdev of a dev-assoc is associated with a PSP
+	// device already (this one or another).
+	ErrAssociated = errors.New("netdev already associated with a PSP device")
 )
 
 // Error is an error the kernel returned for a request. Message is the
@@ -74,6 +80,7 @@ var messageKinds = []struct {
 	{unix.EBUSY, "incompatible segments", ErrIncompatibleSegment},
 	{unix.EBUSY, "tx key already set", ErrTxKeySet},
 	{unix.EBUSY, "already has psp state", ErrHasPSPState},
+	{unix.EBUSY, "already associated with a psp device", ErrAssociated},
 }
 
 // mapError turns a netlink error into *Error. devIDSent tells whether the
@@ -96,6 +103,12 @@ func mapError(op string, err error, devIDSent bool) error {
 			e.Kind = mk.kind
 			return e
 		}
+	}
+	switch {
+	case errno == unix.EOPNOTSUPP && (op == "dev-assoc" || op == "dev-disassoc"):
+		// genetlink's answer to a command the family does not have.
+		e.Kind = ErrNoDevAssoc
+		return e
 	}
 	switch errno {
 	case unix.ENODEV, unix.ENOENT:

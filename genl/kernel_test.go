@@ -858,8 +858,8 @@ func TestKernelDevAssoc(t *testing.T) {
 	if err := cC.KeyRotate(p.dev.ID); !errors.Is(err, ErrNoDevice) {
 		t.Fatalf("key-rotate from the associated namespace: %v, want ErrNoDevice (admin operations belong to the device's namespace)", err)
 	}
-	if err := p.psp.DevAssoc(p.dev.ID, ifC, nsid); !errors.Is(err, ErrBusy) {
-		t.Fatalf("second dev-assoc: %v, want ErrBusy", err)
+	if err := p.psp.DevAssoc(p.dev.ID, ifC, nsid); !errors.Is(err, ErrAssociated) {
+		t.Fatalf("second dev-assoc: %v, want ErrAssociated", err)
 	}
 	if err := p.psp.DevDisassoc(p.dev.ID, ifC, nsid); err != nil {
 		t.Fatal(err)

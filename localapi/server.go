@@ -251,6 +251,8 @@ func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 	s.route("POST /v1/assocs/rotate", AccessWrite, s.rotate)
 	s.route("GET /v1/devices", AccessRead, read(svc.Devices))
 	s.route("POST /v1/devices/{id}/rotate", AccessWrite, s.rotateDevice)
+	s.route("POST /v1/devices/{id}/assoc", AccessWrite, s.assocDevice(svc.AssocDevice))
+	s.route("POST /v1/devices/{id}/disassoc", AccessWrite, s.assocDevice(svc.DisassocDevice))
 	s.route("GET /v1/events", AccessRead, s.events)
 	s.route("POST /v1/reload", AccessWrite, s.reload)
 	s.route("POST /v1/psp/upgrade", AccessUpgrade, s.upgrade)
@@ -432,15 +434,23 @@ func (s *Server) reload(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, v)
 }
 
-func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {
-	var req RotateRequest
+// decodeRequest reads a small JSON body that must be valid as a whole.
+func decodeRequest(w http.ResponseWriter, r *http.Request, what string, req interface{ Validate() error }) error {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		return fmt.Errorf("%w: rotate body: %v", ErrInvalid, err)
+	if err := dec.Decode(req); err != nil {
+		return fmt.Errorf("%w: %s body: %v", ErrInvalid, what, err)
 	}
 	if err := req.Validate(); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return nil
+}
+
+func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {
+	var req RotateRequest
+	if err := decodeRequest(w, r, "rotate", &req); err != nil {
+		return err
 	}
 	v, err := s.svc.Rotate(r.Context(), req)
 	if err != nil {
@@ -449,16 +459,43 @@ func (s *Server) rotate(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, v)
 }
 
-func (s *Server) rotateDevice(w http.ResponseWriter, r *http.Request) error {
+func deviceID(r *http.Request) (uint32, error) {
 	id, err := strconv.ParseUint(r.PathValue("id"), 10, 32)
 	if err != nil || id == 0 {
-		return fmt.Errorf("%w: device id %q is not a positive number", ErrInvalid, r.PathValue("id"))
+		return 0, fmt.Errorf("%w: device id %q is not a positive number (see pspctl dev list)", ErrInvalid, r.PathValue("id"))
 	}
-	v, err := s.svc.RotateDevice(r.Context(), uint32(id))
+	return uint32(id), nil
+}
+
+func (s *Server) rotateDevice(w http.ResponseWriter, r *http.Request) error {
+	id, err := deviceID(r)
+	if err != nil {
+		return err
+	}
+	v, err := s.svc.RotateDevice(r.Context(), id)
 	if err != nil {
 		return err
 	}
 	return writeJSON(w, v)
+}
+
+// assocDevice adapts AssocDevice or DisassocDevice to a handler.
+func (s *Server) assocDevice(do func(context.Context, uint32, AssocRequest) (Device, error)) func(http.ResponseWriter, *http.Request) error {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		id, err := deviceID(r)
+		if err != nil {
+			return err
+		}
+		var req AssocRequest
+		if err := decodeRequest(w, r, "association", &req); err != nil {
+			return err
+		}
+		v, err := do(r.Context(), id, req)
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, v)
+	}
 }
 
 func (s *Server) events(w http.ResponseWriter, r *http.Request) error {

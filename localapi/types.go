@@ -15,6 +15,7 @@ package localapi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"time"
 )
@@ -189,6 +190,59 @@ type Device struct {
 	StaleEvents  uint64    `json:"stale_events"`
 	LastRotation time.Time `json:"last_rotation,omitzero"`
 	NextRotation time.Time `json:"next_rotation,omitzero"`
+	// ByAssociation: pspd's namespace only uses the device through an
+	// association (dev-assoc); the device's own namespace administers it.
+	ByAssociation bool `json:"by_association,omitempty"`
+	// Assoc are the netdevs of other namespaces (containers) that may use
+	// the device; see AssocRequest.
+	Assoc []AssocDev `json:"assoc,omitempty"`
+}
+
+// AssocDev is a netdev associated with a PSP device.
+type AssocDev struct {
+	Ifindex uint32 `json:"ifindex"`
+	// NSID is the netdev's namespace id in pspd's namespace; -1: pspd's
+	// own.
+	NSID int32 `json:"nsid"`
+	// NetNS and Ifname are what the association was made with through
+	// this API, if it was.
+	NetNS  string `json:"netns,omitempty"`
+	Ifname string `json:"ifname,omitempty"`
+}
+
+// AssocRequest names a netdev of some network namespace (a container's
+// end of a netkit or veth pair) to associate with a PSP device (POST
+// /v1/devices/{id}/assoc) or to disassociate (/disassoc). Sockets of that
+// namespace routed through it can then be upgraded with the device.
+type AssocRequest struct {
+	// NetNS is a namespace file (/run/netns/NAME, /proc/PID/ns/net), or
+	// PID a process whose namespace it is: exactly one.
+	NetNS string `json:"netns,omitempty"`
+	PID   int    `json:"pid,omitempty"`
+	// Ifname or Ifindex names the netdev in that namespace: exactly one.
+	Ifname  string `json:"ifname,omitempty"`
+	Ifindex uint32 `json:"ifindex,omitempty"`
+}
+
+// Validate checks that the request names one namespace and one netdev.
+func (r AssocRequest) Validate() error {
+	switch {
+	case (r.NetNS == "") == (r.PID == 0):
+		return errors.New("give the network namespace as netns (a path such as /run/netns/NAME) or as pid, not both")
+	case r.PID < 0:
+		return fmt.Errorf("pid %d is not a process id", r.PID)
+	case (r.Ifname == "") == (r.Ifindex == 0):
+		return errors.New("give the netdev in that namespace as ifname or as ifindex, not both")
+	}
+	return nil
+}
+
+// Path is the namespace file the request names.
+func (r AssocRequest) Path() string {
+	if r.PID != 0 {
+		return fmt.Sprintf("/proc/%d/ns/net", r.PID)
+	}
+	return r.NetNS
 }
 
 // EventKind names what an Event reports.
@@ -312,6 +366,11 @@ type Service interface {
 	Rotate(ctx context.Context, req RotateRequest) ([]Rotated, error)
 	Devices(ctx context.Context) ([]Device, error)
 	RotateDevice(ctx context.Context, id uint32) (Device, error)
+	// AssocDevice and DisassocDevice give a netdev of another network
+	// namespace the use of PSP device id, or take it back, and answer
+	// the device.
+	AssocDevice(ctx context.Context, id uint32, req AssocRequest) (Device, error)
+	DisassocDevice(ctx context.Context, id uint32, req AssocRequest) (Device, error)
 	// ReloadConfig reads the configuration file again and applies it, or
 	// refuses it whole with the reason (an error wrapping ErrRefused).
 	ReloadConfig(ctx context.Context) (Reloaded, error)

@@ -116,6 +116,28 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 	dev := &cobra.Command{Use: "dev", Short: "Kernel PSP devices"}
 	dev.AddCommand(&cobra.Command{Use: "list", Short: "List PSP devices", Args: cobra.NoArgs, RunE: c.devList})
 	dev.AddCommand(&cobra.Command{Use: "rotate ID", Short: "Rotate a PSP device key now", Args: cobra.ExactArgs(1), RunE: c.devRotate})
+	for _, verb := range []string{"assoc", "disassoc"} {
+		var req localapi.AssocRequest
+		short := "Let a netdev of another network namespace (a container's netkit or veth end) use a PSP device"
+		if verb == "disassoc" {
+			short = "Take back what dev assoc gave: new connections through the netdev get no PSP"
+		}
+		cmd := &cobra.Command{
+			Use:   verb + " ID (--netns PATH | --pid PID) (--dev IFNAME | --ifindex N)",
+			Short: short,
+			Long: short + ".\n\n" +
+				"The namespace is a file such as /run/netns/NAME (ip netns) or a process whose namespace it is\n" +
+				"(--pid, e.g. a container's init). Sockets of that namespace routed through the netdev can then be\n" +
+				"upgraded with the device by a pspd running there. Needs Linux 7.3 (dev-assoc).",
+			Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error { return c.devAssoc(cmd, verb, args[0], req) },
+		}
+		cmd.Flags().StringVar(&req.NetNS, "netns", "", "the namespace file, e.g. /run/netns/NAME")
+		cmd.Flags().IntVar(&req.PID, "pid", 0, "a process in the namespace instead of --netns")
+		cmd.Flags().StringVar(&req.Ifname, "dev", "", "the netdev's name in that namespace")
+		cmd.Flags().Uint32Var(&req.Ifindex, "ifindex", 0, "the netdev's index in that namespace instead of --dev")
+		dev.AddCommand(cmd)
+	}
 	root.AddCommand(dev)
 	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey())
 	root.AddCommand(mancmd.Command("1")) // hidden: make install writes the pages
@@ -529,10 +551,63 @@ func (c *cli) devList(cmd *cobra.Command, _ []string) error {
 		if !d.LastRotation.IsZero() {
 			last = age(c.now(), d.LastRotation) + " ago"
 		}
-		rows = append(rows, []string{strconv.FormatUint(uint64(d.ID), 10), d.Ifname, strings.Join(d.Capable, ","),
-			dash(strings.Join(d.Enabled, ",")), strconv.FormatUint(d.Rotations, 10), last})
+		iface := d.Ifname
+		if d.ByAssociation {
+			iface = "(by association)"
+		}
+		rows = append(rows, []string{strconv.FormatUint(uint64(d.ID), 10), dash(iface), strings.Join(d.Capable, ","),
+			dash(strings.Join(d.Enabled, ",")), strconv.FormatUint(d.Rotations, 10), last, dash(assocList(d.Assoc))})
 	}
-	return c.table("ID\tIFACE\tCAPABLE\tENABLED\tROTATIONS\tLAST ROTATION", rows)
+	return c.table("ID\tIFACE\tCAPABLE\tENABLED\tROTATIONS\tLAST ROTATION\tASSOCIATED", rows)
+}
+
+// assocList shows a device's associations: IFNAME@NETNS where pspd made
+// them, else what the kernel says.
+func assocList(as []localapi.AssocDev) string {
+	var parts []string
+	for _, a := range as {
+		switch {
+		case a.NetNS != "":
+			parts = append(parts, a.Ifname+"@"+a.NetNS)
+		case a.NSID < 0:
+			parts = append(parts, fmt.Sprintf("ifindex %d", a.Ifindex))
+		default:
+			parts = append(parts, fmt.Sprintf("ifindex %d@nsid %d", a.Ifindex, a.NSID))
+		}
+	}
+	return strings.Join(parts, ",")
+}
+
+func (c *cli) devAssoc(cmd *cobra.Command, verb, arg string, req localapi.AssocRequest) error {
+	id, err := strconv.ParseUint(arg, 10, 32)
+	if err != nil || id == 0 {
+		return fmt.Errorf("dev %s: %q is not a device id (see pspctl dev list)", verb, arg)
+	}
+	if err := req.Validate(); err != nil {
+		return fmt.Errorf("dev %s: give the namespace as --netns PATH or --pid PID, and the netdev in it as --dev IFNAME or --ifindex N (one of each)", verb)
+	}
+	do := c.client().AssocDevice
+	if verb == "disassoc" {
+		do = c.client().DisassocDevice
+	}
+	d, err := do(cmd.Context(), uint32(id), req)
+	if err != nil {
+		return explain(err)
+	}
+	if c.json {
+		return c.emitJSON(d)
+	}
+	what := req.Ifname
+	if what == "" {
+		what = fmt.Sprintf("ifindex %d", req.Ifindex)
+	}
+	if verb == "assoc" {
+		fmt.Fprintf(c.out, "%s in %s may use PSP device %d (%s)\n", what, req.Path(), d.ID, d.Ifname)
+	} else {
+		fmt.Fprintf(c.out, "%s in %s no longer uses PSP device %d (%s)\n", what, req.Path(), d.ID, d.Ifname)
+	}
+	fmt.Fprintf(c.out, "device %d is associated with: %s\n", d.ID, dash(assocList(d.Assoc)))
+	return nil
 }
 
 func (c *cli) devRotate(cmd *cobra.Command, args []string) error {

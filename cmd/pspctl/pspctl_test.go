@@ -56,7 +56,8 @@ func fixture() *apitest.Service {
 			Counters:       localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4},
 			ThisGeneration: localapi.Counters{BytesIn: 1536000, PacketsIn: 1100, BytesOut: 2048, PacketsOut: 12, Drops: 1}}},
 		DevicesV: []localapi.Device{{ID: 1, Ifindex: 4, Ifname: "eth0", Capable: []string{"hdr0-aes-gcm-128", "hdr0-aes-gcm-256"},
-			Enabled: []string{"hdr0-aes-gcm-256"}, Rotations: 5, LastRotation: now.Add(-3 * time.Hour)}},
+			Enabled: []string{"hdr0-aes-gcm-256"}, Rotations: 5, LastRotation: now.Add(-3 * time.Hour),
+			Assoc: []localapi.AssocDev{{Ifindex: 9, NSID: 1, NetNS: "/run/netns/web", Ifname: "nk0"}, {Ifindex: 12, NSID: 3}}}},
 		EventsC: evs,
 	}
 }
@@ -111,6 +112,11 @@ func TestGolden(t *testing.T) {
 		{"dev-list.txt", sock, []string{"dev", "list"}},
 		{"dev-list-nopsp.txt", noPSPSock, []string{"dev", "list"}},
 		{"dev-list-none.txt", noDevsSock, []string{"dev", "list"}},
+		{"dev-list.json", sock, []string{"dev", "list", "--json"}},
+		{"dev-assoc.txt", sock, []string{"dev", "assoc", "1", "--netns", "/run/netns/db", "--dev", "nk1"}},
+		{"dev-assoc-unknown.txt", sock, []string{"dev", "assoc", "7", "--pid", "4242", "--dev", "eth0"}},
+		{"dev-assoc-nopsp.txt", noPSPSock, []string{"dev", "assoc", "1", "--netns", "/run/netns/db", "--dev", "nk1"}},
+		{"dev-disassoc.txt", sock, []string{"dev", "disassoc", "1", "--netns", "/run/netns/web", "--dev", "nk0"}},
 		{"events.txt", sock, []string{"events"}},
 		{"events.json", noPSPSock, []string{"events", "--json"}},
 		// Shell completion (cobra's __complete, which the completion
@@ -149,6 +155,15 @@ func TestErrorsSayWhatToDo(t *testing.T) {
 	}
 	if _, err := run(t, "/nonexistent", "dev", "rotate", "eth0"); err == nil || !strings.Contains(err.Error(), "see pspctl dev list") {
 		t.Errorf("bad device id: %v", err)
+	}
+	for _, args := range [][]string{
+		{"dev", "assoc", "1", "--dev", "nk0"},
+		{"dev", "assoc", "1", "--netns", "/run/netns/web", "--pid", "1", "--dev", "nk0"},
+		{"dev", "disassoc", "1", "--netns", "/run/netns/web"},
+	} {
+		if _, err := run(t, "/nonexistent", args...); err == nil || !strings.Contains(err.Error(), "--netns PATH or --pid PID") {
+			t.Errorf("pspctl %s: %v", strings.Join(args, " "), err)
+		}
 	}
 	if os.Geteuid() == 0 {
 		sock := apitest.Serve(t, fixture(), localapi.NewAuthorizer("pspd-test-nonexistent"))

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pspd/pspd/assoc"
+	"github.com/pspd/pspd/genl"
 	"github.com/pspd/pspd/keyexchange"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
@@ -196,9 +197,19 @@ func (d *Daemon) Devices(context.Context) ([]localapi.Device, error) {
 	devs, err := d.psp.Devices()
 	out := make([]localapi.Device, 0, len(devs))
 	for _, dv := range devs {
-		out = append(out, localapi.Device(dv))
+		out = append(out, apiDevice(dv))
 	}
 	return out, err
+}
+
+func apiDevice(dv psp.Device) localapi.Device {
+	ld := localapi.Device{ID: dv.ID, Ifindex: dv.Ifindex, Ifname: dv.Ifname, Capable: dv.Capable, Enabled: dv.Enabled,
+		Rotations: dv.Rotations, StaleEvents: dv.StaleEvents, LastRotation: dv.LastRotation, NextRotation: dv.NextRotation,
+		ByAssociation: dv.ByAssociation}
+	for _, a := range dv.Assoc {
+		ld.Assoc = append(ld.Assoc, localapi.AssocDev(a))
+	}
+	return ld
 }
 
 func (d *Daemon) RotateDevice(ctx context.Context, id uint32) (localapi.Device, error) {
@@ -209,7 +220,34 @@ func (d *Daemon) RotateDevice(ctx context.Context, id uint32) (localapi.Device, 
 	if errors.Is(err, psp.ErrNoDevice) {
 		err = fmt.Errorf("%w: %w", err, localapi.ErrNotFound)
 	}
-	return localapi.Device(dv), err
+	return apiDevice(dv), err
+}
+
+// AssocDevice gives a netdev of another network namespace (a container's
+// end of a netkit or veth pair) the use of a PSP device of pspd's.
+func (d *Daemon) AssocDevice(_ context.Context, id uint32, req localapi.AssocRequest) (localapi.Device, error) {
+	return d.assocDevice(id, req, d.psp.AssocDevice)
+}
+
+// DisassocDevice takes it back.
+func (d *Daemon) DisassocDevice(_ context.Context, id uint32, req localapi.AssocRequest) (localapi.Device, error) {
+	return d.assocDevice(id, req, d.psp.DisassocDevice)
+}
+
+func (d *Daemon) assocDevice(id uint32, req localapi.AssocRequest, do func(uint32, psp.AssocTarget) (psp.Device, error)) (localapi.Device, error) {
+	if d.psp == nil {
+		return localapi.Device{}, d.errNoPSP()
+	}
+	dv, err := do(id, psp.AssocTarget{NetNS: req.Path(), Ifname: req.Ifname, Ifindex: req.Ifindex})
+	switch {
+	case err == nil:
+		return apiDevice(dv), nil
+	case errors.Is(err, psp.ErrNoDevice), errors.Is(err, psp.ErrNoNetNS), errors.Is(err, psp.ErrNoInterface):
+		err = fmt.Errorf("%w: %w", err, localapi.ErrNotFound)
+	case errors.Is(err, genl.ErrAssociated), errors.Is(err, genl.ErrNoDevAssoc):
+		err = localapi.Refused(err)
+	}
+	return localapi.Device{}, err
 }
 
 // UpgradePSP binds PSP to an application's connected TCP socket with the

@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 
@@ -165,4 +166,45 @@ func OpenTempDir(t testing.TB) string {
 		}
 	}
 	return dir
+}
+
+// AssocDevice adds the request's netdev to the device's associations, as
+// the daemon reports one it made: with the namespace and name asked for.
+func (s *Service) AssocDevice(_ context.Context, id uint32, req localapi.AssocRequest) (localapi.Device, error) {
+	return s.changeDevice(id, func(d *localapi.Device) error {
+		d.Assoc = append(slices.Clone(d.Assoc), localapi.AssocDev{Ifindex: cmp.Or(req.Ifindex, 2), NSID: 0, NetNS: req.Path(), Ifname: cmp.Or(req.Ifname, "eth0")})
+		return nil
+	})
+}
+
+// DisassocDevice removes the association with the request's netns and
+// ifname.
+func (s *Service) DisassocDevice(_ context.Context, id uint32, req localapi.AssocRequest) (localapi.Device, error) {
+	return s.changeDevice(id, func(d *localapi.Device) error {
+		n := slices.IndexFunc(d.Assoc, func(a localapi.AssocDev) bool { return a.NetNS == req.Path() && a.Ifname == req.Ifname })
+		if n < 0 {
+			return fmt.Errorf("%s in %s is not associated with device %d: %w", req.Ifname, req.Path(), id, localapi.ErrNotFound)
+		}
+		d.Assoc = slices.Delete(slices.Clone(d.Assoc), n, n+1)
+		return nil
+	})
+}
+
+// changeDevice applies change to a copy of device id and keeps it.
+func (s *Service) changeDevice(id uint32, change func(*localapi.Device) error) (localapi.Device, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.DevicesErr != nil {
+		return localapi.Device{}, s.DevicesErr
+	}
+	for i, d := range s.DevicesV {
+		if d.ID == id {
+			if err := change(&d); err != nil {
+				return localapi.Device{}, err
+			}
+			s.DevicesV[i] = d
+			return d, nil
+		}
+	}
+	return localapi.Device{}, fmt.Errorf("no device %d (see pspctl dev list): %w", id, localapi.ErrNotFound)
 }

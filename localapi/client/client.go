@@ -172,6 +172,19 @@ func (c *Client) RotateDevice(ctx context.Context, id uint32) (localapi.Device, 
 	return v, c.do(ctx, http.MethodPost, fmt.Sprintf("/v1/devices/%d/rotate", id), nil, &v)
 }
 
+// AssocDevice gives a netdev of another network namespace (a
+// container's) the use of PSP device id.
+func (c *Client) AssocDevice(ctx context.Context, id uint32, req localapi.AssocRequest) (localapi.Device, error) {
+	var v localapi.Device
+	return v, c.do(ctx, http.MethodPost, fmt.Sprintf("/v1/devices/%d/assoc", id), req, &v)
+}
+
+// DisassocDevice takes back what AssocDevice gave.
+func (c *Client) DisassocDevice(ctx context.Context, id uint32, req localapi.AssocRequest) (localapi.Device, error) {
+	var v localapi.Device
+	return v, c.do(ctx, http.MethodPost, fmt.Sprintf("/v1/devices/%d/disassoc", id), req, &v)
+}
+
 // Events streams events to fn until ctx ends, fn returns an error, or the
 // daemon closes the stream.
 func (c *Client) Events(ctx context.Context, fn func(localapi.Event) error) error {

@@ -56,6 +56,18 @@ func TestReadWriteAsRoot(t *testing.T) {
 	if _, err := c.Rotate(ctx, localapi.RotateRequest{Peer: "b", All: true}); err == nil {
 		t.Fatal("ambiguous rotate accepted")
 	}
+	// Associations name one namespace and one netdev; the server checks
+	// that before the daemon sees the request.
+	for _, bad := range []localapi.AssocRequest{{Ifname: "nk0"}, {NetNS: "/run/netns/c", PID: 1, Ifname: "nk0"}, {PID: 1}, {PID: -1, Ifname: "nk0"}} {
+		_, err = c.AssocDevice(ctx, 1, bad)
+		if !errors.As(err, &ae) || ae.Status != 400 {
+			t.Errorf("association %+v: %v, want 400", bad, err)
+		}
+	}
+	_, err = c.AssocDevice(ctx, 3, localapi.AssocRequest{PID: 1, Ifname: "nk0"})
+	if !errors.As(err, &ae) || ae.Status != 404 || !strings.Contains(ae.Message, "no device 3") {
+		t.Errorf("association with an unknown device: %v, want 404", err)
+	}
 }
 
 func TestEvents(t *testing.T) {

@@ -31,6 +31,12 @@ type Device struct {
 	StaleEvents  uint64   // the kernel's stale-events counter
 	LastRotation time.Time
 	NextRotation time.Time // zero when pspd does not rotate this device
+	// ByAssociation: pspd's namespace uses the device only through an
+	// association; another namespace administers it.
+	ByAssociation bool
+	// Assoc are the netdevs associated with the device (AssocDevice): of
+	// every namespace when pspd's administers it, else of pspd's only.
+	Assoc []AssocDev
 }
 
 // devState is what pspd knows of a device beyond what the kernel reports.
@@ -277,8 +283,10 @@ func (m *Manager) Devices() ([]Device, error) {
 }
 
 func (m *Manager) describe(d genl.Device) Device {
-	ld := Device{ID: d.ID, Ifindex: d.Ifindex, Capable: names(d.Cap), Enabled: names(d.Enabled)}
-	if d.Ifindex != 0 {
+	ld := Device{ID: d.ID, Ifindex: d.Ifindex, Capable: names(d.Cap), Enabled: names(d.Enabled), ByAssociation: d.ByAssociation, Assoc: m.assocs(d)}
+	// The ifindex of a device seen by association is its main netdev's,
+	// in another namespace.
+	if d.Ifindex != 0 && !d.ByAssociation {
 		if l, err := netInterface(int(d.Ifindex), m.cfg.NetNS); err == nil {
 			ld.Ifname = l
 		}

@@ -126,8 +126,9 @@ type Manager struct {
 	events  chan Event
 	kick    chan struct{} // the device list or a schedule changed
 
-	mu   sync.Mutex // guards devs
-	devs map[uint32]*devState
+	mu         sync.Mutex // guards devs and assocNames
+	devs       map[uint32]*devState
+	assocNames map[assocKey]assocName // the associations pspd made
 
 	counts counters
 
@@ -152,7 +153,7 @@ func newManager(cfg Config) *Manager {
 	}
 	ns := cfg.NetNS
 	return &Manager{cfg: cfg, version: genl.Version(cfg.Suite), log: cfg.Logger,
-		events: make(chan Event, 1024), kick: make(chan struct{}, 1), devs: map[uint32]*devState{},
+		events: make(chan Event, 1024), kick: make(chan struct{}, 1), devs: map[uint32]*devState{}, assocNames: map[assocKey]assocName{},
 		conns: newConnTable(), keys: newKeyBroker(), peers: &peerAddrs{m: map[identity.PublicKey][]netip.Prefix{}},
 		live: func() (map[uint64]struct{}, error) { return liveSockets(ns) }}
 }
