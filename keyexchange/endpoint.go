@@ -108,7 +108,10 @@ import (
 // Config configures an Endpoint. Zero durations take the defaults shown.
 type Config struct {
 	Identity *identity.Identity
-	// ListenAddr is the UDP address of the control socket, e.g. ":6082".
+	// ListenAddr is the UDP address of the control socket, e.g.
+	// "0.0.0.0:6082". The IPv6 wildcard ("[::]:6082" or ":6082") binds
+	// two sockets, an IPv4 one and an IPv6-only one, and Control sees
+	// each.
 	ListenAddr string
 	// Installers are the data planes this host offers, by backend; the
 	// Hello advertises exactly these.
@@ -198,9 +201,8 @@ type Endpoint struct {
 	id     *identity.Identity
 	boot   wire.BootID
 	log    *slog.Logger
-	udp    *net.UDPConn
-	tr     *quic.Transport
-	ln     *quic.Listener
+	listen netip.AddrPort
+	socks  []*socket // one, or an IPv4 and an IPv6 one
 	qconf  *quic.Config
 	leaf   tls.Certificate
 	ctx    context.Context
@@ -267,19 +269,10 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 	if err != nil {
 		return nil, fmt.Errorf("keyexchange: listen address %q: %w", cfg.ListenAddr, err)
 	}
-	// An IPv4 listen address gets an IPv4 socket, not a dual-stack one,
-	// so that per-socket options (such as IPsec bypass policies, which
-	// match one family) cover all of its traffic.
-	network := "udp"
-	if ua.IP.To4() != nil {
-		network = "udp4"
+	listen := netip.AddrPortFrom(ua.AddrPort().Addr().Unmap(), uint16(ua.Port))
+	if !listen.Addr().IsValid() { // ":6082"
+		listen = netip.AddrPortFrom(netip.IPv6Unspecified(), uint16(ua.Port))
 	}
-	lc := net.ListenConfig{Control: cfg.Control}
-	pc, err := lc.ListenPacket(ctx, network, ua.String())
-	if err != nil {
-		return nil, fmt.Errorf("keyexchange: %w", err)
-	}
-	e.udp = pc.(*net.UDPConn)
 	// The stateless-reset key comes from the identity, so that after a
 	// restart this host answers the packets of its previous incarnation's
 	// connections with a valid reset: the peer learns at once that the
@@ -287,18 +280,84 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 	// timeout.
 	rk, err := cfg.Identity.DeriveSecret("pspd quic stateless reset v1", len(quic.StatelessResetKey{}))
 	if err != nil {
-		e.udp.Close()
 		return nil, fmt.Errorf("keyexchange: %w", err)
 	}
 	var resetKey quic.StatelessResetKey
 	copy(resetKey[:], rk)
 	secret.Zero(rk)
-	e.tr = &quic.Transport{
-		Conn: e.udp,
+	e.qconf = &quic.Config{
+		HandshakeIdleTimeout:  cfg.HandshakeTimeout,
+		MaxIdleTimeout:        cfg.IdleTimeout,
+		KeepAlivePeriod:       cfg.KeepAlive,
+		Allow0RTT:             false,
+		MaxIncomingUniStreams: -1,
+	}
+	// Each socket has one address family, not a dual-stack socket for
+	// [::], so that per-socket options (such as IPsec bypass policies,
+	// which match one family) cover all of its traffic: [::] gets an
+	// IPv4 socket and an IPv6-only one on the same port.
+	la := listen.Addr().Unmap()
+	binds := []netip.AddrPort{netip.AddrPortFrom(la, listen.Port())}
+	if la.Is6() && la.IsUnspecified() {
+		binds = []netip.AddrPort{netip.AddrPortFrom(netip.IPv4Unspecified(), listen.Port()), listen}
+	}
+	for _, b := range binds {
+		if b.Port() == 0 && len(e.socks) > 0 {
+			b = netip.AddrPortFrom(b.Addr(), e.socks[0].port())
+		}
+		s, err := e.open(ctx, b, &resetKey)
+		if err != nil {
+			e.closeSockets()
+			return nil, err
+		}
+		e.socks = append(e.socks, s)
+	}
+	e.listen = netip.AddrPortFrom(listen.Addr(), e.socks[0].port())
+	e.ctx, e.cancel = context.WithCancel(ctx)
+	for _, s := range e.socks {
+		e.wg.Go(func() { e.acceptLoop(s.ln) })
+	}
+	return e, nil
+}
+
+// socket is one control socket with its QUIC transport and listener.
+type socket struct {
+	udp *net.UDPConn
+	tr  *quic.Transport
+	ln  *quic.Listener
+}
+
+func (s *socket) port() uint16 { return s.udp.LocalAddr().(*net.UDPAddr).AddrPort().Port() }
+
+func (s *socket) is4() bool { return s.udp.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap().Is4() }
+
+func (s *socket) close() error {
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	err := s.tr.Close()
+	s.udp.Close()
+	return err
+}
+
+// open binds one control socket at addr and listens on it.
+func (e *Endpoint) open(ctx context.Context, addr netip.AddrPort, resetKey *quic.StatelessResetKey) (*socket, error) {
+	network := "udp4"
+	if addr.Addr().Is6() {
+		network = "udp6" // IPv6 only, also for [::]
+	}
+	lc := net.ListenConfig{Control: e.cfg.Control}
+	pc, err := lc.ListenPacket(ctx, network, addr.String())
+	if err != nil {
+		return nil, fmt.Errorf("keyexchange: %w", err)
+	}
+	s := &socket{udp: pc.(*net.UDPConn)}
+	s.tr = &quic.Transport{
+		Conn: s.udp,
 		// Retry on every new connection: a spoofed source cannot make us
 		// do handshake work or amplify towards a victim.
 		VerifySourceAddress: func(net.Addr) bool { return true },
-		StatelessResetKey:   &resetKey,
+		StatelessResetKey:   resetKey,
 		// To learn of inbound handshakes the dialer aborted (see
 		// inboundEnded), and when each inbound connection began (see
 		// dialed.raced).
@@ -308,26 +367,33 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 			return context.WithValue(ctx, inboundBegan{}, time.Now()), nil
 		},
 	}
-	e.qconf = &quic.Config{
-		HandshakeIdleTimeout:  cfg.HandshakeTimeout,
-		MaxIdleTimeout:        cfg.IdleTimeout,
-		KeepAlivePeriod:       cfg.KeepAlive,
-		Allow0RTT:             false,
-		MaxIncomingUniStreams: -1,
+	if s.ln, err = s.tr.Listen(e.listenConfig(), e.qconf); err != nil {
+		s.close()
+		return nil, fmt.Errorf("keyexchange: listen on %v: %w", addr, err)
 	}
-	e.ln, err = e.tr.Listen(e.listenConfig(), e.qconf)
-	if err != nil {
-		e.tr.Close()
-		return nil, fmt.Errorf("keyexchange: listen: %w", err)
+	return s, nil
+}
+
+func (e *Endpoint) closeSockets() error {
+	var err error
+	for _, s := range e.socks {
+		err = errors.Join(err, s.close())
 	}
-	e.ctx, e.cancel = context.WithCancel(ctx)
-	e.wg.Add(1)
-	go e.acceptLoop()
-	return e, nil
+	return err
+}
+
+// socketFor is the socket that reaches addr: the one of its family.
+func (e *Endpoint) socketFor(addr netip.AddrPort) *socket {
+	for _, s := range e.socks {
+		if s.is4() == addr.Addr().Unmap().Is4() {
+			return s
+		}
+	}
+	return e.socks[0] // the other family: the dial fails with the kernel's reason
 }
 
 // Addr is the bound control socket address.
-func (e *Endpoint) Addr() netip.AddrPort { return e.udp.LocalAddr().(*net.UDPAddr).AddrPort() }
+func (e *Endpoint) Addr() netip.AddrPort { return e.listen }
 
 // Public is this endpoint's identity.
 func (e *Endpoint) Public() identity.PublicKey { return e.id.Public() }
@@ -351,9 +417,7 @@ func (e *Endpoint) Close() error {
 	}
 	wg.Wait()
 	e.cancel()
-	e.ln.Close()
-	err := e.tr.Close()
-	e.udp.Close()
+	err := e.closeSockets()
 	e.wg.Wait()
 	return err
 }
@@ -487,10 +551,9 @@ func addrString(a net.Addr) string {
 	return a.String()
 }
 
-func (e *Endpoint) acceptLoop() {
-	defer e.wg.Done()
+func (e *Endpoint) acceptLoop(ln *quic.Listener) {
 	for {
-		conn, err := e.ln.Accept(e.ctx)
+		conn, err := ln.Accept(e.ctx)
 		if err != nil {
 			return
 		}
@@ -538,7 +601,7 @@ func (e *Endpoint) dialAnd(ctx context.Context, addr netip.AddrPort, want identi
 		}
 		return nil
 	}, keyExchangeGroups(true, e.cfg.ClassicKeyExchange))
-	conn, err := e.tr.Dial(ctx, net.UDPAddrFromAddrPort(addr), conf, e.qconf)
+	conn, err := e.socketFor(addr).tr.Dial(ctx, net.UDPAddrFromAddrPort(addr), conf, e.qconf)
 	if err != nil {
 		e.failures.Add(1)
 		var wp *wrongPinError

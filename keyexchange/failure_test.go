@@ -401,7 +401,7 @@ func TestPeerRestartNoticedAtOnce(t *testing.T) {
 	}
 	oldBoot := pr.Session().PeerBootID()
 	// Crash the initiator: its socket goes away without a word.
-	ini.ep.udp.Close()
+	ini.ep.socks[0].udp.Close()
 	restarted := newNode(t, ini.ep.id, nil)
 	if _, err := restarted.ep.AddPeer(peerCfg(resp)); err != nil {
 		t.Fatal(err)

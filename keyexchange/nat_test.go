@@ -1,10 +1,13 @@
 package keyexchange
 
 import (
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 func TestDetectNAT(t *testing.T) {
@@ -87,4 +90,53 @@ func TestNATDetectionPeerMoved(t *testing.T) {
 	if n := pi.Status().NAT; n.Detected() {
 		t.Fatalf("initiator detects a NAT: %+v", n)
 	}
+}
+
+// TestSessionMoveRenegotiates: the initiator's session moves to another
+// socket, as when its host's address changes under a wildcard listen
+// socket (QUIC connection migration, validated by the responder). The
+// responder sees its session run from the new address and has a new
+// generation negotiated there, so that SAs bound to the hosts' addresses
+// (XFRM) follow; the initiator, whose view did not change, does not.
+func TestSessionMoveRenegotiates(t *testing.T) {
+	ini, resp, pi, pr := pair(t, nil, nil)
+	ctx := ctxT(t, 15*time.Second)
+	if _, err := pi.WaitGeneration(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	within(t, 3*time.Second, "responder up", func() bool { return pr.Status().Up })
+	moved, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: moved}
+	t.Cleanup(func() { tr.Close() })
+	path, err := pi.Session().conn.AddPath(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := path.Probe(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := path.Switch(); err != nil {
+		t.Fatal(err)
+	}
+	to := moved.LocalAddr().String()
+	// The responder learns of the move from the initiator's next packet
+	// (a keep-alive at the latest) and checks every pathCheck.
+	sa, err := pr.WaitGeneration(ctx, 2)
+	if err != nil {
+		t.Fatalf("no generation after the move to %s: %v\n%s", to, err, resp.logs.Bytes())
+	}
+	if got := pr.Session().RemoteAddr().String(); got != to {
+		t.Errorf("responder's session runs from %s, want %s", got, to)
+	}
+	logs := string(resp.logs.Bytes())
+	if !strings.Contains(logs, `"msg":"the peer's session moved to another address; negotiating a generation there"`) || !strings.Contains(logs, `"to":"`+to+`"`) {
+		t.Errorf("the responder does not say its peer moved to %s:\n%s", to, logs)
+	}
+	if strings.Contains(string(ini.logs.Bytes()), "session moved") {
+		t.Error("the initiator, whose peer did not move, says it did")
+	}
+	t.Logf("generation %d negotiated after the move", sa.Generation)
 }

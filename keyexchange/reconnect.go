@@ -345,8 +345,18 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 			return err
 		}
 	}
+	at := s.RemoteAddr().String()
+	p.timersSessionUp()
 	for {
 		select {
+		case <-p.timers.path.C():
+			p.timers.path.fired()
+			if !p.expiredPath(s, &at) {
+				continue
+			}
+			if err := p.requestedRekey(s, serveErr); err != nil {
+				return err
+			}
 		case <-p.timers.rekeyDue.C(): // expiredRekeyDue
 			p.timers.rekeyDue.fired()
 			if err := p.rekeyOn(s, serveErr); err != nil {

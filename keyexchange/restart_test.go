@@ -21,7 +21,7 @@ func TestRestartedResponderDialsAtOnce(t *testing.T) {
 	}
 	old, _ := ini.inst.find(1)
 	stale := pi.Session()
-	resp.ep.udp.Close() // crash: no goodbye
+	resp.ep.socks[0].udp.Close() // crash: no goodbye
 
 	start := time.Now()
 	restarted := newNode(t, resp.ep.id, long)

@@ -421,7 +421,7 @@ func TestSilentPeerCause(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	resp.ep.udp.Close() // nothing more leaves or reaches the responder
+	resp.ep.socks[0].udp.Close() // nothing more leaves or reaches the responder
 	within(t, 3*time.Second, "the initiator says the peer went silent", func() bool {
 		c := pi.Status().Cause
 		return c != nil && strings.Contains(c.Error(), "went silent") && len(warnsWith(t, ini, "peer down", "went silent")) == 1

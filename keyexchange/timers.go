@@ -16,13 +16,14 @@ import (
 //	pace           initiator: our next negotiation waits for the limit (rekeyOn)
 //	grace (per SA) a replaced generation is removed (expiredGrace)
 //	remind         the peer is still not up: say so again (expiredReminder)
+//	path           while a session runs: did it move to another address? (expiredPath)
 //
 // The session's own timers are QUIC's: the handshake timeout, keep-alives
 // and the idle timeout (Config.HandshakeTimeout, KeepAlive, IdleTimeout).
 // Their expiry fails the dial or ends the session, which reconnect.go
 // handles like any other failure.
 //
-// backoff, rekeyDue, rekeyDeferred and pace belong to the peer's run
+// backoff, rekeyDue, rekeyDeferred, pace and path belong to the peer's run
 // goroutine, which selects on their channels (timer.C) and runs the
 // handlers itself, so they need no lock. grace and remind run on their own
 // (time.AfterFunc) and take p.mu.
@@ -31,6 +32,7 @@ type peerTimers struct {
 	rekeyDue      timer
 	rekeyDeferred timer
 	pace          timer
+	path          timer
 
 	// nextBackoff is the wait after the next failure: BackoffMin after a
 	// success, doubling per failure up to BackoffMax.
@@ -70,7 +72,7 @@ func (t *timer) fired() { t.on = false }
 
 func (p *Peer) timersInit() {
 	p.timers = peerTimers{
-		backoff: newTimer(), rekeyDue: newTimer(), rekeyDeferred: newTimer(), pace: newTimer(),
+		backoff: newTimer(), rekeyDue: newTimer(), rekeyDeferred: newTimer(), pace: newTimer(), path: newTimer(),
 		nextBackoff: p.cfg.BackoffMin,
 	}
 }
@@ -82,6 +84,7 @@ func (p *Peer) timersStop() {
 	p.timers.rekeyDue.del()
 	p.timers.rekeyDeferred.del()
 	p.timers.pace.del()
+	p.timers.path.del()
 }
 
 // timersNegotiated: a generation was confirmed. The next one is due after
@@ -107,6 +110,31 @@ func (p *Peer) timersSessionEnded() {
 	p.timers.rekeyDue.del()
 	p.timers.rekeyDeferred.del()
 	p.timers.pace.del()
+	p.timers.path.del()
+}
+
+// pathCheck is how often a session's address is compared with the one
+// its generation was negotiated on: a peer that moved is followed about
+// this long after QUIC moved the session.
+const pathCheck = time.Second
+
+// timersSessionUp: a session runs; watch its address (expiredPath).
+func (p *Peer) timersSessionUp() { p.timers.path.mod(pathCheck) }
+
+// expiredPath reports whether s runs from another address than at, the
+// one of the last check, and updates at. QUIC moves a session to a
+// peer's new address once the path validated (the peer roamed, or its
+// NAT rebound); SAs that the kernel binds to the hosts' addresses follow
+// only in a new generation, which the caller negotiates.
+func (p *Peer) expiredPath(s *Session, at *string) bool {
+	p.timers.path.mod(pathCheck)
+	now := s.RemoteAddr().String()
+	if now == *at {
+		return false
+	}
+	p.log.Info("the peer's session moved to another address; negotiating a generation there", "from", *at, "to", now)
+	*at = now
+	return true
 }
 
 // timersRekeyHeldBack: the peer asked for a rekey the limit does not allow

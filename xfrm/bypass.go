@@ -17,9 +17,9 @@ import (
 // QUIC packets that carry the keys, and with no SA yet, or with the peer's
 // SAs gone after a restart, the hosts could never talk again.
 //
-// A socket policy matches one address family. An IPv6 socket bound to the
-// wildcard also carries IPv4 traffic that such a policy does not match, so
-// callers with IPv4 peers must use an IPv4 socket.
+// A socket policy matches one address family. A dual-stack IPv6 socket
+// also carries IPv4 traffic that such a policy does not match, so callers
+// use one socket per family (keyexchange binds [::] as two).
 func BypassSocket(c syscall.RawConn) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {

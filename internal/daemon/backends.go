@@ -85,7 +85,7 @@ func Probe(ctx context.Context, pc *policy.Config) offload.Report {
 	return offload.Probe(ctx, []offload.Prober{
 		{Backend: assoc.BackendPSP, Probe: func(context.Context) error { return psp.Probe(0) }},
 		{Backend: assoc.BackendXFRM, Probe: func(ctx context.Context) error {
-			return xfrmbackend.Probe(ctx, pc.Listen, specs(pc, assoc.BackendXFRM), 0)
+			return xfrmbackend.Probe(ctx, specs(pc, assoc.BackendXFRM), 0)
 		}},
 		{Backend: assoc.BackendUserspace, Probe: userspacebackend.Probe},
 	})

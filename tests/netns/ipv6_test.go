@@ -75,9 +75,7 @@ require_encryption: true
 			t.Fatal(err)
 		}
 	}
-	if err := ds[0].Available(ctx, backend); err != nil {
-		t.Skip(err)
-	}
+	available(ctx, t, ds[0], backend)
 	for _, d := range ds {
 		if err := d.Start(ctx); err != nil {
 			t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -406,13 +405,7 @@ func testHub(t *testing.T, backend string) {
 	if err := hub.WriteConfig(hubCfg + "peers:\n" + hubPeers); err != nil {
 		t.Fatal(err)
 	}
-	if err := hub.Available(ctx, backend); err != nil {
-		var u *UnavailableError
-		if errors.As(err, &u) {
-			t.Skipf("%v (pspd check in the lab); the test VM's kernel has it: make vmtest", err)
-		}
-		t.Fatal(err)
-	}
+	available(ctx, t, hub, backend)
 	start := time.Now()
 	for _, d := range ds {
 		if err := d.Start(ctx); err != nil {

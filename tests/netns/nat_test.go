@@ -128,9 +128,7 @@ peers:
 	hostsFile(t, a, bAddr+" peer-b.pspd.test\n")
 	conf(da, "10.9.0.2", inner[0], "b", "peer-b.pspd.test", db.PubKey, inner[1])
 	conf(db, bAddr, inner[1], "a", natPublic, da.PubKey, inner[0])
-	if err := da.Available(ctx, "userspace"); err != nil {
-		t.Skip(err)
-	}
+	available(ctx, t, da, "userspace")
 	for _, d := range []*Daemon{da, db} {
 		must(d.Start(ctx))
 	}

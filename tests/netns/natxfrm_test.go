@@ -124,9 +124,7 @@ require_encryption: true
 	}
 	conf(da, "10.9.0.2", plane[0], "b", natB, db.PubKey, inner[1])
 	conf(db, natB, plane[1], "a", natPublic, da.PubKey, inner[0])
-	if err := da.Available(ctx, backend); err != nil {
-		t.Skip(err)
-	}
+	available(ctx, t, da, backend)
 	for _, d := range []*Daemon{da, db} {
 		must(d.Start(ctx))
 	}

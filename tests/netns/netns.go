@@ -39,6 +39,9 @@ type Lab struct {
 	// Transport makes TwoHosts protect the hosts' own underlay addresses
 	// (xfrm transport mode) instead of inner addresses (tunnel mode).
 	Transport bool
+	// Wildcard makes TwoHosts' daemons listen on "[::]" instead of their
+	// underlay address.
+	Wildcard bool
 
 	mu      sync.Mutex
 	hosts   []*Host

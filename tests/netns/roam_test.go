@@ -9,14 +9,18 @@ import (
 )
 
 // TestAddressChange: a's underlay address changes under a running
-// userspace association (the old address deleted, another added, as
-// DHCP or a failover does). a listens on the wildcard address, so its
-// sockets survive; b's engine follows a to the new address on a's first
-// authenticated packet and the echoes resume by themselves. The recovery
-// time is logged. a is the key exchange's initiator, so it also redials
-// b, and a rekey works afterwards.
-func TestAddressChange(t *testing.T) {
-	hostOnly(t)
+// association (the old address deleted, another added, as DHCP or a
+// failover does). a listens on the wildcard address, so its sockets
+// survive. The userspace engine on b follows a to the new address on a's
+// first authenticated packet. With xfrm (tunnel mode), a's backend sees
+// the address change and asks for a new generation, which both hosts
+// install between the addresses they now have (b takes a's from the
+// session, which quic-go moved to the new path). Either way the echoes
+// resume by themselves; the recovery time is logged. a is the key
+// exchange's initiator, and a rekey works afterwards.
+func TestAddressChange(t *testing.T) { perBackend(t, testAddressChange) }
+
+func testAddressChange(t *testing.T, backend string) {
 	l := newLab(t, "padc-")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
@@ -49,28 +53,40 @@ func TestAddressChange(t *testing.T) {
 	}
 	conf := func(d *Daemon, listen, self, peer, peerEP, peerKey, peerInner string) {
 		t.Helper()
+		plane := fmt.Sprintf("userspace:\n  address: %s/24\n  io: udp\n", self)
+		if backend == "xfrm" {
+			plane = ""
+			// Tunnel mode between whatever addresses the hosts have: the
+			// inner addresses sit on lo, and the route to the peer's
+			// names only the device, so that it outlives a's old address.
+			if err := d.Host.IP(ctx, "addr", "add", self+"/32", "dev", "lo"); err != nil {
+				t.Fatal(err)
+			}
+			dev := p.Underlay[0]
+			if d == p.B {
+				dev = p.Underlay[1]
+			}
+			if err := d.Host.IP(ctx, "route", "add", peerInner+"/32", "dev", dev, "src", self); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if err := d.WriteConfig(fmt.Sprintf(`listen: %s
 metrics: off
-backend: userspace
+backend: %s
 rekey_interval: 10m
 require_encryption: true
-userspace:
-  address: %s/24
-  io: udp
-peers:
+%speers:
   - name: %s
     endpoint: %s
     public_key: %s
     prefixes: [%s/32]
-`, listen, self, peer, peerEP, peerKey, peerInner)); err != nil {
+`, listen, backend, plane, peer, peerEP, peerKey, peerInner)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	conf(p.A, "0.0.0.0", p.Inner[0], "b", bAddr, p.B.PubKey, p.Inner[1])
+	conf(p.A, `"[::]"`, p.Inner[0], "b", bAddr, p.B.PubKey, p.Inner[1])
 	conf(p.B, bAddr, p.Inner[1], "a", aOld, p.A.PubKey, p.Inner[0])
-	if err := p.A.Available(ctx, "userspace"); err != nil {
-		t.Skip(err)
-	}
+	available(ctx, t, p.A, backend)
 	for _, d := range []*Daemon{p.A, p.B} {
 		if err := d.Start(ctx); err != nil {
 			t.Fatal(err)
@@ -108,16 +124,37 @@ peers:
 	if err := a.IP(ctx, "addr", "add", aNew+"/24", "dev", p.Underlay[0]); err != nil {
 		t.Fatal(err)
 	}
+	if backend == "xfrm" {
+		// The device's last address took its routes along, as a DHCP
+		// client would, it puts them back.
+		if err := a.IP(ctx, "route", "add", p.Inner[1]+"/32", "dev", p.Underlay[0], "src", p.Inner[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
 	changed := time.Now()
 	for _, pr := range probers {
 		took, err := pr.waitReply(changed, 10*time.Second)
 		if err != nil {
-			t.Fatalf("after the address change, %s → %s: %v\n%s\n%s", pr.from.Name, pr.to, err, p.A.Tail(20), p.B.Tail(20))
+			var state string
+			if backend == "xfrm" {
+				for _, h := range []*Host{a, b} {
+					for _, what := range [][]string{{"xfrm", "state"}, {"xfrm", "policy"}, {"route"}} {
+						out, _ := h.Command(ctx, "ip", what...).CombinedOutput()
+						state += fmt.Sprintf("%s, ip %s:\n%s\n", h.Name, strings.Join(what, " "), out)
+					}
+				}
+			}
+			t.Fatalf("after the address change, %s → %s: %v\n%s\n%s\n%s", pr.from.Name, pr.to, err, p.A.Tail(20), p.B.Tail(20), state)
 		}
 		t.Logf("address change %s → %s: echoes %s → %s resumed %v after it", aOld, aNew, pr.from.Name, pr.to, took.Round(time.Millisecond))
 	}
-	if !strings.Contains(readFile(t, p.B.Log), "to="+aNew+":6081") {
+	if backend == "userspace" && !strings.Contains(readFile(t, p.B.Log), "to="+aNew+":6081") {
 		t.Errorf("b's log does not say a moved to %s\n%s", aNew, p.B.Tail(20))
+	}
+	if backend == "xfrm" {
+		if out, err := p.B.Host.Command(ctx, "ip", "xfrm", "state").CombinedOutput(); err != nil || !strings.Contains(string(out), "dst "+aNew) {
+			t.Errorf("b has no SA to %s: %v\n%s", aNew, err, out)
+		}
 	}
 
 	rotated := time.Now()

@@ -117,12 +117,16 @@ func (l *Lab) TwoHosts(ctx context.Context, backend string) (*Pair, error) {
 		offload = l.Offload
 	}
 	conf := func(self, peer *Daemon, i int) error {
-		cfg := fmt.Sprintf(`listen: 192.0.2.%d
+		listen := fmt.Sprintf("192.0.2.%d", i+1)
+		if l.Wildcard {
+			listen = `"[::]"`
+		}
+		cfg := fmt.Sprintf(`listen: %s
 metrics: %s
 backend: %s
 rekey_interval: 10m
 require_encryption: true
-`, i+1, metrics, backend)
+`, listen, metrics, backend)
 		if backend == "userspace" {
 			cfg += fmt.Sprintf("userspace:\n  address: %s/24\n  io: %s\n", p.Inner[i], io)
 		} else {

@@ -189,19 +189,11 @@ var _ offload.Backend = (*Backend)(nil)
 // live SA.
 const probeSPI = 0x3ffffff0
 
-// Probe reports whether this host can run the XFRM backend with the
-// control socket on listen for peers: the kernel must take an ESP
-// rfc4106(gcm(aes)) SA (Probe adds and removes one that no policy uses),
-// and the control socket must be one that can be exempted from IPsec
-// policies for every peer.
-func Probe(ctx context.Context, listen netip.AddrPort, peers []offload.PeerSpec, netNS int) error {
-	if l := listen.Addr(); l.Is6() && l.IsUnspecified() {
-		for _, p := range peers {
-			if p.Endpoint.Addr().Unmap().Is4() {
-				return fmt.Errorf("listen is %v, a dual-stack socket whose IPv4 traffic (to peer %s) cannot be exempted from IPsec policies; set listen to 0.0.0.0:%d or this host's IPv4 address", listen, p.Name, listen.Port())
-			}
-		}
-	}
+// Probe reports whether this host can run the XFRM backend for peers:
+// the kernel must take an ESP rfc4106(gcm(aes)) SA (Probe adds and
+// removes one that no policy uses), and ESP in UDP for peers that always
+// need it.
+func Probe(ctx context.Context, peers []offload.PeerSpec, netNS int) error {
 	h, err := xfrm.Open(xfrm.Config{NetNS: netNS, Offload: xfrm.OffloadNone, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return fmt.Errorf("no XFRM netlink (%v): the xfrm backend needs CONFIG_XFRM_USER and CAP_NET_ADMIN", err)
@@ -324,12 +316,23 @@ func (b *Backend) watch(ctx context.Context) {
 			b.log.Warn("xfrm: unknown-SPI watch stopped", "err", err)
 		}
 	}()
+	addrs := b.subscribeAddrs(ctx)
+	var settle <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case ev := <-events:
 			b.event(ev)
+		case _, ok := <-addrs:
+			if !ok {
+				addrs = nil
+				continue
+			}
+			settle = time.After(addrSettle)
+		case <-settle:
+			settle = nil
+			b.localMoved()
 		}
 	}
 }
@@ -434,6 +437,11 @@ func (b *Backend) newPeer(p offload.PeerSpec, reqid uint32, mapped netip.AddrPor
 		}
 	} else {
 		mapped = netip.AddrPort{}
+		// The session's address is authenticated (its handshake, and
+		// quic-go validates a new path before it moves there).
+		if o := p.NAT.PeerObserved.Addr().Unmap(); o.IsValid() && roams(p.Prefixes, remote) {
+			remote = o
+		}
 	}
 	local := p.Local.Unmap()
 	var dev string
@@ -740,6 +748,9 @@ func (b *Backend) Install(ctx context.Context, sa *assoc.SA) error {
 	var none [assoc.SaltLen]byte
 	if sa.RxSalt == none || sa.TxSalt == none {
 		return fmt.Errorf("xfrm: peer %s: %s carries no ESP salts (a key exchange that does not derive them)", pr.cfg.Name, sa)
+	}
+	if err := b.refresh(ctx, pr); err != nil {
+		return err
 	}
 	if err := b.openEncap(ctx, pr); err != nil {
 		return err
