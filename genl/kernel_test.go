@@ -858,6 +858,27 @@ func TestKernelDevAssoc(t *testing.T) {
 	if err := cC.KeyRotate(p.dev.ID); !errors.Is(err, ErrNoDevice) {
 		t.Fatalf("key-rotate from the associated namespace: %v, want ErrNoDevice (admin operations belong to the device's namespace)", err)
 	}
+	// psp.py's _dev_change_notify_multi_ns_netkit and
+	// _key_rotation_notify_multi_ns_netkit: the device's notifications
+	// reach the associated namespace as well as its own.
+	evsC := watch(t, cC)
+	for _, op := range []struct {
+		name string
+		do   func() error
+		want EventKind
+	}{
+		{"dev-set", func() error { return p.psp.DevSet(p.dev.ID, p.dev.Cap) }, DevChanged},
+		{"key-rotate", func() error { return p.psp.KeyRotate(p.dev.ID) }, KeyRotated},
+	} {
+		if err := op.do(); err != nil {
+			t.Fatal(err)
+		}
+		for ns, evs := range map[string]<-chan Event{"own": evs, "associated": evsC} {
+			if ev := nextEvent(t, evs); ev.Kind != op.want || ev.DevID != p.dev.ID {
+				t.Fatalf("after %s, in the %s namespace: event %+v, want %v", op.name, ns, ev, op.want)
+			}
+		}
+	}
 	if err := p.psp.DevAssoc(p.dev.ID, ifC, nsid); !errors.Is(err, ErrAssociated) {
 		t.Fatalf("second dev-assoc: %v, want ErrAssociated", err)
 	}

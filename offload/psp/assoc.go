@@ -61,7 +61,7 @@ type assocKey struct {
 type assocName struct{ netns, ifname string }
 
 // target is an AssocTarget resolved: the namespace's id relative to
-// pspd's and the netdev's index there.
+// pspd's (-1 for pspd's own) and the netdev's index there.
 type target struct {
 	AssocTarget
 	nsid    int32
@@ -208,8 +208,41 @@ func (m *Manager) adminDevice(op string, id uint32) (genl.Device, error) {
 	return d, nil
 }
 
-func hasAssoc(d genl.Device, t target) bool {
-	return slices.Contains(d.AssocList, genl.AssocDev{Ifindex: t.ifindex, NSID: t.nsid})
+// selfNSID is the id pspd's namespace has in itself, -1 if none. The
+// kernel lists a device's associations with netdevs of its own
+// namespace under that id, and gives the namespace one (peernet2id_alloc)
+// when it first lists one.
+func (m *Manager) selfNSID() int32 {
+	h, err := routeHandle(m.cfg.NetNS)
+	if err != nil {
+		return -1
+	}
+	defer h.Close()
+	own, err := m.ownNS()
+	if err != nil {
+		return -1
+	}
+	defer unix.Close(own)
+	id, err := h.GetNetNsIdByFd(own)
+	if err != nil {
+		return -1
+	}
+	return int32(id)
+}
+
+// findAssoc is the entry of d's association list that is t.
+func (m *Manager) findAssoc(d genl.Device, t target) (genl.AssocDev, bool) {
+	self := int32(-1)
+	if t.nsid == -1 {
+		self = m.selfNSID()
+	}
+	i := slices.IndexFunc(d.AssocList, func(a genl.AssocDev) bool {
+		return a.Ifindex == t.ifindex && (a.NSID == t.nsid || t.nsid == -1 && a.NSID == self)
+	})
+	if i < 0 {
+		return genl.AssocDev{}, false
+	}
+	return d.AssocList[i], true
 }
 
 // AssocDevice lets the netdev t use PSP device id (dev-assoc): sockets in
@@ -221,7 +254,7 @@ func (m *Manager) AssocDevice(id uint32, t AssocTarget) (Device, error) {
 	if err != nil {
 		return Device{}, err
 	}
-	if !hasAssoc(d, tg) {
+	if _, ok := m.findAssoc(d, tg); !ok {
 		if err := m.c.DevAssoc(id, tg.ifindex, tg.nsid); err != nil {
 			switch {
 			case errors.Is(err, genl.ErrAssociated):
@@ -233,10 +266,15 @@ func (m *Manager) AssocDevice(id uint32, t AssocTarget) (Device, error) {
 		}
 		m.log.Info("psp: device associated with a netdev of another namespace", "dev", id, "netns", tg.NetNS, "ifname", tg.Ifname, "ifindex", tg.ifindex, "nsid", tg.nsid)
 	}
-	m.mu.Lock()
-	m.assocNames[assocKey{id, tg.nsid, tg.ifindex}] = assocName{tg.NetNS, tg.Ifname}
-	m.mu.Unlock()
-	return m.deviceNow(id)
+	if d, err = m.c.DevGet(id); err != nil {
+		return Device{}, fmt.Errorf("psp: %w", err)
+	}
+	if a, ok := m.findAssoc(d, tg); ok {
+		m.mu.Lock()
+		m.assocNames[assocKey{id, a.NSID, a.Ifindex}] = assocName{tg.NetNS, tg.Ifname}
+		m.mu.Unlock()
+	}
+	return m.describe(d), nil
 }
 
 // DisassocDevice undoes AssocDevice (dev-disassoc). Upgraded connections
@@ -246,7 +284,8 @@ func (m *Manager) DisassocDevice(id uint32, t AssocTarget) (Device, error) {
 	if err != nil {
 		return Device{}, err
 	}
-	if !hasAssoc(d, tg) {
+	a, ok := m.findAssoc(d, tg)
+	if !ok {
 		return Device{}, fmt.Errorf("psp: %s in %s is not associated with device %d (see pspctl dev list): %w", tg.Ifname, tg.NetNS, id, ErrNoInterface)
 	}
 	if err := m.c.DevDisassoc(id, tg.ifindex, tg.nsid); err != nil {
@@ -257,15 +296,9 @@ func (m *Manager) DisassocDevice(id uint32, t AssocTarget) (Device, error) {
 	}
 	m.log.Info("psp: device disassociated from a netdev of another namespace", "dev", id, "netns", tg.NetNS, "ifname", tg.Ifname)
 	m.mu.Lock()
-	delete(m.assocNames, assocKey{id, tg.nsid, tg.ifindex})
+	delete(m.assocNames, assocKey{id, a.NSID, a.Ifindex})
 	m.mu.Unlock()
-	return m.deviceNow(id)
-}
-
-// deviceNow describes device id as the kernel has it now.
-func (m *Manager) deviceNow(id uint32) (Device, error) {
-	d, err := m.c.DevGet(id)
-	if err != nil {
+	if d, err = m.c.DevGet(id); err != nil {
 		return Device{}, fmt.Errorf("psp: %w", err)
 	}
 	return m.describe(d), nil

@@ -404,8 +404,9 @@ func (m *Manager) checkDevice(t tuple) error {
 		return fmt.Errorf("psp: %w (the socket was not touched)", err)
 	}
 	unknown := false
+	self := m.selfNSID()
 	for _, d := range devs {
-		ifs := localIfindexes(d)
+		ifs := localIfindexes(d, self)
 		if len(ifs) == 0 {
 			unknown = true // the kernel did not say; it checks at rx-assoc
 			continue
@@ -432,14 +433,16 @@ func (m *Manager) checkDevice(t tuple) error {
 // localIfindexes are the interfaces of this namespace whose sockets use
 // device d: its main netdev (unless this namespace sees d only by
 // association, when ifindex names a netdev elsewhere) and the netdevs of
-// this namespace associated with it (dev-assoc).
-func localIfindexes(d genl.Device) []uint32 {
+// this namespace associated with it (dev-assoc): listed with nsid -1 in
+// an associated namespace, with self (the namespace's id in itself) in
+// the device's own.
+func localIfindexes(d genl.Device, self int32) []uint32 {
 	var out []uint32
 	if !d.ByAssociation && d.Ifindex != 0 {
 		out = append(out, d.Ifindex)
 	}
 	for _, a := range d.AssocList {
-		if a.NSID == -1 {
+		if a.NSID == -1 || !d.ByAssociation && self >= 0 && a.NSID == self {
 			out = append(out, a.Ifindex)
 		}
 	}
