@@ -41,6 +41,13 @@ type PeerConfig struct {
 	Grace         time.Duration // 30s: the previous generation stays this long
 	BackoffMin    time.Duration // 200ms
 	BackoffMax    time.Duration // 30s
+
+	// PSPVersions, if set, says which kernel PSP versions this host's
+	// PSP devices accept; each Hello to the peer carries them
+	// (wire.Hello.PSP), so that the peer's pspd refuses an upgrade with
+	// a version they do not take before it touches the socket. ok false:
+	// this host cannot say now, and the Hello says nothing.
+	PSPVersions func() (v wire.PSPVersions, ok bool)
 }
 
 // Peer keeps a session and a current SA with one peer. All its methods are

@@ -212,6 +212,12 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 // PeerBackends are the backends the peer offered in its Hello.
 func (s *Session) PeerBackends() wire.Backends { return s.hello.Backends }
 
+// PeerPSPVersions are the kernel PSP versions the peer's devices accept,
+// as its Hello said; ok false if it did not say.
+func (s *Session) PeerPSPVersions() (v wire.PSPVersions, ok bool) {
+	return s.hello.PSP, s.hello.PSPKnown
+}
+
 // Close ends the session, telling the peer why, and wipes its master keys.
 func (s *Session) Close(cause error) {
 	code, msg := closeNormal, "closed"
@@ -463,6 +469,9 @@ func (e *Endpoint) exchangeHello(ctx context.Context, conn *quic.Conn, peer iden
 	mine := e.hello(peer)
 	mine.Observed = addrPortOf(conn.RemoteAddr())
 	mine.Source = sourceOf(addrPortOf(conn.LocalAddr()), mine.Observed)
+	if p := e.peer(peer); p != nil && p.cfg.PSPVersions != nil {
+		mine.PSP, mine.PSPKnown = p.cfg.PSPVersions()
+	}
 	if dialer {
 		if err := wire.WriteMessage(str, mine); err != nil {
 			return wire.Hello{}, err

@@ -213,10 +213,14 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 
 // startKX starts keeping a session with the peer.
 func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
-	kx, err := d.ep.AddPeer(keyexchange.PeerConfig{
+	kc := keyexchange.PeerConfig{
 		Name: p.cfg.Name, Key: p.cfg.PublicKey, Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
 		RekeyInterval: d.cfg.RekeyInterval,
-	})
+	}
+	if d.psp != nil {
+		kc.PSPVersions = d.pspVersions
+	}
+	kx, err := d.ep.AddPeer(kc)
 	if err != nil {
 		return err
 	}
@@ -229,6 +233,21 @@ func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
 	d.wg.Add(1)
 	go d.watch(ctx, p, kx)
 	return nil
+}
+
+// pspVersions are what this host's PSP devices accept, for the Hello,
+// as they are when a session begins: without a device the Hello says
+// nothing, so that a device associated later is not refused by peers.
+func (d *Daemon) pspVersions() (wire.PSPVersions, bool) {
+	v, err := d.psp.EnabledVersions()
+	switch {
+	case errors.Is(err, psp.ErrNoDevice):
+		return 0, false
+	case err != nil:
+		d.log.Warn("the Hello says nothing of the PSP devices' versions", "err", err)
+		return 0, false
+	}
+	return wire.PSPVersions(v), true
 }
 
 // stopKX ends the peer's session, removing its SAs through the backends;

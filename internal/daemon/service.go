@@ -272,12 +272,15 @@ func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string)
 	if p == nil {
 		return localapi.UpgradeResult{}, fmt.Errorf("unknown peer %q (see pspctl peer list): %w", peerName, localapi.ErrNotFound)
 	}
-	if s := p.kx.Session(); s == nil {
+	s := p.kx.Session()
+	if s == nil {
 		return localapi.UpgradeResult{}, fmt.Errorf("no session with peer %s right now (see pspctl peer list); the socket was not touched", peerName)
-	} else if !s.PeerBackends().Has(wire.BackendPSP) {
+	}
+	if !s.PeerBackends().Has(wire.BackendPSP) {
 		return localapi.UpgradeResult{}, fmt.Errorf("peer %s has no kernel PSP; the socket was not touched", peerName)
 	}
-	r, err := d.psp.Upgrade(ctx, sock, p.cfg.PublicKey, p.kx.SendExplicitKey)
+	v, known := s.PeerPSPVersions()
+	r, err := d.psp.Upgrade(ctx, sock, p.cfg.PublicKey, psp.PeerVersions{Known: known, Enabled: genl.Versions(v)}, p.kx.SendExplicitKey)
 	if err != nil {
 		d.log.Warn("PSP upgrade failed", "peer", peerName, "err", err)
 		return localapi.UpgradeResult{}, err

@@ -179,7 +179,23 @@ type Hello struct {
 	// whatever address it was configured with for it (IKEv2's
 	// NAT_DETECTION_SOURCE_IP). Zero: the sender did not say.
 	Source netip.AddrPort
+	// PSP, when PSPKnown, are the kernel PSP versions the sender's PSP
+	// devices accept (the union of their psp-versions-ena when the
+	// session began), so that an upgrade the peer's devices would refuse
+	// is refused before either socket gets a key. A pspd without kernel
+	// PSP, or an older one, does not say.
+	PSP      PSPVersions
+	PSPKnown bool
 }
+
+// PSPVersions is a set of kernel PSP versions (enum psp_version: 0 is
+// hdr0-aes-gcm-128, 1 hdr0-aes-gcm-256, 2 and 3 the GMAC ones), bit 1<<v
+// for version v, as the psp family's psp-versions-ena. Bits of versions
+// a later kernel adds travel unchanged.
+type PSPVersions uint32
+
+// Has reports whether version v is in the set.
+func (s PSPVersions) Has(v uint32) bool { return v < 32 && s&(1<<v) != 0 }
 
 // Hello extensions follow the fixed fields as
 //
@@ -191,6 +207,7 @@ type Hello struct {
 const (
 	helloExtObserved = 1 // value: family u8 | address [16] | port u16, as ExplicitKey's
 	helloExtSource   = 2 // value: as helloExtObserved's
+	helloExtPSP      = 3 // value: PSPVersions u32
 )
 
 // SAOffer is the initiator's proposal: it will receive on RxSPI.
@@ -515,6 +532,10 @@ func (m Hello) appendBody(b []byte) []byte {
 		b = append(b, helloExtSource, addrPortLen)
 		b = appendAddrPort(b, m.Source)
 	}
+	if m.PSPKnown {
+		b = append(b, helloExtPSP, 4)
+		b = binary.BigEndian.AppendUint32(b, uint32(m.PSP))
+	}
 	return b
 }
 
@@ -538,6 +559,12 @@ func helloExts(r *reader, m *Hello) error {
 		var field *netip.AddrPort
 		var what string
 		switch typ {
+		case helloExtPSP:
+			if n != 4 {
+				return fmt.Errorf("PSP versions extension is %d bytes, want 4", n)
+			}
+			m.PSP, m.PSPKnown = PSPVersions(binary.BigEndian.Uint32(v)), true
+			continue
 		case helloExtObserved:
 			field, what = &m.Observed, "observed address"
 		case helloExtSource:

@@ -42,6 +42,10 @@ func samples() []Message {
 			Observed: netip.MustParseAddrPort("198.51.100.1:6082"), Source: netip.MustParseAddrPort("10.9.0.2:6082")},
 		Hello{Backends: NewBackends(BackendXFRM), Suites: NewSuites(kdf.AESGCM256), BootID: BootID{9},
 			Source: netip.MustParseAddrPort("[fd00::2]:6082")},
+		Hello{Backends: NewBackends(BackendPSP, BackendXFRM), Suites: NewSuites(kdf.AESGCM256), BootID: BootID{9},
+			Observed: netip.MustParseAddrPort("198.51.100.1:6082"), Source: netip.MustParseAddrPort("10.9.0.2:6082"), PSP: 0b0011, PSPKnown: true},
+		// A host with kernel PSP whose devices accept no version says so.
+		Hello{Backends: NewBackends(BackendPSP), Suites: NewSuites(kdf.AESGCM128), BootID: BootID{9}, PSPKnown: true},
 	}
 }
 
@@ -315,8 +319,22 @@ func TestHelloExtensions(t *testing.T) {
 	if m, err := Decode(mk(ext, unknown)); err != nil || m.(Hello).Observed != withObs.Observed {
 		t.Fatalf("Hello with an unknown extension after observed: %v %v", m, err)
 	}
-	if m, err := Decode(plain); err != nil || m.(Hello).Observed.IsValid() {
+	if m, err := Decode(plain); err != nil || m.(Hello).Observed.IsValid() || m.(Hello).PSPKnown {
 		t.Fatalf("Hello without extensions: %v %v", m, err)
+	}
+	// The PSP versions: type 3, a big-endian u32 of version bits, after
+	// the addresses; versions this pspd does not know are kept.
+	psp := []byte{helloExtPSP, 4, 0x80, 0, 0, 0b0110}
+	if m, err := Decode(mk(ext, psp, unknown)); err != nil || m.(Hello).PSP != 0x80000006 || !m.(Hello).PSPKnown || m.(Hello).Observed != withObs.Observed {
+		t.Fatalf("Hello with PSP versions: %+v %v", m, err)
+	}
+	withPSP := withObs
+	withPSP.PSP, withPSP.PSPKnown = 0b0110, true
+	if b := frame(t, withPSP); !bytes.Equal(b[len(obs):], []byte{helloExtPSP, 4, 0, 0, 0, 0b0110}) {
+		t.Fatalf("PSP versions encode as %x", b[len(obs):])
+	}
+	if v := PSPVersions(0b0110); !v.Has(1) || !v.Has(2) || v.Has(0) || v.Has(3) || v.Has(40) {
+		t.Errorf("PSPVersions(0b0110).Has is wrong")
 	}
 	bad := ext[:len(ext):len(ext)]
 	zeroPort := append(append([]byte(nil), bad[:len(bad)-2]...), 0, 0)
@@ -329,6 +347,10 @@ func TestHelloExtensions(t *testing.T) {
 		"short-value":  mk([]byte{helloExtObserved, 2, 4, 0}),
 		"zero-port":    mk(zeroPort),
 		"mapped-v6":    mk(mapped),
+		"psp-short":    mk([]byte{helloExtPSP, 2, 0, 1}),
+		"psp-long":     mk([]byte{helloExtPSP, 5, 0, 0, 0, 1, 0}),
+		"psp-twice":    mk([]byte{helloExtPSP, 4, 0, 0, 0, 1}, []byte{helloExtPSP, 4, 0, 0, 0, 1}),
+		"psp-before":   mk([]byte{helloExtPSP, 4, 0, 0, 0, 1}, ext),
 	} {
 		if m, err := Decode(b); err == nil {
 			t.Errorf("%s: decoded %v", name, m)

@@ -302,6 +302,25 @@ func (m *Manager) describe(d genl.Device) Device {
 	return ld
 }
 
+// EnabledVersions is the union of the versions this namespace's PSP
+// devices accept on receive: what the Hello tells peers. With no device
+// it is ErrNoDevice: a namespace that gets one later (a container's, by
+// association) must not have told its peers it accepts nothing.
+func (m *Manager) EnabledVersions() (genl.Versions, error) {
+	devs, err := m.c.Devices()
+	if err != nil {
+		return 0, fmt.Errorf("psp: %w", err)
+	}
+	if len(devs) == 0 {
+		return 0, fmt.Errorf("psp: no PSP device in this namespace: %w", ErrNoDevice)
+	}
+	var vs genl.Versions
+	for _, d := range devs {
+		vs |= d.Enabled
+	}
+	return vs, nil
+}
+
 // DeviceStats returns every counter of every PSP device (get-stats).
 func (m *Manager) DeviceStats() ([]genl.Stats, error) {
 	st, err := m.c.AllStats()

@@ -19,8 +19,10 @@
 //
 //  1. checks, before touching the socket, that it is an ESTABLISHED TCP
 //     connection, that its remote address belongs to the named peer (its
-//     endpoint or prefixes, see SetPeer), and that the PSP device its
-//     route leaves through accepts the configured version;
+//     endpoint or prefixes, see SetPeer), that the peer's PSP devices
+//     accept the configured version (as the peer's pspd said in its
+//     session's Hello, PeerVersions), and that the PSP device its route
+//     leaves through accepts it;
 //  2. waits (at most DrainWait) until the peer has acknowledged every
 //     byte this end sent (SIOCOUTQ is 0);
 //  3. binds a receive key to the socket (rx-assoc; the device makes it)

@@ -2,12 +2,16 @@ package psp
 
 import (
 	"bytes"
+	"context"
+	"errors"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/pspd/pspd/genl"
 	"github.com/pspd/pspd/internal/secret"
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/kdf"
@@ -278,5 +282,47 @@ func TestDeviceRemovalEvents(t *testing.T) {
 	}
 	if m.Connections() != 1 || m.devs[7] != nil {
 		t.Errorf("after the removal: %d connections, device state %v", m.Connections(), m.devs[7])
+	}
+}
+
+// TestUpgradeRefusesPeerVersion: a peer whose pspd says its devices do
+// not accept the configured version gets its connection refused before
+// anything touches the socket (no device lookup, no rx-assoc, no key
+// sent), with an error that names both sides' versions.
+func TestUpgradeRefusesPeerVersion(t *testing.T) {
+	m := newManager(Config{Suite: kdf.AESGCM128, KeyWait: time.Minute})
+	peer := newPeer(t)
+	m.SetPeer(peer, netip.MustParseAddr("127.0.0.1"), nil)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	f, err := c.(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, pv := range []PeerVersions{{Known: true, Enabled: genl.VersionsOf(genl.AESGCM256, genl.AESGMAC128)}, {Known: true}} {
+		_, err = m.Upgrade(context.Background(), f, peer, pv, func(context.Context, wire.ExplicitKey) error {
+			t.Error("a key was sent for a connection the peer's devices cannot take")
+			return nil
+		})
+		if !errors.Is(err, ErrPeerVersionDisabled) {
+			t.Fatalf("peer devices %v: %v, want ErrPeerVersionDisabled", pv.Enabled, err)
+		}
+		for _, want := range []string{"hdr0-aes-gcm-128", pv.Enabled.String(), "not touched"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("error %q does not say %q", err, want)
+			}
+		}
+	}
+	if c := m.Counters(); c.UpgradesRefused != 2 || c.UpgradesFailed != 0 {
+		t.Errorf("counters %+v, want two refused upgrades", c)
 	}
 }

@@ -34,6 +34,9 @@ var (
 	// ErrVersionDisabled: the device the connection leaves through does
 	// not accept the configured PSP version.
 	ErrVersionDisabled = errors.New("PSP version not enabled on the device")
+	// ErrPeerVersionDisabled: the peer's pspd says its PSP devices do not
+	// accept the configured PSP version.
+	ErrPeerVersionDisabled = errors.New("PSP version not enabled on the peer's devices")
 	// ErrClearData: clear data in flight did not drain in time.
 	ErrClearData = errors.New("clear data in flight")
 	// ErrBusy: the connection is being upgraded or was upgraded.
@@ -241,6 +244,16 @@ func (m *Manager) RemovePeer(peer identity.PublicKey) {
 	m.keys.forget(&peer)
 }
 
+// PeerVersions is what the peer's pspd says its PSP devices accept (its
+// Hello).
+type PeerVersions struct {
+	// Known is false when it did not say (a pspd from before the Hello
+	// said it); then only the peer's own checks and its kernel's refuse a
+	// version its devices do not take.
+	Known   bool
+	Enabled genl.Versions
+}
+
 // Result is a completed upgrade.
 type Result struct {
 	Device       uint32
@@ -250,14 +263,17 @@ type Result struct {
 
 // Upgrade binds PSP to a connected TCP socket towards peer, following the
 // safe upgrade protocol (see the package doc). The caller keeps sock.
+// pv is what the peer's pspd said its devices accept: an upgrade with a
+// version they do not is refused before the socket is touched, as one
+// with a version the local device does not accept is.
 //
 // Errors before rx-assoc leave the socket untouched and say so. A failure
 // after rx-assoc leaves the socket with a receive key the kernel cannot
 // take back, and the peer may already send under PSP: the error says so,
 // and the connection should be closed.
-func (m *Manager) Upgrade(ctx context.Context, sock *os.File, peer identity.PublicKey, send func(context.Context, wire.ExplicitKey) error) (Result, error) {
+func (m *Manager) Upgrade(ctx context.Context, sock *os.File, peer identity.PublicKey, pv PeerVersions, send func(context.Context, wire.ExplicitKey) error) (Result, error) {
 	var touched bool
-	r, err := m.upgrade(ctx, sock, peer, send, &touched)
+	r, err := m.upgrade(ctx, sock, peer, pv, send, &touched)
 	switch {
 	case err == nil:
 		m.counts.upgradesOK.Add(1)
@@ -269,7 +285,7 @@ func (m *Manager) Upgrade(ctx context.Context, sock *os.File, peer identity.Publ
 	return r, err
 }
 
-func (m *Manager) upgrade(ctx context.Context, sock *os.File, peer identity.PublicKey, send func(context.Context, wire.ExplicitKey) error, touched *bool) (Result, error) {
+func (m *Manager) upgrade(ctx context.Context, sock *os.File, peer identity.PublicKey, pv PeerVersions, send func(context.Context, wire.ExplicitKey) error, touched *bool) (Result, error) {
 	si, err := inspect(sock)
 	if err != nil {
 		return Result{}, fmt.Errorf("psp: %w (the socket was not touched)", err)
@@ -280,6 +296,13 @@ func (m *Manager) upgrade(ctx context.Context, sock *os.File, peer identity.Publ
 	}
 	if !m.peers.allows(peer, t.remote.Addr()) {
 		return Result{}, fmt.Errorf("psp: connection %s: %s is neither the peer's endpoint nor in its prefixes; name the peer this connection goes to (the socket was not touched): %w", t, t.remote.Addr(), ErrWrongPeer)
+	}
+	// The peer's devices would drop what this socket sends under a
+	// version they do not accept; the kernel here cannot know, and after
+	// rx-assoc the socket could not go back.
+	if pv.Known && !pv.Enabled.Has(m.version) {
+		return Result{}, fmt.Errorf("psp: connection %s: this host upgrades with %v (suite %v), but the peer's PSP devices accept %v: enable %v on them (the peer's pspd does so for its suite) or set the same suite on both (the socket was not touched): %w",
+			t, m.version, m.cfg.Suite, pv.Enabled, m.version, ErrPeerVersionDisabled)
 	}
 	if err := m.checkDevice(t); err != nil {
 		return Result{}, err

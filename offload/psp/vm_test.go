@@ -112,11 +112,18 @@ func newHost(t *testing.T, name string, nsimID uint32, addr string) *host {
 
 func (h *host) start(t *testing.T, peer *host) {
 	t.Helper()
+	h.startSuite(t, peer, kdf.AESGCM128)
+}
+
+// startSuite is start with suite for kernel PSP (the XFRM backend keeps
+// AES-GCM-128).
+func (h *host) startSuite(t *testing.T, peer *host, suite kdf.Suite) {
+	t.Helper()
 	dir := t.TempDir()
 	h.sock = filepath.Join(dir, "pspd.sock")
 	pc := &policy.Config{
 		Listen: netip.AddrPortFrom(h.addr, 6082), Socket: h.sock, Backend: policy.BackendXFRM, Offload: policy.OffloadNone,
-		Suite: kdf.AESGCM128, RekeyInterval: time.Hour, PacketBudget: 1 << 30, PSPRotation: 24 * time.Hour,
+		Suite: suite, RekeyInterval: time.Hour, PacketBudget: 1 << 30, PSPRotation: 24 * time.Hour,
 		Peers: []policy.Peer{{Name: peer.name, Endpoint: netip.AddrPortFrom(peer.addr, 6082), PublicKey: peer.id.Public(),
 			Prefixes: []netip.Prefix{netip.MustParsePrefix("10.99.0.0/24")}, Backend: policy.BackendXFRM, Suite: kdf.AESGCM128}},
 	}

@@ -243,7 +243,7 @@ func TestVMUpgradeRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer f.Close()
-		_, err = a.pm.Upgrade(ctx, f, b.id.Public(), func(context.Context, wire.ExplicitKey) error {
+		_, err = a.pm.Upgrade(ctx, f, b.id.Public(), psp.PeerVersions{}, func(context.Context, wire.ExplicitKey) error {
 			t.Error("a key was sent for a socket that cannot be upgraded")
 			return nil
 		})
@@ -261,6 +261,13 @@ func TestVMUpgradeRefused(t *testing.T) {
 // fresh rx-assoc on it succeeds.
 func assertUntouched(t *testing.T, h *host, c *net.TCPConn) {
 	t.Helper()
+	assertUntouchedWith(t, h, c, genl.AESGCM128)
+}
+
+// assertUntouchedWith is assertUntouched with version v, which h's device
+// must accept.
+func assertUntouchedWith(t *testing.T, h *host, c *net.TCPConn, v genl.Version) {
+	t.Helper()
 	gc, err := genl.Dial(genl.Config{NetNS: h.ns})
 	if err != nil {
 		t.Fatal(err)
@@ -270,7 +277,7 @@ func assertUntouched(t *testing.T, h *host, c *net.TCPConn) {
 	if len(devs) != 1 {
 		t.Fatalf("devices: %+v", devs)
 	}
-	r, err := gc.RxAssoc(c, genl.AESGCM128, devs[0].ID)
+	r, err := gc.RxAssoc(c, v, devs[0].ID)
 	if err != nil {
 		t.Fatalf("the refused socket was touched: rx-assoc now: %v", err)
 	}
@@ -604,7 +611,7 @@ func TestVMAssociatedNamespace(t *testing.T) {
 		}
 		defer f.Close()
 		var sent wire.ExplicitKey
-		_, err = m.Upgrade(ctx, f, peer.Public(), func(_ context.Context, k wire.ExplicitKey) error {
+		_, err = m.Upgrade(ctx, f, peer.Public(), psp.PeerVersions{}, func(_ context.Context, k wire.ExplicitKey) error {
 			sent = k
 			sent.Key = k.Key.Clone()
 			return errors.New("test: stop here")
