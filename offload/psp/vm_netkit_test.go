@@ -3,6 +3,7 @@ package psp_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +23,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/pspd/pspd/genl"
 	"github.com/pspd/pspd/internal/nsim"
 	"github.com/pspd/pspd/internal/nstest"
 	"github.com/pspd/pspd/keyexchange/identity"
@@ -50,18 +52,26 @@ func nsPath(t *testing.T, fd int) string {
 }
 
 // redirectToPhys attaches to the guest side of netkit primary (in the
-// namespace of h) a program that sends the guest's IPv4 packets straight
-// out of phys (bpf_redirect_neigh), as psp.py's nk_primary_rx_redirect
-// does for IPv6: through the host's IP stack the packets would lose
-// their socket, and with it their PSP transmit key. ARP goes the normal
-// way, to the primary.
+// namespace ns) a program that sends the guest's IP packets straight out
+// of phys (bpf_redirect_neigh), as psp.py's nk_primary_rx_redirect does:
+// through the host's IP stack they would lose their socket, and with it
+// their PSP transmit key. ARP and ICMPv6 (neighbour discovery) go the
+// normal way, to the primary.
 func redirectToPhys(t *testing.T, ns, primary, phys int) {
 	t.Helper()
 	attachProg(t, ns, "the redirect program", asm.Instructions{
 		// skb->protocol (__sk_buff offset 16) is big-endian.
-		asm.LoadMem(asm.R2, asm.R1, 16, asm.Word),
-		asm.JNE.Imm(asm.R2, int32(htons(unix.ETH_P_IP)), "pass"),
-		asm.Mov.Imm(asm.R1, int32(phys)),
+		asm.LoadMem(asm.R5, asm.R1, 16, asm.Word),
+		asm.JEq.Imm(asm.R5, int32(htons(unix.ETH_P_IP)), "redirect"),
+		asm.JNE.Imm(asm.R5, int32(htons(unix.ETH_P_IPV6)), "pass"),
+		asm.LoadMem(asm.R2, asm.R1, 76, asm.Word), // skb->data
+		asm.LoadMem(asm.R3, asm.R1, 80, asm.Word), // skb->data_end
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, 14+40),
+		asm.JGT.Reg(asm.R4, asm.R3, "pass"),
+		asm.LoadMem(asm.R5, asm.R2, 14+6, asm.Byte), // next header
+		asm.JEq.Imm(asm.R5, unix.IPPROTO_ICMPV6, "pass"),
+		asm.Mov.Imm(asm.R1, int32(phys)).WithSymbol("redirect"),
 		asm.Mov.Imm(asm.R2, 0),
 		asm.Mov.Imm(asm.R3, 0),
 		asm.Mov.Imm(asm.R4, 0),
@@ -92,27 +102,36 @@ func attachProg(t *testing.T, ns int, what string, insns asm.Instructions, attac
 }
 
 // redirectToGuest attaches to phys's ingress (tcx, in namespace ns) a
-// program that hands IPv4 packets for the guest's subnet (the first
-// three bytes of dst) straight to the netkit peer of primary
-// (bpf_redirect_peer), as psp.py's nk_forward does for IPv6: forwarded
-// through the host's stack, a packet the device decrypted would be
-// dropped at the netkit's transmit ("unencrypted skb with no associated
-// socket", SOCK_VALIDATE_XMIT).
-func redirectToGuest(t *testing.T, ns, phys, primary int, dst [3]byte) {
+// program that hands packets for the guest's subnets (IPv4: the first
+// three bytes of the destination, IPv6: the first four) straight to the
+// netkit peer of primary (bpf_redirect_peer), as psp.py's nk_forward
+// does: forwarded through the host's stack, a packet the device
+// decrypted would be dropped at the netkit's transmit ("unencrypted skb
+// with no associated socket", SOCK_VALIDATE_XMIT).
+func redirectToGuest(t *testing.T, ns, phys, primary int, v4 [3]byte, v6 [4]byte) {
 	t.Helper()
-	prefix := int32(uint32(dst[0]) | uint32(dst[1])<<8 | uint32(dst[2])<<16) // daddr's first bytes, read little-endian
+	// The destination's first bytes, as a little-endian load reads them.
+	p4 := int32(uint32(v4[0]) | uint32(v4[1])<<8 | uint32(v4[2])<<16)
+	p6 := int32(binary.LittleEndian.Uint32(v6[:]))
 	attachProg(t, ns, "the ingress program", asm.Instructions{
-		asm.LoadMem(asm.R5, asm.R1, 16, asm.Word), // skb->protocol
-		asm.JNE.Imm(asm.R5, int32(htons(unix.ETH_P_IP)), "pass"),
 		asm.LoadMem(asm.R2, asm.R1, 76, asm.Word), // skb->data
 		asm.LoadMem(asm.R3, asm.R1, 80, asm.Word), // skb->data_end
+		asm.LoadMem(asm.R5, asm.R1, 16, asm.Word), // skb->protocol
+		asm.JEq.Imm(asm.R5, int32(htons(unix.ETH_P_IP)), "v4"),
+		asm.JNE.Imm(asm.R5, int32(htons(unix.ETH_P_IPV6)), "pass"),
 		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, 14+40),
+		asm.JGT.Reg(asm.R4, asm.R3, "pass"),
+		asm.LoadMem(asm.R5, asm.R2, 14+24, asm.Word), // the IPv6 destination's first word
+		asm.JNE.Imm32(asm.R5, p6, "pass"),
+		asm.Ja.Label("redirect"),
+		asm.Mov.Reg(asm.R4, asm.R2).WithSymbol("v4"),
 		asm.Add.Imm(asm.R4, 14+20),
 		asm.JGT.Reg(asm.R4, asm.R3, "pass"),
 		asm.LoadMem(asm.R5, asm.R2, 14+16, asm.Word), // the IPv4 destination
 		asm.And.Imm(asm.R5, 0xffffff),
-		asm.JNE.Imm(asm.R5, prefix, "pass"),
-		asm.Mov.Imm(asm.R1, int32(primary)),
+		asm.JNE.Imm(asm.R5, p4, "pass"),
+		asm.Mov.Imm(asm.R1, int32(primary)).WithSymbol("redirect"),
 		asm.Mov.Imm(asm.R2, 0),
 		asm.FnRedirectPeer.Call(),
 		asm.Return(),
@@ -169,15 +188,36 @@ func rtnl(t *testing.T, ns int) *vnl.Handle {
 	return h
 }
 
+func linkByIndex(t *testing.T, h *vnl.Handle, ifindex int) vnl.Link {
+	t.Helper()
+	l, err := h.LinkByIndex(ifindex)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
 func addAddr(t *testing.T, h *vnl.Handle, l vnl.Link, addr string) {
 	t.Helper()
 	a, err := vnl.ParseAddr(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
+	a.Flags = unix.IFA_F_NODAD
 	if err := h.AddrAdd(l, a); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// genlAt is pspd's PSP netlink client in namespace ns, for the test.
+func genlAt(t *testing.T, ns int) *genl.Client {
+	t.Helper()
+	c, err := genl.Dial(genl.Config{NetNS: ns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 func addRoute(t *testing.T, h *vnl.Handle, dst, gw string) {
@@ -198,8 +238,9 @@ func addRoute(t *testing.T, h *vnl.Handle, dst, gw string) {
 // through the API, as an operator would with pspctl dev assoc. Then a TCP
 // connection from C's application to B's is upgraded by C's and B's
 // pspds through pspd's client, carries data under PSP, and moves A's
-// device counters; a rotation by A reaches C's pspd; after a disassoc C
-// can no longer upgrade. The association's other shapes (a netdev of
+// device counters; every PSP version carries data from C over IPv6 with
+// keys C binds itself, as in psp.py; a rotation by A reaches C's pspd;
+// after a disassoc C can no longer upgrade. The association's other shapes (a netdev of
 // A's own namespace, one whose netkit is deleted) and the API's errors
 // come first.
 func TestVMNetkit(t *testing.T) {
@@ -226,12 +267,24 @@ func TestVMNetkit(t *testing.T) {
 	}
 	addRoute(t, hC, "0.0.0.0/0", subnet+".1")
 	addRoute(t, hB, subnet+".0/24", a.addr.String())
+	// IPv6 beside, for psp.py's data_basic_send_netkit_psp_assoc_v*_ip6;
+	// no duplicate address detection, so the addresses work at once.
+	for _, x := range []struct {
+		h    *vnl.Handle
+		l    vnl.Link
+		addr string
+	}{{hA, linkByIndex(t, hA, a.port.Ifindex), "fd00:96::1/64"}, {hB, linkByIndex(t, hB, b.port.Ifindex), "fd00:96::2/64"},
+		{hA, nkh, "fd00:97::1/64"}, {hC, nkg, "fd00:97::2/64"}} {
+		addAddr(t, x.h, x.l, x.addr)
+	}
+	addRoute(t, hC, "::/0", "fd00:97::1")
+	addRoute(t, hB, "fd00:97::/64", "fd00:96::1")
 	nstest.Do(t, a.ns, func() { err = os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0) })
 	if err != nil {
 		t.Fatal(err)
 	}
 	redirectToPhys(t, a.ns, nkh.Attrs().Index, a.port.Ifindex)
-	redirectToGuest(t, a.ns, a.port.Ifindex, nkh.Attrs().Index, [3]byte{10, 97, 0})
+	redirectToGuest(t, a.ns, a.port.Ifindex, nkh.Attrs().Index, [3]byte{10, 97, 0}, [4]byte{0xfd, 0, 0, 0x97})
 
 	// A's pspd owns the device; its one peer is nowhere, its job here is
 	// the device. B's peer is C's pspd and C's is B's.
@@ -386,6 +439,61 @@ func TestVMNetkit(t *testing.T) {
 		x.SetReadDeadline(time.Now().Add(3 * time.Second))
 		n, err := x.Read(make([]byte, 4))
 		t.Logf("B to the container under PSP: read %d bytes, %v; A's device %+v", n, err, pspStats(t, a))
+	})
+
+	// psp.py data_basic_send_netkit_psp_assoc_v{0..3}_ip6, as psp.py
+	// does it: the container binds the keys itself with pspd's netlink
+	// client (by association, without naming the device), every version
+	// over IPv6, and the data crosses A's device.
+	t.Run("versions ip6", func(t *testing.T) {
+		owner, bc, cc := genlAt(t, a.ns), genlAt(t, b.ns), genlAt(t, c.ns)
+		bdevs, err := bc.Devices()
+		if err != nil || len(bdevs) != 1 {
+			t.Fatalf("B's devices: %+v %v", bdevs, err)
+		}
+		if err := owner.DevSet(dev.ID, genl.AllVersions); err != nil {
+			t.Fatal(err)
+		}
+		if err := bc.DevSet(bdevs[0].ID, genl.AllVersions); err != nil {
+			t.Fatal(err)
+		}
+		for v := genl.AESGCM128; v <= genl.AESGMAC256; v++ {
+			t.Run(v.String(), func(t *testing.T) {
+				x, y := dialTo(t, c, b, netip.MustParseAddrPort(fmt.Sprintf("[fd00:96::2]:%d", 7910+v)))
+				rc, err := cc.RxAssoc(x, v, 0)
+				if err != nil {
+					t.Fatalf("rx-assoc in the container: %v", err)
+				}
+				defer rc.Key.Wipe()
+				rb, err := bc.RxAssoc(y, v, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer rb.Key.Wipe()
+				if rc.DevID != dev.ID {
+					t.Errorf("the container's key came from device %d, want A's %d", rc.DevID, dev.ID)
+				}
+				if err := cc.TxAssoc(x, v, 0, rb.Key); err != nil {
+					t.Fatalf("tx-assoc in the container: %v", err)
+				}
+				if err := bc.TxAssoc(y, v, 0, rc.Key); err != nil {
+					t.Fatal(err)
+				}
+				before := pspStats(t, a)
+				msg := bytes.Repeat([]byte{byte(v)}, 64<<10)
+				if _, err := x.Write(msg); err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, len(msg))
+				y.SetReadDeadline(time.Now().Add(20 * time.Second))
+				if _, err := io.ReadFull(y, got); err != nil || !bytes.Equal(got, msg) {
+					t.Fatalf("B read %v (intact %v)", err, bytes.Equal(got, msg))
+				}
+				if after := pspStats(t, a); after.TxBytes-before.TxBytes < uint64(len(msg)) {
+					t.Errorf("A's device did not carry the data: before %+v after %+v", before, after)
+				}
+			})
+		}
 	})
 
 	// psp.py _key_rotation_notify_multi_ns_netkit: A rotates, and C's

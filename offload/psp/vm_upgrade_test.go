@@ -46,13 +46,13 @@ func dialTo(t *testing.T, a, b *host, addr netip.AddrPort) (ca, cb *net.TCPConn)
 	dst := addr.String()
 	var ln net.Listener
 	var err error
-	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp4", dst) })
+	nstest.Do(t, b.ns, func() { ln, err = net.Listen("tcp", dst) })
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
 	var c net.Conn
-	nstest.Do(t, a.ns, func() { c, err = net.Dial("tcp4", dst) })
+	nstest.Do(t, a.ns, func() { c, err = net.Dial("tcp", dst) })
 	if err != nil {
 		t.Fatal(err)
 	}
