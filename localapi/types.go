@@ -205,7 +205,8 @@ type AssocDev struct {
 	// own.
 	NSID int32 `json:"nsid"`
 	// NetNS and Ifname are what the association was made with through
-	// this API, if it was.
+	// this API, if it was; Ifname alone names a netdev of pspd's own
+	// namespace.
 	NetNS  string `json:"netns,omitempty"`
 	Ifname string `json:"ifname,omitempty"`
 }

@@ -562,13 +562,16 @@ func (c *cli) devList(cmd *cobra.Command, _ []string) error {
 }
 
 // assocList shows a device's associations: IFNAME@NETNS where pspd made
-// them, else what the kernel says.
+// them, IFNAME for a netdev of pspd's namespace, else what the kernel
+// says.
 func assocList(as []localapi.AssocDev) string {
 	var parts []string
 	for _, a := range as {
 		switch {
 		case a.NetNS != "":
 			parts = append(parts, a.Ifname+"@"+a.NetNS)
+		case a.Ifname != "":
+			parts = append(parts, a.Ifname)
 		case a.NSID < 0:
 			parts = append(parts, fmt.Sprintf("ifindex %d", a.Ifindex))
 		default:

@@ -57,7 +57,10 @@ func fixture() *apitest.Service {
 			ThisGeneration: localapi.Counters{BytesIn: 1536000, PacketsIn: 1100, BytesOut: 2048, PacketsOut: 12, Drops: 1}}},
 		DevicesV: []localapi.Device{{ID: 1, Ifindex: 4, Ifname: "eth0", Capable: []string{"hdr0-aes-gcm-128", "hdr0-aes-gcm-256"},
 			Enabled: []string{"hdr0-aes-gcm-256"}, Rotations: 5, LastRotation: now.Add(-3 * time.Hour),
-			Assoc: []localapi.AssocDev{{Ifindex: 9, NSID: 1, NetNS: "/run/netns/web", Ifname: "nk0"}, {Ifindex: 12, NSID: 3}}}},
+			Assoc: []localapi.AssocDev{{Ifindex: 9, NSID: 1, NetNS: "/run/netns/web", Ifname: "nk0"}, {Ifindex: 12, NSID: 3}}},
+			// As a pspd in a container sees the host's device.
+			{ID: 2, Ifindex: 4, Capable: []string{"hdr0-aes-gcm-128"}, Enabled: []string{"hdr0-aes-gcm-128"}, ByAssociation: true,
+				Assoc: []localapi.AssocDev{{Ifindex: 3, NSID: -1, Ifname: "eth0"}}}},
 		EventsC: evs,
 	}
 }

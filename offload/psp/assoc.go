@@ -45,7 +45,8 @@ type AssocDev struct {
 	// own namespace.
 	NSID int32
 	// NetNS and Ifname are what the association was made with, when pspd
-	// made it; empty otherwise.
+	// made it; otherwise Ifname names a netdev of pspd's own namespace,
+	// and both are empty for one elsewhere.
 	NetNS  string
 	Ifname string
 }
@@ -306,7 +307,29 @@ func (m *Manager) DisassocDevice(id uint32, t AssocTarget) (Device, error) {
 
 // assocs is d's association list with the names pspd knows, and forgets
 // the names of associations the kernel dropped (their netdev went away).
+// A netdev of pspd's own namespace is named as it is there now.
 func (m *Manager) assocs(d genl.Device) []AssocDev {
+	out := m.knownAssocs(d)
+	self := int32(-1)
+	for i, a := range out {
+		if a.Ifname != "" {
+			continue
+		}
+		if a.NSID != -1 && self == -1 && !d.ByAssociation {
+			self = m.selfNSID()
+		}
+		if a.NSID == -1 || !d.ByAssociation && a.NSID == self {
+			if name, err := netInterface(int(a.Ifindex), m.cfg.NetNS); err == nil {
+				out[i].Ifname = name
+			}
+		}
+	}
+	return out
+}
+
+// knownAssocs is d's association list with the names of the associations
+// pspd made.
+func (m *Manager) knownAssocs(d genl.Device) []AssocDev {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []AssocDev

@@ -387,7 +387,7 @@ func TestVMNetkit(t *testing.T) {
 		}
 		ds, err := cc.Devices(ctx)
 		if err != nil || len(ds) != 1 || ds[0].ID != dev.ID || !ds[0].ByAssociation || ds[0].Ifname != "" ||
-			!slices.Equal(ds[0].Assoc, []localapi.AssocDev{{Ifindex: uint32(nkg.Attrs().Index), NSID: -1}}) {
+			!slices.Equal(ds[0].Assoc, []localapi.AssocDev{{Ifindex: uint32(nkg.Attrs().Index), NSID: -1, Ifname: "nkg"}}) {
 			t.Fatalf("the device as C's pspd sees it: %+v %v, want it by association with nkg alone", ds, err)
 		}
 		if !slices.Contains(ds[0].Enabled, "hdr0-aes-gcm-128") {
