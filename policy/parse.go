@@ -315,7 +315,7 @@ func parse(p parser, data []byte) (*Config, error) {
 			ap, err = p.addrPort(v, k, 0)
 			c.Metrics = ap.String()
 		case "backend":
-			err = p.enum(v, k, func(s string) (e error) { c.Backend, e = parseBackend(s); return })
+			err = p.enum(v, k, func(s string) (e error) { c.Backend, e = ParseBackend(s); return })
 		case "offload":
 			err = p.enum(v, k, func(s string) (e error) { c.Offload, e = parseOffload(s); return })
 		case "nat_traversal":
@@ -504,13 +504,6 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 	if len(n.Content) > maxPeers {
 		return p.fail(n, "peers", "%d peers is more than the limit of %d", len(n.Content), maxPeers)
 	}
-	names := map[string]int{}
-	keys := map[identity.PublicKey]string{}
-	type owned struct {
-		prefix netip.Prefix
-		peer   string
-	}
-	var allPrefixes []owned
 	// Prefix nodes per peer, for the underlay checks that need every
 	// peer's endpoint.
 	prefixNodes := make([][]*yaml.Node, len(n.Content))
@@ -527,7 +520,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				nameNode = v
 				pr.Name, err = p.str(v, f)
 				if err == nil && !peerName.MatchString(pr.Name) {
-					err = p.fail(v, f, "%q must be lower-case letters, digits, '.' and '-' (at most 63)", pr.Name)
+					err = p.fail(v, f, "%s", badName(pr.Name))
 				}
 			case "endpoint":
 				endpointNode = v
@@ -546,7 +539,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 					prefixNodes[i] = v.Content
 				}
 			case "backend":
-				err = p.enum(v, f, func(s string) (e error) { pr.Backend, e = parseBackend(s); return })
+				err = p.enum(v, f, func(s string) (e error) { pr.Backend, e = ParseBackend(s); return })
 			case "suite":
 				err = p.enum(v, f, func(s string) (e error) { pr.Suite, e = kdf.ParseSuite(s); return })
 			case "nat_traversal":
@@ -565,70 +558,36 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				return p.fail(pn, path+req.name, "required")
 			}
 		}
-		if j, dup := names[pr.Name]; dup {
-			return p.fail(nameNode, path+"name", "%q is already the name of peers[%d]", pr.Name, j)
-		}
-		names[pr.Name] = i
-		if other, dup := keys[pr.PublicKey]; dup {
-			return p.fail(keyNode, path+"public_key", "the same key is pinned for peer %q", other)
-		}
-		keys[pr.PublicKey] = pr.Name
-		if l := c.Listen; !l.Addr().IsUnspecified() && underlay(pr.Endpoint.Addr()) == underlay(l.Addr()) && pr.Endpoint.Port() == l.Port() {
-			return p.fail(endpointNode, path+"endpoint", "%v is this host's listen address; give the peer's own address", pr.Endpoint)
-		}
-		for j, pf := range pr.Prefixes {
-			f := fmt.Sprintf("%sprefixes[%d]", path, j)
-			if err := p.ownUnderlay(c, pr, pf, prefixNodes[i][j], f); err != nil {
-				return err
+		if err := c.admit(c.Peers, pr); err != nil {
+			k, at := i, (*yaml.Node)(nil)
+			switch {
+			case err.Peer != pr.Name: // an accepted peer's prefix holds pr's endpoint
+				k = slices.IndexFunc(c.Peers, func(o Peer) bool { return o.Name == err.Peer })
+				at = prefixNode(prefixNodes[k], err.Field)
+			case err.Field == "name":
+				at = nameNode
+			case err.Field == "public_key":
+				at = keyNode
+			case err.Field == "endpoint":
+				at = endpointNode
+			default:
+				at = prefixNode(prefixNodes[i], err.Field)
 			}
-			for _, o := range allPrefixes {
-				if o.prefix.Overlaps(pf) {
-					return p.fail(prefixNodes[i][j], f, "%v overlaps %v of peer %q: traffic must map to one peer", pf, o.prefix, o.peer)
-				}
-			}
-			allPrefixes = append(allPrefixes, owned{pf, pr.Name})
+			return p.fail(at, fmt.Sprintf("peers[%d].%s", k, err.Field), "%v", err.Err)
 		}
 		c.Peers = append(c.Peers, pr)
-	}
-	// A prefix must not hold another peer's endpoint either: that peer's
-	// outer packets would be routed into this peer's tunnel, so it would
-	// depend on this one being up and never come back on its own.
-	for i, pr := range c.Peers {
-		for j, pf := range pr.Prefixes {
-			for _, o := range c.Peers {
-				if o.Name != pr.Name && containsAddr(pf, o.Endpoint.Addr()) {
-					return p.fail(prefixNodes[i][j], fmt.Sprintf("peers[%d].prefixes[%d]", i, j),
-						"%v contains the endpoint %v of peer %q, whose tunnel's own packets would then be routed into peer %q's tunnel; narrow the prefix to leave %v out",
-						pf, o.Endpoint.Addr(), o.Name, pr.Name, o.Endpoint.Addr())
-				}
-			}
-		}
 	}
 	return nil
 }
 
-// ownUnderlay refuses a prefix that would route pspd's own packets to pr
-// (or from this host) into pr's tunnel. The one exception is the peer's
-// endpoint as its only prefix: XFRM transport mode protects exactly that
-// address, and pspd's control socket bypasses the policies.
-func (p parser) ownUnderlay(c *Config, pr Peer, pf netip.Prefix, n *yaml.Node, field string) error {
-	if pf.Bits() == 0 {
-		return p.fail(n, field, "%v is a default route: it would also carry pspd's own packets to the peers' endpoints, and pspd does not do full-tunnel routing; list the networks behind peer %q instead", pf, pr.Name)
+// prefixNode is the node of field "prefixes[j]" among a peer's prefix
+// nodes, or nil (line 1) for another field.
+func prefixNode(nodes []*yaml.Node, field string) *yaml.Node {
+	var j int
+	if _, err := fmt.Sscanf(field, "prefixes[%d]", &j); err != nil || j < 0 || j >= len(nodes) {
+		return nil
 	}
-	ep := underlay(pr.Endpoint.Addr())
-	if containsAddr(pf, ep) {
-		host := netip.PrefixFrom(ep, ep.BitLen())
-		if pf != host || len(pr.Prefixes) > 1 {
-			return p.fail(n, field, "%v contains peer %q's endpoint %v, so the tunnel's own packets would be routed into the tunnel and the peer would never come back; narrow the prefix to leave %v out (or, for xfrm transport mode, list only the endpoint address)", pf, pr.Name, ep, ep)
-		}
-		if pr.Backend.OrDefault(c.Backend) == BackendUserspace {
-			return p.fail(n, field, "%v is peer %q's endpoint: the userspace backend would route its own outer packets into %s; it protects the networks behind a peer, so list those (transport mode needs backend: xfrm)", pf, pr.Name, c.Userspace.Interface)
-		}
-	}
-	if l := c.Listen.Addr(); !l.IsUnspecified() && containsAddr(pf, l) {
-		return p.fail(n, field, "%v contains this host's listen address %v, so pspd's own packets would be routed into the tunnel; narrow the prefix to leave %v out", pf, underlay(l), underlay(l))
-	}
-	return nil
+	return nodes[j]
 }
 
 // underlay is a as the kernel routes it: without a zone, and an
@@ -654,16 +613,9 @@ func (p parser) prefixes(n *yaml.Node, field string) ([]netip.Prefix, error) {
 		if err != nil {
 			return nil, err
 		}
-		pf, err := netip.ParsePrefix(s)
+		pf, err := ParsePrefix(s)
 		if err != nil {
-			a, aerr := netip.ParseAddr(s)
-			if aerr != nil {
-				return nil, p.fail(e, f, "%q is not an address or prefix", s)
-			}
-			pf = netip.PrefixFrom(a, a.BitLen())
-		}
-		if pf != pf.Masked() {
-			return nil, p.fail(e, f, "%v has host bits set; did you mean %v?", pf, pf.Masked())
+			return nil, p.fail(e, f, "%v", err)
 		}
 		out = append(out, pf)
 	}

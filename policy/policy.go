@@ -274,7 +274,8 @@ func Load(path string) (*Config, error) {
 
 var peerName = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$`)
 
-func parseBackend(s string) (Backend, error) {
+// ParseBackend parses a backend name.
+func ParseBackend(s string) (Backend, error) {
 	switch b := Backend(s); b {
 	case BackendAuto, BackendPSP, BackendXFRM, BackendUserspace:
 		return b, nil

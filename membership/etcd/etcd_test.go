@@ -1,0 +1,194 @@
+package etcd
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/pspd/pspd/internal/etcdtest"
+	"github.com/pspd/pspd/keyexchange/identity"
+	"github.com/pspd/pspd/membership"
+)
+
+const prefix = "/pspd/nodes/"
+
+func record(t *testing.T, name, ep string) membership.Record {
+	id, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return membership.Record{Name: name, Endpoints: []string{ep}, PublicKeys: []string{id.Public().String()}, Prefixes: []string{"10.9." + ep[len(ep)-1:] + ".0/24"}}
+}
+
+// node runs a Source and remembers its latest update.
+type node struct {
+	mu      sync.Mutex
+	names   []string
+	updates int
+	changed chan struct{}
+	logs    *syncBuf
+	cancel  context.CancelFunc
+	done    chan struct{}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
+func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+func run(t *testing.T, cfg Config, self membership.Record) *node {
+	t.Helper()
+	n := &node{changed: make(chan struct{}, 100), logs: &syncBuf{}, done: make(chan struct{})}
+	cfg.Logger = slog.New(slog.NewTextHandler(n.logs, nil))
+	src, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	go func() {
+		defer close(n.done)
+		src.Run(ctx, self, func(rs []membership.Record) {
+			n.mu.Lock()
+			n.names = n.names[:0]
+			for _, r := range rs {
+				n.names = append(n.names, r.Name)
+			}
+			n.updates++
+			n.mu.Unlock()
+			n.changed <- struct{}{}
+		})
+	}()
+	t.Cleanup(func() { n.stop() })
+	return n
+}
+
+func (n *node) stop() {
+	n.cancel()
+	<-n.done
+}
+
+// waitFor waits until the node's last update names exactly want.
+func (n *node) waitFor(t *testing.T, want ...string) {
+	t.Helper()
+	deadline := time.After(20 * time.Second)
+	for {
+		n.mu.Lock()
+		got := slices.Clone(n.names)
+		n.mu.Unlock()
+		if slices.Equal(got, want) {
+			return
+		}
+		select {
+		case <-n.changed:
+		case <-deadline:
+			t.Fatalf("records %v, want %v\n%s", got, want, n.logs)
+		}
+	}
+}
+
+// TestSourceTLS: two nodes with client certificates publish their records
+// and see each other's; a record an operator deletes leaves the fleet and
+// is not put back by its node; a node that stops withdraws its record;
+// a client without a certificate gets nothing.
+func TestSourceTLS(t *testing.T) {
+	srv := etcdtest.Start(t, etcdtest.Options{TLS: true})
+	cfg := func(cn string) Config {
+		return Config{Endpoints: []string{srv.Endpoint}, Prefix: prefix, TLS: srv.ClientTLS(cn), Lease: 5 * time.Second}
+	}
+	a := run(t, cfg("a"), record(t, "a", "192.0.2.1:6082"))
+	b := run(t, cfg("b"), record(t, "b", "192.0.2.2:6082"))
+	a.waitFor(t, "a", "b")
+	b.waitFor(t, "a", "b")
+
+	admin := srv.Client("root")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := admin.Delete(ctx, prefix+"b"); err != nil {
+		t.Fatal(err)
+	}
+	a.waitFor(t, "a")
+	b.waitFor(t, "a")
+	time.Sleep(2 * time.Second)
+	if r, err := admin.Get(ctx, prefix+"b"); err != nil || len(r.Kvs) != 0 {
+		t.Fatalf("b put its record back after an operator deleted it: %v %v", r, err)
+	}
+	if !strings.Contains(b.logs.String(), "an operator removed the node") {
+		t.Errorf("b does not say its record was removed:\n%s", b.logs)
+	}
+
+	b.stop()
+	a.stop()
+	if r, err := admin.Get(ctx, prefix, clientv3.WithPrefix()); err != nil || len(r.Kvs) != 0 {
+		t.Fatalf("records left after both nodes stopped: %v %v", r.Kvs, err)
+	}
+
+	bare := cfg("c")
+	bare.TLS = bare.TLS.Clone()
+	bare.TLS.Certificates = nil
+	c := run(t, bare, record(t, "c", "192.0.2.3:6082"))
+	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(c.logs.String(), "membership unavailable"); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no warning for the client without a certificate:\n%s", c.logs)
+		}
+	}
+	c.mu.Lock()
+	updates := c.updates
+	c.mu.Unlock()
+	if updates != 0 {
+		t.Fatalf("a client without a certificate got %d updates", updates)
+	}
+}
+
+// TestSourceOutage: while etcd is down the last update stands (no empty
+// one), and when it is back each node publishes itself again.
+func TestSourceOutage(t *testing.T) {
+	srv := etcdtest.Start(t, etcdtest.Options{})
+	cfg := Config{Endpoints: []string{srv.Endpoint}, Prefix: prefix, Lease: 5 * time.Second}
+	a := run(t, cfg, record(t, "a", "192.0.2.1:6082"))
+	b := run(t, cfg, record(t, "b", "192.0.2.2:6082"))
+	a.waitFor(t, "a", "b")
+	srv.Stop()
+	time.Sleep(8 * time.Second) // beyond the lease
+	a.mu.Lock()
+	got := slices.Clone(a.names)
+	a.mu.Unlock()
+	if !slices.Equal(got, []string{"a", "b"}) {
+		t.Fatalf("during the outage a's peers became %v", got)
+	}
+	srv.Restart()
+	a.waitFor(t, "a", "b")
+	b.waitFor(t, "a", "b")
+}
+
+// TestSourceIgnoresBadRecords: a malformed record, and one stored under
+// another node's name, are left out; the good ones stay.
+func TestSourceIgnoresBadRecords(t *testing.T) {
+	srv := etcdtest.Start(t, etcdtest.Options{})
+	admin := srv.Client("")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	forged, _ := record(t, "a", "192.0.2.9:6082").Encode()
+	for k, v := range map[string]string{prefix + "x": "{not json", prefix + "y": string(forged)} {
+		if _, err := admin.Put(ctx, k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a := run(t, Config{Endpoints: []string{srv.Endpoint}, Prefix: prefix}, record(t, "a", "192.0.2.1:6082"))
+	a.waitFor(t, "a")
+	for _, want := range []string{"key=/pspd/nodes/x", `names node \"a\"`} {
+		if !strings.Contains(a.logs.String(), want) {
+			t.Errorf("log does not say why a record was ignored (%s):\n%s", want, a.logs)
+		}
+	}
+}
