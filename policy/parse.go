@@ -285,9 +285,9 @@ func parse(p parser, data []byte) (*Config, error) {
 			IO:        IOAuto,
 		},
 	}
-	var peersNode *yaml.Node
+	var peersNode, discoveryNode *yaml.Node
 	known := []string{"identity", "listen", "socket", "metrics", "backend", "offload", "nat_traversal", "encap_port", "nat_keepalive", "suite",
-		"rekey_interval", "packet_budget", "psp_rotation_interval", "resolve_interval", "require_encryption", "key_exchange", "userspace", "peers"}
+		"rekey_interval", "packet_budget", "psp_rotation_interval", "resolve_interval", "require_encryption", "key_exchange", "userspace", "discovery", "peers"}
 	err := p.fields(root, "", known, func(k string, v *yaml.Node) (err error) {
 		switch k {
 		case "identity":
@@ -328,6 +328,8 @@ func parse(p parser, data []byte) (*Config, error) {
 			c.NATKeepalive, err = p.duration(v, k, minNATKeepalive, maxNATKeepalive)
 		case "suite":
 			err = p.enum(v, k, func(s string) (e error) { c.Suite, e = kdf.ParseSuite(s); return })
+		case "discovery":
+			discoveryNode = v
 		case "rekey_interval":
 			c.RekeyInterval, err = p.duration(v, k, minRekeyInterval, maxRekeyInterval)
 		case "packet_budget":
@@ -366,6 +368,11 @@ func parse(p parser, data []byte) (*Config, error) {
 	}
 	if peersNode != nil {
 		if err := p.peers(c, peersNode); err != nil {
+			return nil, err
+		}
+	}
+	if discoveryNode != nil {
+		if err := p.discovery(c, discoveryNode); err != nil {
 			return nil, err
 		}
 	}

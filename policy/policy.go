@@ -124,8 +124,10 @@ type Config struct {
 	EncapPort    uint16
 	// NATKeepalive is how long a host behind a NAT lets its data path to
 	// a peer idle before it sends a keep-alive (both backends).
-	NATKeepalive  time.Duration
-	Suite         kdf.Suite
+	NATKeepalive time.Duration
+	Suite        kdf.Suite
+	// Discovery, if set, adds the peers of a fleet's membership service.
+	Discovery     *Discovery
 	RekeyInterval time.Duration
 	PacketBudget  uint64
 	PSPRotation   time.Duration

@@ -18,6 +18,19 @@ func (d *Diff) Empty() bool {
 	return len(d.Added) == 0 && len(d.Removed) == 0 && len(d.Changed) == 0
 }
 
+func discoveryString(d *Discovery) string {
+	if d == nil {
+		return "none"
+	}
+	c := *d
+	var e Etcd
+	if c.Etcd != nil {
+		e = *c.Etcd
+	}
+	c.Etcd = nil
+	return fmt.Sprintf("%+v %+v", c, e)
+}
+
 // Reload computes the changes from cur to next. Settings that only take
 // effect at start (identity, listen address, sockets) make the whole reload
 // fail, with a FieldError at the setting's line in next: applying part of
@@ -33,6 +46,7 @@ func Reload(cur, next *Config) (*Diff, error) {
 		{"socket", cur.Socket, next.Socket},
 		{"metrics", cur.Metrics, next.Metrics},
 		{"userspace", fmt.Sprintf("%+v", cur.Userspace), fmt.Sprintf("%+v", next.Userspace)},
+		{"discovery", discoveryString(cur.Discovery), discoveryString(next.Discovery)},
 	} {
 		if f.old != f.new_ {
 			// Line 0 (left out) when the new file takes the default.

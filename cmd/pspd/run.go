@@ -94,11 +94,25 @@ func runDaemon(ctx context.Context, pc *policy.Config, group string, log *slog.L
 		return err
 	}
 	defer ln.Close()
-	_, report, err := preflight(ctx, pc)
+	// The backends start with the members the cache knows as well as the
+	// file's peers, so that their fail-closed state survives a restart.
+	var fleet *daemon.Fleet
+	all := pc
+	if pc.Discovery != nil {
+		src, err := daemon.EtcdSource(pc.Discovery.Etcd, log)
+		if err != nil {
+			return err
+		}
+		if fleet, err = daemon.NewFleet(pc, src, log); err != nil {
+			return err
+		}
+		all, _ = fleet.Merge(pc)
+	}
+	_, report, err := preflight(ctx, all)
 	if err != nil {
 		return err
 	}
-	backends, pm, err := setupBackends(ctx, pc, report, log)
+	backends, pm, err := setupBackends(ctx, all, report, log)
 	if err != nil {
 		return err
 	}
@@ -107,7 +121,7 @@ func runDaemon(ctx context.Context, pc *policy.Config, group string, log *slog.L
 	state := reloadStatePath(pc.Socket)
 	sd := newNotifier()
 	obs := &reloadObserver{sd: sd, state: state, log: log}
-	d, err := daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report, Backends: backends, PSP: pm, Reloads: obs})
+	d, err := daemon.New(ctx, daemon.Config{Policy: pc, Logger: log, Report: report, Backends: backends, PSP: pm, Reloads: obs, Fleet: fleet})
 	if err != nil {
 		for _, b := range backends {
 			b.Close()
@@ -214,6 +228,12 @@ naming a device that is not a TUN device, a peer pinned to this host's own key.`
 			}
 			if len(names) > 0 {
 				peers += ": " + strings.Join(names, ", ")
+			}
+			if d := pc.Discovery; d != nil {
+				if _, err := daemon.EtcdSource(d.Etcd, nil); err != nil {
+					return err
+				}
+				peers += fmt.Sprintf(", and the members of etcd %s under %s as node %s", strings.Join(d.Etcd.Endpoints, ","), d.Etcd.Prefix, d.Node)
 			}
 			fmt.Fprintf(out, "%s: ok (identity %s, %s)\n", cfgPath, id.Public().Fingerprint(), peers)
 			return nil

@@ -51,6 +51,9 @@ type Config struct {
 	// Resolver looks endpoint names up again while pspd runs; default
 	// net.DefaultResolver.
 	Resolver policy.Resolver
+	// Fleet, if set, adds the members of the fleet the file's discovery
+	// block names to the file's peers.
+	Fleet *Fleet
 }
 
 // ReloadObserver is told when a reload of the configuration file begins
@@ -90,9 +93,20 @@ type Daemon struct {
 	reloads  ReloadObserver
 	resolver policy.Resolver
 
-	mu    sync.Mutex
-	cfg   *policy.Config
-	peers map[string]*peer // by name
+	// fleet adds members to the file's peers; fmu makes its changes and
+	// the file's reloads one at a time.
+	fleet     *Fleet
+	fmu       sync.Mutex
+	stopFleet context.CancelFunc
+	// retained is the backends still holding the fail-closed state of
+	// peers that left the fleet; guarded by kmu.
+	retained map[identity.PublicKey][]assoc.Backend
+
+	mu      sync.Mutex
+	cfg     *policy.Config   // in force: the file's peers and the members
+	file    *policy.Config   // as the file says
+	members map[string]bool  // the peers of cfg that are members, not the file's
+	peers   map[string]*peer // by name
 }
 
 type peer struct {
@@ -130,7 +144,12 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(), reloads: cfg.Reloads,
 		resolver: cmp.Or[policy.Resolver](cfg.Resolver, net.DefaultResolver),
 		events:   newHub(), ctx: dctx, cancel: cancel, reloaded: reloadResult{at: time.Now()},
-		cfg: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
+		cfg: pc, file: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
+		fleet: cfg.Fleet, retained: map[identity.PublicKey][]assoc.Backend{},
+	}
+	if dd.fleet != nil {
+		dd.cfg, dd.members = dd.fleet.Merge(pc)
+		pc = dd.cfg
 	}
 	d = dd
 	defer func() {
@@ -176,6 +195,12 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	go d.watchStates()
 	d.wg.Add(1)
 	go d.resolveLoop(dctx)
+	if d.fleet != nil {
+		fctx, stop := context.WithCancel(dctx)
+		d.stopFleet = stop
+		d.wg.Add(1)
+		go d.runFleet(fctx)
+	}
 	d.metrics = newMetrics(d)
 	d.log.Info("pspd started", "version", Version, "listen", d.ep.Addr(), "public_key", id.Public().String(),
 		"backends", backendNames(cfg.Report.Available()), "peers", len(pc.Peers), "fips140", fips140.Enabled())
@@ -346,7 +371,10 @@ func assocID(peer string, sa keyexchange.SA) string {
 // re-negotiated while their backends keep holding them, so that with
 // require_encryption no packet leaves in clear meanwhile; a peer whose key
 // changes is a new peer.
-func (d *Daemon) reload(next *policy.Config) error {
+//
+// members are the peers of next that come from the fleet: one that leaves
+// it keeps its fail-closed state (retire).
+func (d *Daemon) reload(next *policy.Config, members map[string]bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	diff, err := policy.Reload(d.cfg, next)
@@ -391,8 +419,13 @@ func (d *Daemon) reload(next *policy.Config) error {
 		}
 	}
 	for _, p := range diff.Removed {
-		d.removePeer(p.Name, true)
+		if d.members[p.Name] {
+			d.retire(p.Name)
+		} else {
+			d.removePeer(p.Name, true)
+		}
 	}
+	d.members = members
 	if err := errors.Join(errs...); err != nil {
 		d.log.Error("reload applied in part", "file", next.File, "err", err)
 		return fmt.Errorf("reload %s applied in part: %w", next.File, err)
@@ -514,6 +547,11 @@ func (d *Daemon) Serve(ctx context.Context, ln *net.UnixListener, group string) 
 // backend stops, leaving the fail-closed state of peers that require
 // encryption in the kernel for the next start (see package offload).
 func (d *Daemon) Close() {
+	if d.stopFleet != nil {
+		d.stopFleet()
+	}
+	d.fmu.Lock() // a membership change under way ends first; none starts
+	defer d.fmu.Unlock()
 	d.mu.Lock()
 	for name := range d.peers {
 		d.removePeer(name, false)

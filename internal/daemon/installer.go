@@ -181,7 +181,11 @@ func (d *Daemon) attach(ctx context.Context, p *peer, b assoc.Backend) error {
 	if err != nil {
 		return err
 	}
-	if err := d.backends[b].AddPeer(ctx, s); err != nil {
+	add := d.backends[b].AddPeer
+	if d.reclaim(p.cfg.PublicKey, b) {
+		add = d.backends[b].UpdatePeer // the fail-closed state it left is there still
+	}
+	if err := add(ctx, s); err != nil {
 		return err
 	}
 	p.on[b] = 0

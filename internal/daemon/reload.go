@@ -15,10 +15,22 @@ type reloadResult struct {
 	err error // nil: applied
 }
 
-// Reload applies a new configuration or refuses it whole, with the
+// Reload applies a new configuration file or refuses it whole, with the
 // reason (see reload), and keeps the outcome for /metrics and the API.
+// The fleet's members join the file's peers.
 func (d *Daemon) Reload(next *policy.Config) error {
-	err := d.reload(next)
+	d.fmu.Lock()
+	merged, members := next, map[string]bool(nil)
+	if d.fleet != nil {
+		merged, members = d.fleet.Merge(next)
+	}
+	err := d.reload(merged, members)
+	if err == nil {
+		d.mu.Lock()
+		d.file = next
+		d.mu.Unlock()
+	}
+	d.fmu.Unlock()
 	d.rmu.Lock()
 	d.reloaded = reloadResult{at: time.Now(), err: err}
 	d.rmu.Unlock()
