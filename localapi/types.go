@@ -58,6 +58,13 @@ type PeerNAT struct {
 	PeerBehind    bool   `json:"peer_behind"` // a NAT sits in front of the peer
 }
 
+// PeerPSP is what a peer's pspd says of its kernel PSP devices.
+type PeerPSP struct {
+	// Versions are the PSP versions they accept (empty: none); an
+	// upgrade with another is refused before the socket is touched.
+	Versions []string `json:"versions"`
+}
+
 // Peer is one configured remote pspd.
 type Peer struct {
 	Name     string `json:"name"`
@@ -92,6 +99,9 @@ type Peer struct {
 	// NAT is what NAT detection in the key exchange found, while up: nil
 	// when neither side is behind a NAT.
 	NAT *PeerNAT `json:"nat,omitempty"`
+	// PSP is what the peer's pspd said of its kernel PSP devices when the
+	// session began, while up: nil when it did not say.
+	PSP *PeerPSP `json:"psp,omitempty"`
 	// RTTMicros is the session's smoothed round-trip time on the control
 	// path, as QUIC measures it, in microseconds; while up.
 	RTTMicros   uint64    `json:"rtt_us,omitempty"`

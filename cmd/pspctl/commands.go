@@ -329,6 +329,15 @@ func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
 	rows = append(rows,
 		[]string{"backend", dash(p.Backend)},
 		[]string{"key exchange", dash(p.KeyExchange)},
+	)
+	if p.PSP != nil {
+		v := strings.Join(p.PSP.Versions, ", ")
+		if v == "" {
+			v = "none enabled"
+		}
+		rows = append(rows, []string{"peer's psp", v + " (its devices, at the session's start)"})
+	}
+	rows = append(rows,
 		[]string{"peer boot id", dash(p.PeerBootID)},
 		[]string{"last up", c.at(p.LastUp)},
 		[]string{"last handshake", c.at(p.LastHandshake)},

@@ -42,7 +42,7 @@ func fixture() *apitest.Service {
 			LastReload: now.Add(-20 * time.Minute), UserspaceIO: "udp", UserspaceIOReason: "auto: the driver offers no zero-copy AF_XDP"},
 		PeersV: []localapi.Peer{
 			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
-				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768", Observed: "192.0.2.2:6082",
+				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PSP: &localapi.PeerPSP{Versions: []string{"hdr0-aes-gcm-128", "hdr0-aes-gcm-256"}}, PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768", Observed: "192.0.2.2:6082",
 				LastHandshake: now.Add(-42 * time.Second), LastUp: now.Add(-75 * time.Second), Assocs: 1, Assoc: "web-2/3", Rekeys: 7, RTTMicros: 412,
 				LastError: "dial 192.0.2.2:6082: timeout: no recent network activity", LastErrorAt: now.Add(-80 * time.Second), LastErrorOld: true,
 				Counters: localapi.Counters{BytesIn: 9_437_184, PacketsIn: 7100, BytesOut: 1_048_576, PacketsOut: 812, Drops: 4,

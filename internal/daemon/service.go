@@ -99,6 +99,12 @@ func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 		if s := p.kx.Session(); s != nil {
 			lp.Observed = s.RemoteAddr().String()
 			lp.RTTMicros = uint64(s.RTT().Microseconds())
+			if v, ok := s.PeerPSPVersions(); ok {
+				lp.PSP = &localapi.PeerPSP{Versions: []string{}}
+				for _, pv := range genl.Versions(v).List() {
+					lp.PSP.Versions = append(lp.PSP.Versions, pv.String())
+				}
+			}
 			if n := s.NAT(); n.Detected() {
 				lp.NAT = &localapi.PeerNAT{Behind: n.Behind, PeerBehind: n.PeerBehind}
 				if n.LocalObserved.IsValid() {

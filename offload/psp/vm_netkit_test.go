@@ -407,6 +407,11 @@ func TestVMNetkit(t *testing.T) {
 	// (bpf_redirect_peer and netkit scrub it), so the container's socket
 	// drops it; only pure ACKs pass.
 	waitSession(ctx, t, b, c)
+	// C had no device when its session began: its Hello said nothing of
+	// PSP versions, so B does not refuse what C's device now accepts.
+	if ps, err := client.New(b.sock).Peers(ctx); err != nil || len(ps) != 1 || ps[0].PSP != nil {
+		t.Errorf("B's peer C: %+v %v, want no PSP versions said", ps, err)
+	}
 	t.Run("data", func(t *testing.T) {
 		x, y := dialPair(t, c, b, 7900)
 		mssBefore := mss(t, x)

@@ -3,6 +3,7 @@ package psp_test
 import (
 	"context"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/pspd/pspd/genl"
 	"github.com/pspd/pspd/internal/nsim"
 	"github.com/pspd/pspd/keyexchange/kdf"
+	"github.com/pspd/pspd/localapi/client"
 )
 
 // TestVMUpgradePeerVersion: A's pspd upgrades with AES-GCM-128 (PSP
@@ -31,6 +33,16 @@ func TestVMUpgradePeerVersion(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	waitSession(ctx, t, a, b)
+	// pspctl peer show has what the peer said.
+	for _, side := range []struct {
+		h    *host
+		want string
+	}{{a, "hdr0-aes-gcm-256"}, {b, "hdr0-aes-gcm-128"}} {
+		ps, err := client.New(side.h.sock).Peers(ctx)
+		if err != nil || len(ps) != 1 || ps[0].PSP == nil || !slices.Equal(ps[0].PSP.Versions, []string{side.want}) {
+			t.Errorf("%s's peer: %+v %v, want its PSP devices at %s", side.h.name, ps, err, side.want)
+		}
+	}
 	ca, cb := dialPair(t, a, b, 7950)
 	ra, rb, ea, eb := upgradeBoth(ctx, a, b, ca, cb)
 	for _, side := range []struct {
