@@ -63,3 +63,32 @@ func TestErrorsAreJSON(t *testing.T) {
 	}
 	resp.Body.Close()
 }
+
+// TestAssocRequest: an association names one namespace and one netdev,
+// the namespace by path, by a name of ip netns, or by a process.
+func TestAssocRequest(t *testing.T) {
+	for _, tc := range []struct {
+		req  localapi.AssocRequest
+		path string // "": invalid
+	}{
+		{localapi.AssocRequest{NetNS: "/run/netns/web", Ifname: "eth0"}, "/run/netns/web"},
+		{localapi.AssocRequest{NetNS: "web", Ifindex: 3}, "/run/netns/web"},
+		{localapi.AssocRequest{NetNS: "/proc/42/ns/net", Ifname: "eth0"}, "/proc/42/ns/net"},
+		{localapi.AssocRequest{PID: 42, Ifname: "eth0"}, "/proc/42/ns/net"},
+		{localapi.AssocRequest{Ifname: "eth0"}, ""},
+		{localapi.AssocRequest{NetNS: "web", PID: 42, Ifname: "eth0"}, ""},
+		{localapi.AssocRequest{PID: -1, Ifname: "eth0"}, ""},
+		{localapi.AssocRequest{NetNS: "web"}, ""},
+		{localapi.AssocRequest{NetNS: "web", Ifname: "eth0", Ifindex: 3}, ""},
+	} {
+		err := tc.req.Validate()
+		switch {
+		case tc.path == "" && err == nil:
+			t.Errorf("%+v accepted", tc.req)
+		case tc.path != "" && err != nil:
+			t.Errorf("%+v: %v", tc.req, err)
+		case tc.path != "" && tc.req.Path() != tc.path:
+			t.Errorf("%+v names %s, want %s", tc.req, tc.req.Path(), tc.path)
+		}
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -226,8 +227,9 @@ type AssocDev struct {
 // /v1/devices/{id}/assoc) or to disassociate (/disassoc). Sockets of that
 // namespace routed through it can then be upgraded with the device.
 type AssocRequest struct {
-	// NetNS is a namespace file (/run/netns/NAME, /proc/PID/ns/net), or
-	// PID a process whose namespace it is: exactly one.
+	// NetNS is a namespace file (/run/netns/NAME, /proc/PID/ns/net) or
+	// the NAME of one in /run/netns (as ip netns names them), or PID a
+	// process whose namespace it is: exactly one.
 	NetNS string `json:"netns,omitempty"`
 	PID   int    `json:"pid,omitempty"`
 	// Ifname or Ifindex names the netdev in that namespace: exactly one.
@@ -250,8 +252,11 @@ func (r AssocRequest) Validate() error {
 
 // Path is the namespace file the request names.
 func (r AssocRequest) Path() string {
-	if r.PID != 0 {
+	switch {
+	case r.PID != 0:
 		return fmt.Sprintf("/proc/%d/ns/net", r.PID)
+	case !strings.Contains(r.NetNS, "/"):
+		return "/run/netns/" + r.NetNS
 	}
 	return r.NetNS
 }

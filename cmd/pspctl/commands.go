@@ -126,13 +126,13 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 			Use:   verb + " ID (--netns PATH | --pid PID) (--dev IFNAME | --ifindex N)",
 			Short: short,
 			Long: short + ".\n\n" +
-				"The namespace is a file such as /run/netns/NAME (ip netns) or a process whose namespace it is\n" +
+				"The namespace is a name of ip netns (/run/netns/NAME), a file such as /proc/PID/ns/net, or a process whose namespace it is\n" +
 				"(--pid, e.g. a container's init). Sockets of that namespace routed through the netdev can then be\n" +
 				"upgraded with the device by a pspd running there. Needs Linux 7.3 (dev-assoc).",
 			Args: cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error { return c.devAssoc(cmd, verb, args[0], req) },
 		}
-		cmd.Flags().StringVar(&req.NetNS, "netns", "", "the namespace file, e.g. /run/netns/NAME")
+		cmd.Flags().StringVar(&req.NetNS, "netns", "", "the namespace: a file such as /proc/PID/ns/net, or a NAME of ip netns (/run/netns/NAME)")
 		cmd.Flags().IntVar(&req.PID, "pid", 0, "a process in the namespace instead of --netns")
 		cmd.Flags().StringVar(&req.Ifname, "dev", "", "the netdev's name in that namespace")
 		cmd.Flags().Uint32Var(&req.Ifindex, "ifindex", 0, "the netdev's index in that namespace instead of --dev")
