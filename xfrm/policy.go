@@ -19,7 +19,15 @@ import (
 type Policy struct {
 	Src, Dst netip.Prefix // selector
 	Proto    uint8        // 0: any protocol
+	// ICMPType narrows an ICMP or ICMPv6 selector (Proto 1 or 58) to one
+	// message type, which the kernel matches in the source-port field;
+	// 0 is every type.
+	ICMPType uint8
 	Dir      Dir
+	// Bypass lets the selected traffic pass in clear ahead of pspd's
+	// protecting policies for the same hosts (give it a lower Priority).
+	// It has no template and so no reqid: it is pspd's by its mark alone.
+	Bypass bool
 	// TmplSrc and TmplDst are the outer addresses of the SAs (the hosts
 	// in transport mode, the tunnel endpoints in tunnel mode).
 	TmplSrc, TmplDst netip.Addr
@@ -29,6 +37,9 @@ type Policy struct {
 }
 
 func (p *Policy) String() string {
+	if p.Bypass {
+		return fmt.Sprintf("%s %s->%s proto %d type %d bypass", p.Dir, p.Src, p.Dst, p.Proto, p.ICMPType)
+	}
 	return fmt.Sprintf("%s %s->%s via %s->%s %s reqid=%#x", p.Dir, p.Src, p.Dst, p.TmplSrc, p.TmplDst, p.Mode, p.ReqID)
 }
 
@@ -38,6 +49,16 @@ func (h *Handle) validatePolicy(p *Policy) error {
 		return errors.New("selector src and dst prefixes are required")
 	case p.Src.Addr().Is4() != p.Dst.Addr().Is4():
 		return fmt.Errorf("selector %s -> %s mixes families", p.Src, p.Dst)
+	case p.ICMPType != 0 && p.Proto != unix.IPPROTO_ICMP && p.Proto != unix.IPPROTO_ICMPV6:
+		return fmt.Errorf("an ICMP type selector needs protocol ICMP or ICMPv6, not %d", p.Proto)
+	case p.Bypass:
+		if p.TmplSrc.IsValid() || p.TmplDst.IsValid() || p.ReqID != 0 {
+			return errors.New("a bypass policy has no template")
+		}
+		if p.Dir != In && p.Dir != Out && p.Dir != Fwd {
+			return fmt.Errorf("unknown %s", p.Dir)
+		}
+		return nil
 	case !p.TmplSrc.IsValid() || !p.TmplDst.IsValid() || family(p.TmplSrc) != family(p.TmplDst):
 		return fmt.Errorf("template %s -> %s needs two addresses of one family", p.TmplSrc, p.TmplDst)
 	case p.Dir != In && p.Dir != Out && p.Dir != Fwd:
@@ -68,15 +89,18 @@ func vdir(d Dir) vnl.Dir {
 }
 
 func (h *Handle) vpolicy(p *Policy) *vnl.XfrmPolicy {
-	return &vnl.XfrmPolicy{
-		Src: ipnet(p.Src), Dst: ipnet(p.Dst), Proto: vnl.Proto(p.Proto), Dir: vdir(p.Dir),
+	vp := &vnl.XfrmPolicy{
+		Src: ipnet(p.Src), Dst: ipnet(p.Dst), Proto: vnl.Proto(p.Proto), SrcPort: int(p.ICMPType), Dir: vdir(p.Dir),
 		Priority: int(p.Priority), Action: vnl.XFRM_POLICY_ALLOW,
 		Mark: &vnl.XfrmMark{Value: h.owner.Mark, Mask: h.owner.MarkMask},
-		Tmpls: []vnl.XfrmPolicyTmpl{{
+	}
+	if !p.Bypass {
+		vp.Tmpls = []vnl.XfrmPolicyTmpl{{
 			Src: p.TmplSrc.Unmap().AsSlice(), Dst: p.TmplDst.Unmap().AsSlice(),
 			Proto: vnl.XFRM_PROTO_ESP, Mode: vnl.Mode(p.Mode), Reqid: int(p.ReqID),
-		}},
+		}}
 	}
+	return vp
 }
 
 // AddPolicy installs a policy, or updates pspd's own policy with the same
@@ -124,7 +148,7 @@ func (h *Handle) ListPolicies(ctx context.Context) ([]Policy, error) {
 		if err != nil {
 			return err
 		}
-		if h.owner.ownsMark(mark.Value, mark.Mask) && h.owner.ownsReqID(p.ReqID) {
+		if h.owner.ownsMark(mark.Value, mark.Mask) && (h.owner.ownsReqID(p.ReqID) || p.Bypass) {
 			out = append(out, p)
 		}
 		return nil
@@ -135,9 +159,9 @@ func (h *Handle) ListPolicies(ctx context.Context) ([]Policy, error) {
 	return out, nil
 }
 
-// parsePolicy decodes an xfrm_userpolicy_info message. Policies with other
-// than exactly one ESP template are reported with ReqID 0, which no owner
-// range contains.
+// parsePolicy decodes an xfrm_userpolicy_info message. An allow policy
+// without templates is a Bypass; policies with other than exactly one ESP
+// template are reported with ReqID 0, which no owner range contains.
 func parsePolicy(b []byte) (Policy, nl.XfrmMark, error) {
 	var p Policy
 	var mark nl.XfrmMark
@@ -157,6 +181,9 @@ func parsePolicy(b []byte) (Policy, nl.XfrmMark, error) {
 	p.Src = netip.PrefixFrom(fromXaddr(info.Sel.Saddr, fam), min(int(info.Sel.PrefixlenS), bits))
 	p.Dst = netip.PrefixFrom(fromXaddr(info.Sel.Daddr, fam), min(int(info.Sel.PrefixlenD), bits))
 	p.Proto = info.Sel.Proto
+	if p.Proto == unix.IPPROTO_ICMP || p.Proto == unix.IPPROTO_ICMPV6 {
+		p.ICMPType = uint8(nl.Swap16(info.Sel.Sport))
+	}
 	p.Priority = info.Priority
 	switch info.Dir {
 	case 0:
@@ -193,5 +220,6 @@ func parsePolicy(b []byte) (Policy, nl.XfrmMark, error) {
 	if tmpls != 1 {
 		p.ReqID = 0
 	}
+	p.Bypass = tmpls == 0 && info.Action == uint8(vnl.XFRM_POLICY_ALLOW)
 	return p, mark, nil
 }

@@ -161,14 +161,17 @@ func (h *Handle) Reconcile(ctx context.Context, want []SA, wantPolicies []Policy
 	return res, errors.Join(errs...)
 }
 
+// polKey is what the kernel tells policies apart by: the selector (the
+// ICMP type is its source port) and the direction.
 type polKey struct {
 	src, dst string
 	proto    uint8
+	icmpType uint8
 	dir      Dir
 }
 
 func (p *Policy) key() polKey {
-	return polKey{p.Src.Masked().String(), p.Dst.Masked().String(), p.Proto, p.Dir}
+	return polKey{p.Src.Masked().String(), p.Dst.Masked().String(), p.Proto, p.ICMPType, p.Dir}
 }
 
 // matches reports whether the kernel's SA st (with key||salt key) is s.

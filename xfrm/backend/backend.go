@@ -467,6 +467,37 @@ func (b *Backend) newPeer(p offload.PeerSpec, reqid uint32, mapped netip.AddrPor
 	return pr, nil
 }
 
+// Priorities of an IPv6 transport-mode peer's policies (lower wins): its
+// neighbour discovery bypass comes before the policies that protect its
+// address.
+const (
+	ndPriority      = 1
+	protectPriority = 2
+)
+
+// ndBypass adds to an IPv6 transport-mode peer's policies the bypass of
+// neighbour discovery between the two hosts (as Libreswan does): the
+// protecting policies cover every packet between the addresses, and
+// without an exception the hosts' neighbour solicitations and
+// advertisements would wait for an SA that cannot be negotiated until
+// they resolve each other, so the hosts would never reach each other.
+func ndBypass(protect []xfrm.Policy, me, peer netip.Prefix) []xfrm.Policy {
+	out := make([]xfrm.Policy, 0, len(protect)+10)
+	for _, p := range protect {
+		p.Priority = protectPriority
+		out = append(out, p)
+	}
+	// Router solicitation and advertisement, neighbour solicitation and
+	// advertisement, redirect (RFC 4861).
+	for typ := uint8(133); typ <= 137; typ++ {
+		out = append(out,
+			xfrm.Policy{Src: me, Dst: peer, Proto: unix.IPPROTO_ICMPV6, ICMPType: typ, Dir: xfrm.Out, Bypass: true, Priority: ndPriority},
+			xfrm.Policy{Src: peer, Dst: me, Proto: unix.IPPROTO_ICMPV6, ICMPType: typ, Dir: xfrm.In, Bypass: true, Priority: ndPriority},
+		)
+	}
+	return out
+}
+
 // policies returns the mode and the policies for a peer: transport mode
 // when every prefix is the peer's own address, tunnel mode otherwise.
 func policies(p offload.PeerSpec, local, remote netip.Addr, reqid uint32) (xfrm.Mode, []xfrm.Policy) {
@@ -478,10 +509,14 @@ func policies(p offload.PeerSpec, local, remote netip.Addr, reqid uint32) (xfrm.
 	var out []xfrm.Policy
 	if mode == xfrm.Transport {
 		me := netip.PrefixFrom(local, local.BitLen())
-		return mode, []xfrm.Policy{
+		out = []xfrm.Policy{
 			{Src: me, Dst: self, Dir: xfrm.Out, TmplSrc: local, TmplDst: remote, Mode: mode, ReqID: reqid},
 			{Src: self, Dst: me, Dir: xfrm.In, TmplSrc: remote, TmplDst: local, Mode: mode, ReqID: reqid},
 		}
+		if remote.Is6() {
+			out = ndBypass(out, me, self)
+		}
+		return mode, out
 	}
 	for _, pf := range p.Prefixes {
 		pf = pf.Masked()
@@ -556,7 +591,7 @@ func (b *Backend) follow(ctx context.Context, pr, next *peer) error {
 	// A policy whose selector stays is updated in place by AddPolicy;
 	// deleting it afterwards would delete the update.
 	sel := func(p xfrm.Policy) xfrm.Policy {
-		return xfrm.Policy{Src: p.Src, Dst: p.Dst, Proto: p.Proto, Dir: p.Dir}
+		return xfrm.Policy{Src: p.Src, Dst: p.Dst, Proto: p.Proto, ICMPType: p.ICMPType, Dir: p.Dir}
 	}
 	for _, op := range pr.policies {
 		if !slices.ContainsFunc(next.policies, func(np xfrm.Policy) bool { return sel(np) == sel(op) }) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"net/netip"
 	"os"
 	"reflect"
@@ -63,6 +64,31 @@ func TestPolicies(t *testing.T) {
 				t.Errorf("policies:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(tc.want, "\n"))
 			}
 		})
+	}
+}
+
+// TestPoliciesIPv6TransportND: an IPv6 transport-mode peer's policies
+// cover every packet between the two addresses, so neighbour discovery
+// between them is let through ahead of them, or the hosts could never
+// resolve each other (TestDualStack/xfrm in the VM).
+func TestPoliciesIPv6TransportND(t *testing.T) {
+	local, remote := netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("2001:db8::2")
+	_, pols := policies(offload.PeerSpec{Name: "b", Prefixes: []netip.Prefix{netip.PrefixFrom(remote, 128)}}, local, remote, 0x50530007)
+	var got []string
+	for _, p := range pols {
+		got = append(got, fmt.Sprintf("%v prio %d", &p, p.Priority))
+	}
+	want := []string{
+		"out 2001:db8::1/128->2001:db8::2/128 via 2001:db8::1->2001:db8::2 transport reqid=0x50530007 prio 2",
+		"in 2001:db8::2/128->2001:db8::1/128 via 2001:db8::2->2001:db8::1 transport reqid=0x50530007 prio 2",
+	}
+	for typ := 133; typ <= 137; typ++ {
+		want = append(want,
+			fmt.Sprintf("out 2001:db8::1/128->2001:db8::2/128 proto 58 type %d bypass prio 1", typ),
+			fmt.Sprintf("in 2001:db8::2/128->2001:db8::1/128 proto 58 type %d bypass prio 1", typ))
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("policies:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }
 
