@@ -48,6 +48,21 @@ type Status struct {
 	// (af_xdp or udp), and UserspaceIOReason why; empty without it.
 	UserspaceIO       string `json:"userspace_io,omitempty"`
 	UserspaceIOReason string `json:"userspace_io_reason,omitempty"`
+	// Fleet is the membership service's state; nil without one.
+	Fleet *Fleet `json:"fleet,omitempty"`
+}
+
+// Fleet is this host's membership in a fleet.
+type Fleet struct {
+	Node      string    `json:"node"`    // this host's name there
+	Service   string    `json:"service"` // e.g. "etcd https://192.0.2.10:2379"
+	Connected bool      `json:"connected"`
+	Since     time.Time `json:"since,omitzero"` // when Connected last changed
+	Error     string    `json:"error,omitempty"`
+	// Members are the peers in force that come from the fleet; LeftOut
+	// the records left out, each with the reason.
+	Members int      `json:"members"`
+	LeftOut []string `json:"left_out,omitempty"`
 }
 
 // PeerNAT is the NAT detection of a peer's session: each side tells the

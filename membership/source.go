@@ -1,6 +1,9 @@
 package membership
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // Source is a membership service as the daemon uses it. Run publishes
 // self, keeps it published while it runs (renewing its liveness, putting
@@ -11,4 +14,14 @@ import "context"
 // self where the store allows.
 type Source interface {
 	Run(ctx context.Context, self Record, update func([]Record)) error
+	// Health is what the source knows of its service now.
+	Health() Health
+}
+
+// Health is a membership source's connection, for operators.
+type Health struct {
+	Service   string    // what it talks to, e.g. "etcd https://192.0.2.10:2379"
+	Connected bool      // following the service's changes now
+	Since     time.Time // when Connected last changed; zero before the first attempt ended
+	Err       error     // why it is not connected
 }

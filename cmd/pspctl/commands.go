@@ -227,6 +227,29 @@ func (c *cli) status(cmd *cobra.Command, _ []string) error {
 	if st.UserspaceIO != "" {
 		rows = append(rows, []string{"userspace io", fmt.Sprintf("%s (%s)", st.UserspaceIO, st.UserspaceIOReason)})
 	}
+	if f := st.Fleet; f != nil {
+		state := "connected"
+		if !f.Connected {
+			state = "unreachable"
+			if f.Since.IsZero() {
+				state = "not reached yet"
+			}
+		}
+		if !f.Since.IsZero() {
+			state += fmt.Sprintf(" since %s (%s)", f.Since.UTC().Format(time.RFC3339), age(c.now(), f.Since))
+		}
+		if f.Error != "" {
+			state += ": " + f.Error
+		}
+		members := fmt.Sprintf("%d members", f.Members)
+		if f.Members == 1 {
+			members = "1 member"
+		}
+		rows = append(rows, []string{"fleet", fmt.Sprintf("node %s on %s, %s; %s in force", f.Node, f.Service, state, members)})
+		for _, why := range f.LeftOut {
+			rows = append(rows, []string{"left out", why})
+		}
+	}
 	if !st.LastReload.IsZero() {
 		res := "applied"
 		if st.LastReloadError != "" {

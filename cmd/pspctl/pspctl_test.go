@@ -39,7 +39,10 @@ func fixture() *apitest.Service {
 	return &apitest.Service{
 		StatusV: localapi.Status{Version: "0.1.0", PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
 			Listen: "[::]:6082", Backends: []string{"userspace"}, Started: now.Add(-90 * time.Minute), Peers: 2, PeersUp: 1, Assocs: 1,
-			LastReload: now.Add(-20 * time.Minute), UserspaceIO: "udp", UserspaceIOReason: "auto: the driver offers no zero-copy AF_XDP"},
+			LastReload: now.Add(-20 * time.Minute), UserspaceIO: "udp", UserspaceIOReason: "auto: the driver offers no zero-copy AF_XDP",
+			Fleet: &localapi.Fleet{Node: "web-1", Service: "etcd https://192.0.2.100:2379", Connected: false, Since: now.Add(-2 * time.Minute),
+				Error: "grant a lease: context deadline exceeded", Members: 1,
+				LeftOut: []string{`peer "db-2": prefixes[0]: 10.9.0.0/24 overlaps 10.9.0.0/24 of peer "db-1": traffic must map to one peer`}}},
 		PeersV: []localapi.Peer{
 			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
 				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PSP: &localapi.PeerPSP{Versions: []string{"hdr0-aes-gcm-128", "hdr0-aes-gcm-256"}}, PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768", Observed: "192.0.2.2:6082",

@@ -76,6 +76,23 @@ func (f *Fleet) Merge(file *policy.Config) (*policy.Config, map[string]bool) {
 	return merged, members
 }
 
+// status is the fleet's part of pspctl status; members is how many peers
+// in force come from it.
+func (f *Fleet) status(members int) *localapi.Fleet {
+	h := f.src.Health()
+	f.mu.Lock()
+	said := f.said
+	f.mu.Unlock()
+	st := &localapi.Fleet{Node: f.disc.Node, Service: h.Service, Connected: h.Connected, Since: h.Since, Members: members}
+	if h.Err != nil {
+		st.Error = h.Err.Error()
+	}
+	if said != "" {
+		st.LeftOut = strings.Split(said, "\n")
+	}
+	return st
+}
+
 // self is this host's record.
 func (f *Fleet) self(id *identity.Identity) membership.Record {
 	r := membership.Record{Name: f.disc.Node, Endpoints: []string{f.disc.Endpoint.String()}, PublicKeys: []string{id.Public().String()}}

@@ -43,6 +43,9 @@ var (
 	descPSPUp      = prometheus.NewDesc("pspd_psp_upgrades_total", "Socket upgrades to PSP by result: ok, refused (before the socket was touched), failed (the socket had to be closed).", []string{"result"}, nil)
 	descPSPStale   = prometheus.NewDesc("pspd_psp_stale_reported_total", "Upgraded connections reported psp-stale-soon or psp-stale.", nil, nil)
 	descPSPConns   = prometheus.NewDesc("pspd_psp_connections", "Upgraded connections still open.", nil, nil)
+	descFleetUp    = prometheus.NewDesc("pspd_fleet_connected", "1 while the membership service is followed, 0 while it is unreachable (the last membership known stays in force); absent without one.", nil, nil)
+	descFleetPeers = prometheus.NewDesc("pspd_fleet_members", "Peers in force that come from the fleet's membership.", nil, nil)
+	descFleetOut   = prometheus.NewDesc("pspd_fleet_left_out", "Membership records left out (malformed, or in conflict with the configured peers).", nil, nil)
 )
 
 var states = []keyexchange.State{keyexchange.StateDown, keyexchange.StateConnecting, keyexchange.StateHandshaking, keyexchange.StateUp, keyexchange.StateBackoff}
@@ -73,7 +76,8 @@ func dropName(backendName string) string {
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descPSPDev, descPSPUp, descPSPStale, descPSPConns, descBuild, descPeers, descPeerUp, descPeerState, descPeerSince, descDownSince, descHandshake, descLastPacket, descAssocs,
-		descAssocAge, descRekeys, descBytes, descPkts, descPeerDrops, descHands, descGroups, descDrops, descReloadOK, descReloadTime} {
+		descAssocAge, descRekeys, descBytes, descPkts, descPeerDrops, descHands, descGroups, descDrops, descReloadOK, descReloadTime,
+		descFleetUp, descFleetPeers, descFleetOut} {
 		ch <- d
 	}
 }
@@ -100,6 +104,16 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descBuild, 1, Version, revision(), runtime.Version(), strconv.FormatBool(fips140.Enabled()))
 
 	d.mu.Lock()
+	if d.fleet != nil {
+		f := d.fleet.status(len(d.members))
+		up := 0.0
+		if f.Connected {
+			up = 1
+		}
+		gauge(descFleetUp, up)
+		gauge(descFleetPeers, float64(f.Members))
+		gauge(descFleetOut, float64(len(f.LeftOut)))
+	}
 	byState := map[keyexchange.State]float64{}
 	assocs := map[string]float64{}
 	for _, p := range d.peers {

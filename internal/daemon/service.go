@@ -55,6 +55,9 @@ func (d *Daemon) Status(context.Context) (localapi.Status, error) {
 			st.Assocs++
 		}
 	}
+	if d.fleet != nil {
+		st.Fleet = d.fleet.status(len(d.members))
+	}
 	return st, nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -39,6 +40,9 @@ type Config struct {
 type Source struct {
 	cfg Config
 	log *slog.Logger
+
+	mu     sync.Mutex
+	health membership.Health
 }
 
 var _ membership.Source = (*Source)(nil)
@@ -60,7 +64,25 @@ func New(cfg Config) (*Source, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Source{cfg: cfg, log: cfg.Logger.With("part", "etcd")}, nil
+	s := &Source{cfg: cfg, log: cfg.Logger.With("part", "etcd")}
+	s.health.Service = "etcd " + strings.Join(cfg.Endpoints, ",")
+	return s, nil
+}
+
+// Health implements membership.Source.
+func (s *Source) Health() membership.Health {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.health
+}
+
+func (s *Source) setHealth(connected bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.health.Connected != connected || s.health.Since.IsZero() {
+		s.health.Since = time.Now()
+	}
+	s.health.Connected, s.health.Err = connected, err
 }
 
 const (
@@ -91,6 +113,7 @@ func (s *Source) Run(ctx context.Context, self membership.Record, update func([]
 		if ctx.Err() != nil {
 			break
 		}
+		s.setHealth(false, err)
 		if errors.Is(err, errRemoved) {
 			s.log.Warn("etcd: this node's record was deleted while its lease was alive (an operator removed the node); following the fleet without publishing it again until pspd restarts", "key", s.cfg.Prefix+self.Name)
 			publish = false
@@ -161,7 +184,8 @@ func (s *Source) session(ctx context.Context, c *clientv3.Client, name, value st
 	for _, kv := range resp.Kvs {
 		s.put(records, string(kv.Key), kv.Value)
 	}
-	s.log.Info("etcd: membership read", "prefix", s.cfg.Prefix, "records", len(records), "published", key)
+	s.log.Info("etcd: membership read", "prefix", s.cfg.Prefix, "records", len(records), "published", publish)
+	s.setHealth(true, nil)
 	update(sorted(records))
 	watch := c.Watch(clientv3.WithRequireLeader(sctx), s.cfg.Prefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 	for {

@@ -2,6 +2,7 @@ package netns
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -15,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/pspd/pspd/internal/etcdtest"
+	"github.com/pspd/pspd/localapi"
 )
 
 // TestFleetEtcd: three daemons with no peers in their files learn each
@@ -123,6 +125,21 @@ discovery:
 	waitPeers(ds[1], "n0", "n2")
 	waitPeers(ds[2], "n0", "n1")
 	t.Logf("%d daemons with empty peer lists associated through etcd %v after start", n, time.Since(start).Round(time.Millisecond))
+	fleetOf := func(d *Daemon) localapi.Fleet {
+		t.Helper()
+		out, err := d.Ctl(ctx, "status", "--json")
+		var st localapi.Status
+		if err == nil {
+			err = json.Unmarshal([]byte(out), &st)
+		}
+		if err != nil || st.Fleet == nil {
+			t.Fatalf("%s: status without a fleet: %v %s", d.Host.Name, err, out)
+		}
+		return *st.Fleet
+	}
+	if f := fleetOf(ds[0]); !f.Connected || f.Members != 2 || f.Node != "n0" {
+		t.Errorf("n0's fleet status %+v, want connected with 2 members", f)
+	}
 	for i := range n {
 		for j := i + 1; j < n; j++ {
 			if _, err := EchoTCP(ctx, ds[i].Host, ds[j].Host, inner(j), 16<<10, "pspd-fleet-canary-"); err != nil {
@@ -163,6 +180,9 @@ discovery:
 	srv.Stop()
 	time.Sleep(7 * time.Second) // beyond the 5 s lease
 	waitPeers(ds[0], "n1")
+	if f := fleetOf(ds[0]); f.Connected || f.Error == "" || f.Members != 1 {
+		t.Errorf("with etcd down, n0's fleet status %+v, want unreachable with the reason and its 1 member kept", f)
+	}
 	ds[0].Kill()
 	restart := time.Now()
 	if err := ds[0].Start(ctx); err != nil {
