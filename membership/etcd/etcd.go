@@ -232,6 +232,13 @@ func (s *Source) leaseAlive(ctx context.Context, c *clientv3.Client, lease clien
 // put records the value of key, or forgets the key if its value is not a
 // record: a malformed record is out of the fleet, not a reason to stop.
 func (s *Source) put(records map[string]membership.Record, key string, value []byte) {
+	if strings.Contains(strings.TrimPrefix(key, s.cfg.Prefix), "/") {
+		// Not a node's key: one under it could otherwise pass for the
+		// node its last element names.
+		delete(records, key)
+		s.log.Warn("etcd: key below the prefix's node keys ignored", "key", key)
+		return
+	}
 	r, err := membership.Decode(key, value)
 	if err != nil {
 		delete(records, key)

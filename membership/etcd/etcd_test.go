@@ -171,22 +171,25 @@ func TestSourceOutage(t *testing.T) {
 	b.waitFor(t, "a", "b")
 }
 
-// TestSourceIgnoresBadRecords: a malformed record, and one stored under
-// another node's name, are left out; the good ones stay.
+// TestSourceIgnoresBadRecords: a malformed record, one stored under
+// another node's name, and one under a key nested below a node's (which
+// its last element would otherwise pass for node b's) are left out; the
+// good ones stay.
 func TestSourceIgnoresBadRecords(t *testing.T) {
 	srv := etcdtest.Start(t, etcdtest.Options{})
 	admin := srv.Client("")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	forged, _ := record(t, "a", "192.0.2.9:6082").Encode()
-	for k, v := range map[string]string{prefix + "x": "{not json", prefix + "y": string(forged)} {
+	nested, _ := record(t, "b", "192.0.2.8:6082").Encode()
+	for k, v := range map[string]string{prefix + "x": "{not json", prefix + "y": string(forged), prefix + "z/b": string(nested)} {
 		if _, err := admin.Put(ctx, k, v); err != nil {
 			t.Fatal(err)
 		}
 	}
 	a := run(t, Config{Endpoints: []string{srv.Endpoint}, Prefix: prefix}, record(t, "a", "192.0.2.1:6082"))
 	a.waitFor(t, "a")
-	for _, want := range []string{"key=/pspd/nodes/x", `names node \"a\"`} {
+	for _, want := range []string{"key=/pspd/nodes/x", `names node \"a\"`, "key below the prefix's node keys ignored\" part=etcd key=/pspd/nodes/z/b"} {
 		if !strings.Contains(a.logs.String(), want) {
 			t.Errorf("log does not say why a record was ignored (%s):\n%s", want, a.logs)
 		}
