@@ -550,13 +550,15 @@ func (d *Daemon) Close() {
 	if d.stopFleet != nil {
 		d.stopFleet()
 	}
-	d.fmu.Lock() // a membership change under way ends first; none starts
-	defer d.fmu.Unlock()
+	// A membership change under way ends first; the next sees the
+	// fleet's context ended and applies nothing.
+	d.fmu.Lock()
 	d.mu.Lock()
 	for name := range d.peers {
 		d.removePeer(name, false)
 	}
 	d.mu.Unlock()
+	d.fmu.Unlock()
 	if d.ep != nil {
 		d.ep.Close()
 	}
