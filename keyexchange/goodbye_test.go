@@ -25,7 +25,11 @@ func TestGoodbyeMarksPeerDown(t *testing.T) {
 			// An idle timeout far beyond the 1 s budget: only the goodbye
 			// can mark the peer down in time.
 			long := func(c *Config) { c.IdleTimeout, c.KeepAlive = 30*time.Second, 5*time.Second }
-			ini, resp, pi, pr := pair(t, long, nil)
+			// The survivor dials again only after the checks below: its
+			// next attempt (a stateless reset from the stopping socket, or
+			// no answer) would replace the goodbye as its last error.
+			slow := func(c *PeerConfig) { c.BackoffMin, c.BackoffMax = 2*time.Second, 2*time.Second }
+			ini, resp, pi, pr := pair(t, long, slow)
 			t.Cleanup(func() {
 				if t.Failed() {
 					t.Logf("INI %s\nRESP %s", ini.logs.Bytes(), resp.logs.Bytes())
