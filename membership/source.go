@@ -2,6 +2,9 @@ package membership
 
 import (
 	"context"
+	"maps"
+	"slices"
+	"sync"
 	"time"
 )
 
@@ -24,4 +27,44 @@ type Health struct {
 	Connected bool      // following the service's changes now
 	Since     time.Time // when Connected last changed; zero before the first attempt ended
 	Err       error     // why it is not connected
+}
+
+// HealthTracker keeps a source's Health as it connects and fails; a
+// source embeds it for its Health method.
+type HealthTracker struct {
+	mu sync.Mutex
+	h  Health
+}
+
+// NewHealthTracker is a tracker for a source that talks to service.
+func NewHealthTracker(service string) *HealthTracker {
+	return &HealthTracker{h: Health{Service: service}}
+}
+
+// Health is the state last tracked.
+func (t *HealthTracker) Health() Health {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.h
+}
+
+// Track records that the source is connected now, or is not, and why.
+func (t *HealthTracker) Track(connected bool, err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.h.Connected != connected || t.h.Since.IsZero() {
+		t.h.Since = time.Now()
+	}
+	t.h.Connected, t.h.Err = connected, err
+}
+
+// Sorted is a source's records (by whatever key it holds them) in key
+// order, for an update.
+func Sorted(records map[string]Record) []Record {
+	keys := slices.Sorted(maps.Keys(records))
+	out := make([]Record, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, records[k])
+	}
+	return out
 }

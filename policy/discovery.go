@@ -25,7 +25,18 @@ type Discovery struct {
 	// Cache holds the last membership known, which a restart starts from
 	// while the service is out of reach.
 	Cache string
-	Etcd  *Etcd
+	// The membership service: exactly one of these.
+	Etcd       *Etcd
+	Kubernetes *Kubernetes
+}
+
+// Kubernetes is the Kubernetes membership service: PSPNode objects.
+// Everything left out is the pod's: the in-cluster API server, the
+// service account's token and CA.
+type Kubernetes struct {
+	Server    string
+	TokenFile string
+	CA        string
 }
 
 // Etcd is the etcd membership service.
@@ -44,7 +55,7 @@ const DefaultMembersCache = "/var/lib/pspd/members.json"
 func (p parser) discovery(c *Config, n *yaml.Node) error {
 	d := &Discovery{Cache: DefaultMembersCache}
 	const path = "discovery."
-	err := p.fields(n, path, []string{"node", "endpoint", "prefixes", "cache", "etcd"}, func(k string, v *yaml.Node) (err error) {
+	err := p.fields(n, path, []string{"node", "endpoint", "prefixes", "cache", "etcd", "kubernetes"}, func(k string, v *yaml.Node) (err error) {
 		f := path + k
 		switch k {
 		case "node":
@@ -63,14 +74,19 @@ func (p parser) discovery(c *Config, n *yaml.Node) error {
 			}
 		case "etcd":
 			d.Etcd, err = p.etcd(v, f+".")
+		case "kubernetes":
+			d.Kubernetes, err = p.kubernetes(v, f+".")
 		}
 		return err
 	})
 	if err != nil {
 		return err
 	}
-	if d.Etcd == nil {
-		return p.fail(n, "discovery", "no membership service: add etcd")
+	switch {
+	case d.Etcd == nil && d.Kubernetes == nil:
+		return p.fail(n, "discovery", "no membership service: add etcd or kubernetes")
+	case d.Etcd != nil && d.Kubernetes != nil:
+		return p.fail(n, "discovery.kubernetes", "one membership service at a time: etcd is set too")
 	}
 	if len(d.Prefixes) == 0 {
 		return p.fail(n, "discovery.prefixes", "required: the networks this host's traffic comes from, which its peers route to it")
@@ -146,4 +162,33 @@ func (p parser) etcd(n *yaml.Node, path string) (*Etcd, error) {
 		return nil, p.fail(n, path+"cert", "required with https endpoints: etcd should know each node by its client certificate")
 	}
 	return e, nil
+}
+
+func (p parser) kubernetes(n *yaml.Node, path string) (*Kubernetes, error) {
+	k := &Kubernetes{}
+	if n.Kind == yaml.ScalarNode && (n.Tag == "!!null" || n.Value == "") {
+		return k, nil // kubernetes: (in the cluster)
+	}
+	err := p.fields(n, path, []string{"server", "token_file", "ca"}, func(key string, v *yaml.Node) (err error) {
+		f := path + key
+		switch key {
+		case "server":
+			k.Server, err = p.str(v, f)
+			if err == nil && !strings.HasPrefix(k.Server, "https://") {
+				err = p.fail(v, f, "%q is not an https:// URL", k.Server)
+			}
+		case "token_file":
+			k.TokenFile, err = p.str(v, f)
+		case "ca":
+			k.CA, err = p.str(v, f)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if k.Server != "" && k.TokenFile == "" {
+		return nil, p.fail(n, path+"token_file", "required with server: the bearer token pspd authenticates with")
+	}
+	return k, nil
 }

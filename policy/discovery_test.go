@@ -37,8 +37,15 @@ discovery:
 	if _, err := Reload(c, c); err != nil {
 		t.Errorf("an unchanged discovery block refuses the reload: %v", err)
 	}
+	inCluster, err := Parse("f.yaml", []byte("identity: /k\nlisten: 192.0.2.1\ndiscovery:\n  node: a\n  prefixes: [10.1.0.0/16]\n  kubernetes:\n"))
+	if err != nil || inCluster.Discovery.Kubernetes == nil || *inCluster.Discovery.Kubernetes != (Kubernetes{}) {
+		t.Errorf("kubernetes: with nothing set: %v %+v", err, inCluster)
+	}
 	for _, tc := range []struct{ name, body, want string }{
-		{"no service", "discovery: {node: a, prefixes: [10.1.0.0/16]}\n", "f.yaml:3: discovery: no membership service: add etcd"},
+		{"no service", "discovery: {node: a, prefixes: [10.1.0.0/16]}\n", "f.yaml:3: discovery: no membership service: add etcd or kubernetes"},
+		{"two services", "discovery: {node: a, prefixes: [10.1.0.0/16], kubernetes: {}, etcd: {endpoints: [http://192.0.2.9:2379]}}\n", "discovery.kubernetes: one membership service at a time"},
+		{"kube server without token", "discovery: {node: a, prefixes: [10.1.0.0/16], kubernetes: {server: https://192.0.2.9:6443}}\n", "discovery.kubernetes.token_file: required with server"},
+		{"kube http", "discovery: {node: a, prefixes: [10.1.0.0/16], kubernetes: {server: http://192.0.2.9:6443, token_file: /t}}\n", `discovery.kubernetes.server: "http://192.0.2.9:6443" is not an https:// URL`},
 		{"no prefixes", "discovery: {node: a, etcd: {endpoints: [http://192.0.2.9:2379]}}\n", "discovery.prefixes: required"},
 		{"wildcard without endpoint", "listen: 0.0.0.0\ndiscovery: {node: a, prefixes: [10.1.0.0/16], etcd: {endpoints: [http://192.0.2.9:2379]}}\n", "discovery.endpoint: required when listen is a wildcard"},
 		{"https without cert", "discovery: {node: a, prefixes: [10.1.0.0/16], etcd: {endpoints: [https://192.0.2.9:2379]}}\n", "discovery.etcd.cert: required with https endpoints"},

@@ -41,6 +41,9 @@ func (c *Config) admit(accepted []Peer, pr Peer) *PeerError {
 			return fail(pr.Name, "name", "%q is already the name of another peer", pr.Name)
 		case o.PublicKey == pr.PublicKey:
 			return fail(pr.Name, "public_key", "the same key is pinned for peer %q", o.Name)
+		case o.Endpoint == pr.Endpoint:
+			// One pspd, one identity: the two could not both be right.
+			return fail(pr.Name, "endpoint", "%v is already the endpoint of peer %q", pr.Endpoint, o.Name)
 		}
 	}
 	if l := c.Listen; !l.Addr().IsUnspecified() && underlay(pr.Endpoint.Addr()) == underlay(l.Addr()) && pr.Endpoint.Port() == l.Port() {

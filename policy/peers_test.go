@@ -36,6 +36,7 @@ func TestWithPeers(t *testing.T) {
 		{Name: "g", Endpoint: ep("192.0.2.1:6082"), PublicKey: key(), Prefixes: []netip.Prefix{pf("10.7.0.0/16")}},   // this host
 		{Name: "h", Endpoint: ep("192.0.2.8:6082"), PublicKey: key(), Prefixes: []netip.Prefix{pf("0.0.0.0/0")}},     // default route
 		{Name: "I", Endpoint: ep("192.0.2.9:6082"), PublicKey: key(), Prefixes: []netip.Prefix{pf("10.9.0.0/16")}},   // bad name
+		{Name: "k", Endpoint: ep("192.0.2.3:6082"), PublicKey: key(), Prefixes: []netip.Prefix{pf("10.11.0.0/16")}},  // c's endpoint
 		{Name: "j", Endpoint: ep("192.0.2.10:6082"), PublicKey: key(), Prefixes: []netip.Prefix{pf("10.10.0.0/16")}}, // fine
 	}
 	m, refused := c.WithPeers(extra)
@@ -59,6 +60,7 @@ func TestWithPeers(t *testing.T) {
 		`peer "g": endpoint: 192.0.2.1:6082 is this host's listen address`,
 		`peer "h": prefixes[0]: 0.0.0.0/0 is a default route`,
 		`peer "I": name: "I" must be lower-case`,
+		`peer "k": endpoint: 192.0.2.3:6082 is already the endpoint of peer "c"`,
 	}
 	if len(refused) != len(want) {
 		t.Fatalf("refused %d peers, want %d: %v", len(refused), len(want), refused)

@@ -24,11 +24,15 @@ func discoveryString(d *Discovery) string {
 	}
 	c := *d
 	var e Etcd
+	var k Kubernetes
 	if c.Etcd != nil {
 		e = *c.Etcd
 	}
-	c.Etcd = nil
-	return fmt.Sprintf("%+v %+v", c, e)
+	if c.Kubernetes != nil {
+		k = *c.Kubernetes
+	}
+	c.Etcd, c.Kubernetes = nil, nil
+	return fmt.Sprintf("%+v %+v %+v", c, e, k)
 }
 
 // Reload computes the changes from cur to next. Settings that only take

@@ -38,3 +38,7 @@ if [ "$what" = test ] && ! command -v staticcheck >/dev/null 2>&1 && [ ! -x "${H
 	go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 fi
 go mod download
+if [ "$what" = test ]; then
+	# etcd and kube-apiserver for the fleet tests, built once into /var/cache/pspd.
+	go run ./tests/servers
+fi

@@ -99,7 +99,7 @@ func runDaemon(ctx context.Context, pc *policy.Config, group string, log *slog.L
 	var fleet *daemon.Fleet
 	all := pc
 	if pc.Discovery != nil {
-		src, err := daemon.EtcdSource(pc.Discovery.Etcd, log)
+		src, err := daemon.MembershipSource(pc.Discovery, log)
 		if err != nil {
 			return err
 		}
@@ -230,10 +230,11 @@ naming a device that is not a TUN device, a peer pinned to this host's own key.`
 				peers += ": " + strings.Join(names, ", ")
 			}
 			if d := pc.Discovery; d != nil {
-				if _, err := daemon.EtcdSource(d.Etcd, nil); err != nil {
+				src, err := daemon.MembershipSource(d, nil)
+				if err != nil {
 					return err
 				}
-				peers += fmt.Sprintf(", and the members of etcd %s under %s as node %s", strings.Join(d.Etcd.Endpoints, ","), d.Etcd.Prefix, d.Node)
+				peers += fmt.Sprintf(", and the members of %s as node %s", src.Health().Service, d.Node)
 			}
 			fmt.Fprintf(out, "%s: ok (identity %s, %s)\n", cfgPath, id.Public().Fingerprint(), peers)
 			return nil

@@ -385,7 +385,7 @@ func (d *Daemon) reload(next *policy.Config, members map[string]bool) error {
 		return err
 	}
 	refuse := func(p policy.Peer, err error) error {
-		return fmt.Errorf("reload %s refused, nothing applied: peer %s: %w", next.File, p.Name, err)
+		return fmt.Errorf("reload %s refused, nothing applied: %w", next.File, &peerFailed{name: p.Name, err: fmt.Errorf("peer %s: %w", p.Name, err)})
 	}
 	// Every peer of the new file is checked, not only those that changed:
 	// a new global backend or require_encryption concerns them all.
@@ -404,7 +404,7 @@ func (d *Daemon) reload(next *policy.Config, members map[string]bool) error {
 				d.removePeer(name, true)
 			}
 			d.cfg = prev
-			return fmt.Errorf("reload %s failed, nothing applied: %w", next.File, err)
+			return fmt.Errorf("reload %s failed, nothing applied: %w", next.File, &peerFailed{name: p.Name, err: err})
 		}
 		added = append(added, p.Name)
 	}
@@ -433,6 +433,16 @@ func (d *Daemon) reload(next *policy.Config, members map[string]bool) error {
 	d.log.Info("configuration reloaded", "added", len(diff.Added), "removed", len(diff.Removed), "changed", len(diff.Changed))
 	return nil
 }
+
+// peerFailed is a reload that one peer made fail; err names the peer.
+type peerFailed struct {
+	name string
+	err  error
+}
+
+func (e *peerFailed) Error() string { return e.err.Error() }
+
+func (e *peerFailed) Unwrap() error { return e.err }
 
 // reconfigure applies a peer's new settings: in place when its session
 // can stay, by a new session (the backends keep holding the peer) when it

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/pspd/pspd/localapi"
 	"github.com/pspd/pspd/membership"
 	"github.com/pspd/pspd/membership/etcd"
+	"github.com/pspd/pspd/membership/kube"
 	"github.com/pspd/pspd/policy"
 )
 
@@ -53,9 +55,22 @@ func NewFleet(pc *policy.Config, src membership.Source, log *slog.Logger) (*Flee
 
 // Merge is file with the members' peers added, and the names of those.
 func (f *Fleet) Merge(file *policy.Config) (*policy.Config, map[string]bool) {
+	return f.merge(file, nil)
+}
+
+// merge is Merge without the members in out, which a backend refused
+// (the reason is the value).
+func (f *Fleet) merge(file *policy.Config, out map[string]error) (*policy.Config, map[string]bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	peers, bad := membership.Peers(f.known, f.disc.Node)
+	peers = slices.DeleteFunc(peers, func(p policy.Peer) bool {
+		if err := out[p.Name]; err != nil {
+			bad = append(bad, err)
+			return true
+		}
+		return false
+	})
 	merged, refused := file.WithPeers(peers)
 	members := map[string]bool{}
 	for _, p := range merged.Peers {
@@ -123,13 +138,29 @@ func (d *Daemon) runFleet(ctx context.Context) {
 		d.mu.Lock()
 		file := d.file
 		d.mu.Unlock()
-		merged, members := f.Merge(file)
-		if err := d.reload(merged, members); err != nil {
+		if err := d.applyMembers(file); err != nil {
 			f.log.Warn("membership change not applied", "err", err)
 		}
 	})
 	if err != nil {
 		f.log.Error("membership stopped; the peers known stay", "err", err)
+	}
+}
+
+// applyMembers reloads file with the fleet's members. A member that makes
+// the reload fail (a backend refuses it) is left out, with the reason,
+// and the rest applied: one bad record must not hold the whole fleet's
+// changes back. Callers hold d.fmu.
+func (d *Daemon) applyMembers(file *policy.Config) error {
+	out := map[string]error{}
+	for {
+		merged, members := d.fleet.merge(file, out)
+		err := d.reload(merged, members)
+		var pf *peerFailed
+		if !errors.As(err, &pf) || !members[pf.name] || out[pf.name] != nil {
+			return err
+		}
+		out[pf.name] = pf.err
 	}
 }
 
@@ -176,9 +207,16 @@ func (d *Daemon) reclaim(key identity.PublicKey, b assoc.Backend) bool {
 	return true
 }
 
-// EtcdSource is the etcd membership service e configures, with its TLS
+// MembershipSource is the membership service d configures, with its
 // files loaded.
-func EtcdSource(e *policy.Etcd, log *slog.Logger) (membership.Source, error) {
+func MembershipSource(d *policy.Discovery, log *slog.Logger) (membership.Source, error) {
+	if k := d.Kubernetes; k != nil {
+		return kube.New(kube.Config{Server: k.Server, TokenFile: k.TokenFile, CAFile: k.CA, Logger: log})
+	}
+	return etcdSource(d.Etcd, log)
+}
+
+func etcdSource(e *policy.Etcd, log *slog.Logger) (membership.Source, error) {
 	cfg := etcd.Config{Endpoints: e.Endpoints, Prefix: e.Prefix, Lease: e.Lease, Logger: log}
 	if e.Cert != "" || e.CA != "" {
 		t := &tls.Config{MinVersion: tls.VersionTLS12}

@@ -20,11 +20,12 @@ type reloadResult struct {
 // The fleet's members join the file's peers.
 func (d *Daemon) Reload(next *policy.Config) error {
 	d.fmu.Lock()
-	merged, members := next, map[string]bool(nil)
+	var err error
 	if d.fleet != nil {
-		merged, members = d.fleet.Merge(next)
+		err = d.applyMembers(next)
+	} else {
+		err = d.reload(next, nil)
 	}
-	err := d.reload(merged, members)
 	if err == nil {
 		d.mu.Lock()
 		d.file = next

@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -38,47 +39,62 @@ const Version = "v3.7.3"
 // CacheDir is where the server binary is built.
 const CacheDir = "/var/cache/pspd/etcd"
 
-var buildMu sync.Mutex
-
 // Binary is the path of the etcd server, built on first use (about 15 s
-// and the module download). It skips the test if Go or the module proxy
-// is not there to build it.
+// and the module download; tests/deps.sh builds it ahead). It skips the
+// test if Go or the module proxy is not there to build it.
 func Binary(t testing.TB) string {
 	t.Helper()
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	dir := filepath.Join(CacheDir, Version)
+	bin, err := Build(filepath.Join(CacheDir, Version))
+	if err != nil {
+		t.Skipf("etcdtest: cannot build etcd %s: %v", Version, err)
+	}
+	return bin
+}
+
+// Build builds the etcd server into dir unless it is there, and returns
+// its path. Builders in other processes wait for each other.
+func Build(dir string) (string, error) {
 	bin := filepath.Join(dir, "etcd")
-	if _, err := os.Stat(bin); err == nil {
-		return bin
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Skipf("etcdtest: cannot create the cache %s: %v", dir, err)
-	}
 	files := map[string]string{
 		"go.mod":  "module pspd.invalid/etcdserver\n\ngo 1.26\n\nrequire go.etcd.io/etcd/server/v3 " + Version + "\n",
 		"main.go": "package main\n\nimport (\n\t\"os\"\n\n\t\"go.etcd.io/etcd/server/v3/etcdmain\"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n",
 	}
+	return bin, BuildModule(dir, bin, files, [][]string{{"mod", "tidy"}, {"build", "-o", bin + ".tmp", "."}})
+}
+
+// BuildModule runs the go commands (the last writing bin + ".tmp") in a
+// throwaway module made of files in dir, under a lock that other
+// processes building there take too, and renames the result to bin; it
+// does nothing if bin is there.
+func BuildModule(dir, bin string, files map[string]string, cmds [][]string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return err
+	}
+	if _, err := os.Stat(bin); err == nil {
+		return nil
+	}
 	for name, body := range files {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
+			return err
 		}
 	}
-	start := time.Now()
-	tmp := bin + ".tmp"
-	for _, args := range [][]string{{"mod", "tidy"}, {"build", "-o", tmp, "."}} {
+	for _, args := range cmds {
 		cmd := exec.Command("go", args...)
 		cmd.Dir = dir
 		cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "GOWORK=off", "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Skipf("etcdtest: cannot build etcd %s (go %s in %s): %v\n%s", Version, strings.Join(args, " "), dir, err, out)
+			return fmt.Errorf("go %s in %s: %v\n%s", strings.Join(args, " "), dir, err, out)
 		}
 	}
-	if err := os.Rename(tmp, bin); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("etcdtest: built etcd %s in %v", Version, time.Since(start).Round(time.Second))
-	return bin
+	return os.Rename(bin+".tmp", bin)
 }
 
 // Options say how to run a server.
@@ -112,17 +128,8 @@ type Server struct {
 func Start(t testing.TB, opts Options) *Server {
 	t.Helper()
 	bin := Binary(t)
-	if !opts.Addr.IsValid() {
-		opts.Addr = netip.MustParseAddr("127.0.0.1")
-	}
-	if opts.Wrap == nil {
-		opts.Wrap = exec.Command
-	}
-	if opts.Dial == nil {
-		var d net.Dialer
-		opts.Dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
-	}
-	s := &Server{dir: t.TempDir(), opts: opts, t: t, port: freePort(t)}
+	opts = opts.Defaults()
+	s := &Server{dir: t.TempDir(), opts: opts, t: t, port: FreePort(t)}
 	scheme := "http"
 	if opts.TLS {
 		scheme = "https"
@@ -135,7 +142,25 @@ func Start(t testing.TB, opts Options) *Server {
 	return s
 }
 
-func freePort(t testing.TB) int {
+// Defaults is o with what it leaves out filled in: loopback, a command
+// run here, a TCP dial from here.
+func (o Options) Defaults() Options {
+	if !o.Addr.IsValid() {
+		o.Addr = netip.MustParseAddr("127.0.0.1")
+	}
+	if o.Wrap == nil {
+		o.Wrap = exec.Command
+	}
+	if o.Dial == nil {
+		var d net.Dialer
+		o.Dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+	}
+	return o
+}
+
+// FreePort is a TCP port nothing listens on now (a test server binds it
+// next, in whatever namespace).
+func FreePort(t testing.TB) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

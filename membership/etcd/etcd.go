@@ -13,10 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
-	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -40,9 +37,7 @@ type Config struct {
 type Source struct {
 	cfg Config
 	log *slog.Logger
-
-	mu     sync.Mutex
-	health membership.Health
+	*membership.HealthTracker
 }
 
 var _ membership.Source = (*Source)(nil)
@@ -65,31 +60,12 @@ func New(cfg Config) (*Source, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Source{cfg: cfg, log: cfg.Logger.With("part", "etcd")}
-	s.health.Service = "etcd " + strings.Join(cfg.Endpoints, ",")
+	s.HealthTracker = membership.NewHealthTracker("etcd " + strings.Join(cfg.Endpoints, ","))
 	return s, nil
 }
 
-// Health implements membership.Source.
-func (s *Source) Health() membership.Health {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.health
-}
-
-func (s *Source) setHealth(connected bool, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.health.Connected != connected || s.health.Since.IsZero() {
-		s.health.Since = time.Now()
-	}
-	s.health.Connected, s.health.Err = connected, err
-}
-
-const (
-	dialTimeout = 5 * time.Second
-	minBackoff  = time.Second
-	maxBackoff  = 30 * time.Second
-)
+// dialTimeout bounds each call to etcd.
+const dialTimeout = 5 * time.Second
 
 // Run implements membership.Source.
 func (s *Source) Run(ctx context.Context, self membership.Record, update func([]membership.Record)) error {
@@ -105,40 +81,11 @@ func (s *Source) Run(ctx context.Context, self membership.Record, update func([]
 		return fmt.Errorf("etcd: %w", err)
 	}
 	defer c.Close()
-	backoff := minBackoff
-	failing, publish := false, true
-	for ctx.Err() == nil {
-		start := time.Now()
-		err := s.session(ctx, c, self.Name, string(value), publish, update)
-		if ctx.Err() != nil {
-			break
-		}
-		s.setHealth(false, err)
-		if errors.Is(err, errRemoved) {
-			s.log.Warn("etcd: this node's record was deleted while its lease was alive (an operator removed the node); following the fleet without publishing it again until pspd restarts", "key", s.cfg.Prefix+self.Name)
-			publish = false
-			continue
-		}
-		if time.Since(start) > maxBackoff {
-			backoff = minBackoff // it ran for a while: a new failure
-		}
-		if !failing {
-			s.log.Warn("etcd: membership unavailable; keeping the last known peers and retrying", "endpoints", s.cfg.Endpoints, "err", err)
-		} else {
-			s.log.Debug("etcd: still unavailable", "err", err)
-		}
-		failing = true
-		select {
-		case <-ctx.Done():
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, maxBackoff)
-	}
+	membership.Follow(ctx, s.log, s.HealthTracker, func(ctx context.Context, publish bool) error {
+		return s.session(ctx, c, self.Name, string(value), publish, update)
+	})
 	return nil
 }
-
-// errRemoved: this node's record went while its lease was alive.
-var errRemoved = errors.New("this node's record was deleted")
 
 // session publishes the record under a new lease (if publish), reads the
 // prefix and follows it until the lease is lost, the watch fails or ctx
@@ -185,8 +132,8 @@ func (s *Source) session(ctx context.Context, c *clientv3.Client, name, value st
 		s.put(records, string(kv.Key), kv.Value)
 	}
 	s.log.Info("etcd: membership read", "prefix", s.cfg.Prefix, "records", len(records), "published", publish)
-	s.setHealth(true, nil)
-	update(sorted(records))
+	s.Track(true, nil)
+	update(membership.Sorted(records))
 	watch := c.Watch(clientv3.WithRequireLeader(sctx), s.cfg.Prefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 	for {
 		select {
@@ -208,14 +155,14 @@ func (s *Source) session(ctx context.Context, c *clientv3.Client, name, value st
 				if ev.Type == clientv3.EventTypeDelete {
 					delete(records, k)
 					if k == key && publish && s.leaseAlive(sctx, c, lease) {
-						update(sorted(records))
-						return errRemoved
+						update(membership.Sorted(records))
+						return membership.ErrRemoved
 					}
 					continue
 				}
 				s.put(records, k, ev.Kv.Value)
 			}
-			update(sorted(records))
+			update(membership.Sorted(records))
 		}
 	}
 }
@@ -246,13 +193,4 @@ func (s *Source) put(records map[string]membership.Record, key string, value []b
 		return
 	}
 	records[key] = r
-}
-
-func sorted(records map[string]membership.Record) []membership.Record {
-	keys := slices.Sorted(maps.Keys(records))
-	out := make([]membership.Record, 0, len(keys))
-	for _, k := range keys {
-		out = append(out, records[k])
-	}
-	return out
 }

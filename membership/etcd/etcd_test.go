@@ -1,12 +1,9 @@
 package etcd
 
 import (
-	"bytes"
 	"context"
-	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,6 +12,7 @@ import (
 	"github.com/pspd/pspd/internal/etcdtest"
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/membership"
+	"github.com/pspd/pspd/membership/membershiptest"
 )
 
 const prefix = "/pspd/nodes/"
@@ -27,73 +25,26 @@ func record(t *testing.T, name, ep string) membership.Record {
 	return membership.Record{Name: name, Endpoints: []string{ep}, PublicKeys: []string{id.Public().String()}, Prefixes: []string{"10.9." + ep[len(ep)-1:] + ".0/24"}}
 }
 
-// node runs a Source and remembers its latest update.
 type node struct {
-	mu      sync.Mutex
-	names   []string
-	updates int
-	changed chan struct{}
-	logs    *syncBuf
-	cancel  context.CancelFunc
-	done    chan struct{}
+	*membershiptest.Node
+	logs *membershiptest.Log
 }
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
-func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 func run(t *testing.T, cfg Config, self membership.Record) *node {
 	t.Helper()
-	n := &node{changed: make(chan struct{}, 100), logs: &syncBuf{}, done: make(chan struct{})}
-	cfg.Logger = slog.New(slog.NewTextHandler(n.logs, nil))
+	logs := &membershiptest.Log{}
+	cfg.Logger = logs.Logger()
 	src, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	n.cancel = cancel
-	go func() {
-		defer close(n.done)
-		src.Run(ctx, self, func(rs []membership.Record) {
-			n.mu.Lock()
-			n.names = n.names[:0]
-			for _, r := range rs {
-				n.names = append(n.names, r.Name)
-			}
-			n.updates++
-			n.mu.Unlock()
-			n.changed <- struct{}{}
-		})
-	}()
-	t.Cleanup(func() { n.stop() })
-	return n
+	return &node{membershiptest.Run(t, src, self), logs}
 }
 
-func (n *node) stop() {
-	n.cancel()
-	<-n.done
-}
-
-// waitFor waits until the node's last update names exactly want.
 func (n *node) waitFor(t *testing.T, want ...string) {
 	t.Helper()
-	deadline := time.After(20 * time.Second)
-	for {
-		n.mu.Lock()
-		got := slices.Clone(n.names)
-		n.mu.Unlock()
-		if slices.Equal(got, want) {
-			return
-		}
-		select {
-		case <-n.changed:
-		case <-deadline:
-			t.Fatalf("records %v, want %v\n%s", got, want, n.logs)
-		}
+	if err := n.WaitFor(20*time.Second, want...); err != nil {
+		t.Fatalf("%v\n%s", err, n.logs)
 	}
 }
 
@@ -127,8 +78,8 @@ func TestSourceTLS(t *testing.T) {
 		t.Errorf("b does not say its record was removed:\n%s", b.logs)
 	}
 
-	b.stop()
-	a.stop()
+	b.Stop()
+	a.Stop()
 	if r, err := admin.Get(ctx, prefix, clientv3.WithPrefix()); err != nil || len(r.Kvs) != 0 {
 		t.Fatalf("records left after both nodes stopped: %v %v", r.Kvs, err)
 	}
@@ -142,10 +93,7 @@ func TestSourceTLS(t *testing.T) {
 			t.Fatalf("no warning for the client without a certificate:\n%s", c.logs)
 		}
 	}
-	c.mu.Lock()
-	updates := c.updates
-	c.mu.Unlock()
-	if updates != 0 {
+	if updates := c.Updates(); updates != 0 {
 		t.Fatalf("a client without a certificate got %d updates", updates)
 	}
 }
@@ -160,10 +108,7 @@ func TestSourceOutage(t *testing.T) {
 	a.waitFor(t, "a", "b")
 	srv.Stop()
 	time.Sleep(8 * time.Second) // beyond the lease
-	a.mu.Lock()
-	got := slices.Clone(a.names)
-	a.mu.Unlock()
-	if !slices.Equal(got, []string{"a", "b"}) {
+	if got := a.Names(); !slices.Equal(got, []string{"a", "b"}) {
 		t.Fatalf("during the outage a's peers became %v", got)
 	}
 	srv.Restart()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -16,22 +17,161 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/pspd/pspd/internal/etcdtest"
+	"github.com/pspd/pspd/internal/kubetest"
+	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/membership"
+	"github.com/pspd/pspd/membership/kube"
 )
 
-// TestFleetEtcd: three daemons with no peers in their files learn each
-// other from a real etcd (TLS client certificates, in a namespace of its
-// own on the hosts' switch) and associate; traffic flows between every
-// pair. An operator deleting a node's record takes its associations down
-// on the others and leaves its fail-closed state (traffic to it is held
-// back, not sent in clear). With etcd down, the associations stay, and a
-// daemon restarted during the outage starts from its cache; with etcd back
-// the remaining nodes publish themselves again, and the removed node,
-// restarted, rejoins.
+// fleetService is a membership service the fleet scenario runs against,
+// started in the control host ctl.
+type fleetService struct {
+	// discovery is the service's part of a node's discovery block.
+	discovery func(d *Daemon) string
+	// remove deletes a node's record as an operator would; forge puts
+	// one in as an operator would.
+	remove func(node string)
+	forge  func(r membership.Record)
+	// stop and restart take the service away and bring it back.
+	stop, restart func()
+	// published lists the names of the records the service holds.
+	published func() []string
+}
+
+// TestFleetEtcd runs the fleet scenario (testFleet) on a real etcd with
+// TLS client certificates.
 func TestFleetEtcd(t *testing.T) {
+	testFleet(t, "pfe-", func(ctx context.Context, t *testing.T, ctl *Host) fleetService {
+		srv := etcdtest.Start(t, etcdtest.Options{Addr: ctlAddr.Addr(), TLS: true, Wrap: wrapIn(ctx, ctl), Dial: dialIn(ctl)})
+		admin := srv.Client("root")
+		const prefix = "/pspd/nodes/"
+		return fleetService{
+			discovery: func(d *Daemon) string {
+				ca, cert, key := srv.ClientFiles(d.Host.Name)
+				return fmt.Sprintf("  etcd:\n    endpoints: [%s]\n    ca: %s\n    cert: %s\n    key: %s\n    lease: 5s\n", srv.Endpoint, ca, cert, key)
+			},
+			remove: func(node string) {
+				if _, err := admin.Delete(ctx, prefix+node); err != nil {
+					t.Fatal(err)
+				}
+			},
+			forge: func(r membership.Record) {
+				b, err := r.Encode()
+				if err == nil {
+					_, err = admin.Put(ctx, prefix+r.Name, string(b))
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			},
+			stop:    srv.Stop,
+			restart: srv.Restart,
+			published: func() []string {
+				r, err := admin.Get(ctx, prefix, clientv3.WithPrefix())
+				if err != nil {
+					return nil
+				}
+				var names []string
+				for _, kv := range r.Kvs {
+					names = append(names, strings.TrimPrefix(string(kv.Key), prefix))
+				}
+				return names
+			},
+		}
+	})
+}
+
+// TestFleetKubernetes runs the fleet scenario on a real kube-apiserver
+// (on a real etcd) with the manifests of deploy/kubernetes: each pspd
+// authenticates with a service-account token bound to a pod on its node.
+func TestFleetKubernetes(t *testing.T) {
+	testFleet(t, "pfk-", func(ctx context.Context, t *testing.T, ctl *Host) fleetService {
+		srv := kubetest.Start(t, kubetest.Options{Addr: ctlAddr.Addr(), Wrap: wrapIn(ctx, ctl), Dial: dialIn(ctl)})
+		root := moduleRoot(t)
+		var files []string
+		for _, f := range []string{"crd.yaml", "rbac.yaml", "admission.yaml", "daemonset.yaml"} {
+			files = append(files, filepath.Join(root, "deploy", "kubernetes", f))
+		}
+		srv.Apply(files...)
+		const path = "/apis/pspd.dev/v1/pspnodes/"
+		return fleetService{
+			discovery: func(d *Daemon) string {
+				tok := filepath.Join(d.Dir, "token")
+				if err := os.WriteFile(tok, []byte(srv.NodeToken("pspd", "pspd", d.Host.Name)), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				return fmt.Sprintf("  kubernetes:\n    server: %s\n    token_file: %s\n    ca: %s\n", srv.URL, tok, srv.CAFile)
+			},
+			remove: func(node string) {
+				if code, out := srv.Do("DELETE", path+node, "", nil); code/100 != 2 {
+					t.Fatalf("delete PSPNode %s: %d %s", node, code, out)
+				}
+			},
+			forge: func(r membership.Record) {
+				b, err := kube.Object(r)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if code, out := srv.Do("PATCH", path+r.Name+"?fieldManager=admin&force=true", "application/apply-patch+yaml", b); code/100 != 2 {
+					t.Fatalf("forge PSPNode %s: %d %s", r.Name, code, out)
+				}
+			},
+			stop:    srv.Stop,
+			restart: srv.Restart,
+			published: func() []string {
+				code, out := srv.Do("GET", path, "", nil)
+				if code != 200 {
+					return nil
+				}
+				var list struct {
+					Items []struct {
+						Metadata struct{ Name string } `json:"metadata"`
+					} `json:"items"`
+				}
+				json.Unmarshal(out, &list)
+				var names []string
+				for _, o := range list.Items {
+					names = append(names, o.Metadata.Name)
+				}
+				return names
+			},
+		}
+	})
+}
+
+var ctlAddr = netip.MustParsePrefix("192.0.2.100/24")
+
+func wrapIn(ctx context.Context, h *Host) func(string, ...string) *exec.Cmd {
+	return func(name string, args ...string) *exec.Cmd { return h.Command(ctx, name, args...) }
+}
+
+// dialIn connects from inside h's namespace.
+func dialIn(h *Host) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (c net.Conn, err error) {
+		err = inNetns(h, func() (err error) {
+			var d net.Dialer
+			c, err = d.DialContext(ctx, "tcp", addr)
+			return err
+		})
+		return c, err
+	}
+}
+
+// testFleet: three daemons with no peers in their files learn each other
+// from a membership service (in a namespace of its own on the hosts'
+// switch) and associate; traffic flows between every pair. A record an
+// operator forges with a wrong key never associates. An operator deleting
+// a node's record takes its associations down on the others and leaves
+// its fail-closed state (traffic to it is held back, not sent in clear).
+// With the service down, the associations stay, and a daemon restarted
+// during the outage starts from its cache; with the service back the
+// remaining nodes publish themselves again, and the removed node,
+// restarted, rejoins.
+func testFleet(t *testing.T, prefix string, start func(context.Context, *testing.T, *Host) fleetService) {
 	hostOnly(t)
-	l := newLab(t, "pfe-")
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	l := newLab(t, prefix)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	t.Cleanup(cancel)
 	sw, err := l.Switch(ctx, "sw")
 	if err != nil {
@@ -41,21 +181,10 @@ func TestFleetEtcd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := l.Attach(ctx, sw, ctl, netip.MustParsePrefix("192.0.2.100/24")); err != nil {
+	if err := l.Attach(ctx, sw, ctl, ctlAddr); err != nil {
 		t.Fatal(err)
 	}
-	srv := etcdtest.Start(t, etcdtest.Options{
-		Addr: netip.MustParseAddr("192.0.2.100"), TLS: true,
-		Wrap: func(name string, args ...string) *exec.Cmd { return ctl.Command(ctx, name, args...) },
-		Dial: func(ctx context.Context, addr string) (c net.Conn, err error) {
-			err = inNetns(ctl, func() (err error) {
-				var d net.Dialer
-				c, err = d.DialContext(ctx, "tcp", addr)
-				return err
-			})
-			return c, err
-		},
-	})
+	svc := start(ctx, t, ctl)
 	const n = 3
 	inner := func(i int) string { return fmt.Sprintf("10.200.0.%d", i+1) }
 	var ds []*Daemon
@@ -71,7 +200,6 @@ func TestFleetEtcd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ca, cert, key := srv.ClientFiles(h.Name)
 		if err := d.WriteConfig(fmt.Sprintf(`listen: 192.0.2.%d
 metrics: off
 backend: userspace
@@ -81,19 +209,13 @@ discovery:
   node: %s
   prefixes: [%s/32]
   cache: %s
-  etcd:
-    endpoints: [%s]
-    ca: %s
-    cert: %s
-    key: %s
-    lease: 5s
-`, i+1, inner(i), h.Name, inner(i), filepath.Join(d.Dir, "members.json"), srv.Endpoint, ca, cert, key)); err != nil {
+`, i+1, inner(i), h.Name, inner(i), filepath.Join(d.Dir, "members.json")) + svc.discovery(d)); err != nil {
 			t.Fatal(err)
 		}
 		ds = append(ds, d)
 	}
 	available(ctx, t, ds[0], "userspace")
-	start := time.Now()
+	begin := time.Now()
 	for _, d := range ds {
 		if err := d.Start(ctx); err != nil {
 			t.Fatal(err)
@@ -124,7 +246,7 @@ discovery:
 	waitPeers(ds[0], "n1", "n2")
 	waitPeers(ds[1], "n0", "n2")
 	waitPeers(ds[2], "n0", "n1")
-	t.Logf("%d daemons with empty peer lists associated through etcd %v after start", n, time.Since(start).Round(time.Millisecond))
+	t.Logf("%d daemons with empty peer lists associated through the membership service %v after start", n, time.Since(begin).Round(time.Millisecond))
 	fleetOf := func(d *Daemon) localapi.Fleet {
 		t.Helper()
 		out, err := d.Ctl(ctx, "status", "--json")
@@ -148,11 +270,29 @@ discovery:
 		}
 	}
 
-	// An operator removes n2 from the fleet.
-	admin := srv.Client("root")
-	if _, err := admin.Delete(ctx, "/pspd/nodes/n2"); err != nil {
+	// An operator's record with another key for n1's address: left out,
+	// and never associated, with the reason in pspctl status.
+	id, err := identity.Generate()
+	if err != nil {
 		t.Fatal(err)
 	}
+	svc.forge(membership.Record{Name: "n9", Endpoints: []string{"192.0.2.2:6082"}, PublicKeys: []string{id.Public().String()}, Prefixes: []string{"10.200.0.99/32"}})
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		f := fleetOf(ds[0])
+		if len(f.LeftOut) == 1 && strings.Contains(f.LeftOut[0], `peer "n9": endpoint: 192.0.2.2:6082 is already the endpoint of peer "n1"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("n0's fleet status %+v, want n9 left out for claiming n1's endpoint", f)
+		}
+	}
+	if got := peersOf(ds[0]); slices.Contains(got, "n9") {
+		t.Fatalf("n0 associated with a forged record pinning another key than n1's: %v", got)
+	}
+	svc.remove("n9")
+
+	// An operator removes n2 from the fleet.
+	svc.remove("n2")
 	removed := time.Now()
 	waitPeers(ds[0], "n1")
 	waitPeers(ds[1], "n0")
@@ -176,12 +316,13 @@ discovery:
 		t.Fatalf("n0 → n1 after n2 left: %v", err)
 	}
 
-	// etcd goes away: nothing changes, and a restart starts from the cache.
-	srv.Stop()
-	time.Sleep(7 * time.Second) // beyond the 5 s lease
+	// The service goes away: nothing changes, and a restart starts from
+	// the cache.
+	svc.stop()
+	time.Sleep(7 * time.Second) // beyond etcd's 5 s lease
 	waitPeers(ds[0], "n1")
 	if f := fleetOf(ds[0]); f.Connected || f.Error == "" || f.Members != 1 {
-		t.Errorf("with etcd down, n0's fleet status %+v, want unreachable with the reason and its 1 member kept", f)
+		t.Errorf("with the service down, n0's fleet status %+v, want unreachable with the reason and its 1 member kept", f)
 	}
 	ds[0].Kill()
 	restart := time.Now()
@@ -190,26 +331,16 @@ discovery:
 	}
 	waitPeers(ds[0], "n1")
 	waitPeers(ds[1], "n0")
-	t.Logf("n0 restarted during the etcd outage: associated with n1 again %v later, from its cache", time.Since(restart).Round(time.Millisecond))
+	t.Logf("n0 restarted during the outage: associated with n1 again %v later, from its cache", time.Since(restart).Round(time.Millisecond))
 	if _, err := EchoTCP(ctx, ds[0].Host, ds[1].Host, inner(1), 16<<10, "pspd-fleet-canary-"); err != nil {
 		t.Fatalf("n0 → n1 during the outage: %v", err)
 	}
 
-	srv.Restart()
+	svc.restart()
 	deadline := time.Now().Add(45 * time.Second)
-	for {
-		r, err := admin.Get(ctx, "/pspd/nodes/", clientv3.WithPrefix())
-		var keys []string
-		if err == nil {
-			for _, kv := range r.Kvs {
-				keys = append(keys, string(kv.Key))
-			}
-		}
-		if slices.Equal(keys, []string{"/pspd/nodes/n0", "/pspd/nodes/n1"}) {
-			break
-		}
+	for got := svc.published(); !slices.Equal(got, []string{"n0", "n1"}); got = svc.published() {
 		if time.Now().After(deadline) {
-			t.Fatalf("after etcd came back the records are %v (%v), want n0 and n1 only\n%s", keys, err, ds[0].Tail(20))
+			t.Fatalf("after the service came back the records are %v, want n0 and n1 only\n%s", got, ds[0].Tail(20))
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
