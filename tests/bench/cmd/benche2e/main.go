@@ -100,7 +100,7 @@ func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d 
 				res.errs[s.Name] = append(res.errs[s.Name], fmt.Sprintf("round %d: %v", round+1, err))
 			}
 			if smp != (sample{}) {
-				log.Info("measured", "round", round+1, "system", s.Name, "tcp1", gbit(smp.TCP1), "tcp2", gbit(smp.TCP2), "udp", gbit(smp.UDP), "rr_p50_us", smp.RRP50, "rr_p99_us", smp.RRP99)
+				log.Info("measured", "round", round+1, "system", s.Name, "tcp1", gbit(smp.TCP1), "tcp2", gbit(smp.TCP2), "tcp4", gbit(smp.TCP4), "cpu_s_per_gbit", cpuGbit(smp.CPU1), "udp", gbit(smp.UDP), "rr_p50_us", smp.RRP50, "rr_p99_us", smp.RRP99)
 				res.samples[s.Name] = append(res.samples[s.Name], smp)
 			}
 			if st != nil && *st != (startupSample{}) {
@@ -188,7 +188,13 @@ Every system runs in the same topology, the one pspd's system tests use
 Plain veth sends to 192.0.2.2 directly; wireguard-go and pspd carry 10.200.0.1 ↔
 10.200.0.2 over that underlay. Each system is built afresh for every round.
 
-- TCP: ` + "`iperf3 -c ... -t T [-P 2]`" + ` from a to b, the receiver's rate.
+- TCP: ` + "`iperf3 -c ... -t T [-P 2|4]`" + ` from a to b, the receiver's rate.
+- CPU per Gbit/s: the whole machine's busy CPU time during the one-stream TCP
+  run (` + "`/proc/stat`" + `, all CPUs, user + system + irq + softirq; not idle,
+  iowait, nice or steal) over the data carried, in CPU-seconds per Gbit (the
+  same as CPUs kept busy per Gbit/s): both ends, the tunnel and iperf3, and
+  whatever else runs on the machine then, so it is only as clean as the
+  machine is quiet.
 - UDP: ` + "`iperf3 -u -l 1300 -w 4M -b RATE`" + ` at rising rates from 50 Mbit/s; the best
   received rate with under 1% loss (the sweep stops after two failing rates in a
   row; the large socket buffers keep a delayed iperf3 receiver from counting its

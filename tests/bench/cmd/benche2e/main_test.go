@@ -73,23 +73,62 @@ func TestPercentile(t *testing.T) {
 
 func TestTableRatios(t *testing.T) {
 	res := newResults(allSystems[:3])
-	res.samples["plain veth"] = []sample{{TCP1: 10e9, TCP2: 20e9, UDP: 2e9, UDPPPS: 190e3, RRP50: 20, RRP99: 50}}
-	res.samples["wireguard-go"] = []sample{{TCP1: 2e9, TCP2: 2e9, UDP: 0.4e9, UDPPPS: 38e3, RRP50: 200, RRP99: 400}}
-	res.samples["pspd userspace io=udp"] = []sample{{TCP1: 1e9, TCP2: 1.5e9, RRP50: 100, RRP99: 300}}
+	res.samples["plain veth"] = []sample{{TCP1: 10e9, TCP2: 20e9, TCP4: 16e9, CPU1: 0.1, UDP: 2e9, UDPPPS: 190e3, RRP50: 20, RRP99: 50}}
+	res.samples["wireguard-go"] = []sample{{TCP1: 2e9, TCP2: 2e9, TCP4: 4e9, CPU1: 0.9, UDP: 0.4e9, UDPPPS: 38e3, RRP50: 200, RRP99: 400}}
+	// Two rounds: medians of 1 and 1.5 (TCP 4: 2 and 3) and of the CPU
+	// figures 0.3 and 0.6; the UDP sweep failed in both.
+	res.samples["pspd userspace io=udp"] = []sample{
+		{TCP1: 1e9, TCP2: 1.5e9, TCP4: 2e9, CPU1: 0.3, RRP50: 100, RRP99: 300},
+		{TCP1: 1.5e9, TCP2: 1.5e9, TCP4: 3e9, CPU1: 0.6, RRP50: 100, RRP99: 300},
+	}
 	res.errs["pspd userspace io=udp"] = []string{"round 2: boom"}
 	var b bytes.Buffer
 	res.table(&b)
 	out := b.String()
 	for _, want := range []string{
-		"| plain veth | 10.00 Gbit/s | 20.00 Gbit/s | 2.00 Gbit/s (190 k pkt/s) | 20 µs | 50 µs | 1 |",
-		"| wireguard-go | plain veth | 0.20x | 0.10x | 0.20x | 0.10x |",
-		"| pspd userspace io=udp | plain veth | 0.10x | 0.07x | – | 0.20x |",
-		"| pspd userspace io=udp | wireguard-go | 0.50x | 0.75x | – | 2.00x |",
+		"| system | TCP 1 stream | TCP 2 streams | TCP 4 streams | CPU per Gbit/s, TCP 1 stream (CPUs busy, whole machine; lower is better) |",
+		"| plain veth | 10.00 Gbit/s | 20.00 Gbit/s | 16.00 Gbit/s | 0.10 | 2.00 Gbit/s (190 k pkt/s) | 20 µs | 50 µs | 1 |",
+		"| pspd userspace io=udp | 1.25 Gbit/s | 1.50 Gbit/s | 2.50 Gbit/s | 0.45 | – | 100 µs | 300 µs | 2 |",
+		"| system | vs | TCP 1 | TCP 2 | TCP 4 | CPU per Gbit/s | UDP | RR p50 |",
+		"| wireguard-go | plain veth | 0.20x | 0.10x | 0.25x | 0.11x | 0.20x | 0.10x |",
+		"| pspd userspace io=udp | plain veth | 0.12x | 0.07x | 0.16x | 0.22x | – | 0.20x |",
+		"| pspd userspace io=udp | wireguard-go | 0.62x | 0.75x | 0.62x | 2.00x | – | 2.00x |",
 		"round 2: boom",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// /proc/stat as Linux 6.x prints it on a 2-CPU machine (abridged).
+const procStat = `cpu  1000 50 300 90000 700 20 30 5 0 0
+cpu0 500 25 150 45000 350 10 15 3 0 0
+cpu1 500 25 150 45000 350 10 15 2 0 0
+intr 123 0 9
+`
+
+func TestCPUBusy(t *testing.T) {
+	// user 1000 + system 300 + irq 20 + softirq 30 ticks of 10 ms; not
+	// nice, idle, iowait or steal.
+	got, err := parseCPUBusy([]byte(procStat))
+	if err != nil || got != 13500*time.Millisecond {
+		t.Fatalf("parseCPUBusy = %v, %v; want 13.5s", got, err)
+	}
+	for _, bad := range []string{"", "cpu0 1 2 3 4 5 6 7 8\n", "cpu  1 2 3 4 5 6\n", "cpu  1 2 x 4 5 6 7 8\n"} {
+		if _, err := parseCPUBusy([]byte(bad)); err == nil {
+			t.Errorf("parseCPUBusy(%q) accepted", bad)
+		}
+	}
+	// 1.5 CPU-seconds for 2.5e8 bytes (2 Gbit): 0.75 CPU-s per Gbit.
+	if v := cpuPerGbit(1500*time.Millisecond, 2.5e8); v != 0.75 {
+		t.Errorf("cpuPerGbit = %v, want 0.75", v)
+	}
+	if v := cpuPerGbit(0, 2.5e8); v != 0 {
+		t.Errorf("cpuPerGbit without a CPU figure = %v, want 0 (not measured)", v)
+	}
+	if now, err := cpuBusy(); err != nil || now <= 0 {
+		t.Errorf("cpuBusy on this machine = %v, %v", now, err)
 	}
 }
 
@@ -224,15 +263,15 @@ func TestEverySystemCarriesTraffic(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer stop()
-			bps, err := tcpRate(ctx, e, 1, time.Second)
-			if err != nil || bps <= 0 {
-				t.Fatalf("tcp: %v bit/s, %v", bps, err)
+			bps, cpu, err := tcpRate(ctx, e, 1, time.Second)
+			if err != nil || bps <= 0 || cpu <= 0 {
+				t.Fatalf("tcp: %v bit/s, %v CPU-s/Gbit, %v", bps, cpu, err)
 			}
 			p50, p99, err := roundTrips(ctx, e, 300*time.Millisecond)
 			if err != nil || p50 <= 0 || p99 < p50 {
 				t.Fatalf("round trips: p50 %v p99 %v, %v", p50, p99, err)
 			}
-			t.Logf("%s: %s, round trip p50 %.0f µs", s.Name, gbit(bps), p50)
+			t.Logf("%s: %s at %s CPU-s/Gbit, round trip p50 %.0f µs", s.Name, gbit(bps), cpuGbit(cpu), p50)
 			if !s.isPspd() {
 				return
 			}

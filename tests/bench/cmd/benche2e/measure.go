@@ -16,11 +16,15 @@ import (
 
 // sample is one round's figures for one system; zero means not measured.
 type sample struct {
-	TCP1, TCP2 float64 // bit/s received
-	UDP        float64 // bit/s received at the best rate with < 1% loss
-	UDPPPS     float64 // datagrams/s received at that rate
-	RRP50      float64 // µs
-	RRP99      float64 // µs
+	TCP1, TCP2, TCP4 float64 // bit/s received with 1, 2 and 4 streams
+	// CPU1 is the whole machine's busy CPU time (all CPUs; user, system,
+	// irq and softirq) during the one-stream TCP run over the data it
+	// carried: CPU-seconds per Gbit, i.e. CPUs per Gbit/s.
+	CPU1   float64
+	UDP    float64 // bit/s received at the best rate with < 1% loss
+	UDPPPS float64 // datagrams/s received at that rate
+	RRP50  float64 // µs
+	RRP99  float64 // µs
 }
 
 // iperfSum is one of the totals in `iperf3 -J`'s end section.
@@ -40,6 +44,10 @@ type iperfResult struct {
 		SumReceived iperfSum `json:"sum_received"`
 	} `json:"end"`
 	Error string `json:"error"`
+	// busy is the machine's busy CPU time during the client run that
+	// produced this result (not the failed attempts before it); zero if
+	// /proc/stat could not be read.
+	busy time.Duration
 }
 
 func parseIperf(out []byte) (*iperfResult, error) {
@@ -70,9 +78,14 @@ func iperf(ctx context.Context, e *env, args ...string) (*iperfResult, error) {
 	for range 20 {
 		// iperf3 -J reports its own failures as JSON and exits non-zero;
 		// the exit status matters only when there is no JSON.
+		c0, cerr0 := cpuBusy()
 		out, runErr := iperfOnce(ctx, e, full)
+		c1, cerr1 := cpuBusy()
 		var r *iperfResult
 		if r, err = parseIperf(out); err == nil {
+			if cerr0 == nil && cerr1 == nil {
+				r.busy = c1 - c0
+			}
 			return r, nil
 		}
 		if r == nil && runErr != nil {
@@ -97,12 +110,15 @@ func iperfOnce(ctx context.Context, e *env, args []string) ([]byte, error) {
 // iperfTimeout bounds one iperf3 client run, well above any -t used here.
 const iperfTimeout = 2 * time.Minute
 
-func tcpRate(ctx context.Context, e *env, streams int, d time.Duration) (float64, error) {
+// tcpRate is the receiver's rate over streams TCP connections for d and
+// the machine's busy CPU time per Gbit carried (see sample.CPU1).
+func tcpRate(ctx context.Context, e *env, streams int, d time.Duration) (bps, cpuGbit float64, err error) {
 	r, err := iperf(ctx, e, "-t", secs(d), "-P", strconv.Itoa(streams))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return r.End.SumReceived.BitsPerSecond, nil
+	s := r.End.SumReceived
+	return s.BitsPerSecond, cpuPerGbit(r.busy, s.Bytes), nil
 }
 
 // udpRates is the offered-load ladder of the sweep, in Mbit/s.
@@ -195,11 +211,14 @@ func measure(ctx context.Context, e *env, d time.Duration) (sample, error) {
 	}
 	defer stop()
 	var errs []error
-	if s.TCP1, err = tcpRate(ctx, e, 1, d); err != nil {
+	if s.TCP1, s.CPU1, err = tcpRate(ctx, e, 1, d); err != nil {
 		errs = append(errs, fmt.Errorf("tcp 1 stream: %w", err))
 	}
-	if s.TCP2, err = tcpRate(ctx, e, 2, d); err != nil {
+	if s.TCP2, _, err = tcpRate(ctx, e, 2, d); err != nil {
 		errs = append(errs, fmt.Errorf("tcp 2 streams: %w", err))
+	}
+	if s.TCP4, _, err = tcpRate(ctx, e, 4, d); err != nil {
+		errs = append(errs, fmt.Errorf("tcp 4 streams: %w", err))
 	}
 	if s.UDP, s.UDPPPS, err = udpSweep(ctx, e, udpStep); err != nil {
 		errs = append(errs, err)

@@ -34,7 +34,7 @@ func profile(ctx context.Context, t *tools, s system, d time.Duration) (string, 
 	}
 	defer stop()
 	// A short TCP run first, so the capture sees steady state.
-	if _, err := tcpRate(ctx, e, 1, time.Second); err != nil {
+	if _, _, err := tcpRate(ctx, e, 1, time.Second); err != nil {
 		return "", err
 	}
 	// Other work shares this machine: report only the processes in the

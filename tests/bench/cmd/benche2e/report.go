@@ -48,6 +48,8 @@ func (r *results) medians(s system) sample {
 	return sample{
 		TCP1:   median(xs, func(x sample) float64 { return x.TCP1 }),
 		TCP2:   median(xs, func(x sample) float64 { return x.TCP2 }),
+		TCP4:   median(xs, func(x sample) float64 { return x.TCP4 }),
+		CPU1:   median(xs, func(x sample) float64 { return x.CPU1 }),
 		UDP:    median(xs, func(x sample) float64 { return x.UDP }),
 		UDPPPS: median(xs, func(x sample) float64 { return x.UDPPPS }),
 		RRP50:  median(xs, func(x sample) float64 { return x.RRP50 }),
@@ -60,6 +62,14 @@ func gbit(bps float64) string {
 		return "–"
 	}
 	return fmt.Sprintf("%.2f Gbit/s", bps/1e9)
+}
+
+// cpuGbit formats a sample.CPU1 figure.
+func cpuGbit(v float64) string {
+	if v == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", v)
 }
 
 func micros(us float64) string {
@@ -79,15 +89,15 @@ func ratio(a, b float64) string {
 
 // table writes the figures and the ratios as markdown.
 func (r *results) table(w io.Writer) {
-	fmt.Fprintln(w, "| system | TCP 1 stream | TCP 2 streams | UDP 1300 B, best rate < 1% loss | TCP RR p50 | TCP RR p99 | rounds |")
-	fmt.Fprintln(w, "|---|---|---|---|---|---|---|")
+	fmt.Fprintln(w, "| system | TCP 1 stream | TCP 2 streams | TCP 4 streams | CPU per Gbit/s, TCP 1 stream (CPUs busy, whole machine; lower is better) | UDP 1300 B, best rate < 1% loss | TCP RR p50 | TCP RR p99 | rounds |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|")
 	for _, s := range r.systems {
 		m := r.medians(s)
 		udp := gbit(m.UDP)
 		if m.UDP > 0 {
 			udp += fmt.Sprintf(" (%.0f k pkt/s)", m.UDPPPS/1e3)
 		}
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %d |\n", s.Name, gbit(m.TCP1), gbit(m.TCP2), udp, micros(m.RRP50), micros(m.RRP99), len(r.samples[s.Name]))
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %d |\n", s.Name, gbit(m.TCP1), gbit(m.TCP2), gbit(m.TCP4), cpuGbit(m.CPU1), udp, micros(m.RRP50), micros(m.RRP99), len(r.samples[s.Name]))
 	}
 	var veth, wg *system
 	for i, s := range r.systems {
@@ -102,13 +112,13 @@ func (r *results) table(w io.Writer) {
 		return
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Ratios of the medians (throughput: higher is better; round trip: the other system's p50 over this one's, higher is better):")
+	fmt.Fprintln(w, "Ratios of the medians, all higher is better (throughput: this system's over the other's; CPU per Gbit/s and round trip: the other system's over this one's):")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| system | vs | TCP 1 | TCP 2 | UDP | RR p50 |")
-	fmt.Fprintln(w, "|---|---|---|---|---|---|")
+	fmt.Fprintln(w, "| system | vs | TCP 1 | TCP 2 | TCP 4 | CPU per Gbit/s | UDP | RR p50 |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")
 	row := func(s, base system) {
 		a, b := r.medians(s), r.medians(base)
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", s.Name, base.Name, ratio(a.TCP1, b.TCP1), ratio(a.TCP2, b.TCP2), ratio(a.UDP, b.UDP), ratio(b.RRP50, a.RRP50))
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", s.Name, base.Name, ratio(a.TCP1, b.TCP1), ratio(a.TCP2, b.TCP2), ratio(a.TCP4, b.TCP4), ratio(b.CPU1, a.CPU1), ratio(a.UDP, b.UDP), ratio(b.RRP50, a.RRP50))
 	}
 	for _, s := range r.systems {
 		if veth != nil && s.kind != "veth" {
