@@ -59,14 +59,14 @@ func (k *fakeKernel) sendto(int) unix.Errno {
 func (k *fakeKernel) poll(int, int) error { k.polls++; return nil }
 
 // newFakeSocket is a Socket of frames frames whose rings only fakeKernel
-// serves. Half the frames are RX frames handed to the fill ring, as Open
-// does.
+// serves. Half the frames are RX frames handed to the fill ring, sized
+// as Open sizes it.
 func newFakeSocket(t *testing.T, frames int, budget int) (*Socket, *fakeKernel) {
 	t.Helper()
 	const fs = 2048
 	n := uint32(frames / 2)
 	s := &Socket{umem: make([]byte, frames*fs), frameSize: fs, txBudget: budget,
-		fill: fakeRing(n, 8), comp: fakeRing(n, 8),
+		fill: fakeRing(fillRingSize(n), 8), comp: fakeRing(n, 8),
 		rx: fakeRing(n, unsafe.Sizeof(Desc{})), tx: fakeRing(n, unsafe.Sizeof(Desc{}))}
 	k := &fakeKernel{s: s, budget: budget}
 	s.sys = k
@@ -213,5 +213,46 @@ func TestFakeRXBatch(t *testing.T) {
 	// A frame released twice overflows the fill ring.
 	if err := s.Release(make([]Desc, 1)); err != ErrFillOverflow {
 		t.Errorf("releasing more frames than were received: %v, want ErrFillOverflow", err)
+	}
+	produceRX(s, 5)
+	n = s.Receive(d)
+	if err := s.Release(append(d[:n:n], d[0])); err != ErrFillOverflow {
+		t.Errorf("releasing 6 frames of 5 received: %v, want ErrFillOverflow", err)
+	}
+	if err := s.Release(d[:n]); err != nil {
+		t.Errorf("releasing the 5 frames after a refused release: %v", err)
+	}
+}
+
+// TestFakeRXKernelLagsOnFill: the kernel publishes its fill-ring consumer
+// index after the RX producer (fillRingSize), so frames can be received,
+// and released, while the fill ring still shows them as filled, here all
+// of them. Release must take them all back (with a fill ring of one entry
+// per frame it refused them and the frames were lost).
+func TestFakeRXKernelLagsOnFill(t *testing.T) {
+	s, _ := newFakeSocket(t, 512, 32) // 256 RX frames
+	// The kernel receives into all 256 frames without publishing that it
+	// took them from the fill ring.
+	produceRX(s, 256)
+	atomic.StoreUint32(s.fill.consumer, 0)
+	d := make([]Desc, 256)
+	n := s.Receive(d)
+	if n != 256 {
+		t.Fatalf("Receive: %d frames, want 256", n)
+	}
+	for round := range 2 {
+		if err := s.Release(d[:n]); err != nil {
+			t.Fatalf("round %d: Release of every frame while the kernel lags: %v", round, err)
+		}
+		if p := atomic.LoadUint32(s.fill.producer); p != uint32(256*(round+2)) {
+			t.Fatalf("round %d: fill producer %d, want %d", round, p, 256*(round+2))
+		}
+		// The kernel publishes its consumer and takes the frames again.
+		atomic.StoreUint32(s.fill.consumer, uint32(256*(round+1)))
+		produceRX(s, 256)
+		atomic.StoreUint32(s.fill.consumer, uint32(256*(round+1)))
+		if n = s.Receive(d); n != 256 {
+			t.Fatalf("round %d: Receive: %d frames, want 256", round, n)
+		}
 	}
 }

@@ -214,6 +214,7 @@ type Socket struct {
 	queue     int
 	zeroCopy  bool
 	txBudget  int // frames one sendto sends in copy mode
+	rxHeld    int // RX frames received and not yet released
 	closed    bool
 	sys       kernel
 	n         counters
@@ -253,9 +254,13 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 		return s, fmt.Errorf("xsk: register UMEM: %w", err)
 	}
 	size := uint32(cfg.RingSize)
-	for _, opt := range []int{unix.XDP_UMEM_FILL_RING, unix.XDP_UMEM_COMPLETION_RING, unix.XDP_RX_RING, unix.XDP_TX_RING} {
-		if err := setsockopt(fd, opt, unsafe.Pointer(&size), 4); err != nil {
-			return s, fmt.Errorf("xsk: ring size option %d = %d: %w", opt, size, err)
+	fillSize := fillRingSize(size)
+	for _, o := range []struct {
+		opt int
+		n   uint32
+	}{{unix.XDP_UMEM_FILL_RING, fillSize}, {unix.XDP_UMEM_COMPLETION_RING, size}, {unix.XDP_RX_RING, size}, {unix.XDP_TX_RING, size}} {
+		if err := setsockopt(fd, o.opt, unsafe.Pointer(&o.n), 4); err != nil {
+			return s, fmt.Errorf("xsk: ring size option %d = %d: %w", o.opt, o.n, err)
 		}
 	}
 	var off unix.XDPMmapOffsets
@@ -268,14 +273,15 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 		r    *ring
 		off  unix.XDPRingOffset
 		pg   int64
+		n    uint32
 		desc uintptr
 	}{
-		{&s.fill, off.Fr, unix.XDP_UMEM_PGOFF_FILL_RING, 8},
-		{&s.comp, off.Cr, unix.XDP_UMEM_PGOFF_COMPLETION_RING, 8},
-		{&s.rx, off.Rx, unix.XDP_PGOFF_RX_RING, unsafe.Sizeof(Desc{})},
-		{&s.tx, off.Tx, unix.XDP_PGOFF_TX_RING, unsafe.Sizeof(Desc{})},
+		{&s.fill, off.Fr, unix.XDP_UMEM_PGOFF_FILL_RING, fillSize, 8},
+		{&s.comp, off.Cr, unix.XDP_UMEM_PGOFF_COMPLETION_RING, size, 8},
+		{&s.rx, off.Rx, unix.XDP_PGOFF_RX_RING, size, unsafe.Sizeof(Desc{})},
+		{&s.tx, off.Tx, unix.XDP_PGOFF_TX_RING, size, unsafe.Sizeof(Desc{})},
 	} {
-		if err := m.r.mmap(fd, m.off, m.pg, size, m.desc); err != nil {
+		if err := m.r.mmap(fd, m.off, m.pg, m.n, m.desc); err != nil {
 			return s, err
 		}
 	}
@@ -322,6 +328,16 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 	s.zeroCopy = opts&unix.XDP_OPTIONS_ZEROCOPY != 0
 	return s, nil
 }
+
+// fillRingSize is the fill ring's size for rings of size entries (at
+// least as many as there are RX frames): twice that. The kernel publishes
+// how far it consumed the fill ring only after it has put the frames it
+// took into the RX ring (xsk_flush: the RX producer first, then the fill
+// consumer), so a reader quick enough can receive frames, and release
+// them, while the fill ring still counts them as filled. With one entry
+// per frame Release then found the ring full, and the frames were lost to
+// the socket for good.
+func fillRingSize(size uint32) uint32 { return 2 * size }
 
 // ErrNoZeroCopy means a socket that required zero-copy was refused it: the
 // driver has no zero-copy AF_XDP (veth, most virtual devices).
@@ -420,6 +436,7 @@ func (s *Socket) Receive(d []Desc) int {
 	}
 	if n > 0 {
 		s.rx.release(n)
+		s.rxHeld += int(n)
 		s.n.rxBatches.Add(1)
 		s.n.rxFrames.Add(uint64(n))
 	}
@@ -427,19 +444,23 @@ func (s *Socket) Receive(d []Desc) int {
 }
 
 // ErrFillOverflow means more frames were released than were received.
-var ErrFillOverflow = errors.New("xsk: fill ring full: a frame was released twice")
+var ErrFillOverflow = errors.New("xsk: more RX frames released than received (a frame released twice?)")
 
 // Release gives received frames back to the kernel through the fill ring.
+// Releasing more frames than Receive handed out and Release took back
+// fails with ErrFillOverflow, and releases none.
 func (s *Socket) Release(d []Desc) error {
-	// The fill ring is as large as the set of RX frames, so it has room
-	// for every frame the caller legitimately returns.
 	n := uint32(len(d))
 	if n == 0 {
 		return nil
 	}
-	if s.fill.free(n) < n {
+	// The fill ring has twice as many entries as there are RX frames, so
+	// it has room for every frame the caller legitimately returns, even
+	// while the kernel has not yet published what it took (Open).
+	if len(d) > s.rxHeld || s.fill.free(n) < n {
 		return ErrFillOverflow
 	}
+	s.rxHeld -= len(d)
 	for i := uint32(0); i < n; i++ {
 		*s.fill.addr(s.fill.cachedProd + i) = d[i].Addr &^ (s.frameSize - 1)
 	}
