@@ -13,10 +13,12 @@ import (
 // USER_HZ, which is 100 on every architecture Linux exports it for.
 const userHZ = 100
 
-// busyFields are the columns of /proc/stat's "cpu" line counted as busy:
-// user, system, irq and softirq (1-based after the label; idle, iowait,
-// nice, steal and the guest columns, which user already includes, are not).
-var busyFields = []int{1, 3, 6, 7}
+// busyFields are the columns of /proc/stat's "cpu" line counted as busy
+// (0 is the label): user, nice, system, irq and softirq. Not idle or
+// iowait; not steal, time the hypervisor gave to others; not guest and
+// guest_nice, which user and nice already include. Nice counts so that a
+// benchmark run under nice(1) still measures itself.
+var busyFields = []int{1, 2, 3, 6, 7}
 
 // parseCPUBusy reads the aggregate "cpu" line of /proc/stat (all CPUs) and
 // returns its busy time.

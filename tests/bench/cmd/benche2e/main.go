@@ -190,8 +190,8 @@ Plain veth sends to 192.0.2.2 directly; wireguard-go and pspd carry 10.200.0.1 â
 
 - TCP: ` + "`iperf3 -c ... -t T [-P 2|4]`" + ` from a to b, the receiver's rate.
 - CPU per Gbit/s: the whole machine's busy CPU time during the one-stream TCP
-  run (` + "`/proc/stat`" + `, all CPUs, user + system + irq + softirq; not idle,
-  iowait, nice or steal) over the data carried, in CPU-seconds per Gbit (the
+  run (` + "`/proc/stat`" + `, all CPUs, user + nice + system + irq + softirq; not
+  idle, iowait or steal) over the data carried, in CPU-seconds per Gbit (the
   same as CPUs kept busy per Gbit/s): both ends, the tunnel and iperf3, and
   whatever else runs on the machine then, so it is only as clean as the
   machine is quiet.

@@ -109,11 +109,11 @@ intr 123 0 9
 `
 
 func TestCPUBusy(t *testing.T) {
-	// user 1000 + system 300 + irq 20 + softirq 30 ticks of 10 ms; not
-	// nice, idle, iowait or steal.
+	// user 1000 + nice 50 + system 300 + irq 20 + softirq 30 ticks of
+	// 10 ms; not idle, iowait or steal.
 	got, err := parseCPUBusy([]byte(procStat))
-	if err != nil || got != 13500*time.Millisecond {
-		t.Fatalf("parseCPUBusy = %v, %v; want 13.5s", got, err)
+	if err != nil || got != 14*time.Second {
+		t.Fatalf("parseCPUBusy = %v, %v; want 14s", got, err)
 	}
 	for _, bad := range []string{"", "cpu0 1 2 3 4 5 6 7 8\n", "cpu  1 2 3 4 5 6\n", "cpu  1 2 x 4 5 6 7 8\n"} {
 		if _, err := parseCPUBusy([]byte(bad)); err == nil {

@@ -17,9 +17,9 @@ import (
 // sample is one round's figures for one system; zero means not measured.
 type sample struct {
 	TCP1, TCP2, TCP4 float64 // bit/s received with 1, 2 and 4 streams
-	// CPU1 is the whole machine's busy CPU time (all CPUs; user, system,
-	// irq and softirq) during the one-stream TCP run over the data it
-	// carried: CPU-seconds per Gbit, i.e. CPUs per Gbit/s.
+	// CPU1 is the whole machine's busy CPU time (all CPUs; user, nice,
+	// system, irq and softirq) during the one-stream TCP run over the data
+	// it carried: CPU-seconds per Gbit, i.e. CPUs per Gbit/s.
 	CPU1   float64
 	UDP    float64 // bit/s received at the best rate with < 1% loss
 	UDPPPS float64 // datagrams/s received at that rate
