@@ -62,11 +62,16 @@ func harnessFromEnv(log func(string, ...any)) (harness, error) {
 	return h, nil
 }
 
+// kernel is the VM kernel in h's cache.
+func (h harness) kernel() kernel {
+	return kernel{dir: h.cacheDir, pkg: sourcePackage, fragment: fragment, refresh: h.refresh, jobs: runtime.NumCPU(), log: h.log}
+}
+
 // runGroup builds or finds the kernel, boots once with all tests, and parses the result. The
 // error covers the VM as a whole (no kernel, no boot, timeout); per-binary and per-test
 // outcomes are in the returned runResult.
 func (h harness) runGroup(ctx context.Context, tests []testBinary, flags []string, console io.Writer) (*runResult, *bootResult, error) {
-	k := kernel{dir: h.cacheDir, pkg: sourcePackage, fragment: fragment, refresh: h.refresh, jobs: runtime.NumCPU(), log: h.log}
+	k := h.kernel()
 	start := time.Now()
 	img, err := k.ensure(ctx)
 	if err != nil {
@@ -110,11 +115,23 @@ func main() {
 	run := flag.String("run", "", "passed to every binary as -test.run")
 	extra := flag.String("flags", "", "more space-separated flags for every binary, e.g. \"-test.bench=. -test.benchtime=100x\"")
 	verbose := flag.Bool("v", false, "stream the kernel console while the VM runs")
+	kernelOnly := flag.Bool("kernel", false, "only build the kernel into the cache (or find it there), and exit")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	logf := func(format string, args ...any) { log.Info(fmt.Sprintf(format, args...)) }
+	if *kernelOnly {
+		h, err := harnessFromEnv(logf)
+		if err == nil {
+			_, err = h.kernel().ensure(context.Background())
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "vm:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *bins == "" {
-		fmt.Fprintln(os.Stderr, "usage: go run ./tests/vm -bin a.test,b.test [-run REGEX] [-flags FLAGS] [-v]")
+		fmt.Fprintln(os.Stderr, "usage: go run ./tests/vm -bin a.test,b.test [-run REGEX] [-flags FLAGS] [-v] | -kernel")
 		os.Exit(2)
 	}
 	tests, err := binariesFromPaths(strings.Split(*bins, ","))
