@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -58,26 +59,9 @@ func LoadCache(path string) ([]Record, error) {
 	}
 	defer f.Close()
 	var records []Record
-	dec := json.NewDecoder(&limitedReader{f: f, n: maxCacheBytes})
-	if err := dec.Decode(&records); err != nil {
+	// A cache cut off at the limit fails to decode, like a corrupt one.
+	if err := json.NewDecoder(io.LimitReader(f, maxCacheBytes)).Decode(&records); err != nil {
 		return nil, fmt.Errorf("membership: cache %s: %w (remove it to start from the membership service alone)", path, err)
 	}
 	return records, nil
-}
-
-type limitedReader struct {
-	f *os.File
-	n int64
-}
-
-func (r *limitedReader) Read(p []byte) (int, error) {
-	if r.n <= 0 {
-		return 0, fmt.Errorf("more than %d bytes", maxCacheBytes)
-	}
-	if int64(len(p)) > r.n {
-		p = p[:r.n]
-	}
-	n, err := r.f.Read(p)
-	r.n -= int64(n)
-	return n, err
 }

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"slices"
-	"strings"
 	"sync"
 
 	"github.com/pspd/pspd/assoc"
@@ -35,7 +34,7 @@ type Fleet struct {
 	log   *slog.Logger
 	mu    sync.Mutex
 	known []membership.Record // the last membership, this node's record included
-	said  string              // the refusals last logged, to log each set once
+	said  []string            // the refusals last logged, to log each set once
 }
 
 // NewFleet is the membership of the host pc configures, starting from the
@@ -82,8 +81,8 @@ func (f *Fleet) merge(file *policy.Config, out map[string]error) (*policy.Config
 	for _, err := range append(bad, refused...) {
 		msgs = append(msgs, err.Error())
 	}
-	if said := strings.Join(msgs, "\n"); said != f.said {
-		f.said = said
+	if !slices.Equal(msgs, f.said) {
+		f.said = msgs
 		for _, m := range msgs {
 			f.log.Warn("a member is left out", "reason", m)
 		}
@@ -96,14 +95,11 @@ func (f *Fleet) merge(file *policy.Config, out map[string]error) (*policy.Config
 func (f *Fleet) status(members int) *localapi.Fleet {
 	h := f.src.Health()
 	f.mu.Lock()
-	said := f.said
+	st := &localapi.Fleet{Node: f.disc.Node, Service: h.Service, Connected: h.Connected, Since: h.Since, Members: members,
+		LeftOut: slices.Clone(f.said)}
 	f.mu.Unlock()
-	st := &localapi.Fleet{Node: f.disc.Node, Service: h.Service, Connected: h.Connected, Since: h.Since, Members: members}
 	if h.Err != nil {
 		st.Error = h.Err.Error()
-	}
-	if said != "" {
-		st.LeftOut = strings.Split(said, "\n")
 	}
 	return st
 }

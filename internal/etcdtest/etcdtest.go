@@ -97,14 +97,19 @@ func BuildModule(dir, bin string, files map[string]string, cmds [][]string) erro
 	return os.Rename(bin+".tmp", bin)
 }
 
-// Options say how to run a server.
-type Options struct {
+// Place says where a test server runs (kubetest's too).
+type Place struct {
 	// Addr is the address to listen on (default 127.0.0.1). Wrap runs
 	// the server's command elsewhere, e.g. inside a network namespace,
 	// and Dial then connects from where the server can be reached.
 	Addr netip.Addr
 	Wrap func(name string, args ...string) *exec.Cmd
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
+}
+
+// Options say how to run a server.
+type Options struct {
+	Place
 	// TLS serves https and requires client certificates signed by the
 	// server's CA (Server.ClientTLS makes one).
 	TLS bool
@@ -128,7 +133,7 @@ type Server struct {
 func Start(t testing.TB, opts Options) *Server {
 	t.Helper()
 	bin := Binary(t)
-	opts = opts.Defaults()
+	opts.Place = opts.Place.Defaults()
 	s := &Server{dir: t.TempDir(), opts: opts, t: t, port: FreePort(t)}
 	scheme := "http"
 	if opts.TLS {
@@ -144,7 +149,7 @@ func Start(t testing.TB, opts Options) *Server {
 
 // Defaults is o with what it leaves out filled in: loopback, a command
 // run here, a TCP dial from here.
-func (o Options) Defaults() Options {
+func (o Place) Defaults() Place {
 	if !o.Addr.IsValid() {
 		o.Addr = netip.MustParseAddr("127.0.0.1")
 	}

@@ -20,7 +20,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -90,16 +89,6 @@ func Build(dir string) (string, error) {
 	return bin, etcdtest.BuildModule(dir, bin, files, [][]string{{"mod", "tidy"}, {"build", "-ldflags", ldflags, "-o", bin + ".tmp", "k8s.io/kubernetes/cmd/kube-apiserver"}})
 }
 
-// Options say where to run the server.
-type Options struct {
-	// Addr is the address to listen on (default 127.0.0.1). Wrap runs
-	// the servers' commands elsewhere, e.g. inside a network namespace,
-	// and Dial then connects from where they can be reached.
-	Addr netip.Addr
-	Wrap func(name string, args ...string) *exec.Cmd
-	Dial func(ctx context.Context, addr string) (net.Conn, error)
-}
-
 // Server is a running kube-apiserver with its etcd.
 type Server struct {
 	URL        string // https://addr:port
@@ -108,7 +97,7 @@ type Server struct {
 	CAFile     string
 	Etcd       *etcdtest.Server
 	dir        string
-	opts       Options
+	place      etcdtest.Place
 	cmd        *exec.Cmd
 	exited     chan struct{} // closed when cmd has ended
 	args       []string      // the binary and its flags
@@ -119,13 +108,12 @@ type Server struct {
 
 // Start runs an etcd and a kube-apiserver on it, and stops both when the
 // test ends.
-func Start(t testing.TB, opts Options) *Server {
+func Start(t testing.TB, place etcdtest.Place) *Server {
 	t.Helper()
 	bin := Binary(t)
-	eo := etcdtest.Options{Addr: opts.Addr, Wrap: opts.Wrap, Dial: opts.Dial}.Defaults()
-	opts = Options{Addr: eo.Addr, Wrap: eo.Wrap, Dial: eo.Dial}
-	e := etcdtest.Start(t, eo)
-	s := &Server{Etcd: e, dir: t.TempDir(), opts: opts, t: t, log: &bytes.Buffer{}}
+	place = place.Defaults()
+	e := etcdtest.Start(t, etcdtest.Options{Place: place})
+	s := &Server{Etcd: e, dir: t.TempDir(), place: place, t: t, log: &bytes.Buffer{}}
 	tok := make([]byte, 16)
 	rand.Read(tok)
 	s.AdminToken = hex.EncodeToString(tok)
@@ -145,10 +133,10 @@ func Start(t testing.TB, opts Options) *Server {
 		t.Fatal(err)
 	}
 	port := etcdtest.FreePort(t)
-	s.URL = "https://" + net.JoinHostPort(opts.Addr.String(), strconv.Itoa(port))
+	s.URL = "https://" + net.JoinHostPort(place.Addr.String(), strconv.Itoa(port))
 	s.certs = filepath.Join(s.dir, "certs")
 	s.args = []string{bin,
-		"--etcd-servers", e.Endpoint, "--bind-address", opts.Addr.String(), "--advertise-address", opts.Addr.String(),
+		"--etcd-servers", e.Endpoint, "--bind-address", place.Addr.String(), "--advertise-address", place.Addr.String(),
 		"--secure-port", strconv.Itoa(port), "--cert-dir", s.certs, "--endpoint-reconciler-type=none",
 		"--token-auth-file", filepath.Join(s.dir, "tokens.csv"), "--authorization-mode=RBAC",
 		"--service-account-issuer=https://kubernetes.default.svc", "--service-account-key-file", saKey,
@@ -201,7 +189,7 @@ func (s *Server) HTTPClient() *http.Client {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(s.CA)
 	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DialContext:     func(ctx context.Context, _, addr string) (net.Conn, error) { return s.opts.Dial(ctx, addr) },
+		DialContext:     func(ctx context.Context, _, addr string) (net.Conn, error) { return s.place.Dial(ctx, addr) },
 		TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},
 	}}
 }
@@ -386,7 +374,7 @@ func (s *Server) Restart() {
 }
 
 func (s *Server) start() {
-	s.cmd = s.opts.Wrap(s.args[0], s.args[1:]...)
+	s.cmd = s.place.Wrap(s.args[0], s.args[1:]...)
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("kubetest: start: %v", err)

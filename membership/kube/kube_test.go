@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pspd/pspd/internal/etcdtest"
 	"github.com/pspd/pspd/internal/kubetest"
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/membership"
@@ -68,7 +69,7 @@ func manifests(t *testing.T) []string {
 // name; an administrator's deletion takes a node out and its pspd does
 // not put it back; a malformed object is left out.
 func TestKubernetes(t *testing.T) {
-	srv := kubetest.Start(t, kubetest.Options{})
+	srv := kubetest.Start(t, etcdtest.Place{})
 	srv.Apply(manifests(t)...)
 	// The schema applies at once; the admission policy once the API
 	// server has compiled it: wait until an impersonated wrong-node write

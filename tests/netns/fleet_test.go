@@ -43,7 +43,7 @@ type fleetService struct {
 // TLS client certificates.
 func TestFleetEtcd(t *testing.T) {
 	testFleet(t, "pfe-", func(ctx context.Context, t *testing.T, ctl *Host) fleetService {
-		srv := etcdtest.Start(t, etcdtest.Options{Addr: ctlAddr.Addr(), TLS: true, Wrap: wrapIn(ctx, ctl), Dial: dialIn(ctl)})
+		srv := etcdtest.Start(t, etcdtest.Options{Place: inCtl(ctx, ctl), TLS: true})
 		admin := srv.Client("root")
 		const prefix = "/pspd/nodes/"
 		return fleetService{
@@ -87,7 +87,7 @@ func TestFleetEtcd(t *testing.T) {
 // authenticates with a service-account token bound to a pod on its node.
 func TestFleetKubernetes(t *testing.T) {
 	testFleet(t, "pfk-", func(ctx context.Context, t *testing.T, ctl *Host) fleetService {
-		srv := kubetest.Start(t, kubetest.Options{Addr: ctlAddr.Addr(), Wrap: wrapIn(ctx, ctl), Dial: dialIn(ctl)})
+		srv := kubetest.Start(t, inCtl(ctx, ctl))
 		root := moduleRoot(t)
 		var files []string
 		for _, f := range []string{"crd.yaml", "rbac.yaml", "admission.yaml", "daemonset.yaml"} {
@@ -142,19 +142,19 @@ func TestFleetKubernetes(t *testing.T) {
 
 var ctlAddr = netip.MustParsePrefix("192.0.2.100/24")
 
-func wrapIn(ctx context.Context, h *Host) func(string, ...string) *exec.Cmd {
-	return func(name string, args ...string) *exec.Cmd { return h.Command(ctx, name, args...) }
-}
-
-// dialIn connects from inside h's namespace.
-func dialIn(h *Host) func(context.Context, string) (net.Conn, error) {
-	return func(ctx context.Context, addr string) (c net.Conn, err error) {
-		err = inNetns(h, func() (err error) {
-			var d net.Dialer
-			c, err = d.DialContext(ctx, "tcp", addr)
-			return err
-		})
-		return c, err
+// inCtl places a test server in the control host ctl, at ctlAddr.
+func inCtl(ctx context.Context, ctl *Host) etcdtest.Place {
+	return etcdtest.Place{
+		Addr: ctlAddr.Addr(),
+		Wrap: func(name string, args ...string) *exec.Cmd { return ctl.Command(ctx, name, args...) },
+		Dial: func(ctx context.Context, addr string) (c net.Conn, err error) {
+			err = inNetns(ctl, func() (err error) {
+				var d net.Dialer
+				c, err = d.DialContext(ctx, "tcp", addr)
+				return err
+			})
+			return c, err
+		},
 	}
 }
 

@@ -439,7 +439,7 @@ func (b *Backend) newPeer(p offload.PeerSpec, reqid uint32, mapped netip.AddrPor
 		mapped = netip.AddrPort{}
 		// The session's address is authenticated (its handshake, and
 		// quic-go validates a new path before it moves there).
-		if o := p.NAT.PeerObserved.Addr().Unmap(); o.IsValid() && roams(p.Prefixes, remote) {
+		if o := p.NAT.PeerObserved.Addr().Unmap(); o.IsValid() && tunnels(p.Prefixes, remote) {
 			remote = o
 		}
 	}
@@ -503,7 +503,7 @@ func ndBypass(protect []xfrm.Policy, me, peer netip.Prefix) []xfrm.Policy {
 func policies(p offload.PeerSpec, local, remote netip.Addr, reqid uint32) (xfrm.Mode, []xfrm.Policy) {
 	self := netip.PrefixFrom(remote, remote.BitLen())
 	mode := xfrm.Transport
-	if slices.ContainsFunc(p.Prefixes, func(pf netip.Prefix) bool { return pf.Masked() != self }) {
+	if tunnels(p.Prefixes, remote) {
 		mode = xfrm.Tunnel
 	}
 	var out []xfrm.Policy

@@ -77,11 +77,12 @@ func (b *Backend) refresh(ctx context.Context, pr *peer) error {
 	return b.follow(ctx, pr, next)
 }
 
-// roams reports whether a peer's SAs may run to where its session comes
-// from rather than to its configured endpoint: in tunnel mode they carry
-// the peer's prefixes between wherever the hosts are; transport mode
-// protects the configured address itself.
-func roams(prefixes []netip.Prefix, endpoint netip.Addr) bool {
+// tunnels reports whether a peer at endpoint is protected in tunnel mode:
+// some prefix is not its own address. Only then may its SAs run to where
+// its session comes from rather than to the endpoint: tunnel mode carries
+// the prefixes between wherever the hosts are, transport mode protects the
+// endpoint address itself.
+func tunnels(prefixes []netip.Prefix, endpoint netip.Addr) bool {
 	self := netip.PrefixFrom(endpoint, endpoint.BitLen())
 	return slices.ContainsFunc(prefixes, func(pf netip.Prefix) bool { return pf.Masked() != self })
 }
