@@ -108,6 +108,9 @@ import (
 // Config configures an Endpoint. Zero durations take the defaults shown.
 type Config struct {
 	Identity *identity.Identity
+	// Previous, if set, is the identity presented before Identity: an
+	// identity rotation under way when the endpoint starts (see Rotate).
+	Previous *identity.Identity
 	// ListenAddr is the UDP address of the control socket, e.g.
 	// "0.0.0.0:6082". The IPv6 wildcard ("[::]:6082" or ":6082") binds
 	// two sockets, an IPv4 one and an IPv6-only one, and Control sees
@@ -198,23 +201,26 @@ func (c *Config) setDefaults() error {
 // Endpoint is one daemon's control-plane socket and identity.
 type Endpoint struct {
 	cfg    Config
-	id     *identity.Identity
 	boot   wire.BootID
 	log    *slog.Logger
 	listen netip.AddrPort
 	socks  []*socket // one, or an IPv4 and an IPv6 one
 	qconf  *quic.Config
-	leaf   tls.Certificate
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu    sync.Mutex
-	peers map[identity.PublicKey]*Peer
-	rxIDs rxIDSpace
+	mu sync.Mutex
+	// cur is the identity this host presents; prev, during an identity
+	// rotation, the one it presented before, still presented to the
+	// peers that do not accept cur yet (Rotate, DropPrevious).
+	cur, prev *local
+	peers     map[identity.PublicKey]*Peer // by each key a peer may present
+	rxIDs     rxIDSpace
 
-	remindEvery time.Duration                    // remindEvery; tests shorten it
-	strangers   map[identity.PublicKey]time.Time // keys refused, when last WARNed
+	remindEvery   time.Duration                    // remindEvery; tests shorten it
+	identityRetry time.Duration                    // identityRetry; tests shorten it
+	strangers     map[identity.PublicKey]time.Time // keys refused, when last WARNed
 
 	handshakes, failures atomic.Uint64
 	groupsMu             sync.Mutex
@@ -254,17 +260,24 @@ func NewEndpoint(ctx context.Context, cfg Config) (*Endpoint, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	e := &Endpoint{cfg: cfg, id: cfg.Identity, peers: map[identity.PublicKey]*Peer{}, groups: map[tls.CurveID]uint64{}, remindEvery: remindEvery,
-		strangers: map[identity.PublicKey]time.Time{}}
+	e := &Endpoint{cfg: cfg, peers: map[identity.PublicKey]*Peer{}, groups: map[tls.CurveID]uint64{}, remindEvery: remindEvery,
+		identityRetry: identityRetry, strangers: map[identity.PublicKey]time.Time{}}
 	if _, err := rand.Read(e.boot[:]); err != nil {
 		return nil, fmt.Errorf("keyexchange: boot id: %w", err)
 	}
-	e.log = cfg.Logger.With("local", e.id.Public().Fingerprint())
-	leaf, err := selfSignedLeaf(e.id, time.Now())
-	if err != nil {
+	e.log = cfg.Logger.With("local", cfg.Identity.Public().Fingerprint())
+	var err error
+	if e.cur, err = newLocal(cfg.Identity); err != nil {
 		return nil, err
 	}
-	e.leaf = leaf
+	if cfg.Previous != nil {
+		if cfg.Previous.Public() == cfg.Identity.Public() {
+			return nil, errors.New("keyexchange: Config.Previous is Config.Identity")
+		}
+		if e.prev, err = newLocal(cfg.Previous); err != nil {
+			return nil, err
+		}
+	}
 	ua, err := net.ResolveUDPAddr("udp", cfg.ListenAddr)
 	if err != nil {
 		return nil, fmt.Errorf("keyexchange: listen address %q: %w", cfg.ListenAddr, err)
@@ -359,12 +372,13 @@ func (e *Endpoint) open(ctx context.Context, addr netip.AddrPort, resetKey *quic
 		VerifySourceAddress: func(net.Addr) bool { return true },
 		StatelessResetKey:   resetKey,
 		// To learn of inbound handshakes the dialer aborted (see
-		// inboundEnded), and when each inbound connection began (see
-		// dialed.raced).
+		// inboundEnded), when each inbound connection began (see
+		// dialed.raced) and which identity it was shown (listenConfig).
 		ConnContext: func(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
 			remote := ci.RemoteAddr
 			context.AfterFunc(ctx, func() { e.inboundEnded(remote, context.Cause(ctx)) })
-			return context.WithValue(ctx, inboundBegan{}, time.Now()), nil
+			ctx = context.WithValue(ctx, inboundBegan{}, time.Now())
+			return context.WithValue(ctx, presentedKey{}, &presented{}), nil
 		},
 	}
 	if s.ln, err = s.tr.Listen(e.listenConfig(), e.qconf); err != nil {
@@ -395,8 +409,12 @@ func (e *Endpoint) socketFor(addr netip.AddrPort) *socket {
 // Addr is the bound control socket address.
 func (e *Endpoint) Addr() netip.AddrPort { return e.listen }
 
-// Public is this endpoint's identity.
-func (e *Endpoint) Public() identity.PublicKey { return e.id.Public() }
+// Public is the identity this endpoint presents.
+func (e *Endpoint) Public() identity.PublicKey {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.cur.id.Public()
+}
 
 // BootID identifies this endpoint instance.
 func (e *Endpoint) BootID() wire.BootID { return e.boot }
@@ -405,10 +423,7 @@ func (e *Endpoint) BootID() wire.BootID { return e.boot }
 // and closes the socket.
 func (e *Endpoint) Close() error {
 	e.mu.Lock()
-	peers := make([]*Peer, 0, len(e.peers))
-	for _, p := range e.peers {
-		peers = append(peers, p)
-	}
+	peers := e.distinctPeers()
 	e.mu.Unlock()
 	// In parallel: each says goodbye and waits a moment for the peer.
 	var wg sync.WaitGroup
@@ -444,15 +459,25 @@ func (e *Endpoint) peer(pk identity.PublicKey) *Peer {
 // its own copy, whose pin check knows where the dialer is: a key that is
 // not pinned here, arriving from the address of a pinned peer, is most
 // likely that peer with a wrong pin, and its status should say so.
+//
+// The identity presented is the one the peer at that address takes
+// (presentTo), and is noted in the connection's context for newSession.
 func (e *Endpoint) listenConfig() *tls.Config {
 	groups := keyExchangeGroups(false, e.cfg.ClassicKeyExchange)
-	conf := tlsConfig(e.leaf, func(pk identity.PublicKey) error { return e.allowInbound(pk, nil) }, groups)
+	e.mu.Lock()
+	cur := e.cur
+	e.mu.Unlock()
+	conf := tlsConfig(cur.leaf, func(pk identity.PublicKey) error { return e.allowInbound(pk, nil) }, groups)
 	conf.GetConfigForClient = func(info *tls.ClientHelloInfo) (*tls.Config, error) {
 		var remote net.Addr
 		if info.Conn != nil {
 			remote = info.Conn.RemoteAddr()
 		}
-		return tlsConfig(e.leaf, func(pk identity.PublicKey) error { return e.allowInbound(pk, remote) }, groups), nil
+		l := e.presentTo(e.peerAt(remote))
+		if n, ok := info.Context().Value(presentedKey{}).(*presented); ok {
+			n.set(l.id.Public())
+		}
+		return tlsConfig(l.leaf, func(pk identity.PublicKey) error { return e.allowInbound(pk, remote) }, groups), nil
 	}
 	return conf
 }
@@ -528,7 +553,7 @@ func (e *Endpoint) peerAt(addr net.Addr) *Peer {
 	defer e.mu.Unlock()
 	var byIP *Peer
 	n := 0
-	for _, p := range e.peers {
+	for _, p := range e.distinctPeers() {
 		if p.cfg.Addr.Addr().Unmap() != ip {
 			continue
 		}
@@ -560,7 +585,7 @@ func (e *Endpoint) acceptLoop(ln *quic.Listener) {
 		e.wg.Add(1)
 		go func() {
 			defer e.wg.Done()
-			s, err := e.newSession(e.ctx, conn, false)
+			s, err := e.newSession(e.ctx, conn, identity.PublicKey{})
 			if err != nil {
 				// The handshake authenticated the dialer: tell its peer.
 				pk, _ := verifyPeer(conn.ConnectionState().TLS, time.Now())
@@ -581,19 +606,21 @@ func (e *Endpoint) acceptLoop(ln *quic.Listener) {
 	}
 }
 
-// dial opens a session to the peer with key want at addr.
+// dial opens a session to the peer with key want at addr, presenting the
+// current identity.
 func (e *Endpoint) dial(ctx context.Context, addr netip.AddrPort, want identity.PublicKey) (*Session, error) {
-	return e.dialAnd(ctx, addr, want, nil)
+	return e.dialAnd(ctx, addr, pins{want}, e.presentTo(nil), nil)
 }
 
-// dialAnd is dial that calls answered when the peer has presented the
-// pinned key, i.e. the handshake is under way. A peer presenting another
-// key fails the dial with a wrongPinError.
-func (e *Endpoint) dialAnd(ctx context.Context, addr netip.AddrPort, want identity.PublicKey, answered func()) (*Session, error) {
+// dialAnd is dial that presents l and accepts the keys in want, and calls
+// answered when the peer has presented one of them, i.e. the handshake is
+// under way. A peer presenting another key fails the dial with a
+// wrongPinError.
+func (e *Endpoint) dialAnd(ctx context.Context, addr netip.AddrPort, want pins, l *local, answered func()) (*Session, error) {
 	var mismatch error
-	conf := tlsConfig(e.leaf, func(got identity.PublicKey) error {
-		if got != want {
-			mismatch = &wrongPinError{addr: addr, presented: got, pinned: want}
+	conf := tlsConfig(l.leaf, func(got identity.PublicKey) error {
+		if !want.has(got) {
+			mismatch = &wrongPinError{addr: addr, presented: got, pinned: want[0]}
 			return &PeerError{Peer: got, Op: "handshake", Err: mismatch}
 		}
 		if answered != nil {
@@ -611,7 +638,7 @@ func (e *Endpoint) dialAnd(ctx context.Context, addr netip.AddrPort, want identi
 			mismatch.(*wrongPinError).err = err
 			err = mismatch
 		}
-		return nil, peerErr(want, "dial "+addr.String(), err)
+		return nil, peerErr(want[0], "dial "+addr.String(), err)
 	}
-	return e.newSession(ctx, conn, true)
+	return e.newSession(ctx, conn, l.id.Public())
 }

@@ -91,7 +91,7 @@ func TestResumptionAndZeroRTTRefused(t *testing.T) {
 
 	// 1. pspd's own TLS config, given a session cache anyway: the resumed
 	//    handshake is refused in VerifyConnection.
-	conf := tlsConfig(ini.ep.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
+	conf := tlsConfig(ini.ep.cur.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
 	conf.SessionTicketsDisabled = false
 	conf.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 	dialTwice := func(conf *tls.Config) (*quic.Conn, error) {
@@ -136,7 +136,7 @@ func TestResumptionAndZeroRTTRefused(t *testing.T) {
 	if !st.TLS.DidResume {
 		t.Fatal("the test client did not resume")
 	}
-	_, err = ini.ep.newSession(ctx, c, true)
+	_, err = ini.ep.newSession(ctx, c, ini.ep.Public())
 	if err == nil || !strings.Contains(err.Error(), "resum") {
 		t.Fatalf("session on a resumed connection: %v", err)
 	}
@@ -168,7 +168,7 @@ func TestEndpointIssuesNoTickets(t *testing.T) {
 		t.Fatal(err)
 	}
 	ini := pi.e
-	conf := tlsConfig(ini.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
+	conf := tlsConfig(ini.cur.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
 	conf.SessionTicketsDisabled = false
 	cache := tls.NewLRUClientSessionCache(4)
 	conf.ClientSessionCache = cache
@@ -402,7 +402,7 @@ func TestPeerRestartNoticedAtOnce(t *testing.T) {
 	oldBoot := pr.Session().PeerBootID()
 	// Crash the initiator: its socket goes away without a word.
 	ini.ep.socks[0].udp.Close()
-	restarted := newNode(t, ini.ep.id, nil)
+	restarted := newNode(t, ini.ep.cur.id, nil)
 	if _, err := restarted.ep.AddPeer(peerCfg(resp)); err != nil {
 		t.Fatal(err)
 	}

@@ -70,7 +70,7 @@ func TestGoodbyeMarksPeerDown(t *testing.T) {
 			// The session ended like any other: when the peer comes back,
 			// the pair associates again.
 			if tc.endpoint {
-				back := newNode(t, stopping.ep.id, long)
+				back := newNode(t, stopping.ep.cur.id, long)
 				bp, err := back.ep.AddPeer(peerCfg(otherNode))
 				if err != nil {
 					t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pspd/pspd/keyexchange/identity"
@@ -21,7 +22,15 @@ type PeerConfig struct {
 	// Name is the peer's name in the configuration, for log lines (which
 	// also give its fingerprint). Optional.
 	Name string
-	Key  identity.PublicKey
+	// Key is the peer's key. It names the peer (SA.Peer, ExplicitKeys,
+	// Peer.Key) for as long as the Peer lives, and is pinned unless Pins
+	// is set.
+	Key identity.PublicKey
+	// Pins, if set, are the keys pinned instead of Key alone (one or two):
+	// during the peer's identity rotation both of its keys, after it its
+	// new one, which need not be Key. A session under either is the
+	// peer's. SetKeys changes them.
+	Pins []identity.PublicKey
 	// Addr is the peer's control socket. Set it on both sides: which side
 	// initiates depends on the keys, and a responder dials it too, at
 	// start and after it lost its session (see knock).
@@ -61,11 +70,16 @@ type Peer struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	limit       *limiter        // negotiations the peer makes us run
-	timers      peerTimers      // owned by run
-	incoming    chan *Session   // sessions the peer opened to us
-	rekeyReq    chan chan error // local on-demand rekeys
-	remoteRekey chan struct{}   // the peer asked for a rekey
+	pins            pins            // the keys the peer may present; guarded by e.mu
+	prevOnly        atomic.Bool     // it refused this host's new identity: show it the previous one
+	moving          atomic.Bool     // moveIdentity is dialing
+	rotation        chan struct{}   // this host's identity changed (timersRotated)
+	identityRefused chan struct{}   // moveIdentity's dial was refused
+	limit           *limiter        // negotiations the peer makes us run
+	timers          peerTimers      // owned by run
+	incoming        chan *Session   // sessions the peer opened to us
+	rekeyReq        chan chan error // local on-demand rekeys
+	remoteRekey     chan struct{}   // the peer asked for a rekey
 
 	mu       sync.Mutex
 	sess     *Session
@@ -111,7 +125,11 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 	if cfg.Key.IsZero() {
 		return nil, errors.New("keyexchange: PeerConfig.Key is required (the peer's pspd pubkey line)")
 	}
-	role, err := electRole(e.id.Public(), cfg.Key)
+	ps, err := pinsOf(cfg.Key, cfg.Pins)
+	if err != nil {
+		return nil, peerErr(cfg.Key, "add peer", err)
+	}
+	role, err := electRole(e.Public(), ps[0])
 	if err != nil {
 		return nil, peerErr(cfg.Key, "add peer", err)
 	}
@@ -154,6 +172,7 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 		log:      e.log.With(peerAttrs(cfg)...).With("role", role.String()),
 		incoming: make(chan *Session, 1), rekeyReq: make(chan chan error), remoteRekey: make(chan struct{}, 1),
 		old: map[*SA]*time.Timer{}, changed: make(chan struct{}),
+		rotation: make(chan struct{}, 1), identityRefused: make(chan struct{}, 1),
 	}
 	// The initiator paces its negotiations to the limit the responder
 	// enforces; one token of slack on the responder absorbs the jitter
@@ -167,13 +186,22 @@ func (e *Endpoint) AddPeer(cfg PeerConfig) (*Peer, error) {
 	p.timersInit()
 	now := time.Now()
 	p.state, p.since, p.downSince = StateConnecting, now, now
+	p.pins = ps
 	p.ctx, p.cancel = context.WithCancel(e.ctx)
 	e.mu.Lock()
 	if e.peers[cfg.Key] != nil {
 		e.mu.Unlock()
 		return nil, peerErr(cfg.Key, "add peer", errors.New("already added"))
 	}
-	e.peers[cfg.Key] = p
+	if err := e.pinLocked(p, p.pins); err != nil {
+		e.mu.Unlock()
+		return nil, peerErr(cfg.Key, "add peer", err)
+	}
+	for _, k := range p.pins {
+		if !k.IsZero() {
+			e.peers[k] = p
+		}
+	}
 	e.mu.Unlock()
 	p.mu.Lock()
 	p.timersDown()
@@ -378,11 +406,15 @@ func durationAttr(key string, d time.Duration) slog.Attr {
 	return slog.String(key, d.Round(time.Millisecond).String())
 }
 
-// Key is the peer's pinned key.
+// Key is the key the peer was added with, which names it.
 func (p *Peer) Key() identity.PublicKey { return p.cfg.Key }
 
-// Role is this side's role towards the peer.
-func (p *Peer) Role() kdf.Role { return p.role }
+// Role is this side's role towards the peer, that of its latest session.
+func (p *Peer) Role() kdf.Role {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.role
+}
 
 // Session is the live session, or nil.
 func (p *Peer) Session() *Session {
@@ -463,8 +495,10 @@ func (p *Peer) close(reason wire.GoodbyeReason) {
 	p.timersUp() // nothing left to remind of
 	p.mu.Unlock()
 	p.e.mu.Lock()
-	if p.e.peers[p.cfg.Key] == p {
-		delete(p.e.peers, p.cfg.Key)
+	for _, k := range p.pins {
+		if !k.IsZero() && p.e.peers[k] == p {
+			delete(p.e.peers, k)
+		}
 	}
 	p.e.mu.Unlock()
 }

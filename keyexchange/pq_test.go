@@ -64,7 +64,7 @@ func TestX25519MLKEM768Accepted(t *testing.T) {
 		t.Fatal(err)
 	}
 	dial := func(groups ...tls.CurveID) (*quic.Conn, error) {
-		conf := tlsConfig(ini.ep.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
+		conf := tlsConfig(ini.ep.cur.leaf, func(identity.PublicKey) error { return nil }, keyExchangeGroups(true, false))
 		conf.CurvePreferences = groups
 		return quic.DialAddr(ctxT(t, 5*time.Second), resp.ep.Addr().String(), conf, &quic.Config{})
 	}

@@ -239,7 +239,7 @@ func (p *Peer) dialOnce(ctx context.Context) (*Session, bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*p.e.cfg.HandshakeTimeout)
 	defer cancel()
 	var answered atomic.Bool
-	s, err := p.e.dialAnd(ctx, p.cfg.Addr, p.cfg.Key, func() {
+	s, err := p.e.dialAnd(ctx, p.cfg.Addr, p.pinned(), p.e.presentTo(p), func() {
 		answered.Store(true)
 		p.handshaking()
 	})
@@ -248,6 +248,9 @@ func (p *Peer) dialOnce(ctx context.Context) (*Session, bool, error) {
 
 // dialFailed records a failed dial, explained, as the peer's cause.
 func (p *Peer) dialFailed(err error, answered bool) {
+	if refusedByPeer(err) && p.e.hasPrevious() && !p.prevOnly.Swap(true) {
+		p.log.Warn("the peer refused this host's new identity (it does not pin it yet); presenting the previous one meanwhile", "err", err)
+	}
 	p.setLastErr(err)
 	cause := err
 	if !answered || refusedByPeer(err) {
@@ -347,8 +350,22 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 	}
 	at := s.RemoteAddr().String()
 	p.timersSessionUp()
+	if !p.e.isCurrent(s.local) {
+		if p.prevOnly.Load() {
+			p.timersIdentityRefused()
+		} else {
+			p.maybeMove(s)
+		}
+	}
 	for {
 		select {
+		case <-p.rotation:
+			p.maybeMove(s)
+		case <-p.identityRefused:
+			p.timersIdentityRefused()
+		case <-p.timers.identity.C():
+			p.timers.identity.fired()
+			p.maybeMove(s)
 		case <-p.timers.path.C():
 			p.timers.path.fired()
 			if !p.expiredPath(s, &at) {
@@ -403,8 +420,11 @@ func (p *Peer) drive(s *Session, serveErr chan error, next **Session) error {
 // dials again while we hold a session it dialed: it dials only when it
 // has no session, so that one is dead on its side even if we have not
 // noticed (its NAT rebound and our packets no longer reach it).
+//
+// A session under other identities than s is never a duplicate: it is
+// one side's identity rotation moving the pair (moveIdentity).
 func (p *Peer) refuseDuplicate(s, n *Session) bool {
-	if p.role != kdf.Initiator || !s.Dialed() || n.PeerBootID() != s.PeerBootID() {
+	if p.role != kdf.Initiator || !s.Dialed() || n.PeerBootID() != s.PeerBootID() || n.peer != s.peer || n.local != s.local {
 		return false
 	}
 	p.log.Debug("refusing the responder's duplicate session; keeping the one this side dialed")
@@ -415,9 +435,18 @@ func (p *Peer) refuseDuplicate(s, n *Session) bool {
 // attach makes s the live session. A new boot id means the peer restarted
 // and lost its keys, so every generation we still hold is useless and goes
 // at once instead of after the grace period.
+//
+// The pair's role is the session's: an identity rotation may change it.
 func (p *Peer) attach(s *Session) error {
+	if p.e.isCurrent(s.local) {
+		p.prevOnly.Store(false)
+	}
 	p.mu.Lock()
 	p.sess = s
+	if p.role != s.role {
+		p.log.Info("role changed with the identities of the new session", "role", s.role.String(), "was", p.role.String())
+		p.role = s.role
+	}
 	restarted := p.lastBoot != (wire.BootID{}) && p.lastBoot != s.PeerBootID()
 	p.lastBoot = s.PeerBootID()
 	var stale []*SA

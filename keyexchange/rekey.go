@@ -107,6 +107,11 @@ func (p *Peer) remoteRekeyed(warned *bool) bool {
 
 func (p *Peer) negotiate(s *Session) (*SA, error) {
 	p.mu.Lock()
+	if p.cur != nil {
+		// A new initiator, after a rotation changed the role, continues
+		// the generations the other side numbered.
+		p.gen = max(p.gen, p.cur.Generation)
+	}
 	p.gen++
 	gen := p.gen
 	p.mu.Unlock()

@@ -24,7 +24,7 @@ func TestRestartedResponderDialsAtOnce(t *testing.T) {
 	resp.ep.socks[0].udp.Close() // crash: no goodbye
 
 	start := time.Now()
-	restarted := newNode(t, resp.ep.id, long)
+	restarted := newNode(t, resp.ep.cur.id, long)
 	pr, err := restarted.ep.AddPeer(peerCfg(ini))
 	if err != nil {
 		t.Fatal(err)

@@ -42,8 +42,10 @@ const (
 // or when it is closed; its master keys are wiped then.
 type Session struct {
 	conn    *quic.Conn
-	dialed  bool // this side dialed the connection
-	peer    identity.PublicKey
+	dialed  bool               // this side dialed the connection
+	peer    identity.PublicKey // the key the peer presented
+	local   identity.PublicKey // the identity this side presented
+	saPeer  identity.PublicKey // the Peer's Key, which names it in SAs
 	role    kdf.Role
 	hello   wire.Hello // the peer's
 	nat     NAT
@@ -95,6 +97,9 @@ func (s *Session) Dialed() bool { return s.dialed }
 
 // Peer is the authenticated peer key.
 func (s *Session) Peer() identity.PublicKey { return s.peer }
+
+// Local is the identity this side presented.
+func (s *Session) Local() identity.PublicKey { return s.local }
 
 // Role is this side's role, elected by SPKI order.
 func (s *Session) Role() kdf.Role { return s.role }
@@ -321,8 +326,16 @@ func deriveMasterKeys(st quic.ConnectionState) (*kdf.MasterKeys, error) {
 }
 
 // newSession authenticates conn's result, derives the master keys and
-// exchanges Hellos; the dialer speaks first. On error conn is closed.
-func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool) (s *Session, err error) {
+// exchanges Hellos; the dialer speaks first. local is the identity this
+// side presented when it dialed; zero for an inbound connection, whose
+// context says (listenConfig). On error conn is closed.
+func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, local identity.PublicKey) (s *Session, err error) {
+	dialer := !local.IsZero()
+	if !dialer {
+		if n, ok := conn.Context().Value(presentedKey{}).(*presented); ok {
+			local = n.get()
+		}
+	}
 	st := conn.ConnectionState()
 	peer, err := verifyPeer(st.TLS, time.Now())
 	if err == nil {
@@ -340,7 +353,10 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	if err != nil {
 		return nil, err
 	}
-	role, err := electRole(e.id.Public(), peer)
+	if local.IsZero() {
+		return nil, errors.New("internal error: the identity this host presented is not known")
+	}
+	role, err := electRole(local, peer)
 	if err != nil {
 		return nil, err
 	}
@@ -355,7 +371,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	}
 	sctx, cancel := context.WithCancelCause(conn.Context())
 	s = &Session{
-		conn: conn, dialed: dialer, peer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
+		conn: conn, dialed: dialer, peer: peer, local: local, saPeer: peer, role: role, timeout: e.cfg.NegotiationTimeout,
 		log: e.log.With(e.peerAttrs(peer)...).With("role", role.String()),
 		ctx: sctx, cancel: cancel, mk: mk, alloc: alloc, rxIDs: &e.rxIDs, lastGen: map[wire.AssocID]uint32{},
 	}
@@ -366,7 +382,7 @@ func (e *Endpoint) newSession(ctx context.Context, conn *quic.Conn, dialer bool)
 	var peerCfg netip.AddrPort
 	p := e.peer(peer)
 	if p != nil {
-		peerCfg = p.cfg.Addr
+		peerCfg, s.saPeer = p.cfg.Addr, p.cfg.Key
 	}
 	s.nat = detectNAT(addrPortOf(conn.LocalAddr()), s.hello.Observed, addrPortOf(conn.RemoteAddr()), s.hello.Source, peerCfg, hostAddrs())
 	if s.nat.Detected() && (p == nil || p.natChanged(s.nat)) {
@@ -634,7 +650,7 @@ func (s *Session) negotiate(ctx context.Context, inst Installer, assoc wire.Asso
 	if ack.Assoc != assoc || ack.Generation != gen || ack.Backend != b || ack.Suite != suite {
 		return nil, s.fail(str, op, &wire.ProtocolError{Code: wire.CodeMalformed, Msg: fmt.Sprintf("SAAck %+v does not answer offer %+v", ack, offer)})
 	}
-	sa, err := s.derive(s.peer, assoc, gen, b, suite, rx, ack.RxSPI)
+	sa, err := s.derive(s.saPeer, assoc, gen, b, suite, rx, ack.RxSPI)
 	if err != nil {
 		return nil, s.fail(str, op, err)
 	}
@@ -753,7 +769,7 @@ func (s *Session) respond(str *quic.Stream, h handlers, offer wire.SAOffer) erro
 	if err != nil {
 		return s.fail(str, op, err)
 	}
-	sa, err := s.derive(s.peer, offer.Assoc, offer.Generation, offer.Backend, offer.Suite, rx, offer.RxSPI)
+	sa, err := s.derive(s.saPeer, offer.Assoc, offer.Generation, offer.Backend, offer.Suite, rx, offer.RxSPI)
 	if err != nil {
 		return s.fail(str, op, err)
 	}

@@ -17,13 +17,14 @@ import (
 //	grace (per SA) a replaced generation is removed (expiredGrace)
 //	remind         the peer is still not up: say so again (expiredReminder)
 //	path           while a session runs: did it move to another address? (expiredPath)
+//	identity       the peer refused this host's new identity: try it again (maybeMove)
 //
 // The session's own timers are QUIC's: the handshake timeout, keep-alives
 // and the idle timeout (Config.HandshakeTimeout, KeepAlive, IdleTimeout).
 // Their expiry fails the dial or ends the session, which reconnect.go
 // handles like any other failure.
 //
-// backoff, rekeyDue, rekeyDeferred, pace and path belong to the peer's run
+// backoff, rekeyDue, rekeyDeferred, pace, path and identity belong to the peer's run
 // goroutine, which selects on their channels (timer.C) and runs the
 // handlers itself, so they need no lock. grace and remind run on their own
 // (time.AfterFunc) and take p.mu.
@@ -33,6 +34,7 @@ type peerTimers struct {
 	rekeyDeferred timer
 	pace          timer
 	path          timer
+	identity      timer
 
 	// nextBackoff is the wait after the next failure: BackoffMin after a
 	// success, doubling per failure up to BackoffMax.
@@ -73,7 +75,7 @@ func (t *timer) fired() { t.on = false }
 func (p *Peer) timersInit() {
 	p.timers = peerTimers{
 		backoff: newTimer(), rekeyDue: newTimer(), rekeyDeferred: newTimer(), pace: newTimer(), path: newTimer(),
-		nextBackoff: p.cfg.BackoffMin,
+		identity: newTimer(), nextBackoff: p.cfg.BackoffMin,
 	}
 }
 
@@ -85,6 +87,7 @@ func (p *Peer) timersStop() {
 	p.timers.rekeyDeferred.del()
 	p.timers.pace.del()
 	p.timers.path.del()
+	p.timers.identity.del()
 }
 
 // timersNegotiated: a generation was confirmed. The next one is due after
@@ -111,12 +114,31 @@ func (p *Peer) timersSessionEnded() {
 	p.timers.rekeyDeferred.del()
 	p.timers.pace.del()
 	p.timers.path.del()
+	p.timers.identity.del()
 }
 
 // pathCheck is how often a session's address is compared with the one
 // its generation was negotiated on: a peer that moved is followed about
 // this long after QUIC moved the session.
 const pathCheck = time.Second
+
+// identityRetry is how long a peer that refused this host's new identity
+// is shown the previous one before the new one is tried again: about how
+// long its fleet or its operator takes to pin the new key.
+const identityRetry = 10 * time.Second
+
+// timersRotated: this host's identity changed (Rotate, DropPrevious); the
+// run goroutine moves the live session (maybeMove).
+func (p *Peer) timersRotated() {
+	select {
+	case p.rotation <- struct{}{}:
+	default:
+	}
+}
+
+// timersIdentityRefused: the peer refused the new identity; try again
+// after identityRetry (maybeMove).
+func (p *Peer) timersIdentityRefused() { p.timers.identity.mod(p.e.identityRetry) }
 
 // timersSessionUp: a session runs; watch its address (expiredPath).
 func (p *Peer) timersSessionUp() { p.timers.path.mod(pathCheck) }
