@@ -256,6 +256,8 @@ func NewServer(svc Service, auth Authorizer, log *slog.Logger) *Server {
 	s.route("GET /v1/events", AccessRead, s.events)
 	s.route("POST /v1/reload", AccessWrite, s.reload)
 	s.route("POST /v1/psp/upgrade", AccessUpgrade, s.upgrade)
+	s.route("GET /v1/identity", AccessRead, read(svc.Identity))
+	s.route("POST /v1/identity/{step}", AccessWrite, s.changeIdentity)
 	return s
 }
 
@@ -420,6 +422,20 @@ func (s *Server) ping(w http.ResponseWriter, r *http.Request) error {
 		return fmt.Errorf("%w: count %d: want 1 to %d", ErrInvalid, req.Count, MaxPingCount)
 	}
 	v, err := s.svc.Ping(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, v)
+}
+
+func (s *Server) changeIdentity(w http.ResponseWriter, r *http.Request) error {
+	step := IdentityStep(r.PathValue("step"))
+	switch step {
+	case StepRotate, StepSwitch, StepDrop:
+	default:
+		return fmt.Errorf("unknown identity step %q (rotate, switch or drop): %w", step, ErrInvalid)
+	}
+	v, err := s.svc.ChangeIdentity(r.Context(), step)
 	if err != nil {
 		return err
 	}

@@ -50,7 +50,51 @@ type Status struct {
 	UserspaceIOReason string `json:"userspace_io_reason,omitempty"`
 	// Fleet is the membership service's state; nil without one.
 	Fleet *Fleet `json:"fleet,omitempty"`
+	// Rotation is the phase of this host's identity rotation; empty
+	// without one (see Identity).
+	Rotation RotationPhase `json:"rotation,omitempty"`
 }
+
+// Identity is this host's identity and its rotation. Keys are pspd pubkey
+// lines (base64 SPKI): public, never secret.
+type Identity struct {
+	PublicKey   string        `json:"public_key"` // presented now
+	Fingerprint string        `json:"fingerprint"`
+	Phase       RotationPhase `json:"phase,omitempty"`
+	// Next is the staged identity: published, to be pinned by the peers
+	// (next_public_key) before the switch.
+	Next string `json:"next,omitempty"`
+	// Previous, once switched, is the identity still shown to peers that
+	// refuse the new one, until every session moved (then it is dropped).
+	Previous string `json:"previous,omitempty"`
+	// NotMoved, once switched, are the peers whose session is not under
+	// PublicKey yet.
+	NotMoved []string `json:"not_moved,omitempty"`
+}
+
+// RotationPhase is where an identity rotation stands.
+type RotationPhase string
+
+const (
+	RotationNone     RotationPhase = ""
+	RotationStaged   RotationPhase = "staged"   // a next identity is held and published
+	RotationSwitched RotationPhase = "switched" // the next identity is presented; the previous one is held
+)
+
+// IdentityStep is a step of an identity rotation.
+type IdentityStep string
+
+const (
+	// StepRotate stages a new identity: generated, kept beside the
+	// current one, published.
+	StepRotate IdentityStep = "rotate"
+	// StepSwitch presents the staged identity and moves every session to
+	// it; the previous one is dropped once they all moved.
+	StepSwitch IdentityStep = "switch"
+	// StepDrop drops the previous identity now, moved or not; before
+	// the switch, it drops the staged one (the rotation is abandoned).
+	StepDrop IdentityStep = "drop"
+)
 
 // Fleet is this host's membership in a fleet.
 type Fleet struct {
@@ -414,6 +458,10 @@ type Service interface {
 	// calling application, and upgrades it to PSP with the named peer
 	// (UpgradeAutoPeer: the one whose addresses hold the remote address).
 	UpgradePSP(ctx context.Context, sock *os.File, peer string) (UpgradeResult, error)
+	// Identity is this host's identity and its rotation; ChangeIdentity
+	// takes a step of the rotation and answers the result.
+	Identity(ctx context.Context) (Identity, error)
+	ChangeIdentity(ctx context.Context, step IdentityStep) (Identity, error)
 }
 
 // Errors a Service wraps to choose the HTTP status.

@@ -32,8 +32,9 @@ type Record struct {
 	// Endpoints are where the node's key exchange listens; the first is
 	// dialed.
 	Endpoints []string `json:"endpoints"`
-	// PublicKeys are the node's identities (pspd pubkey lines). The first
-	// is pinned; a second is the one an identity rotation moves to.
+	// PublicKeys are the node's identities (pspd pubkey lines): one, or
+	// during its identity rotation the one it presents and the other.
+	// Both are pinned.
 	PublicKeys []string `json:"public_keys"`
 	// Prefixes are the networks the node's traffic comes from.
 	Prefixes []string `json:"prefixes"`
@@ -120,6 +121,8 @@ func (r Record) Peer() (policy.Peer, error) {
 		}
 		if i == 0 {
 			p.PublicKey = k
+		} else {
+			p.NextKey = k
 		}
 	}
 	for _, s := range r.Prefixes {

@@ -519,7 +519,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 		p.lines[path[:len(path)-1]] = pn.Line
 		pr := Peer{Backend: BackendAuto, Suite: c.Suite}
 		var keyNode, nameNode, endpointNode *yaml.Node
-		known := []string{"name", "endpoint", "public_key", "prefixes", "backend", "suite", "nat_traversal"}
+		known := []string{"name", "endpoint", "public_key", "next_public_key", "prefixes", "backend", "suite", "nat_traversal"}
 		err := p.fields(pn, path, known, func(k string, v *yaml.Node) (err error) {
 			f := path + k
 			switch k {
@@ -537,6 +537,13 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				var s string
 				if s, err = p.str(v, f); err == nil {
 					if pr.PublicKey, err = identity.ParsePublicKey(s); err != nil {
+						err = p.fail(v, f, "%v", err)
+					}
+				}
+			case "next_public_key":
+				var s string
+				if s, err = p.str(v, f); err == nil {
+					if pr.NextKey, err = identity.ParsePublicKey(s); err != nil {
 						err = p.fail(v, f, "%v", err)
 					}
 				}

@@ -3,6 +3,8 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+
+	"github.com/pspd/pspd/keyexchange/identity"
 )
 
 // PeerError says why a peer cannot join the others: the field at fault
@@ -35,12 +37,17 @@ func (c *Config) admit(accepted []Peer, pr Peer) *PeerError {
 	if len(pr.Prefixes) > maxPrefixesPerPeer {
 		return fail(pr.Name, "prefixes", "%d prefixes is more than the limit of %d", len(pr.Prefixes), maxPrefixesPerPeer)
 	}
+	if pr.NextKey == pr.PublicKey {
+		return fail(pr.Name, "next_public_key", "is the same key as public_key")
+	}
 	for _, o := range accepted {
 		switch {
 		case o.Name == pr.Name:
 			return fail(pr.Name, "name", "%q is already the name of another peer", pr.Name)
-		case o.PublicKey == pr.PublicKey:
+		case sharesKey(o, pr.PublicKey):
 			return fail(pr.Name, "public_key", "the same key is pinned for peer %q", o.Name)
+		case !pr.NextKey.IsZero() && sharesKey(o, pr.NextKey):
+			return fail(pr.Name, "next_public_key", "the same key is pinned for peer %q", o.Name)
 		case o.Endpoint == pr.Endpoint:
 			// One pspd, one identity: the two could not both be right.
 			return fail(pr.Name, "endpoint", "%v is already the endpoint of peer %q", pr.Endpoint, o.Name)
@@ -163,3 +170,6 @@ func ParsePrefix(s string) (netip.Prefix, error) {
 	}
 	return pf, nil
 }
+
+// sharesKey reports whether k is one of o's keys.
+func sharesKey(o Peer, k identity.PublicKey) bool { return o.PublicKey == k || o.NextKey == k }

@@ -180,9 +180,12 @@ type Peer struct {
 	// and again at each reload; "" for an address.
 	EndpointName string
 	PublicKey    identity.PublicKey
-	Prefixes     []netip.Prefix
-	Backend      Backend // BackendAuto unless the peer overrides the global choice
-	Suite        kdf.Suite
+	// NextKey, if set, is pinned too: the key the peer's identity
+	// rotation moves to (next_public_key; a fleet record's second key).
+	NextKey  identity.PublicKey
+	Prefixes []netip.Prefix
+	Backend  Backend // BackendAuto unless the peer overrides the global choice
+	Suite    kdf.Suite
 	// NATTraversal is the peer's own choice; "" leaves it to the global
 	// one (see OrDefault).
 	NATTraversal NATTraversal
@@ -244,8 +247,11 @@ func (c *Config) LoadIdentity() (*identity.Identity, error) {
 		return nil, &FieldError{File: c.File, Line: c.Line("identity"), Field: "identity", Err: err}
 	}
 	for i, p := range c.Peers {
-		if p.PublicKey == id.Public() {
+		if p.PublicKey == id.Public() || p.NextKey == id.Public() {
 			f := fmt.Sprintf("peers[%d].public_key", i)
+			if p.NextKey == id.Public() {
+				f = fmt.Sprintf("peers[%d].next_public_key", i)
+			}
 			return nil, &FieldError{File: c.File, Line: c.Line(f), Field: f,
 				Err: fmt.Errorf("is this host's own key (%s); pin the key pspd pubkey prints on peer %q", id.Public().Fingerprint(), p.Name)}
 		}
@@ -299,4 +305,12 @@ func (b Backend) OrDefault(global Backend) Backend {
 		return global
 	}
 	return b
+}
+
+// Keys are the keys pinned for the peer: PublicKey, and NextKey if set.
+func (p Peer) Keys() []identity.PublicKey {
+	if p.NextKey.IsZero() {
+		return []identity.PublicKey{p.PublicKey}
+	}
+	return []identity.PublicKey{p.PublicKey, p.NextKey}
 }

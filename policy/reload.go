@@ -77,6 +77,6 @@ func Reload(cur, next *Config) (*Diff, error) {
 }
 
 func peerEqual(a, b Peer) bool {
-	return a.Endpoint == b.Endpoint && a.PublicKey == b.PublicKey &&
+	return a.Endpoint == b.Endpoint && a.PublicKey == b.PublicKey && a.NextKey == b.NextKey &&
 		slices.Equal(a.Prefixes, b.Prefixes) && a.Backend == b.Backend && a.Suite == b.Suite
 }

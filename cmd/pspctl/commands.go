@@ -139,6 +139,29 @@ func newRoot(out io.Writer, now func() time.Time) *cobra.Command {
 		dev.AddCommand(cmd)
 	}
 	root.AddCommand(dev)
+	ident := &cobra.Command{
+		Use:   "identity",
+		Short: "Show this host's identity and its rotation",
+		Long: "Show this host's identity and its rotation.\n\n" +
+			"A rotation has three steps: rotate stages a new identity and publishes it to the fleet (pin it on static\n" +
+			"peers as next_public_key); switch presents it and moves every session to it, make-before-break, showing\n" +
+			"peers that refuse it the previous identity meanwhile; pspd drops the previous identity once every\n" +
+			"session moved. drop ends the rotation at once: the staged identity before the switch, the previous after.",
+		Args: cobra.NoArgs,
+		RunE: c.identityShow,
+	}
+	for _, step := range []struct {
+		step  localapi.IdentityStep
+		short string
+	}{
+		{localapi.StepRotate, "Stage a new identity beside the current one and publish both"},
+		{localapi.StepSwitch, "Present the staged identity and move every session to it"},
+		{localapi.StepDrop, "End the rotation now: drop the previous identity (or, before the switch, the staged one)"},
+	} {
+		ident.AddCommand(&cobra.Command{Use: string(step.step), Short: step.short, Args: cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error { return c.identityStep(cmd, step.step) }})
+	}
+	root.AddCommand(ident)
 	root.AddCommand(identitycmd.Genkey(), identitycmd.Pubkey())
 	root.AddCommand(mancmd.Command("1")) // hidden: make install writes the pages
 	return root
@@ -250,12 +273,56 @@ func (c *cli) status(cmd *cobra.Command, _ []string) error {
 			rows = append(rows, []string{"left out", why})
 		}
 	}
+	if st.Rotation != "" {
+		rows = append(rows, []string{"identity rotation", string(st.Rotation) + " (pspctl identity)"})
+	}
 	if !st.LastReload.IsZero() {
 		res := "applied"
 		if st.LastReloadError != "" {
 			res = "refused: " + st.LastReloadError
 		}
 		rows = append(rows, []string{"configuration", fmt.Sprintf("loaded %s (%s ago), %s", st.LastReload.UTC().Format(time.RFC3339), age(c.now(), st.LastReload), res)})
+	}
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])
+	}
+	return tw.Flush()
+}
+
+func (c *cli) identityShow(cmd *cobra.Command, _ []string) error {
+	v, err := c.client().Identity(cmd.Context())
+	if err != nil {
+		return explain(err)
+	}
+	return c.printIdentity(v)
+}
+
+func (c *cli) identityStep(cmd *cobra.Command, step localapi.IdentityStep) error {
+	v, err := c.client().ChangeIdentity(cmd.Context(), step)
+	if err != nil {
+		return explain(err)
+	}
+	return c.printIdentity(v)
+}
+
+func (c *cli) printIdentity(v localapi.Identity) error {
+	if c.json {
+		return c.emitJSON(v)
+	}
+	rows := [][]string{{"public key", v.PublicKey}, {"fingerprint", v.Fingerprint}}
+	switch v.Phase {
+	case localapi.RotationNone:
+		rows = append(rows, []string{"rotation", "none"})
+	case localapi.RotationStaged:
+		rows = append(rows, []string{"rotation", "staged: pin the next key on every peer (next_public_key; a fleet publishes it), then pspctl identity switch"},
+			[]string{"next key", v.Next})
+	case localapi.RotationSwitched:
+		state := "every session moved; the previous key goes at the next check"
+		if len(v.NotMoved) > 0 {
+			state = "waiting for " + strings.Join(v.NotMoved, ", ") + " (pspctl identity drop ends it now)"
+		}
+		rows = append(rows, []string{"rotation", "switched: " + state}, []string{"previous key", v.Previous})
 	}
 	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 	for _, r := range rows {

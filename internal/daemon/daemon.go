@@ -25,6 +25,7 @@ import (
 	"github.com/pspd/pspd/keyexchange/identity"
 	"github.com/pspd/pspd/keyexchange/wire"
 	"github.com/pspd/pspd/localapi"
+	"github.com/pspd/pspd/membership"
 	"github.com/pspd/pspd/offload"
 	"github.com/pspd/pspd/offload/psp"
 	"github.com/pspd/pspd/policy"
@@ -67,8 +68,11 @@ type ReloadObserver interface {
 
 // Daemon is a running pspd.
 type Daemon struct {
-	log      *slog.Logger
+	log *slog.Logger
+	// imu guards id, the identity presented, and rot, its rotation.
+	imu      sync.Mutex
 	id       *identity.Identity
+	rot      rotation
 	report   offload.Report
 	backends map[assoc.Backend]offload.Backend
 	psp      *psp.Manager
@@ -110,6 +114,10 @@ type Daemon struct {
 }
 
 type peer struct {
+	// key names the peer to the key exchange and the backends: the key
+	// it was added with, kept while its identity rotation moves cfg's
+	// keys (reconfigure).
+	key     identity.PublicKey
 	cfg     policy.Peer
 	backend assoc.Backend // the best candidate; SA.Backend is the one in use
 	kx      *keyexchange.Peer
@@ -135,13 +143,17 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
+	rot, err := loadRotation(pc.Identity, id)
+	if err != nil {
+		return nil, err
+	}
 	if len(cfg.Backends) == 0 {
 		return nil, fmt.Errorf("no data plane can run on this host: %s", cfg.Report.Missing())
 	}
 	dctx, cancel := context.WithCancel(ctx)
 	// dd survives the "return nil, err" below for the deferred cleanup.
 	dd := &Daemon{
-		log: cfg.Logger, id: id, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(), reloads: cfg.Reloads,
+		log: cfg.Logger, id: id, rot: rot, report: cfg.Report, backends: cfg.Backends, psp: cfg.PSP, started: time.Now(), reloads: cfg.Reloads,
 		resolver: cmp.Or[policy.Resolver](cfg.Resolver, net.DefaultResolver),
 		events:   newHub(), ctx: dctx, cancel: cancel, reloaded: reloadResult{at: time.Now()},
 		cfg: pc, file: pc, peers: map[string]*peer{}, byKey: map[identity.PublicKey]*peer{},
@@ -178,9 +190,15 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		d.wg.Add(1)
 		go d.servePSPEvents()
 	}
+	if rot.phase == localapi.RotationSwitched {
+		kc.Previous = rot.other
+	}
 	d.ep, err = keyexchange.NewEndpoint(dctx, kc)
 	if err != nil {
 		return nil, err
+	}
+	if rot.phase != localapi.RotationNone {
+		d.log.Info("identity rotation resumed", "phase", rot.phase, "other", rot.other.Public().Fingerprint())
 	}
 	for _, p := range pc.Peers {
 		if err := d.addPeer(p); err != nil {
@@ -195,7 +213,12 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	go d.watchStates()
 	d.wg.Add(1)
 	go d.resolveLoop(dctx)
+	d.wg.Add(1)
+	go d.finishRotation(dctx)
 	if d.fleet != nil {
+		if d.fleet.selfRec, err = membership.NewSelf(d.fleet.self(d.keys())); err != nil {
+			return nil, err
+		}
 		fctx, stop := context.WithCancel(dctx)
 		d.stopFleet = stop
 		d.wg.Add(1)
@@ -218,7 +241,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 	if err != nil {
 		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
-	p := &peer{cfg: pc, backend: cs[0], created: map[uint32]time.Time{}, on: map[assoc.Backend]int{}, resolve: resolving{at: time.Now()}}
+	p := &peer{key: pc.PublicKey, cfg: pc, backend: cs[0], created: map[uint32]time.Time{}, on: map[assoc.Backend]int{}, resolve: resolving{at: time.Now()}}
 	// The best backend gets the peer now, so that with
 	// require_encryption its traffic is held back from the start; the
 	// one the key exchange settles on gets it with the first SA.
@@ -226,7 +249,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 		return fmt.Errorf("peer %s: %w", pc.Name, err)
 	}
 	d.kmu.Lock()
-	d.byKey[pc.PublicKey] = p
+	d.byKey[p.key] = p
 	d.kmu.Unlock()
 	if err := d.startKX(p, cs); err != nil {
 		d.forget(d.ctx, p, true)
@@ -239,7 +262,7 @@ func (d *Daemon) addPeer(pc policy.Peer) error {
 // startKX starts keeping a session with the peer.
 func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
 	kc := keyexchange.PeerConfig{
-		Name: p.cfg.Name, Key: p.cfg.PublicKey, Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
+		Name: p.cfg.Name, Key: p.key, Pins: p.cfg.Keys(), Addr: p.cfg.Endpoint, Backends: cs, Suite: p.cfg.Suite,
 		RekeyInterval: d.cfg.RekeyInterval,
 	}
 	if d.psp != nil {
@@ -253,7 +276,7 @@ func (d *Daemon) startKX(p *peer, cs []assoc.Backend) error {
 	p.kx, p.stop, p.backend = kx, stop, cs[0]
 	if d.psp != nil {
 		// The addresses a socket handed over for this peer may connect to.
-		d.psp.SetPeer(p.cfg.PublicKey, p.cfg.Endpoint.Addr(), p.cfg.Prefixes)
+		d.psp.SetPeer(p.key, p.cfg.Endpoint.Addr(), p.cfg.Prefixes)
 	}
 	d.wg.Add(1)
 	go d.watch(ctx, p, kx)
@@ -293,7 +316,7 @@ func (d *Daemon) removePeer(name string, removeState bool) {
 	delete(d.peers, name)
 	d.stopKX(p)
 	if d.psp != nil {
-		d.psp.RemovePeer(p.cfg.PublicKey)
+		d.psp.RemovePeer(p.key)
 	}
 	d.forget(d.ctx, p, removeState)
 	if removeState {
@@ -314,7 +337,7 @@ func (d *Daemon) servePSPEvents() {
 			if ev.Peer != (identity.PublicKey{}) {
 				d.mu.Lock() // guards p.cfg
 				for _, p := range d.peers {
-					if p.cfg.PublicKey == ev.Peer {
+					if p.key == ev.Peer {
 						e.Peer = p.cfg.Name
 					}
 				}
@@ -338,7 +361,7 @@ func (d *Daemon) serveRekeys(wanted <-chan identity.PublicKey) {
 			var kx *keyexchange.Peer
 			var name string
 			for _, p := range d.peers {
-				if p.cfg.PublicKey == key {
+				if p.key == key {
 					kx, name = p.kx, p.cfg.Name
 					p.hist.asked(localapi.ReasonBudget)
 				}
@@ -369,8 +392,9 @@ func assocID(peer string, sa keyexchange.SA) string {
 // require_encryption) change keep their session and SAs and are updated
 // in place; peers whose endpoint, suite or backend change are
 // re-negotiated while their backends keep holding them, so that with
-// require_encryption no packet leaves in clear meanwhile; a peer whose key
-// changes is a new peer.
+// require_encryption no packet leaves in clear meanwhile; a peer whose
+// keys change but keep one in common (its identity rotation) keeps its
+// session and SAs, and one whose keys are all new is a new peer.
 //
 // members are the peers of next that come from the fleet: one that leaves
 // it keeps its fail-closed state (retire).
@@ -449,7 +473,7 @@ func (e *peerFailed) Unwrap() error { return e.err }
 // cannot.
 func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev, next *policy.Config) error {
 	old := p.cfg
-	if old.Endpoint == np.Endpoint && old.PublicKey == np.PublicKey && slices.Equal(old.Prefixes, np.Prefixes) &&
+	if old.Endpoint == np.Endpoint && slices.Equal(old.Keys(), np.Keys()) && slices.Equal(old.Prefixes, np.Prefixes) &&
 		old.Backend == np.Backend && old.Suite == np.Suite &&
 		prev.Backend == next.Backend && prev.RequireEncryption == next.RequireEncryption {
 		return nil // nothing the backends or the session see changed
@@ -459,9 +483,17 @@ func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev,
 		return err
 	}
 	oldCs, _ := d.candidates(old, prev)
-	if np.PublicKey != old.PublicKey {
+	if !slices.ContainsFunc(np.Keys(), func(k identity.PublicKey) bool { return slices.Contains(old.Keys(), k) }) {
 		d.removePeer(np.Name, true)
 		return d.addPeer(np)
+	}
+	if !slices.Equal(old.Keys(), np.Keys()) {
+		// One key stays: the peer's identity rotation, which its
+		// session and SAs outlive.
+		if err := p.kx.SetKeys(np.Keys()...); err != nil {
+			return err
+		}
+		d.log.Info("peer's keys changed (identity rotation)", "peer", np.Name, "keys", fingerprints(np.Keys()))
 	}
 	renegotiate := np.Endpoint != old.Endpoint || np.Suite != old.Suite || !slices.Equal(cs, oldCs)
 	p.bmu.Lock()
@@ -473,7 +505,7 @@ func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev,
 	}
 	p.bmu.Unlock()
 	if err == nil && d.psp != nil {
-		d.psp.SetPeer(np.PublicKey, np.Endpoint.Addr(), np.Prefixes)
+		d.psp.SetPeer(p.key, np.Endpoint.Addr(), np.Prefixes)
 	}
 	if err != nil || !renegotiate {
 		return err
@@ -488,6 +520,14 @@ func (d *Daemon) reconfigure(ctx context.Context, p *peer, np policy.Peer, prev,
 	}
 	p.bmu.Unlock()
 	return d.startKX(p, cs)
+}
+
+func fingerprints(keys []identity.PublicKey) []string {
+	out := make([]string, len(keys))
+	for i, k := range keys {
+		out[i] = k.Fingerprint()
+	}
+	return out
 }
 
 // restartOnly refuses a reload that changes a setting the running data

@@ -34,7 +34,10 @@ type Fleet struct {
 	log   *slog.Logger
 	mu    sync.Mutex
 	known []membership.Record // the last membership, this node's record included
-	said  []string            // the refusals last logged, to log each set once
+	// selfRec is this node's record as published; the identity rotation
+	// changes it.
+	selfRec *membership.Self
+	said    []string // the refusals last logged, to log each set once
 }
 
 // NewFleet is the membership of the host pc configures, starting from the
@@ -104,9 +107,12 @@ func (f *Fleet) status(members int) *localapi.Fleet {
 	return st
 }
 
-// self is this host's record.
-func (f *Fleet) self(id *identity.Identity) membership.Record {
-	r := membership.Record{Name: f.disc.Node, Endpoints: []string{f.disc.Endpoint.String()}, PublicKeys: []string{id.Public().String()}}
+// self is this host's record, with its identities.
+func (f *Fleet) self(keys []identity.PublicKey) membership.Record {
+	r := membership.Record{Name: f.disc.Node, Endpoints: []string{f.disc.Endpoint.String()}}
+	for _, k := range keys {
+		r.PublicKeys = append(r.PublicKeys, k.String())
+	}
 	for _, pf := range f.disc.Prefixes {
 		r.Prefixes = append(r.Prefixes, pf.String())
 	}
@@ -119,7 +125,7 @@ func (f *Fleet) self(id *identity.Identity) membership.Record {
 func (d *Daemon) runFleet(ctx context.Context) {
 	defer d.wg.Done()
 	f := d.fleet
-	err := f.src.Run(ctx, f.self(d.id), func(rs []membership.Record) {
+	err := f.src.Run(ctx, f.selfRec, func(rs []membership.Record) {
 		if err := membership.SaveCache(f.disc.Cache, rs); err != nil {
 			f.log.Warn("membership cache not written; a restart while the service is unreachable would start from an older one", "err", err)
 		}
@@ -176,7 +182,7 @@ func (d *Daemon) retire(name string) {
 	p.bmu.Unlock()
 	d.removePeer(name, false)
 	d.kmu.Lock()
-	d.retained[p.cfg.PublicKey] = held
+	d.retained[p.key] = held
 	d.kmu.Unlock()
 	const why = "left the fleet; its fail-closed state stays"
 	d.log.Info("peer "+why, "peer", name)

@@ -158,7 +158,7 @@ func limits(cfg *policy.Config) offload.Limits {
 // p.bmu or own p alone.
 func (d *Daemon) specFor(p *peer, b assoc.Backend) (offload.PeerSpec, error) {
 	s, err := spec(p.cfg, d.cfg, b)
-	s.NAT = p.nat
+	s.Key, s.NAT = p.key, p.nat
 	return s, err
 }
 
@@ -182,7 +182,7 @@ func (d *Daemon) attach(ctx context.Context, p *peer, b assoc.Backend) error {
 		return err
 	}
 	add := d.backends[b].AddPeer
-	if d.reclaim(p.cfg.PublicKey, b) {
+	if d.reclaim(p.key, b) {
 		add = d.backends[b].UpdatePeer // the fail-closed state it left is there still
 	}
 	if err := add(ctx, s); err != nil {
@@ -194,7 +194,7 @@ func (d *Daemon) attach(ctx context.Context, p *peer, b assoc.Backend) error {
 
 // detach takes the peer from backend b. Callers hold p.bmu.
 func (d *Daemon) detach(ctx context.Context, p *peer, b assoc.Backend) {
-	if err := d.backends[b].RemovePeer(ctx, p.cfg.PublicKey); err != nil {
+	if err := d.backends[b].RemovePeer(ctx, p.key); err != nil {
 		d.log.Warn("backend could not remove all of a peer's state", "peer", p.cfg.Name, "backend", b, "err", err)
 	}
 	delete(p.on, b)
@@ -208,7 +208,7 @@ func (d *Daemon) update(ctx context.Context, p *peer, cfg *policy.Config) error 
 		if err != nil {
 			return err
 		}
-		s.NAT = p.nat
+		s.Key, s.NAT = p.key, p.nat
 		if err := d.backends[b].UpdatePeer(ctx, s); err != nil {
 			return err
 		}
@@ -220,8 +220,8 @@ func (d *Daemon) update(ctx context.Context, p *peer, cfg *policy.Config) error 
 // out of every backend, fail-closed state included.
 func (d *Daemon) forget(ctx context.Context, p *peer, removeState bool) {
 	d.kmu.Lock()
-	if d.byKey[p.cfg.PublicKey] == p {
-		delete(d.byKey, p.cfg.PublicKey)
+	if d.byKey[p.key] == p {
+		delete(d.byKey, p.key)
 	}
 	d.kmu.Unlock()
 	if !removeState {

@@ -30,8 +30,8 @@ func (d *Daemon) Status(context.Context) (localapi.Status, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := localapi.Status{
-		Version: Version, BootID: fmt.Sprintf("%x", d.ep.BootID()), Started: d.started, PublicKey: d.id.Public().String(),
-		Fingerprint: d.id.Public().Fingerprint(), Listen: d.ep.Addr().String(), FIPS: fips140.Enabled(),
+		Version: Version, BootID: fmt.Sprintf("%x", d.ep.BootID()), Started: d.started, PublicKey: d.ep.Public().String(),
+		Fingerprint: d.ep.Public().Fingerprint(), Listen: d.ep.Addr().String(), FIPS: fips140.Enabled(),
 		Peers: len(d.peers),
 	}
 	r := d.lastReload()
@@ -58,6 +58,9 @@ func (d *Daemon) Status(context.Context) (localapi.Status, error) {
 	if d.fleet != nil {
 		st.Fleet = d.fleet.status(len(d.members))
 	}
+	d.imu.Lock()
+	st.Rotation = d.rot.phase
+	d.imu.Unlock()
 	return st, nil
 }
 
@@ -289,7 +292,7 @@ func (d *Daemon) UpgradePSP(ctx context.Context, sock *os.File, peerName string)
 		return localapi.UpgradeResult{}, fmt.Errorf("peer %s has no kernel PSP; the socket was not touched", peerName)
 	}
 	v, known := s.PeerPSPVersions()
-	r, err := d.psp.Upgrade(ctx, sock, p.cfg.PublicKey, psp.PeerVersions{Known: known, Enabled: genl.Versions(v)}, p.kx.SendExplicitKey)
+	r, err := d.psp.Upgrade(ctx, sock, p.key, psp.PeerVersions{Known: known, Enabled: genl.Versions(v)}, p.kx.SendExplicitKey)
 	if err != nil {
 		d.log.Warn("PSP upgrade failed", "peer", peerName, "err", err)
 		return localapi.UpgradeResult{}, err
@@ -320,7 +323,7 @@ func (d *Daemon) peerForSocket(sock *os.File) (*peer, error) {
 	defer d.mu.Unlock()
 	var found []*peer
 	for _, p := range d.peers {
-		if slices.Contains(keys, p.cfg.PublicKey) {
+		if slices.Contains(keys, p.key) {
 			found = append(found, p)
 		}
 	}

@@ -35,13 +35,26 @@ type Service struct {
 
 	// ReloadErr, if set, is the answer to Reload.
 	ReloadErr error
+	// IdentityV is the identity answered; ChangeIdentity records each step
+	// in Steps and answers IdentityV.
+	IdentityV localapi.Identity
+	Steps     []localapi.IdentityStep
 
 	mu       sync.Mutex
 	Rotated  []localapi.RotateRequest
 	Upgraded []int // local port of each socket received
 }
 
-func (s *Service) Status(context.Context) (localapi.Status, error)  { return s.StatusV, nil }
+func (s *Service) Status(context.Context) (localapi.Status, error) { return s.StatusV, nil }
+
+func (s *Service) Identity(context.Context) (localapi.Identity, error) { return s.IdentityV, nil }
+
+func (s *Service) ChangeIdentity(_ context.Context, step localapi.IdentityStep) (localapi.Identity, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.Steps = append(s.Steps, step)
+	return s.IdentityV, nil
+}
 func (s *Service) Peers(context.Context) ([]localapi.Peer, error)   { return s.PeersV, nil }
 func (s *Service) Assocs(context.Context) ([]localapi.Assoc, error) { return s.AssocsV, nil }
 func (s *Service) Devices(context.Context) ([]localapi.Device, error) {

@@ -160,6 +160,18 @@ func (c *Client) Reload(ctx context.Context) (localapi.Reloaded, error) {
 	return v, c.do(ctx, http.MethodPost, "/v1/reload", nil, &v)
 }
 
+// Identity is the daemon's identity and its rotation.
+func (c *Client) Identity(ctx context.Context) (localapi.Identity, error) {
+	var v localapi.Identity
+	return v, c.do(ctx, http.MethodGet, "/v1/identity", nil, &v)
+}
+
+// ChangeIdentity takes a step of the identity rotation.
+func (c *Client) ChangeIdentity(ctx context.Context, step localapi.IdentityStep) (localapi.Identity, error) {
+	var v localapi.Identity
+	return v, c.do(ctx, http.MethodPost, "/v1/identity/"+string(step), nil, &v)
+}
+
 // Devices lists kernel PSP devices.
 func (c *Client) Devices(ctx context.Context) ([]localapi.Device, error) {
 	var v []localapi.Device

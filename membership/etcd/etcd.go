@@ -68,11 +68,7 @@ func New(cfg Config) (*Source, error) {
 const dialTimeout = 5 * time.Second
 
 // Run implements membership.Source.
-func (s *Source) Run(ctx context.Context, self membership.Record, update func([]membership.Record)) error {
-	value, err := self.Encode()
-	if err != nil {
-		return err
-	}
+func (s *Source) Run(ctx context.Context, self *membership.Self, update func([]membership.Record)) error {
 	c, err := clientv3.New(clientv3.Config{
 		Endpoints: s.cfg.Endpoints, TLS: s.cfg.TLS, DialTimeout: dialTimeout, Context: ctx,
 		Logger: zap.NewNop(),
@@ -82,7 +78,7 @@ func (s *Source) Run(ctx context.Context, self membership.Record, update func([]
 	}
 	defer c.Close()
 	membership.Follow(ctx, s.log, s.HealthTracker, func(ctx context.Context, publish bool) error {
-		return s.session(ctx, c, self.Name, string(value), publish, update)
+		return s.session(ctx, c, self, publish, update)
 	})
 	return nil
 }
@@ -90,12 +86,26 @@ func (s *Source) Run(ctx context.Context, self membership.Record, update func([]
 // session publishes the record under a new lease (if publish), reads the
 // prefix and follows it until the lease is lost, the watch fails or ctx
 // ends.
-func (s *Source) session(ctx context.Context, c *clientv3.Client, name, value string, publish bool, update func([]membership.Record)) error {
+func (s *Source) session(ctx context.Context, c *clientv3.Client, self *membership.Self, publish bool, update func([]membership.Record)) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	call := func() (context.Context, context.CancelFunc) { return context.WithTimeout(sctx, dialTimeout) }
-	key := s.cfg.Prefix + name
+	r, changed := self.Get()
+	key := s.cfg.Prefix + r.Name
 	var lease clientv3.LeaseID
+	put := func(r membership.Record) error {
+		value, err := r.Encode()
+		if err != nil {
+			return err
+		}
+		cctx, ccancel := call()
+		_, err = c.Put(cctx, key, string(value), clientv3.WithLease(lease))
+		ccancel()
+		if err != nil {
+			return fmt.Errorf("publish %s: %w", key, err)
+		}
+		return nil
+	}
 	var alive <-chan *clientv3.LeaseKeepAliveResponse
 	if publish {
 		cctx, ccancel := call()
@@ -114,12 +124,11 @@ func (s *Source) session(ctx context.Context, c *clientv3.Client, name, value st
 		if alive, err = c.KeepAlive(sctx, lease); err != nil {
 			return fmt.Errorf("keep the lease alive: %w", err)
 		}
-		cctx, ccancel = call()
-		_, err = c.Put(cctx, key, value, clientv3.WithLease(lease))
-		ccancel()
-		if err != nil {
-			return fmt.Errorf("publish %s: %w", key, err)
+		if err := put(r); err != nil {
+			return err
 		}
+	} else {
+		changed = nil // the operator's deletion stands
 	}
 	cctx, ccancel := call()
 	resp, err := c.Get(cctx, s.cfg.Prefix, clientv3.WithPrefix())
@@ -143,6 +152,12 @@ func (s *Source) session(ctx context.Context, c *clientv3.Client, name, value st
 			if !ok {
 				return errors.New("the lease was lost")
 			}
+		case <-changed:
+			r, changed = self.Get()
+			if err := put(r); err != nil {
+				return err
+			}
+			s.log.Info("etcd: this node's record changed; published", "key", key)
 		case wr, ok := <-watch:
 			if !ok {
 				return errors.New("the watch ended")

@@ -161,24 +161,36 @@ func Object(r membership.Record) ([]byte, error) {
 const resync = 10 * time.Minute
 
 // Run implements membership.Source.
-func (s *Source) Run(ctx context.Context, self membership.Record, update func([]membership.Record)) error {
-	body, err := Object(self)
-	if err != nil {
-		return err
-	}
+func (s *Source) Run(ctx context.Context, self *membership.Self, update func([]membership.Record)) error {
 	membership.Follow(ctx, s.log, s.HealthTracker, func(ctx context.Context, publish bool) error {
-		return s.session(ctx, self.Name, body, publish, update)
+		return s.session(ctx, self, publish, update)
 	})
 	return nil
 }
 
+// apply publishes r by server-side apply: it creates or updates the
+// object, owned by field manager pspd.
+func (s *Source) apply(ctx context.Context, r membership.Record) error {
+	body, err := Object(r)
+	if err != nil {
+		return err
+	}
+	if _, err := s.do(ctx, "PATCH", "/"+url.PathEscape(r.Name)+"?fieldManager=pspd&force=true", "application/apply-patch+yaml", body); err != nil {
+		return fmt.Errorf("publish PSPNode %s: %w", r.Name, err)
+	}
+	return nil
+}
+
 // session publishes the object (if publish), lists the PSPNodes and
-// watches them until the watch ends, fails, or a resync is due.
-func (s *Source) session(ctx context.Context, name string, body []byte, publish bool, update func([]membership.Record)) error {
+// watches them until the watch ends, fails, or a resync is due. A change
+// of self is applied while it runs; a failure to apply it ends the
+// session, and the next one publishes it.
+func (s *Source) session(ctx context.Context, self *membership.Self, publish bool, update func([]membership.Record)) error {
+	r, changed := self.Get()
+	name := r.Name
 	if publish {
-		// Server-side apply: creates or updates, owned by field manager pspd.
-		if _, err := s.do(ctx, "PATCH", "/"+url.PathEscape(name)+"?fieldManager=pspd&force=true", "application/apply-patch+yaml", body); err != nil {
-			return fmt.Errorf("publish PSPNode %s: %w", name, err)
+		if err := s.apply(ctx, r); err != nil {
+			return err
 		}
 	}
 	b, err := s.do(ctx, "GET", "", "", nil)
@@ -203,6 +215,26 @@ func (s *Source) session(ctx context.Context, name string, body []byte, publish 
 	update(membership.Sorted(records))
 	wctx, cancel := context.WithTimeout(ctx, resync)
 	defer cancel()
+	applyErr := make(chan error, 1)
+	if publish {
+		go func(changed <-chan struct{}) {
+			for {
+				select {
+				case <-wctx.Done():
+					return
+				case <-changed:
+				}
+				var r membership.Record
+				r, changed = self.Get()
+				if err := s.apply(wctx, r); err != nil {
+					applyErr <- err
+					cancel()
+					return
+				}
+				s.log.Info("kubernetes: this node's record changed; published", "name", name)
+			}
+		}(changed)
+	}
 	req, err := s.request(wctx, "GET", "?watch=1&allowWatchBookmarks=true&resourceVersion="+url.QueryEscape(list.Metadata.ResourceVersion), "", nil)
 	if err != nil {
 		return err
@@ -246,6 +278,11 @@ func (s *Source) session(ctx context.Context, name string, body []byte, publish 
 		}
 		s.put(records, o)
 		update(membership.Sorted(records))
+	}
+	select {
+	case err := <-applyErr:
+		return err
+	default:
 	}
 	if wctx.Err() != nil && ctx.Err() == nil {
 		return nil // resync: relist at once

@@ -28,6 +28,15 @@ type Node struct {
 
 // Run runs src publishing self until Stop or the end of the test.
 func Run(t testing.TB, src membership.Source, self membership.Record) *Node {
+	s, err := membership.NewSelf(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return RunSelf(t, src, s)
+}
+
+// RunSelf is Run with a Self the test may change.
+func RunSelf(t testing.TB, src membership.Source, self *membership.Self) *Node {
 	n := &Node{Source: src, changed: make(chan struct{}, 1), done: make(chan struct{})}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
