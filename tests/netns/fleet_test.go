@@ -158,6 +158,94 @@ func inCtl(ctx context.Context, ctl *Host) etcdtest.Place {
 	}
 }
 
+// fleetRotation rotates ds[1]'s identity under traffic from ds[0]: the
+// fleet's record carries both keys, the others pin both, the sessions move
+// to the new one and the old one is dropped, and not a datagram is lost.
+// ds[1], killed and restarted, comes up under its new identity, which the
+// others now pin alone.
+func fleetRotation(ctx context.Context, t *testing.T, ds []*Daemon, inner func(int) string) {
+	t.Helper()
+	identityOf := func(d *Daemon) localapi.Identity {
+		t.Helper()
+		out, err := d.Ctl(ctx, "identity", "--json")
+		var v localapi.Identity
+		if err == nil {
+			err = json.Unmarshal([]byte(out), &v)
+		}
+		if err != nil {
+			t.Fatalf("%s: pspctl identity: %v %s", d.Host.Name, err, out)
+		}
+		return v
+	}
+	waitLog := func(d *Daemon, what string, n int) error {
+		for deadline := time.Now().Add(20 * time.Second); strings.Count(readFile(t, d.Log), what) < n; time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s's log does not say %q %d times:\n%s", d.Host.Name, what, n, d.Tail(20))
+			}
+		}
+		return nil
+	}
+	before := identityOf(ds[1])
+	var took time.Duration
+	const n, pps = 4000, 1000
+	got, err := UDPStream(ctx, ds[0].Host, ds[1].Host, inner(1), n, pps, func() error {
+		time.Sleep(300 * time.Millisecond)
+		if _, err := ds[1].Ctl(ctx, "identity", "rotate"); err != nil {
+			return err
+		}
+		// The others pin the staged key once the fleet carries it.
+		for _, d := range []*Daemon{ds[0], ds[2]} {
+			if err := waitLog(d, "peer's keys changed (identity rotation)", 1); err != nil {
+				return err
+			}
+		}
+		start := time.Now()
+		if _, err := ds[1].Ctl(ctx, "identity", "switch"); err != nil {
+			return err
+		}
+		for deadline := time.Now().Add(20 * time.Second); identityOf(ds[1]).Phase != localapi.RotationNone; time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("n1's rotation not done in 20 s: %+v\n%s", identityOf(ds[1]), ds[1].Tail(20))
+			}
+		}
+		took = time.Since(start)
+		// The record says the new key alone: the others pin it alone.
+		for _, d := range []*Daemon{ds[0], ds[2]} {
+			if err := waitLog(d, "peer's keys changed (identity rotation)", 2); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := identityOf(ds[1])
+	t.Logf("n1's identity rotated from %s to %s: every session moved and the old key dropped %v after the switch; %d of %d datagrams at %d/s", before.Fingerprint, after.Fingerprint, took.Round(time.Millisecond), got, n, pps)
+	if got != n {
+		t.Errorf("lost %d datagrams across n1's identity rotation", n-got)
+	}
+	if after.PublicKey == before.PublicKey {
+		t.Fatalf("n1 still presents %s", before.Fingerprint)
+	}
+	ds[1].Kill()
+	if err := ds[1].Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i := range ds {
+		for j := range ds {
+			if i != j {
+				if _, err := EchoTCP(ctx, ds[i].Host, ds[j].Host, inner(j), 4096, "pspd-fleet-canary-"); err != nil {
+					t.Fatalf("%s → %s after n1's rotation and restart: %v\n%s", ds[i].Host.Name, ds[j].Host.Name, err, ds[1].Tail(20))
+				}
+			}
+		}
+	}
+	if v := identityOf(ds[1]); v.PublicKey != after.PublicKey || v.Phase != localapi.RotationNone {
+		t.Fatalf("n1 restarted with %+v, want its new identity", v)
+	}
+}
+
 // testFleet: three daemons with no peers in their files learn each other
 // from a membership service (in a namespace of its own on the hosts'
 // switch) and associate; traffic flows between every pair. A record an
@@ -270,6 +358,8 @@ discovery:
 		}
 	}
 
+	fleetRotation(ctx, t, ds, inner)
+
 	// An operator's record with another key for n1's address: left out,
 	// and never associated, with the reason in pspctl status.
 	id, err := identity.Generate()
@@ -321,8 +411,16 @@ discovery:
 	svc.stop()
 	time.Sleep(7 * time.Second) // beyond etcd's 5 s lease
 	waitPeers(ds[0], "n1")
-	if f := fleetOf(ds[0]); f.Connected || f.Error == "" || f.Members != 1 {
-		t.Errorf("with the service down, n0's fleet status %+v, want unreachable with the reason and its 1 member kept", f)
+	// The client notices by its keep-alives and watch, later on a loaded
+	// machine.
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		f := fleetOf(ds[0])
+		if !f.Connected && f.Error != "" && f.Members == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("with the service down, n0's fleet status %+v, want unreachable with the reason and its 1 member kept", f)
+		}
 	}
 	ds[0].Kill()
 	restart := time.Now()
