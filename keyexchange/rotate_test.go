@@ -211,3 +211,31 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestSetKeysEndsUnpinnedSession: a session authenticated by a key that
+// is no longer pinned ends, and a new one under no pinned key cannot come
+// up (an operator revoking a peer's old key).
+func TestSetKeysEndsUnpinnedSession(t *testing.T) {
+	_, _, pi, _ := pair(t, nil, nil)
+	ctx := ctxT(t, 10*time.Second)
+	if _, err := pi.WaitGeneration(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	s := pi.Session()
+	other := mustIdentity(t).Public()
+	if err := pi.SetKeys(other); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.Context().Done():
+	case <-ctx.Done():
+		t.Fatal("the session under the unpinned key is still running")
+	}
+	time.Sleep(500 * time.Millisecond)
+	if s := pi.Session(); s != nil {
+		t.Fatalf("a session under %s came up although only %s is pinned", s.Peer().Fingerprint(), other.Fingerprint())
+	}
+	if pi.Status().Up {
+		t.Fatal("the peer is up with no pinned key presented")
+	}
+}

@@ -518,7 +518,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 		path := fmt.Sprintf("peers[%d].", i)
 		p.lines[path[:len(path)-1]] = pn.Line
 		pr := Peer{Backend: BackendAuto, Suite: c.Suite}
-		var keyNode, nameNode, endpointNode *yaml.Node
+		var keyNode, nextKeyNode, nameNode, endpointNode *yaml.Node
 		known := []string{"name", "endpoint", "public_key", "next_public_key", "prefixes", "backend", "suite", "nat_traversal"}
 		err := p.fields(pn, path, known, func(k string, v *yaml.Node) (err error) {
 			f := path + k
@@ -541,6 +541,7 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 					}
 				}
 			case "next_public_key":
+				nextKeyNode = v
 				var s string
 				if s, err = p.str(v, f); err == nil {
 					if pr.NextKey, err = identity.ParsePublicKey(s); err != nil {
@@ -582,6 +583,8 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				at = nameNode
 			case err.Field == "public_key":
 				at = keyNode
+			case err.Field == "next_public_key":
+				at = nextKeyNode
 			case err.Field == "endpoint":
 				at = endpointNode
 			default:

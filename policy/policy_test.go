@@ -159,6 +159,8 @@ func TestParseRefuses(t *testing.T) {
 		{"host bits", "identity: /k\npeers:\n  - name: b\n    prefixes: [10.0.0.1/8]\n", "f.yaml:4: peers[0].prefixes[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?"},
 		{"dup name", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: b, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + "}\n", `f.yaml:4: peers[1].name: "b" is already the name of another peer`},
 		{"dup key", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + good + "}\n", `f.yaml:4: peers[1].public_key: the same key is pinned for peer "b"`},
+		{"dup next key", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + "}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + ",\n     next_public_key: " + good + "}\n", `f.yaml:5: peers[1].next_public_key: the same key is pinned for peer "b"`},
+		{"next key twice", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + ", next_public_key: " + good + "}\n", `peers[0].next_public_key: is the same key as public_key`},
 		{"overlap", "identity: /k\npeers:\n  - {name: b, endpoint: 192.0.2.2, public_key: " + good + ", prefixes: [10.0.0.0/8]}\n  - {name: c, endpoint: 192.0.2.3, public_key: " + pubkey(t, elliptic.P256()) + ", prefixes: [10.1.0.0/16]}\n", "f.yaml:4: peers[1].prefixes[0]: 10.1.0.0/16 overlaps 10.0.0.0/8 of peer \"b\""},
 		{"yaml syntax", "identity: [\n", "f.yaml:2: YAML syntax: did not find expected node content"},
 		{"userspace unknown", "identity: /k\nuserspace:\n  tun: x\n", "f.yaml:3: userspace.tun: unknown field"},

@@ -39,7 +39,7 @@ func fixture() *apitest.Service {
 	return &apitest.Service{
 		StatusV: localapi.Status{Version: "0.1.0", PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
 			Listen: "[::]:6082", Backends: []string{"userspace"}, Started: now.Add(-90 * time.Minute), Peers: 2, PeersUp: 1, Assocs: 1,
-			LastReload: now.Add(-20 * time.Minute), UserspaceIO: "udp", UserspaceIOReason: "auto: the driver offers no zero-copy AF_XDP",
+			LastReload: now.Add(-20 * time.Minute), Rotation: localapi.RotationSwitched, UserspaceIO: "udp", UserspaceIOReason: "auto: the driver offers no zero-copy AF_XDP",
 			Fleet: &localapi.Fleet{Node: "web-1", Service: "etcd https://192.0.2.100:2379", Connected: false, Since: now.Add(-2 * time.Minute),
 				Error: "grant a lease: context deadline exceeded", Members: 1,
 				LeftOut: []string{`peer "db-2": prefixes[0]: 10.9.0.0/24 overlaps 10.9.0.0/24 of peer "db-1": traffic must map to one peer`}}},
@@ -65,6 +65,8 @@ func fixture() *apitest.Service {
 			{ID: 2, Ifindex: 4, Capable: []string{"hdr0-aes-gcm-128"}, Enabled: []string{"hdr0-aes-gcm-128"}, ByAssociation: true,
 				Assoc: []localapi.AssocDev{{Ifindex: 3, NSID: -1, Ifname: "eth0"}}}},
 		EventsC: evs,
+		IdentityV: localapi.Identity{PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
+			Phase: localapi.RotationSwitched, Previous: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAF", NotMoved: []string{"db-1"}},
 	}
 }
 
@@ -89,6 +91,8 @@ func TestGolden(t *testing.T) {
 	noPSPSock := apitest.Serve(t, noPSP, auth)
 	noPSP.StatusV.LastReloadError = "reload /etc/pspd/pspd.yaml refused: packet_budget changed from 1048576 to 4096, which needs a restart of pspd (the SAs in place were installed with it); nothing was applied"
 	noPSP.ReloadErr = localapi.Refused(errors.New(noPSP.StatusV.LastReloadError))
+	noPSP.IdentityV = localapi.Identity{PublicKey: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE", Fingerprint: "sha256:1f2e3d4c",
+		Phase: localapi.RotationStaged, Next: "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAG"}
 	noDevs := fixture()
 	noDevs.DevicesV = []localapi.Device{}
 	noDevsSock := apitest.Serve(t, noDevs, auth)
@@ -123,6 +127,9 @@ func TestGolden(t *testing.T) {
 		{"dev-assoc-unknown.txt", sock, []string{"dev", "assoc", "7", "--pid", "4242", "--dev", "eth0"}},
 		{"dev-assoc-nopsp.txt", noPSPSock, []string{"dev", "assoc", "1", "--netns", "/run/netns/db", "--dev", "nk1"}},
 		{"dev-disassoc.txt", sock, []string{"dev", "disassoc", "1", "--netns", "/run/netns/web", "--dev", "nk0"}},
+		{"identity.txt", sock, []string{"identity"}},
+		{"identity.json", sock, []string{"identity", "--json"}},
+		{"identity-rotate.txt", noPSPSock, []string{"identity", "rotate"}},
 		{"events.txt", sock, []string{"events"}},
 		{"events.json", noPSPSock, []string{"events", "--json"}},
 		// Shell completion (cobra's __complete, which the completion

@@ -165,18 +165,7 @@ func inCtl(ctx context.Context, ctl *Host) etcdtest.Place {
 // others now pin alone.
 func fleetRotation(ctx context.Context, t *testing.T, ds []*Daemon, inner func(int) string) {
 	t.Helper()
-	identityOf := func(d *Daemon) localapi.Identity {
-		t.Helper()
-		out, err := d.Ctl(ctx, "identity", "--json")
-		var v localapi.Identity
-		if err == nil {
-			err = json.Unmarshal([]byte(out), &v)
-		}
-		if err != nil {
-			t.Fatalf("%s: pspctl identity: %v %s", d.Host.Name, err, out)
-		}
-		return v
-	}
+	identityOf := func(d *Daemon) localapi.Identity { return identityOf(ctx, t, d) }
 	waitLog := func(d *Daemon, what string, n int) error {
 		for deadline := time.Now().Add(20 * time.Second); strings.Count(readFile(t, d.Log), what) < n; time.Sleep(100 * time.Millisecond) {
 			if time.Now().After(deadline) {
