@@ -128,9 +128,10 @@ func (e *Endpoint) Rotate(next *identity.Identity) error {
 		return fmt.Errorf("keyexchange: rotate: %w", err)
 	}
 	e.prev, e.cur = e.cur, l
+	prev := e.prev.id.Public()
 	peers := e.distinctPeers()
 	e.mu.Unlock()
-	e.log.Info("identity rotation: presenting the new identity", "new", pk.Fingerprint(), "previous", e.prev.id.Public().Fingerprint())
+	e.log.Info("identity rotation: presenting the new identity", "new", pk.Fingerprint(), "previous", prev.Fingerprint())
 	for _, p := range peers {
 		p.timersRotated()
 	}
