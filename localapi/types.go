@@ -135,6 +135,12 @@ type Peer struct {
 	EndpointName string   `json:"endpoint_name,omitempty"`
 	Prefixes     []string `json:"prefixes"`
 	Fingerprint  string   `json:"fingerprint"`
+	// NextFingerprint is the peer's second pinned key, during its
+	// identity rotation (next_public_key, or a fleet record's second key).
+	NextFingerprint string `json:"next_fingerprint,omitempty"`
+	// SessionFingerprint is the key the peer's session presented, while
+	// up: one of the pinned ones.
+	SessionFingerprint string `json:"session_fingerprint,omitempty"`
 	// State is down, connecting, handshaking, up or backoff; Since is
 	// when the peer entered it, and Cause why it is not up.
 	State string    `json:"state"`

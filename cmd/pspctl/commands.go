@@ -386,8 +386,14 @@ func (c *cli) peerShow(cmd *cobra.Command, args []string) error {
 		{"observed at", dash(p.Observed)},
 		{"prefixes", dash(strings.Join(p.Prefixes, ", "))},
 		{"fingerprint", p.Fingerprint},
-		{"state", state},
 	}
+	if p.NextFingerprint != "" {
+		rows = append(rows, []string{"next key", p.NextFingerprint + " (the peer's identity rotation)"})
+	}
+	if p.SessionFingerprint != "" && (p.NextFingerprint != "" || p.SessionFingerprint != p.Fingerprint) {
+		rows = append(rows, []string{"session key", p.SessionFingerprint})
+	}
+	rows = append(rows, []string{"state", state})
 	if n := p.NAT; n != nil {
 		var sides []string
 		if n.Behind {

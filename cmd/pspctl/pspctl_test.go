@@ -44,7 +44,7 @@ func fixture() *apitest.Service {
 				Error: "grant a lease: context deadline exceeded", Members: 1,
 				LeftOut: []string{`peer "db-2": prefixes[0]: 10.9.0.0/24 overlaps 10.9.0.0/24 of peer "db-1": traffic must map to one peer`}}},
 		PeersV: []localapi.Peer{
-			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22",
+			{Name: "web-2", Endpoint: "192.0.2.2:6082", Prefixes: []string{"10.2.0.0/24", "fd00:2::/64"}, Fingerprint: "sha256:aa11bb22", NextFingerprint: "sha256:ee55ff66", SessionFingerprint: "sha256:ee55ff66",
 				State: "up", Since: now.Add(-75 * time.Second), Backend: "userspace", PSP: &localapi.PeerPSP{Versions: []string{"hdr0-aes-gcm-128", "hdr0-aes-gcm-256"}}, PeerBootID: boot, KeyExchange: "SecP256r1MLKEM768", Observed: "192.0.2.2:6082",
 				LastHandshake: now.Add(-42 * time.Second), LastUp: now.Add(-75 * time.Second), Assocs: 1, Assoc: "web-2/3", Rekeys: 7, RTTMicros: 412,
 				LastError: "dial 192.0.2.2:6082: timeout: no recent network activity", LastErrorAt: now.Add(-80 * time.Second), LastErrorOld: true,

@@ -151,7 +151,7 @@ func TestIdentityRotation(t *testing.T) {
 			t.Errorf("pinning the new key alone re-added the peer: %s", c)
 		}
 	}
-	if ps, err := cb.Peers(ctx); err != nil || len(ps) != 1 || ps[0].State != "up" {
+	if ps, err := cb.Peers(ctx); err != nil || len(ps) != 1 || ps[0].State != "up" || ps[0].SessionFingerprint != next.Fingerprint() {
 		t.Fatalf("b's peers after pinning the new key: %+v %v", ps, err)
 	}
 

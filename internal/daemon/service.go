@@ -92,6 +92,9 @@ func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 	for _, pf := range p.cfg.Prefixes {
 		lp.Prefixes = append(lp.Prefixes, pf.String())
 	}
+	if !p.cfg.NextKey.IsZero() {
+		lp.NextFingerprint = p.cfg.NextKey.Fingerprint()
+	}
 	if st.Cause != nil {
 		lp.Cause = st.Cause.Error()
 	}
@@ -104,6 +107,7 @@ func (d *Daemon) peerInfo(p *peer) localapi.Peer {
 		lp.KeyExchange = st.Group.String()
 		if s := p.kx.Session(); s != nil {
 			lp.Observed = s.RemoteAddr().String()
+			lp.SessionFingerprint = s.Peer().Fingerprint()
 			lp.RTTMicros = uint64(s.RTT().Microseconds())
 			if v, ok := s.PeerPSPVersions(); ok {
 				lp.PSP = &localapi.PeerPSP{Versions: []string{}}
