@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -212,4 +213,59 @@ func mustGenerate(t *testing.T) *identity.Identity {
 		t.Fatal(err)
 	}
 	return id
+}
+
+// TestIdentityRotationPeerLate: a switches before b pins the new key. b
+// refuses it, so a shows b its previous identity and the association
+// stays; the rotation waits for b, also across a restart of a in the
+// switched phase, and ends once b pins the new key.
+func TestIdentityRotationPeerLate(t *testing.T) {
+	a, b := runningPair(t)
+	ca, cb := client.New(a.sock), client.New(b.sock)
+	waitAssoc(t, ca, 1)
+	ctx := context.Background()
+	v, err := ca.ChangeIdentity(ctx, localapi.StepRotate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := identity.ParsePublicKey(v.Next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.ChangeIdentity(ctx, localapi.StepSwitch); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond) // past a's first move and rotation check
+	if v, err := ca.Identity(ctx); err != nil || v.Phase != localapi.RotationSwitched || !slices.Equal(v.NotMoved, []string{"b"}) {
+		t.Fatalf("with b not pinning the new key: %+v %v, want switched, waiting for b", v, err)
+	}
+	if ps, err := cb.Peers(ctx); err != nil || len(ps) != 1 || ps[0].State != "up" || ps[0].SessionFingerprint != a.id.Public().Fingerprint() {
+		t.Fatalf("b's session with a: %+v %v, want up under a's previous key", ps, err)
+	}
+
+	apc := a.config(t, "", b)
+	a.stop()
+	a.start(t, apc)
+	if v, err := ca.Identity(ctx); err != nil || v.Phase != localapi.RotationSwitched || v.PublicKey != next.String() {
+		t.Fatalf("after a restart while switched: %+v %v", v, err)
+	}
+	waitAssoc(t, cb, 1) // b reaches a, which shows it the previous identity
+
+	if err := b.d.Reload(pinning(t, b.config(t, "", a), a, a.id.Public(), next)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		v, err := ca.Identity(ctx)
+		if err == nil && v.Phase == localapi.RotationNone {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rotation not done 30 s after b pinned the new key: %+v %v\n%s", v, err, a.logs.Bytes())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if ps, err := cb.Peers(ctx); err != nil || len(ps) != 1 || ps[0].SessionFingerprint != next.Fingerprint() {
+		t.Fatalf("b's session with a after the rotation: %+v %v", ps, err)
+	}
 }
