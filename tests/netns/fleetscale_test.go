@@ -6,6 +6,7 @@ import (
 	"maps"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -82,6 +83,9 @@ func testFleetScale(t *testing.T, prefix string, n int, start fleetStart) {
 		t.Fatal(err)
 	}
 
+	// The figures are only as good as the machine is quiet: say how
+	// busy it was.
+	loadBefore := loadAvg()
 	begin := time.Now()
 	beginCPU := pspdCPU(ds)
 	startAll(ctx, t, ds[1:])
@@ -131,7 +135,16 @@ func testFleetScale(t *testing.T, prefix string, n int, start fleetStart) {
 		}
 	}
 
-	var rss, private, goroutines, fds, reloads []float64
+	// What the mesh costs at rest: keepalives, timers, the daemons'
+	// polls of their peers.
+	const rest = 10 * time.Second
+	restCPU := pspdCPU(ds)
+	time.Sleep(rest)
+	restCPU = pspdCPU(ds) - restCPU
+
+	var rss, private, goroutines, fds, reloads, reads []float64
+	refused := 0
+	pairs := map[[2]string]time.Duration{}
 	for _, d := range ds {
 		m, err := scrape(ctx, metricsSock(d))
 		if err != nil {
@@ -143,16 +156,33 @@ func testFleetScale(t *testing.T, prefix string, n int, start fleetStart) {
 		if _, p, err := procMem(d); err == nil {
 			private = append(private, float64(p))
 		}
-		reloads = append(reloads, float64(strings.Count(readFile(t, d.Log), "configuration reloaded")))
+		log := readFile(t, d.Log)
+		reloads = append(reloads, float64(strings.Count(log, "configuration reloaded")))
+		reads = append(reads, float64(strings.Count(log, ": membership read")))
+		// A member that dials a node before that node has read the
+		// membership is refused: a handshake's CPU for nothing, since
+		// the pair comes up when the node, having read it, dials or
+		// knocks itself.
+		refused += strings.Count(log, "key is not pinned here")
+		pairsUp(pairs, d.Host.Name, log)
 	}
 	const mib = 1 << 20
 	peers := float64(n - 1)
 	var b strings.Builder
-	fmt.Fprintf(&b, "fleet of %d nodes on %s (%d pairs), userspace backend:\n", n, strings.Join(slices.Sorted(maps.Keys(idleSvc)), " + "), n*(n-1)/2)
+	fmt.Fprintf(&b, "fleet of %d nodes on %s (%d pairs), userspace backend, %d CPUs, load average %s before the nodes started, %s at the end:\n",
+		n, strings.Join(slices.Sorted(maps.Keys(idleSvc)), " + "), n*(n-1)/2, runtime.NumCPU(), loadBefore, loadAvg())
 	fmt.Fprintf(&b, "  n0 first, alone; then the other %d started 8 at a time, the last answering after %v\n", n-1, started.Round(time.Millisecond))
 	fmt.Fprintf(&b, "  every node with every other as a member: %v after the first of them started\n", membersAt.Round(time.Millisecond))
 	fmt.Fprintf(&b, "  full mesh associated: %v after the first started, %v after the last answered\n", meshAt.Round(time.Millisecond), (meshAt - started).Round(time.Millisecond))
-	fmt.Fprintf(&b, "  pspd CPU over all daemons until then: %.1f s\n", meshCPU.Seconds())
+	var ups []float64
+	for _, d := range pairs {
+		ups = append(ups, d.Seconds())
+	}
+	slices.Sort(ups)
+	fmt.Fprintf(&b, "  a pair, from the first of its nodes adding the other to their session up: median %.2f s, 90th percentile %.2f s, max %.2f s\n",
+		median(ups), ups[len(ups)*9/10], ups[len(ups)-1])
+	fmt.Fprintf(&b, "  pspd CPU over all daemons until then: %.1f s; then at rest: %.1f%% of a CPU in all (%.2f ms a second each)\n",
+		meshCPU.Seconds(), 100*restCPU.Seconds()/rest.Seconds(), float64(restCPU.Milliseconds())/rest.Seconds()/float64(n))
 	for _, name := range slices.Sorted(maps.Keys(idleSvc)) {
 		i, u := idleSvc[name], busySvc[name]
 		fmt.Fprintf(&b, "  %s: RSS %.1f MiB before any node, %.1f MiB with the mesh (%.1f KiB per node); CPU %.1f s while the nodes joined\n",
@@ -164,7 +194,8 @@ func testFleetScale(t *testing.T, prefix string, n int, start fleetStart) {
 		n-1, median(rss)/mib, slices.Max(rss)/mib, median(private)/mib, median(goroutines), slices.Max(goroutines), median(fds))
 	fmt.Fprintf(&b, "  pspd per peer over alone (medians): %.1f KiB RSS, %.2f goroutines, %.2f fds\n",
 		(median(rss)-alone["process_resident_memory_bytes"])/1024/peers, (median(goroutines)-alone["go_goroutines"])/peers, (median(fds)-alone["process_open_fds"])/peers)
-	fmt.Fprintf(&b, "  membership reloads per daemon: median %.0f, max %.0f", median(reloads), slices.Max(reloads))
+	fmt.Fprintf(&b, "  per daemon: membership reloads median %.0f, max %.0f; membership reads (a session's list) max %.0f\n", median(reloads), slices.Max(reloads), slices.Max(reads))
+	fmt.Fprintf(&b, "  inbound handshakes refused for a key not pinned yet: %d (logged once a dialer a minute)", refused)
 	t.Log(b.String())
 }
 
@@ -193,6 +224,33 @@ func fullMesh(ctx context.Context, ds []*Daemon, clients []*client.Client) bool 
 		}
 	}
 	return true
+}
+
+// pairsUp adds to pairs, from the log of node name, how long each of its
+// peers took from being added to its first session up (the down_for of
+// its first "peer up" line), keeping the longer of the pair's two sides.
+func pairsUp(pairs map[[2]string]time.Duration, name, log string) {
+	seen := map[string]bool{}
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, `msg="peer up"`) {
+			continue
+		}
+		var peer string
+		var downFor time.Duration
+		for _, f := range strings.Fields(line) {
+			if v, ok := strings.CutPrefix(f, "peer="); ok {
+				peer = v
+			} else if v, ok := strings.CutPrefix(f, "down_for="); ok {
+				downFor, _ = time.ParseDuration(v)
+			}
+		}
+		if peer == "" || seen[peer] {
+			continue
+		}
+		seen[peer] = true
+		k := [2]string{min(name, peer), max(name, peer)}
+		pairs[k] = max(pairs[k], downFor)
+	}
 }
 
 // usage is a process's resident memory and CPU time so far.
@@ -254,6 +312,15 @@ func cpuTime(pid int) (time.Duration, error) {
 	}
 	// USER_HZ is 100 on every Linux ABI Go runs on.
 	return time.Duration(ticks) * 10 * time.Millisecond, nil
+}
+
+// loadAvg is the host's 1-minute load average.
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); len(f) > 0 {
+		return f[0]
+	}
+	return "?"
 }
 
 func median(v []float64) float64 {
