@@ -228,6 +228,16 @@ func (s *Server) Restart() {
 	s.start(Binary(s.t))
 }
 
+// Pid is the server's process id, for its memory: that of the command
+// Place.Wrap made (ip netns exec execs the server, it does not fork), or
+// 0 while the server is stopped.
+func (s *Server) Pid() int {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // Log is what the server printed.
 func (s *Server) Log() string { return s.log.String() }
 

@@ -37,115 +37,126 @@ type fleetService struct {
 	stop, restart func()
 	// published lists the names of the records the service holds.
 	published func() []string
+	// pids are the service's processes by name, for their memory.
+	pids func() map[string]int
 }
+
+// fleetStart starts a membership service at place.
+type fleetStart func(ctx context.Context, t *testing.T, place etcdtest.Place) fleetService
 
 // TestFleetEtcd runs the fleet scenario (testFleet) on a real etcd with
 // TLS client certificates.
-func TestFleetEtcd(t *testing.T) {
-	testFleet(t, "pfe-", func(ctx context.Context, t *testing.T, ctl *Host) fleetService {
-		srv := etcdtest.Start(t, etcdtest.Options{Place: inCtl(ctx, ctl), TLS: true})
-		admin := srv.Client("root")
-		const prefix = "/pspd/nodes/"
-		return fleetService{
-			discovery: func(d *Daemon) string {
-				ca, cert, key := srv.ClientFiles(d.Host.Name)
-				return fmt.Sprintf("  etcd:\n    endpoints: [%s]\n    ca: %s\n    cert: %s\n    key: %s\n    lease: 5s\n", srv.Endpoint, ca, cert, key)
-			},
-			remove: func(node string) {
-				if _, err := admin.Delete(ctx, prefix+node); err != nil {
-					t.Fatal(err)
-				}
-			},
-			forge: func(r membership.Record) {
-				b, err := r.Encode()
-				if err == nil {
-					_, err = admin.Put(ctx, prefix+r.Name, string(b))
-				}
-				if err != nil {
-					t.Fatal(err)
-				}
-			},
-			stop:    srv.Stop,
-			restart: srv.Restart,
-			published: func() []string {
-				r, err := admin.Get(ctx, prefix, clientv3.WithPrefix())
-				if err != nil {
-					return nil
-				}
-				var names []string
-				for _, kv := range r.Kvs {
-					names = append(names, strings.TrimPrefix(string(kv.Key), prefix))
-				}
-				return names
-			},
-		}
-	})
-}
+func TestFleetEtcd(t *testing.T) { testFleet(t, "pfe-", etcdFleet) }
 
 // TestFleetKubernetes runs the fleet scenario on a real kube-apiserver
 // (on a real etcd) with the manifests of deploy/kubernetes: each pspd
 // authenticates with a service-account token bound to a pod on its node.
-func TestFleetKubernetes(t *testing.T) {
-	testFleet(t, "pfk-", func(ctx context.Context, t *testing.T, ctl *Host) fleetService {
-		srv := kubetest.Start(t, inCtl(ctx, ctl))
-		root := moduleRoot(t)
-		var files []string
-		for _, f := range []string{"crd.yaml", "rbac.yaml", "admission.yaml", "daemonset.yaml"} {
-			files = append(files, filepath.Join(root, "deploy", "kubernetes", f))
-		}
-		srv.Apply(files...)
-		const path = "/apis/pspd.dev/v1/pspnodes/"
-		return fleetService{
-			discovery: func(d *Daemon) string {
-				tok := filepath.Join(d.Dir, "token")
-				if err := os.WriteFile(tok, []byte(srv.NodeToken("pspd", "pspd", d.Host.Name)), 0o600); err != nil {
-					t.Fatal(err)
-				}
-				return fmt.Sprintf("  kubernetes:\n    server: %s\n    token_file: %s\n    ca: %s\n", srv.URL, tok, srv.CAFile)
-			},
-			remove: func(node string) {
-				if code, out := srv.Do("DELETE", path+node, "", nil); code/100 != 2 {
-					t.Fatalf("delete PSPNode %s: %d %s", node, code, out)
-				}
-			},
-			forge: func(r membership.Record) {
-				b, err := kube.Object(r)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if code, out := srv.Do("PATCH", path+r.Name+"?fieldManager=admin&force=true", "application/apply-patch+yaml", b); code/100 != 2 {
-					t.Fatalf("forge PSPNode %s: %d %s", r.Name, code, out)
-				}
-			},
-			stop:    srv.Stop,
-			restart: srv.Restart,
-			published: func() []string {
-				code, out := srv.Do("GET", path, "", nil)
-				if code != 200 {
-					return nil
-				}
-				var list struct {
-					Items []struct {
-						Metadata struct{ Name string } `json:"metadata"`
-					} `json:"items"`
-				}
-				json.Unmarshal(out, &list)
-				var names []string
-				for _, o := range list.Items {
-					names = append(names, o.Metadata.Name)
-				}
-				return names
-			},
-		}
-	})
+func TestFleetKubernetes(t *testing.T) { testFleet(t, "pfk-", kubeFleet) }
+
+// etcdFleet is a real etcd with TLS client certificates, at place.
+func etcdFleet(ctx context.Context, t *testing.T, place etcdtest.Place) fleetService {
+	srv := etcdtest.Start(t, etcdtest.Options{Place: place, TLS: true})
+	admin := srv.Client("root")
+	const prefix = "/pspd/nodes/"
+	return fleetService{
+		discovery: func(d *Daemon) string {
+			ca, cert, key := srv.ClientFiles(d.Host.Name)
+			return fmt.Sprintf("  etcd:\n    endpoints: [%s]\n    ca: %s\n    cert: %s\n    key: %s\n    lease: 5s\n", srv.Endpoint, ca, cert, key)
+		},
+		remove: func(node string) {
+			if _, err := admin.Delete(ctx, prefix+node); err != nil {
+				t.Fatal(err)
+			}
+		},
+		forge: func(r membership.Record) {
+			b, err := r.Encode()
+			if err == nil {
+				_, err = admin.Put(ctx, prefix+r.Name, string(b))
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		},
+		stop:    srv.Stop,
+		restart: srv.Restart,
+		pids:    func() map[string]int { return map[string]int{"etcd": srv.Pid()} },
+		published: func() []string {
+			r, err := admin.Get(ctx, prefix, clientv3.WithPrefix())
+			if err != nil {
+				return nil
+			}
+			var names []string
+			for _, kv := range r.Kvs {
+				names = append(names, strings.TrimPrefix(string(kv.Key), prefix))
+			}
+			return names
+		},
+	}
+}
+
+// kubeFleet is a real kube-apiserver on a real etcd, at place, with the
+// manifests of deploy/kubernetes: each pspd authenticates with a
+// service-account token bound to a pod on its node.
+func kubeFleet(ctx context.Context, t *testing.T, place etcdtest.Place) fleetService {
+	srv := kubetest.Start(t, place)
+	root := moduleRoot(t)
+	var files []string
+	for _, f := range []string{"crd.yaml", "rbac.yaml", "admission.yaml", "daemonset.yaml"} {
+		files = append(files, filepath.Join(root, "deploy", "kubernetes", f))
+	}
+	srv.Apply(files...)
+	const path = "/apis/pspd.dev/v1/pspnodes/"
+	return fleetService{
+		discovery: func(d *Daemon) string {
+			tok := filepath.Join(d.Dir, "token")
+			if err := os.WriteFile(tok, []byte(srv.NodeToken("pspd", "pspd", d.Host.Name)), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return fmt.Sprintf("  kubernetes:\n    server: %s\n    token_file: %s\n    ca: %s\n", srv.URL, tok, srv.CAFile)
+		},
+		remove: func(node string) {
+			if code, out := srv.Do("DELETE", path+node, "", nil); code/100 != 2 {
+				t.Fatalf("delete PSPNode %s: %d %s", node, code, out)
+			}
+		},
+		forge: func(r membership.Record) {
+			b, err := kube.Object(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if code, out := srv.Do("PATCH", path+r.Name+"?fieldManager=admin&force=true", "application/apply-patch+yaml", b); code/100 != 2 {
+				t.Fatalf("forge PSPNode %s: %d %s", r.Name, code, out)
+			}
+		},
+		stop:    srv.Stop,
+		restart: srv.Restart,
+		pids:    func() map[string]int { return map[string]int{"kube-apiserver": srv.Pid(), "etcd": srv.Etcd.Pid()} },
+		published: func() []string {
+			code, out := srv.Do("GET", path, "", nil)
+			if code != 200 {
+				return nil
+			}
+			var list struct {
+				Items []struct {
+					Metadata struct{ Name string } `json:"metadata"`
+				} `json:"items"`
+			}
+			json.Unmarshal(out, &list)
+			var names []string
+			for _, o := range list.Items {
+				names = append(names, o.Metadata.Name)
+			}
+			return names
+		},
+	}
 }
 
 var ctlAddr = netip.MustParsePrefix("192.0.2.100/24")
 
-// inCtl places a test server in the control host ctl, at ctlAddr.
-func inCtl(ctx context.Context, ctl *Host) etcdtest.Place {
+// inCtl places a test server in the control host ctl, at addr.
+func inCtl(ctx context.Context, ctl *Host, addr netip.Addr) etcdtest.Place {
 	return etcdtest.Place{
-		Addr: ctlAddr.Addr(),
+		Addr: addr,
 		Wrap: func(name string, args ...string) *exec.Cmd { return ctl.Command(ctx, name, args...) },
 		Dial: func(ctx context.Context, addr string) (c net.Conn, err error) {
 			err = inNetns(ctl, func() (err error) {
@@ -245,51 +256,15 @@ func fleetRotation(ctx context.Context, t *testing.T, ds []*Daemon, inner func(i
 // during the outage starts from its cache; with the service back the
 // remaining nodes publish themselves again, and the removed node,
 // restarted, rejoins.
-func testFleet(t *testing.T, prefix string, start func(context.Context, *testing.T, *Host) fleetService) {
+func testFleet(t *testing.T, prefix string, start fleetStart) {
 	hostOnly(t)
-	l := newLab(t, prefix)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	t.Cleanup(cancel)
-	sw, err := l.Switch(ctx, "sw")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctl, err := l.Host(ctx, "ctl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Attach(ctx, sw, ctl, ctlAddr); err != nil {
-		t.Fatal(err)
-	}
-	svc := start(ctx, t, ctl)
+	ctx, l, sw, svc := fleetLab(t, prefix, 5*time.Minute, ctlAddr, start)
 	const n = 3
 	inner := func(i int) string { return fmt.Sprintf("10.200.0.%d", i+1) }
 	var ds []*Daemon
 	for i := range n {
-		h, err := l.Host(ctx, fmt.Sprintf("n%d", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := l.Attach(ctx, sw, h, netip.MustParsePrefix(fmt.Sprintf("192.0.2.%d/24", i+1))); err != nil {
-			t.Fatal(err)
-		}
-		d, err := l.NewDaemon(ctx, h)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := d.WriteConfig(fmt.Sprintf(`listen: 192.0.2.%d
-metrics: off
-backend: userspace
-require_encryption: true
-userspace: {address: %s/24, io: udp}
-discovery:
-  node: %s
-  prefixes: [%s/32]
-  cache: %s
-`, i+1, inner(i), h.Name, inner(i), filepath.Join(d.Dir, "members.json")) + svc.discovery(d)); err != nil {
-			t.Fatal(err)
-		}
-		ds = append(ds, d)
+		underlay := netip.MustParsePrefix(fmt.Sprintf("192.0.2.%d/24", i+1))
+		ds = append(ds, fleetNode(ctx, t, l, sw, fmt.Sprintf("n%d", i), underlay, netip.MustParsePrefix(inner(i)+"/24"), false, svc))
 	}
 	available(ctx, t, ds[0], "userspace")
 	begin := time.Now()
@@ -446,4 +421,61 @@ discovery:
 			t.Fatalf("%s → n2 after it rejoined: %v\n%s", d.Host.Name, err, d.Tail(20))
 		}
 	}
+}
+
+// fleetLab is a lab whose context ends after timeout, with a switch sw
+// and a control host on it at ctl, where start runs the membership
+// service.
+func fleetLab(t *testing.T, prefix string, timeout time.Duration, ctl netip.Prefix, start fleetStart) (context.Context, *Lab, *Host, fleetService) {
+	l := newLab(t, prefix)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	sw, err := l.Switch(ctx, "sw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := l.Host(ctx, "ctl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Attach(ctx, sw, h, ctl); err != nil {
+		t.Fatal(err)
+	}
+	return ctx, l, sw, start(ctx, t, inCtl(ctx, h, ctl.Addr()))
+}
+
+// fleetNode is a pspd in a new host plugged into sw at underlay, with no
+// peers in its file: it learns them from svc. inner is its address on
+// the userspace data plane, whose /32 it announces. With metrics it
+// serves /metrics on metricsSock.
+func fleetNode(ctx context.Context, t *testing.T, l *Lab, sw *Host, name string, underlay, inner netip.Prefix, metrics bool, svc fleetService) *Daemon {
+	t.Helper()
+	h, err := l.Host(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Attach(ctx, sw, h, underlay); err != nil {
+		t.Fatal(err)
+	}
+	d, err := l.NewDaemon(ctx, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := "off"
+	if metrics {
+		m = "unix:" + metricsSock(d)
+	}
+	if err := d.WriteConfig(fmt.Sprintf(`listen: %s
+metrics: %s
+backend: userspace
+require_encryption: true
+userspace: {address: %s, io: udp}
+discovery:
+  node: %s
+  prefixes: [%s/32]
+  cache: %s
+`, underlay.Addr(), m, inner, name, inner.Addr(), filepath.Join(d.Dir, "members.json")) + svc.discovery(d)); err != nil {
+		t.Fatal(err)
+	}
+	return d
 }

@@ -17,18 +17,51 @@ import (
 	"time"
 )
 
-// scalePeers is the spoke count of TestScale: PSPD_SCALE_PEERS, default 256.
-// The underlay is one /16 behind one bridge (at most 1023 ports).
-func scalePeers(t *testing.T) int {
-	n := 256
-	if s := os.Getenv("PSPD_SCALE_PEERS"); s != "" {
-		v, err := strconv.Atoi(s)
-		if err != nil || v < 1 || v > 1000 {
-			t.Fatalf("PSPD_SCALE_PEERS=%q: want 1..1000", s)
-		}
-		n = v
+// envCount is the count the environment variable name sets, in lo..hi,
+// or def if it is unset.
+func envCount(t *testing.T, name string, def, lo, hi int) int {
+	s := os.Getenv(name)
+	if s == "" {
+		return def
 	}
-	return n
+	v, err := strconv.Atoi(s)
+	if err != nil || v < lo || v > hi {
+		t.Fatalf("%s=%q: want %d..%d", name, s, lo, hi)
+	}
+	return v
+}
+
+// startAll starts the daemons a few at a time (Start waits for each
+// API), and kills them when the test ends.
+func startAll(ctx context.Context, t *testing.T, ds []*Daemon) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(ds))
+	sem := make(chan struct{}, 8)
+	for _, d := range ds {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := d.Start(ctx); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	t.Cleanup(func() {
+		// SIGKILL: faster than the lab's SIGTERM one by one, and in a
+		// fleet that would withdraw every record in turn, with the rest
+		// reloading for each.
+		for _, d := range ds {
+			d.Kill()
+		}
+	})
+	for err := range errs {
+		t.Fatal(err)
+	}
 }
 
 // scaleAddr is spoke i's address in 198.18.0.0/16 (underlay) or
@@ -52,17 +85,10 @@ func TestScale(t *testing.T) {
 		t.Skip("scale test: PSPD_SCALE=1 runs it (PSPD_SCALE_PEERS sets the spokes, default 256); make test leaves it out")
 	}
 	hostOnly(t)
-	n := scalePeers(t)
-	// ARP entries of every namespace count against one host-wide limit:
-	// the hub holds one per spoke, each spoke one for the hub. Past it
-	// the kernel drops packets ("neighbor table overflow") and spokes
-	// associate only as the retries find room: 1000 spokes took 7 minutes
-	// with the default 1024, not one.
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/neigh/default/gc_thresh3"); err == nil {
-		if limit, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && limit < 2*(n+1)+64 {
-			t.Skipf("%d spokes need about %d ARP entries; net.ipv4.neigh.default.gc_thresh3 is %d (raise it, and gc_thresh2, for the run)", n, 2*(n+1), limit)
-		}
-	}
+	// The underlay is one /16 behind one bridge (at most 1023 ports).
+	n := envCount(t, "PSPD_SCALE_PEERS", 256, 1, 1000)
+	// The hub holds an ARP entry per spoke, each spoke one for the hub.
+	neighRoom(t, 2*(n+1), fmt.Sprintf("%d spokes", n))
 	l := newLab(t, "pns-") // skips when not root
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
@@ -98,7 +124,7 @@ func TestScale(t *testing.T) {
 		fmt.Fprintf(&peers, "  - {name: s%d, endpoint: %s, public_key: %s, prefixes: [%s/32]}\n", i, scaleAddr(false, i), spokes[i].PubKey, scaleAddr(true, i))
 	}
 	t.Logf("%d namespaces, links and identities in %v", n+2, time.Since(setup).Round(time.Millisecond))
-	metrics := filepath.Join(hub.Dir, "metrics.sock")
+	metrics := metricsSock(hub)
 	hubConfig := "listen: 198.18.0.1\nmetrics: unix:" + metrics + "\nbackend: userspace\nuserspace: {address: 10.201.0.1/16, io: udp}\npeers:\n"
 	// The hub with no peers is the baseline of the per-peer figures.
 	if err := hub.WriteConfig(hubConfig + "  []\n"); err != nil {
@@ -123,38 +149,16 @@ func TestScale(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Start the spokes a few at a time: Start waits for each API.
-	start := time.Now()
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	sem := make(chan struct{}, 8)
 	for i, s := range spokes {
 		cfg := fmt.Sprintf("listen: %s\nmetrics: off\nbackend: userspace\nuserspace: {address: %s/16, io: udp}\npeers:\n  - {name: hub, endpoint: 198.18.0.1, public_key: %s, prefixes: [10.201.0.1/32]}\n",
 			scaleAddr(false, i), scaleAddr(true, i), hub.PubKey)
 		if err := s.WriteConfig(cfg); err != nil {
 			t.Fatal(err)
 		}
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			if err := s.Start(ctx); err != nil {
-				errs <- err
-			}
-		}()
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
+	start := time.Now()
+	startAll(ctx, t, spokes)
 	started := time.Since(start)
-	t.Cleanup(func() {
-		for _, s := range spokes {
-			s.Kill()
-		}
-	})
 	var up int
 	for {
 		as, err := hub.Assocs(ctx)
@@ -241,13 +245,36 @@ func scrape(ctx context.Context, sock string) (map[string]float64, error) {
 	return m, sc.Err()
 }
 
-// procMem is a running daemon's resident set and the private part of it,
-// from /proc/PID/smaps_rollup.
+// neighRoom skips the test unless the host's ARP table has room for
+// entries more, which what (the topology) needs. ARP entries of every
+// namespace count against one host-wide limit: past it the kernel drops
+// packets ("neighbor table overflow") and peers associate only as the
+// retries find room: 1000 spokes took 7 minutes with the default 1024,
+// not one.
+func neighRoom(t *testing.T, entries int, what string) {
+	t.Helper()
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/neigh/default/gc_thresh3"); err == nil {
+		if limit, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && limit < entries+64 {
+			t.Skipf("%s need about %d ARP entries; net.ipv4.neigh.default.gc_thresh3 is %d (raise it, and gc_thresh2, for the run)", what, entries, limit)
+		}
+	}
+}
+
+// metricsSock is where a daemon configured for it serves /metrics.
+func metricsSock(d *Daemon) string { return filepath.Join(d.Dir, "metrics.sock") }
+
+// procMem is a running daemon's resident set and the private part of it.
 func procMem(d *Daemon) (rss, private int64, err error) {
 	if d.cmd == nil || d.cmd.Process == nil {
 		return 0, 0, fmt.Errorf("pspd in %s is not running", d.Host.Name)
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", d.cmd.Process.Pid))
+	return pidMem(d.cmd.Process.Pid)
+}
+
+// pidMem is a process's resident set and the private part of it, from
+// /proc/PID/smaps_rollup.
+func pidMem(pid int) (rss, private int64, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
 	if err != nil {
 		return 0, 0, err
 	}
