@@ -9,12 +9,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/pspd/pspd/localapi"
 )
 
 // envCount is the count the environment variable name sets, in lo..hi,
@@ -124,30 +126,8 @@ func TestScale(t *testing.T) {
 		fmt.Fprintf(&peers, "  - {name: s%d, endpoint: %s, public_key: %s, prefixes: [%s/32]}\n", i, scaleAddr(false, i), spokes[i].PubKey, scaleAddr(true, i))
 	}
 	t.Logf("%d namespaces, links and identities in %v", n+2, time.Since(setup).Round(time.Millisecond))
-	metrics := metricsSock(hub)
-	hubConfig := "listen: 198.18.0.1\nmetrics: unix:" + metrics + "\nbackend: userspace\nuserspace: {address: 10.201.0.1/16, io: udp}\npeers:\n"
-	// The hub with no peers is the baseline of the per-peer figures.
-	if err := hub.WriteConfig(hubConfig + "  []\n"); err != nil {
-		t.Fatal(err)
-	}
-	if err := hub.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	empty, err := scrape(ctx, metrics)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hub.Stop()
-	if err := hub.WriteConfig(hubConfig + peers.String()); err != nil {
-		t.Fatal(err)
-	}
-	if err := hub.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	idle, err := scrape(ctx, metrics)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := &scaleHub{hub: hub, n: n}
+	empty, idle := sh.start(ctx, t, "listen: 198.18.0.1\nbackend: userspace\nuserspace: {address: 10.201.0.1/16, io: udp}\n", peers.String())
 
 	for i, s := range spokes {
 		cfg := fmt.Sprintf("listen: %s\nmetrics: off\nbackend: userspace\nuserspace: {address: %s/16, io: udp}\npeers:\n  - {name: hub, endpoint: 198.18.0.1, public_key: %s, prefixes: [10.201.0.1/32]}\n",
@@ -159,61 +139,129 @@ func TestScale(t *testing.T) {
 	start := time.Now()
 	startAll(ctx, t, spokes)
 	started := time.Since(start)
-	var up int
-	for {
-		as, err := hub.Assocs(ctx)
-		if err == nil {
-			up = len(as)
-		}
-		if up == n {
-			break
-		}
-		if time.Since(start) > 15*time.Minute {
-			t.Fatalf("%d of %d associations 15 minutes after the first spoke started (%v)\n%s", up, n, err, hub.Tail(20))
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
-	assoc := time.Since(start)
-	t.Logf("%d spokes started in %v; all %d associations up %v after the first spoke started", n, started.Round(time.Millisecond), n, assoc.Round(time.Millisecond))
-
-	// pspctl assoc list, process start included: the median of 11.
-	var lists []time.Duration
-	for range 11 {
-		s := time.Now()
-		if _, err := hub.Ctl(ctx, "assoc", "list"); err != nil {
-			t.Fatal(err)
-		}
-		lists = append(lists, time.Since(s))
-	}
-	sort.Slice(lists, func(i, j int) bool { return lists[i] < lists[j] })
-	t.Logf("pspctl assoc list with %d associations: median %v (min %v, max %v), process start included",
-		n, lists[5].Round(10*time.Microsecond), lists[0].Round(10*time.Microsecond), lists[10].Round(10*time.Microsecond))
-
+	sh.waitGeneration(ctx, t, 1, 15*time.Minute)
+	t.Logf("%d spokes started in %v; all %d associations up %v after the first spoke started", n, started.Round(time.Millisecond), n, time.Since(start).Round(time.Millisecond))
+	sh.listAndRekey(ctx, t, 11)
 	for _, i := range []int{0, n / 2, n - 1} {
 		if _, err := EchoTCP(ctx, spokes[i].Host, hubHost, "10.201.0.1", 32<<10, "scale-canary-"); err != nil {
 			t.Fatalf("spoke %d to hub: %v", i, err)
 		}
 	}
-	full, err := scrape(ctx, metrics)
+	sh.memory(ctx, t, empty, idle)
+	if rss, private, err := procMem(spokes[0]); err == nil {
+		t.Logf("one spoke (one peer): RSS %.1f MiB, %.1f MiB of it private (the rest is the shared binary)", float64(rss)/(1<<20), float64(private)/(1<<20))
+	}
+}
+
+// scaleHub is the hub of a scale test with its n spokes, which measures
+// itself through its API and its /metrics.
+type scaleHub struct {
+	hub *Daemon
+	n   int
+}
+
+// start runs the hub with config (its backend and addresses) and no
+// peers, which is the baseline of the per-peer figures, then again with
+// peers; it returns the gauges of both.
+func (sh *scaleHub) start(ctx context.Context, t *testing.T, config, peers string) (empty, idle map[string]float64) {
+	t.Helper()
+	config = "metrics: unix:" + metricsSock(sh.hub) + "\n" + config + "peers:\n"
+	for i, ps := range []string{"  []\n", peers} {
+		if i > 0 {
+			sh.hub.Stop()
+		}
+		if err := sh.hub.WriteConfig(config + ps); err != nil {
+			t.Fatal(err)
+		}
+		if err := sh.hub.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		m, err := scrape(ctx, metricsSock(sh.hub))
+		if err != nil {
+			t.Fatal(err)
+		}
+		empty, idle = idle, m
+	}
+	return empty, idle
+}
+
+// waitGeneration waits until every one of the hub's n associations is at
+// generation gen or later, for at most limit.
+func (sh *scaleHub) waitGeneration(ctx context.Context, t *testing.T, gen uint32, limit time.Duration) []localapi.Assoc {
+	t.Helper()
+	begin := time.Now()
+	for {
+		as, err := sh.hub.Assocs(ctx)
+		done := 0
+		for _, a := range as {
+			if a.Generation >= gen {
+				done++
+			}
+		}
+		if err == nil && done == sh.n {
+			return as
+		}
+		if time.Since(begin) > limit {
+			t.Fatalf("%d of %d associations at generation %d after %v (%v)\n%s", done, sh.n, gen, limit, err, sh.hub.Tail(20))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// listAndRekey times pspctl assoc list (the median of runs, process start
+// included) and a rekey of every association (pspctl assoc rotate --all
+// until all are at the next generation).
+func (sh *scaleHub) listAndRekey(ctx context.Context, t *testing.T, runs int) {
+	t.Helper()
+	var lists []time.Duration
+	for range runs {
+		s := time.Now()
+		if _, err := sh.hub.Ctl(ctx, "assoc", "list"); err != nil {
+			t.Fatal(err)
+		}
+		lists = append(lists, time.Since(s))
+	}
+	slices.Sort(lists)
+	t.Logf("pspctl assoc list with %d associations: median %v (min %v, max %v), process start included",
+		sh.n, lists[runs/2].Round(10*time.Microsecond), lists[0].Round(10*time.Microsecond), lists[runs-1].Round(10*time.Microsecond))
+	as, err := sh.hub.Assocs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen := as[0].Generation
+	for _, a := range as {
+		gen = max(gen, a.Generation)
+	}
+	rekey := time.Now()
+	if out, err := sh.hub.Ctl(ctx, "assoc", "rotate", "--all"); err != nil {
+		t.Fatalf("assoc rotate --all: %v\n%s", err, out)
+	}
+	sh.waitGeneration(ctx, t, gen+1, 10*time.Minute)
+	t.Logf("pspctl assoc rotate --all: every one of %d associations rekeyed %v later", sh.n, time.Since(rekey).Round(time.Millisecond))
+}
+
+// memory logs the hub's memory, goroutines and fds, and what each peer
+// adds to the hub with none (empty), configuring (idle) and associating.
+func (sh *scaleHub) memory(ctx context.Context, t *testing.T, empty, idle map[string]float64) {
+	t.Helper()
+	full, err := scrape(ctx, metricsSock(sh.hub))
 	if err != nil {
 		t.Fatal(err)
 	}
 	const mib = 1 << 20
-	per := func(m map[string]float64, k string) float64 { return (m[k] - empty[k]) / float64(n) }
+	n := float64(sh.n)
+	per := func(m map[string]float64, k string) float64 { return (m[k] - empty[k]) / n }
 	for _, c := range []struct {
 		what string
 		m    map[string]float64
-	}{{"no peers", empty}, {fmt.Sprintf("%d peers configured, none associated", n), idle}, {fmt.Sprintf("%d associations", n), full}} {
+	}{{"no peers", empty}, {fmt.Sprintf("%d peers configured, none associated", sh.n), idle}, {fmt.Sprintf("%d associations", sh.n), full}} {
 		t.Logf("hub, %s: RSS %.1f MiB, %.0f goroutines, %.0f fds", c.what,
 			c.m["process_resident_memory_bytes"]/mib, c.m["go_goroutines"], c.m["process_open_fds"])
 	}
 	t.Logf("hub per peer over the hub with none: %.1f KiB RSS (%.1f KiB of it configuring, %.1f associating), %.2f goroutines, %.3f fds",
 		per(full, "process_resident_memory_bytes")/1024, per(idle, "process_resident_memory_bytes")/1024,
-		(full["process_resident_memory_bytes"]-idle["process_resident_memory_bytes"])/1024/float64(n),
+		(full["process_resident_memory_bytes"]-idle["process_resident_memory_bytes"])/1024/n,
 		per(full, "go_goroutines"), per(full, "process_open_fds"))
-	if rss, private, err := procMem(spokes[0]); err == nil {
-		t.Logf("one spoke (one peer): RSS %.1f MiB, %.1f MiB of it private (the rest is the shared binary)", float64(rss)/mib, float64(private)/mib)
-	}
 }
 
 // scrape reads the gauges of a pspd's /metrics served on a unix socket.

@@ -5,13 +5,9 @@ import (
 	"flag"
 	"fmt"
 	"net/netip"
-	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/pspd/pspd/localapi"
 )
 
 // xfrmScalePeers is TestScaleXFRM's spoke count: the VM emulates its CPU,
@@ -44,9 +40,8 @@ func TestScaleXFRM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	metrics := filepath.Join(hub.Dir, "metrics.sock")
-	hubConfig := "listen: 0.0.0.0\nmetrics: unix:" + metrics + "\nbackend: xfrm\noffload: none\nrekey_interval: 10m\nrequire_encryption: true\npeers:\n"
-	if err := hub.WriteConfig(hubConfig + "  []\n"); err != nil {
+	const hubConfig = "listen: 0.0.0.0\nbackend: xfrm\noffload: none\nrekey_interval: 10m\nrequire_encryption: true\n"
+	if err := hub.WriteConfig(hubConfig + "peers: []\n"); err != nil {
 		t.Fatal(err)
 	}
 	available(ctx, t, hub, "xfrm")
@@ -87,20 +82,8 @@ func TestScaleXFRM(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := hub.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	empty, err := scrape(ctx, metrics)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hub.Stop()
-	if err := hub.WriteConfig(hubConfig + peers.String()); err != nil {
-		t.Fatal(err)
-	}
-	if err := hub.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	sh := &scaleHub{hub: hub, n: n}
+	empty, idle := sh.start(ctx, t, hubConfig, peers.String())
 	start := time.Now()
 	for _, s := range spokes {
 		if err := s.Start(ctx); err != nil {
@@ -108,27 +91,7 @@ func TestScaleXFRM(t *testing.T) {
 		}
 	}
 	started := time.Since(start)
-	waitGen := func(gen uint32, limit time.Duration) []localapi.Assoc {
-		t.Helper()
-		begin := time.Now()
-		for {
-			as, err := hub.Assocs(ctx)
-			done := 0
-			for _, a := range as {
-				if a.Generation >= gen {
-					done++
-				}
-			}
-			if err == nil && done == n {
-				return as
-			}
-			if time.Since(begin) > limit {
-				t.Fatalf("%d of %d associations at generation %d after %v (%v)\n%s", done, n, gen, limit, err, hub.Tail(20))
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
-	}
-	as := waitGen(1, 10*time.Minute)
+	as := sh.waitGeneration(ctx, t, 1, 10*time.Minute)
 	t.Logf("%d xfrm spokes started in %v; all %d associations up %v after the first spoke started", n, started.Round(time.Millisecond), n, time.Since(start).Round(time.Millisecond))
 	seen := map[uint32]string{}
 	for _, a := range as {
@@ -138,35 +101,11 @@ func TestScaleXFRM(t *testing.T) {
 		seen[a.RxSPI] = a.Peer
 	}
 
-	var lists []time.Duration
-	for range 5 {
-		s := time.Now()
-		if _, err := hub.Ctl(ctx, "assoc", "list"); err != nil {
-			t.Fatal(err)
-		}
-		lists = append(lists, time.Since(s))
-	}
-	sort.Slice(lists, func(i, j int) bool { return lists[i] < lists[j] })
-	t.Logf("pspctl assoc list with %d xfrm associations: median %v (min %v, max %v), process start included",
-		n, lists[2].Round(10*time.Microsecond), lists[0].Round(10*time.Microsecond), lists[4].Round(10*time.Microsecond))
-
-	rekey := time.Now()
-	if out, err := hub.Ctl(ctx, "assoc", "rotate", "--all"); err != nil {
-		t.Fatalf("assoc rotate --all: %v\n%s", err, out)
-	}
-	waitGen(2, 5*time.Minute)
-	t.Logf("pspctl assoc rotate --all: every one of %d xfrm associations at generation 2 %v later", n, time.Since(rekey).Round(time.Millisecond))
-
+	sh.listAndRekey(ctx, t, 5)
 	for _, i := range []int{0, n / 2, n - 1} {
 		if _, err := EchoTCP(ctx, spokes[i].Host, hubHost, "10.201.0.1", 16<<10, "scale-canary-"); err != nil {
 			t.Fatalf("spoke %d to hub: %v", i, err)
 		}
 	}
-	full, err := scrape(ctx, metrics)
-	if err != nil {
-		t.Fatal(err)
-	}
-	per := func(k string) float64 { return (full[k] - empty[k]) / float64(n) }
-	t.Logf("xfrm hub per peer over the hub with none: %.1f KiB RSS, %.2f goroutines, %.3f fds (with %d: RSS %.1f MiB)",
-		per("process_resident_memory_bytes")/1024, per("go_goroutines"), per("process_open_fds"), n, full["process_resident_memory_bytes"]/(1<<20))
+	sh.memory(ctx, t, empty, idle)
 }
