@@ -116,7 +116,18 @@ func (s *Source) session(ctx context.Context, c *clientv3.Client, self *membersh
 		}
 		lease = g.ID
 		defer func() {
-			// Leave at once on the way out, not only when the lease expires.
+			// When pspd stops, leave at once, not only when the lease
+			// expires. A session that failed while pspd goes on leaves
+			// the lease to run out instead: the next one publishes under
+			// a new lease, and the record stands meanwhile, so that a
+			// slow or briefly unreachable etcd does not take the node out
+			// of every other's configuration and back in (seen with 128
+			// nodes on two CPUs: each Get or Put that timed out made every
+			// other node drop the node's associations and, once it was
+			// back, negotiate them again).
+			if ctx.Err() == nil {
+				return
+			}
 			rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
 			c.Revoke(rctx, lease)
 			rcancel()

@@ -140,3 +140,62 @@ func TestSourceIgnoresBadRecords(t *testing.T) {
 		}
 	}
 }
+
+// TestSourceFailedSessionKeepsRecord: a session that fails while the
+// source goes on (here node b may write its key but not read the prefix)
+// leaves b's record in etcd for the next session to publish again,
+// instead of revoking its lease: a slow or briefly failing etcd must not
+// take a node out of every other's configuration and back in.
+func TestSourceFailedSessionKeepsRecord(t *testing.T) {
+	srv := etcdtest.Start(t, etcdtest.Options{TLS: true})
+	admin := srv.Client("root")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	noPassword := &clientv3.UserAddOptions{NoPassword: true}
+	for _, step := range []func() error{
+		func() error { _, err := admin.RoleAdd(ctx, "root"); return err },
+		func() error { _, err := admin.UserAddWithOptions(ctx, "root", "", noPassword); return err },
+		func() error { _, err := admin.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := admin.RoleAdd(ctx, "b"); return err },
+		func() error {
+			_, err := admin.RoleGrantPermission(ctx, "b", prefix+"b", "", clientv3.PermissionType(clientv3.PermReadWrite))
+			return err
+		},
+		func() error { _, err := admin.UserAddWithOptions(ctx, "b", "", noPassword); return err },
+		func() error { _, err := admin.UserGrantRole(ctx, "b", "b"); return err },
+		func() error { _, err := admin.AuthEnable(ctx); return err },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := admin.Get(ctx, prefix+"b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	watch := admin.Watch(ctx, prefix+"b", clientv3.WithRev(r.Header.Revision+1))
+	b := run(t, Config{Endpoints: []string{srv.Endpoint}, Prefix: prefix, TLS: srv.ClientTLS("b"), Lease: 10 * time.Second}, record(t, "b", "192.0.2.2:6082"))
+	var puts int
+	for deadline := time.After(8 * time.Second); ; {
+		select {
+		case wr := <-watch:
+			for _, ev := range wr.Events {
+				if ev.Type == clientv3.EventTypeDelete {
+					t.Fatalf("b's record was deleted after a failed session (put %d times)\n%s", puts, b.logs)
+				}
+				puts++
+			}
+			continue
+		case <-deadline:
+		}
+		break
+	}
+	// Backoffs of 1, 2 and 4 s: four sessions, each well within the
+	// lease of the one before.
+	if puts < 3 || !strings.Contains(b.logs.String(), "permission denied") {
+		t.Fatalf("b published %d times; want sessions that fail reading the prefix\n%s", puts, b.logs)
+	}
+	if r, err := admin.Get(ctx, prefix+"b"); err != nil || len(r.Kvs) != 1 {
+		t.Fatalf("b's record after its failed sessions: %v %v", r, err)
+	}
+}
