@@ -29,6 +29,7 @@ func main() {
 	dur := flag.Duration("time", 5*time.Second, "duration of each TCP run")
 	prof := flag.Bool("profile", true, "after the rounds, profile each tunnel under one TCP stream with perf")
 	only := flag.String("systems", "", "comma-separated system names to run (default all): "+names(allSystems))
+	baseline := flag.String("baseline", "", "also run every pspd system built from this git revision of -root, interleaved, for before/after comparisons")
 	meas := flag.String("measure", "", "comma-separated parts to measure (default all): "+strings.Join(allParts, ","))
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -39,7 +40,7 @@ func main() {
 		log.Error("bench-e2e failed", "err", err)
 		os.Exit(2)
 	}
-	if err := run(ctx, log, *root, *out, *rounds, *dur, *only, ps, *prof); err != nil {
+	if err := run(ctx, log, *root, *out, *rounds, *dur, *only, *baseline, ps, *prof); err != nil {
 		log.Error("bench-e2e failed", "err", err)
 		os.Exit(1)
 	}
@@ -95,7 +96,7 @@ func pickParts(list string) (parts, error) {
 	return ps, nil
 }
 
-func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d time.Duration, only string, ps parts, prof bool) error {
+func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d time.Duration, only, baseline string, ps parts, prof bool) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root to create network namespaces")
 	}
@@ -112,6 +113,13 @@ func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d 
 	t, err := buildTools(ctx, root, dir)
 	if err != nil {
 		return err
+	}
+	if baseline != "" {
+		log.Info("building the baseline", "rev", baseline)
+		if err := t.buildBaseline(ctx, root, baseline); err != nil {
+			return err
+		}
+		systems = withBaseline(systems, baseline)
 	}
 	res := newResults(systems)
 	start := time.Now()
@@ -239,5 +247,7 @@ Plain veth sends to 192.0.2.2 directly; wireguard-go and pspd carry 10.200.0.1 â
 As root on a Debian machine with Go: ` + "`make bench-e2e`" + ` (installs iperf3 and
 wireguard-tools if missing, builds wireguard-go from ` + "`tests/bench/go.mod`" + `,
 and rewrites this file). ` + "`cd tests/bench && go run ./cmd/benche2e -h`" + ` lists
-the knobs (` + "`-rounds`, `-time`, `-systems`" + `); without ` + "`-out`" + ` it only prints.
+the knobs (` + "`-rounds`, `-time`, `-systems`, `-measure`" + `; ` + "`-baseline REV`" + ` runs pspd built
+from another revision in the same rounds, for before/after figures);
+without ` + "`-out`" + ` it only prints.
 `
