@@ -136,9 +136,6 @@ func (u *XDPUnderlay) Mode() xdp.Mode { return u.prog.Mode() }
 // uses the UMEM directly) rather than copy mode.
 func (u *XDPUnderlay) ZeroCopy() bool { return u.sock.ZeroCopy() }
 
-// rxPoll bounds how long ReadBatch sleeps before it looks at Close.
-const rxPollMS = 100
-
 // ReadBatch waits for frames, copies the UDP payload of each into
 // msgs[i].Buf[Off:] and returns the frames to the kernel.
 func (u *XDPUnderlay) ReadBatch(msgs []Message) (int, error) {
@@ -151,7 +148,11 @@ func (u *XDPUnderlay) ReadBatch(msgs []Message) (int, error) {
 		}
 		n := u.sock.Receive(u.rxD[:want])
 		if n == 0 {
-			if err := u.sock.WaitRX(rxPollMS); err != nil {
+			// Close interrupts the wait.
+			if err := u.sock.WaitRX(-1); err != nil {
+				if u.closed.Load() {
+					return 0, fmt.Errorf("userspace: AF_XDP underlay: %w", net.ErrClosed)
+				}
 				return 0, err
 			}
 			continue
@@ -351,6 +352,9 @@ func (u *XDPUnderlay) Close() error {
 	var errs []error
 	if u.prog != nil {
 		errs = append(errs, u.prog.Close())
+	}
+	if u.sock != nil {
+		u.sock.Interrupt()
 	}
 	u.rxMu.Lock()
 	u.txMu.Lock()

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -83,6 +84,49 @@ func BenchmarkTunnelTCP(b *testing.B) {
 	}
 }
 
+// BenchmarkTunnelRR does 1-byte request/response round trips over one TCP
+// connection (TCP_NODELAY) through the tunnel and, interleaved with them,
+// over the veth it runs on, and reports both medians and the tunnel's
+// 99th percentile, and the process's context switches per round trip
+// (both ends, both daemons: compare rows of one run). A round trip is
+// four hops through the loops (TX at one end, RX at the other, and back);
+// a hop that waits for a batch to fill, a timer, or a hand-off between
+// threads shows here rather than in BenchmarkTunnelTCP. ns/op is a
+// tunnel round trip plus a veth one.
+func BenchmarkTunnelRR(b *testing.B) {
+	for _, underlay := range []string{"udp", "afxdp"} {
+		b.Run(underlay, func(b *testing.B) {
+			tn := newTunnelIO(b, codec.Geneve, underlay)
+			tn.rekey(b)
+			tunnelled := echoPair(b, &tn.a, &tn.b, netip.AddrPortFrom(innerB, 5203))
+			plain := echoPair(b, &tn.a, &tn.b, netip.AddrPortFrom(outerB, 5204))
+			// The first round trips resolve neighbours and warm the loops.
+			for range 10 {
+				tunnelled.roundTrip(b)
+				plain.roundTrip(b)
+			}
+			rtt := make([]time.Duration, 0, b.N)
+			vrtt := make([]time.Duration, 0, b.N)
+			var csw uint64
+			b.ResetTimer()
+			for range b.N {
+				vrtt = append(vrtt, plain.roundTrip(b))
+				c0 := ctxSwitches(b)
+				rtt = append(rtt, tunnelled.roundTrip(b))
+				csw += ctxSwitches(b) - c0
+			}
+			b.StopTimer()
+			slices.Sort(rtt)
+			slices.Sort(vrtt)
+			us := func(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+			b.ReportMetric(us(rtt[len(rtt)/2]), "tunnel-p50-µs")
+			b.ReportMetric(us(rtt[len(rtt)*99/100]), "tunnel-p99-µs")
+			b.ReportMetric(us(vrtt[len(vrtt)/2]), "veth-p50-µs")
+			b.ReportMetric(float64(csw)/float64(b.N), "ctxsw/rt")
+		})
+	}
+}
+
 // xskCalls sums both sides' AF_XDP socket counters (zero for UDP).
 func (tn *tunnel) xskCalls() (c xsk.Counters) {
 	for _, s := range []*side{&tn.a, &tn.b} {
@@ -125,6 +169,29 @@ type tcpConn struct {
 
 func tcpPair(b *testing.B, from, to *side, addr netip.AddrPort) *tcpConn {
 	b.Helper()
+	return connect(b, from, to, addr, func(c net.Conn) {
+		buf := make([]byte, 4<<20)
+		for {
+			if _, err := io.ReadFull(c, buf); err != nil {
+				return
+			}
+			if _, err := c.Write([]byte{1}); err != nil {
+				return
+			}
+		}
+	})
+}
+
+// echoPair connects from to a server in to that echoes every byte.
+func echoPair(b *testing.B, from, to *side, addr netip.AddrPort) *tcpConn {
+	b.Helper()
+	return connect(b, from, to, addr, func(c net.Conn) { io.Copy(c, c) })
+}
+
+// connect dials from from to addr in to, where serve handles the one
+// connection it accepts.
+func connect(b *testing.B, from, to *side, addr netip.AddrPort, serve func(net.Conn)) *tcpConn {
+	b.Helper()
 	var ln net.Listener
 	if err := to.ns.Do(func() (err error) { ln, err = net.Listen("tcp4", addr.String()); return err }); err != nil {
 		b.Fatal(err)
@@ -136,15 +203,7 @@ func tcpPair(b *testing.B, from, to *side, addr netip.AddrPort) *tcpConn {
 			return
 		}
 		defer c.Close()
-		buf := make([]byte, 4<<20)
-		for {
-			if _, err := io.ReadFull(c, buf); err != nil {
-				return
-			}
-			if _, err := c.Write([]byte{1}); err != nil {
-				return
-			}
-		}
+		serve(c)
 	}()
 	var c net.Conn
 	if err := from.ns.Do(func() (err error) { c, err = net.DialTimeout("tcp4", addr.String(), 5*time.Second); return err }); err != nil {
@@ -158,6 +217,18 @@ func (t *tcpConn) send(b *testing.B, chunk []byte) time.Duration {
 	start := time.Now()
 	t.c.SetDeadline(start.Add(30 * time.Second))
 	if _, err := t.c.Write(chunk); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := io.ReadFull(t.c, t.ack); err != nil {
+		b.Fatal(err)
+	}
+	return time.Since(start)
+}
+
+func (t *tcpConn) roundTrip(b *testing.B) time.Duration {
+	start := time.Now()
+	t.c.SetDeadline(start.Add(5 * time.Second))
+	if _, err := t.c.Write(t.ack); err != nil {
 		b.Fatal(err)
 	}
 	if _, err := io.ReadFull(t.c, t.ack); err != nil {

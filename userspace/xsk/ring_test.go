@@ -56,7 +56,9 @@ func (k *fakeKernel) sendto(int) unix.Errno {
 	return 0
 }
 
-func (k *fakeKernel) poll(int, int) error { k.polls++; return nil }
+func (k *fakeKernel) poll(int) error              { k.polls++; return nil }
+func (k *fakeKernel) wait(int, func() bool) error { k.polls++; return nil }
+func (k *fakeKernel) interrupt()                  {}
 
 // newFakeSocket is a Socket of frames frames whose rings only fakeKernel
 // serves. Half the frames are RX frames handed to the fill ring, sized

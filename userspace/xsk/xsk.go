@@ -17,6 +17,11 @@
 // one sendto may send, XDP_MAX_TX_SKB_BUDGET, from 32 to the ring size, so
 // that a batch goes out with one call.)
 //
+// WaitRX waits in the Go runtime's poller, as a socket read does, not in a
+// poll(2) of its own: a thread blocked in a system call is one the runtime
+// has to wake and hand a P back to, and while it is blocked sysmon wakes
+// every 20 µs to see whether it should take that P away.
+//
 // A Socket's receive side (Receive, Release, WaitRX) and transmit side
 // (AllocTX, Transmit, FreeTX) each belong to one goroutine at a time; the two
 // sides may run concurrently because they touch disjoint rings and frames.
@@ -25,7 +30,9 @@ package xsk
 import (
 	"errors"
 	"fmt"
+	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -83,7 +90,7 @@ type Counters struct {
 	TXNoWakeup  uint64 // kicks left out because the kernel did not ask (need_wakeup clear)
 	TXBatches   uint64 // Transmit calls that queued frames
 	TXFrames    uint64 // frames queued by Transmit
-	RXPolls     uint64 // poll calls waiting for frames (WaitRX)
+	RXPolls     uint64 // waits for frames in the runtime poller (WaitRX on an empty ring)
 	FillWakeups uint64 // poll calls because the fill ring asked for one
 	RXBatches   uint64 // Receive calls that returned frames
 	RXFrames    uint64 // frames returned by Receive
@@ -98,20 +105,47 @@ type counters struct {
 // package's ring tests.
 type kernel interface {
 	sendto(fd int) unix.Errno
-	poll(fd, timeoutMS int) error
+	// poll is poll(2) without waiting: what wakes a driver that asked for
+	// it through the fill ring's need_wakeup flag.
+	poll(fd int) error
+	// wait blocks until ready reports true, the kernel having said the
+	// socket is readable, or timeoutMS passes (-1: no timeout), or
+	// Interrupt is called.
+	wait(timeoutMS int, ready func() bool) error
+	interrupt()
 }
 
-type sysKernel struct{}
+// sysKernel waits in the runtime's poller on the socket, which Open
+// registers there as an *os.File.
+type sysKernel struct {
+	f  *os.File
+	rc syscall.RawConn
+}
 
-func (sysKernel) sendto(fd int) unix.Errno {
+func (*sysKernel) sendto(fd int) unix.Errno {
 	_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), 0, 0, unix.MSG_DONTWAIT, 0, 0)
 	return e
 }
 
-func (sysKernel) poll(fd, timeoutMS int) error {
-	_, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, timeoutMS)
+func (*sysKernel) poll(fd int) error {
+	_, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
 	return err
 }
+
+func (k *sysKernel) wait(timeoutMS int, ready func() bool) error {
+	if timeoutMS >= 0 {
+		// Only a bounded wait sets a deadline, so that one does not
+		// undo an interrupt that an unbounded wait is to see.
+		k.f.SetReadDeadline(time.Now().Add(time.Duration(timeoutMS) * time.Millisecond))
+	}
+	err := k.rc.Read(func(uintptr) bool { return ready() })
+	if timeoutMS >= 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+		return nil
+	}
+	return err
+}
+
+func (k *sysKernel) interrupt() { k.f.SetReadDeadline(time.Unix(1, 0)) }
 
 func (c *Config) setDefaults() error {
 	if c.FrameSize == 0 {
@@ -232,7 +266,7 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("xsk: socket(AF_XDP): %w", err)
 	}
-	s = &Socket{fd: fd, frameSize: uint64(cfg.FrameSize), ifindex: ifindex, queue: queue, sys: sysKernel{}}
+	s = &Socket{fd: fd, frameSize: uint64(cfg.FrameSize), ifindex: ifindex, queue: queue}
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -326,6 +360,15 @@ func Open(ifindex, queue int, cfg Config) (s *Socket, err error) {
 		return s, fmt.Errorf("xsk: XDP_OPTIONS: %w", e)
 	}
 	s.zeroCopy = opts&unix.XDP_OPTIONS_ZEROCOPY != 0
+	// From here the File owns the descriptor and closes it.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return s, fmt.Errorf("xsk: %w", err)
+	}
+	k := &sysKernel{f: os.NewFile(uintptr(fd), "xsk")}
+	s.sys = k
+	if k.rc, err = k.f.SyscallConn(); err != nil {
+		return s, fmt.Errorf("xsk: %w", err)
+	}
 	return s, nil
 }
 
@@ -470,23 +513,32 @@ func (s *Socket) Release(d []Desc) error {
 	// need_wakeup flag and waits for a poll to restart reception.
 	if s.fill.needWakeup() {
 		s.n.fillWakeups.Add(1)
-		s.sys.poll(s.fd, 0)
+		s.sys.poll(s.fd)
 	}
 	return nil
 }
 
 // WaitRX blocks until a packet is ready to receive or timeoutMS passes
-// (-1: forever). It returns early with EINTR on signals.
+// (-1: until Interrupt). After Interrupt, WaitRX(-1) returns at once with
+// an error wrapping os.ErrDeadlineExceeded.
 func (s *Socket) WaitRX(timeoutMS int) error {
 	if s.rx.avail() > 0 {
 		return nil
 	}
 	s.n.rxPolls.Add(1)
-	err := s.sys.poll(s.fd, timeoutMS)
-	if err != nil && err != unix.EINTR {
-		return fmt.Errorf("xsk: poll: %w", err)
+	if err := s.sys.wait(timeoutMS, func() bool { return s.rx.avail() > 0 }); err != nil {
+		return fmt.Errorf("xsk: wait for RX: %w", err)
 	}
 	return nil
+}
+
+// Interrupt makes a WaitRX(-1) in progress, and every later one, return,
+// so that a receiver waiting without a timeout can be stopped before
+// Close. It may be called from any goroutine.
+func (s *Socket) Interrupt() {
+	if s.sys != nil {
+		s.sys.interrupt()
+	}
 }
 
 // AllocTX fills d with up to len(d) free TX frames, each with Len set to the
@@ -612,7 +664,11 @@ func (s *Socket) Close() error {
 			*r = ring{}
 		}
 	}
-	errs = append(errs, unix.Close(s.fd))
+	if k, ok := s.sys.(*sysKernel); ok {
+		errs = append(errs, k.f.Close())
+	} else {
+		errs = append(errs, unix.Close(s.fd))
+	}
 	if s.umem != nil {
 		errs = append(errs, unix.Munmap(s.umem))
 		s.umem = nil

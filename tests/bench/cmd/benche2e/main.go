@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -28,11 +29,18 @@ func main() {
 	dur := flag.Duration("time", 5*time.Second, "duration of each TCP run")
 	prof := flag.Bool("profile", true, "after the rounds, profile each tunnel under one TCP stream with perf")
 	only := flag.String("systems", "", "comma-separated system names to run (default all): "+names(allSystems))
+	baseline := flag.String("baseline", "", "also run every pspd system built from this git revision of -root, interleaved, for before/after comparisons")
+	meas := flag.String("measure", "", "comma-separated parts to measure (default all): "+strings.Join(allParts, ","))
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, log, *root, *out, *rounds, *dur, *only, *prof); err != nil {
+	ps, err := pickParts(*meas)
+	if err != nil {
+		log.Error("bench-e2e failed", "err", err)
+		os.Exit(2)
+	}
+	if err := run(ctx, log, *root, *out, *rounds, *dur, *only, *baseline, ps, *prof); err != nil {
 		log.Error("bench-e2e failed", "err", err)
 		os.Exit(1)
 	}
@@ -65,7 +73,30 @@ func pick(only string) ([]system, error) {
 	return ss, nil
 }
 
-func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d time.Duration, only string, prof bool) error {
+// allParts are what one round measures, in order; -measure picks some,
+// so that one figure can be iterated on without waiting for the rest.
+var allParts = []string{"tcp", "udp", "rr", "startup"}
+
+type parts map[string]bool
+
+func pickParts(list string) (parts, error) {
+	ps := parts{}
+	if list == "" {
+		for _, p := range allParts {
+			ps[p] = true
+		}
+		return ps, nil
+	}
+	for _, p := range strings.Split(list, ",") {
+		if !slices.Contains(allParts, p) {
+			return nil, fmt.Errorf("-measure: unknown part %q (have %s)", p, strings.Join(allParts, ","))
+		}
+		ps[p] = true
+	}
+	return ps, nil
+}
+
+func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d time.Duration, only, baseline string, ps parts, prof bool) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root to create network namespaces")
 	}
@@ -83,6 +114,13 @@ func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d 
 	if err != nil {
 		return err
 	}
+	if baseline != "" {
+		log.Info("building the baseline", "rev", baseline)
+		if err := t.buildBaseline(ctx, root, baseline); err != nil {
+			return err
+		}
+		systems = withBaseline(systems, baseline)
+	}
 	res := newResults(systems)
 	start := time.Now()
 	for round := range rounds {
@@ -94,7 +132,7 @@ func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d 
 				return ctx.Err()
 			}
 			log.Info("measuring", "round", round+1, "system", s.Name)
-			smp, st, err := once(ctx, t, s, d)
+			smp, st, err := once(ctx, t, s, d, ps)
 			if err != nil {
 				log.Error("round failed", "round", round+1, "system", s.Name, "err", err)
 				res.errs[s.Name] = append(res.errs[s.Name], fmt.Sprintf("round %d: %v", round+1, err))
@@ -133,14 +171,14 @@ func run(ctx context.Context, log *slog.Logger, root, out string, rounds int, d 
 
 // once brings a system up, measures it and tears it down. For pspd it
 // also takes the start and restart times, last, as they restart daemons.
-func once(ctx context.Context, t *tools, s system, d time.Duration) (sample, *startupSample, error) {
+func once(ctx context.Context, t *tools, s system, d time.Duration, ps parts) (sample, *startupSample, error) {
 	e, err := t.up(ctx, s)
 	if err != nil {
 		return sample{}, nil, err
 	}
 	defer e.close()
-	smp, err := measure(ctx, e, d)
-	if !s.isPspd() || ctx.Err() != nil {
+	smp, err := measure(ctx, e, d, ps)
+	if !s.isPspd() || !ps["startup"] || ctx.Err() != nil {
 		return smp, nil, err
 	}
 	st, serr := startup(ctx, e)
@@ -209,5 +247,7 @@ Plain veth sends to 192.0.2.2 directly; wireguard-go and pspd carry 10.200.0.1 â
 As root on a Debian machine with Go: ` + "`make bench-e2e`" + ` (installs iperf3 and
 wireguard-tools if missing, builds wireguard-go from ` + "`tests/bench/go.mod`" + `,
 and rewrites this file). ` + "`cd tests/bench && go run ./cmd/benche2e -h`" + ` lists
-the knobs (` + "`-rounds`, `-time`, `-systems`" + `); without ` + "`-out`" + ` it only prints.
+the knobs (` + "`-rounds`, `-time`, `-systems`, `-measure`" + `; ` + "`-baseline REV`" + ` runs pspd built
+from another revision in the same rounds, for before/after figures);
+without ` + "`-out`" + ` it only prints.
 `

@@ -101,6 +101,21 @@ func TestTableRatios(t *testing.T) {
 	}
 }
 
+func TestBaselineRows(t *testing.T) {
+	ss := withBaseline(allSystems[1:3], "abc123")
+	if len(ss) != 3 || !ss[2].base || ss[2].Name != "pspd userspace io=udp @abc123" || ss[1].base {
+		t.Fatalf("withBaseline = %+v", ss)
+	}
+	res := newResults(ss)
+	res.samples["pspd userspace io=udp"] = []sample{{RRP50: 100}}
+	res.samples["pspd userspace io=udp @abc123"] = []sample{{RRP50: 250}}
+	var b bytes.Buffer
+	res.table(&b)
+	if want := "| pspd userspace io=udp | pspd userspace io=udp @abc123 | – | – | – | – | – | 2.50x |"; !strings.Contains(b.String(), want) {
+		t.Errorf("table lacks %q:\n%s", want, b.String())
+	}
+}
+
 // /proc/stat as Linux 6.x prints it on a 2-CPU machine (abridged).
 const procStat = `cpu  1000 50 300 90000 700 20 30 5 0 0
 cpu0 500 25 150 45000 350 10 15 3 0 0

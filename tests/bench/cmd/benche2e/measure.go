@@ -203,7 +203,7 @@ func startListening(cmd *exec.Cmd, out *syncBuffer) error {
 // measure takes one round of every figure for e. A part that fails
 // leaves its figure zero (medians skip it) and the others still run, so
 // one noisy UDP sweep does not discard a round's TCP figures.
-func measure(ctx context.Context, e *env, d time.Duration) (sample, error) {
+func measure(ctx context.Context, e *env, d time.Duration, ps parts) (sample, error) {
 	var s sample
 	stop, err := iperfServer(ctx, e)
 	if err != nil {
@@ -211,20 +211,26 @@ func measure(ctx context.Context, e *env, d time.Duration) (sample, error) {
 	}
 	defer stop()
 	var errs []error
-	if s.TCP1, s.CPU1, err = tcpRate(ctx, e, 1, d); err != nil {
-		errs = append(errs, fmt.Errorf("tcp 1 stream: %w", err))
+	if ps["tcp"] {
+		if s.TCP1, s.CPU1, err = tcpRate(ctx, e, 1, d); err != nil {
+			errs = append(errs, fmt.Errorf("tcp 1 stream: %w", err))
+		}
+		if s.TCP2, _, err = tcpRate(ctx, e, 2, d); err != nil {
+			errs = append(errs, fmt.Errorf("tcp 2 streams: %w", err))
+		}
+		if s.TCP4, _, err = tcpRate(ctx, e, 4, d); err != nil {
+			errs = append(errs, fmt.Errorf("tcp 4 streams: %w", err))
+		}
 	}
-	if s.TCP2, _, err = tcpRate(ctx, e, 2, d); err != nil {
-		errs = append(errs, fmt.Errorf("tcp 2 streams: %w", err))
+	if ps["udp"] {
+		if s.UDP, s.UDPPPS, err = udpSweep(ctx, e, udpStep); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	if s.TCP4, _, err = tcpRate(ctx, e, 4, d); err != nil {
-		errs = append(errs, fmt.Errorf("tcp 4 streams: %w", err))
-	}
-	if s.UDP, s.UDPPPS, err = udpSweep(ctx, e, udpStep); err != nil {
-		errs = append(errs, err)
-	}
-	if s.RRP50, s.RRP99, err = roundTrips(ctx, e, rrTime); err != nil {
-		errs = append(errs, fmt.Errorf("round trips: %w", err))
+	if ps["rr"] {
+		if s.RRP50, s.RRP99, err = roundTrips(ctx, e, rrTime); err != nil {
+			errs = append(errs, fmt.Errorf("round trips: %w", err))
+		}
 	}
 	return s, errors.Join(errs...)
 }

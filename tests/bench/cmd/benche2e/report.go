@@ -108,7 +108,7 @@ func (r *results) table(w io.Writer) {
 			wg = &r.systems[i]
 		}
 	}
-	if veth == nil && wg == nil {
+	if veth == nil && wg == nil && !slices.ContainsFunc(r.systems, func(s system) bool { return s.base }) {
 		return
 	}
 	fmt.Fprintln(w)
@@ -128,6 +128,11 @@ func (r *results) table(w io.Writer) {
 	for _, s := range r.systems {
 		if wg != nil && s.isPspd() {
 			row(s, *wg)
+		}
+	}
+	for i, s := range r.systems {
+		if i > 0 && s.base {
+			row(r.systems[i-1], s)
 		}
 	}
 	if len(r.startup) > 0 {

@@ -25,6 +25,9 @@ type system struct {
 	Name string // as printed in the tables
 	kind string // veth, wireguard-go or pspd
 	io   string // pspd's userspace.io
+	// base runs the pspd built from -baseline's revision instead of the
+	// working tree's.
+	base bool
 }
 
 func (s system) isPspd() bool { return s.kind == "pspd" }
@@ -35,6 +38,21 @@ func (s system) id() string {
 		return s.kind + ":" + s.io
 	}
 	return s.kind
+}
+
+// withBaseline adds after each pspd system its twin built from rev, so a
+// change and the revision before it are measured in the same rounds.
+func withBaseline(ss []system, rev string) []system {
+	var out []system
+	for _, s := range ss {
+		out = append(out, s)
+		if s.isPspd() {
+			b := s
+			b.Name, b.base = s.Name+" @"+rev, true
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 var allSystems = []system{
@@ -77,6 +95,8 @@ type tools struct {
 	pspd        string
 	pspctl      string
 	wireguardGo string
+	// basePspd and basePspctl are built from -baseline's revision.
+	basePspd, basePspctl string
 }
 
 func buildTools(ctx context.Context, root, dir string) (*tools, error) {
@@ -99,6 +119,29 @@ func buildTools(ctx context.Context, root, dir string) (*tools, error) {
 	return t, nil
 }
 
+// buildBaseline builds pspd and pspctl from revision rev of the
+// repository at root, from a copy of its tree (git archive), so that
+// neither the working tree nor the repository's worktrees change.
+func (t *tools) buildBaseline(ctx context.Context, root, rev string) error {
+	src := filepath.Join(t.dir, "baseline-src")
+	bin := filepath.Join(t.dir, "baseline")
+	for _, d := range []string{src, bin} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	archive := exec.CommandContext(ctx, "sh", "-c", `git -C "$1" archive "$2" | tar -x -C "$3"`, "sh", root, rev, src)
+	if out, err := archive.CombinedOutput(); err != nil {
+		return fmt.Errorf("baseline %s: %v\n%s", rev, err, out)
+	}
+	lab, err := netns.NewLab(ctx, prefix, src, bin)
+	if err != nil {
+		return fmt.Errorf("baseline %s: %w", rev, err)
+	}
+	t.basePspd, t.basePspctl = lab.Pspd, lab.Pspctl
+	return nil
+}
+
 // up builds the topology every system shares, the one netns.Lab.TwoHosts
 // builds for pspd: hosts a (192.0.2.1) and b (192.0.2.2) joined through a
 // bridge in a third namespace; then the system's tunnel over it.
@@ -108,6 +151,9 @@ func (t *tools) up(ctx context.Context, s system) (*env, error) {
 		return nil, err
 	}
 	lab := &netns.Lab{Prefix: prefix, Dir: dir, Pspd: t.pspd, Pspctl: t.pspctl, IO: s.io}
+	if s.base {
+		lab.Pspd, lab.Pspctl = t.basePspd, t.basePspctl
+	}
 	e := &env{lab: lab}
 	ok := false
 	defer func() {
