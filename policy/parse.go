@@ -125,6 +125,19 @@ func (p parser) str(n *yaml.Node, field string) (string, error) {
 	return n.Value, nil
 }
 
+// publicKey is a pspd pubkey line.
+func (p parser) publicKey(n *yaml.Node, field string) (identity.PublicKey, error) {
+	s, err := p.str(n, field)
+	if err != nil {
+		return identity.PublicKey{}, err
+	}
+	k, err := identity.ParsePublicKey(s)
+	if err != nil {
+		return identity.PublicKey{}, p.fail(n, field, "%v", err)
+	}
+	return k, nil
+}
+
 func (p parser) duration(n *yaml.Node, field string, lo, hi time.Duration) (time.Duration, error) {
 	s, err := p.str(n, field)
 	if err != nil {
@@ -534,20 +547,10 @@ func (p parser) peers(c *Config, n *yaml.Node) error {
 				pr.Endpoint, pr.EndpointName, err = p.endpoint(v, f, c.Listen)
 			case "public_key":
 				keyNode = v
-				var s string
-				if s, err = p.str(v, f); err == nil {
-					if pr.PublicKey, err = identity.ParsePublicKey(s); err != nil {
-						err = p.fail(v, f, "%v", err)
-					}
-				}
+				pr.PublicKey, err = p.publicKey(v, f)
 			case "next_public_key":
 				nextKeyNode = v
-				var s string
-				if s, err = p.str(v, f); err == nil {
-					if pr.NextKey, err = identity.ParsePublicKey(s); err != nil {
-						err = p.fail(v, f, "%v", err)
-					}
-				}
+				pr.NextKey, err = p.publicKey(v, f)
 			case "prefixes":
 				pr.Prefixes, err = p.prefixes(v, f)
 				if err == nil {

@@ -205,6 +205,12 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 			return nil, err
 		}
 	}
+	if rot.phase == localapi.RotationSwitched {
+		// With every peer added: none has moved yet.
+		d.imu.Lock()
+		d.startFinishing()
+		d.imu.Unlock()
+	}
 	for _, b := range cfg.Backends {
 		d.wg.Add(1)
 		go d.serveRekeys(b.RekeyWanted())
@@ -213,8 +219,6 @@ func New(ctx context.Context, cfg Config) (d *Daemon, err error) {
 	go d.watchStates()
 	d.wg.Add(1)
 	go d.resolveLoop(dctx)
-	d.wg.Add(1)
-	go d.finishRotation(dctx)
 	if d.fleet != nil {
 		if d.fleet.selfRec, err = membership.NewSelf(d.fleet.self(d.keys())); err != nil {
 			return nil, err

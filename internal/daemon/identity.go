@@ -27,6 +27,8 @@ type rotation struct {
 	path  string
 	phase localapi.RotationPhase
 	other *identity.Identity // staged: the next identity; switched: the previous one
+	// finishing: finishRotation runs (while switched).
+	finishing bool
 }
 
 func nextPath(path string) string { return path + ".next" }
@@ -177,6 +179,7 @@ func (d *Daemon) switchIdentity() error {
 	}
 	d.id = next
 	d.rot.phase, d.rot.other = localapi.RotationSwitched, prev
+	d.startFinishing()
 	return nil
 }
 
@@ -205,8 +208,19 @@ func (d *Daemon) dropIdentity() error {
 // session moved to the new identity.
 const rotationCheck = time.Second
 
+// startFinishing runs finishRotation unless it runs already. d.imu is
+// held.
+func (d *Daemon) startFinishing() {
+	if d.rot.finishing {
+		return
+	}
+	d.rot.finishing = true
+	d.wg.Add(1)
+	go d.finishRotation(d.ctx)
+}
+
 // finishRotation drops the previous identity once every peer's session
-// is under the new one, until ctx ends.
+// is under the new one. It ends with the switched phase, or with ctx.
 func (d *Daemon) finishRotation(ctx context.Context) {
 	defer d.wg.Done()
 	t := time.NewTicker(rotationCheck)
@@ -218,15 +232,23 @@ func (d *Daemon) finishRotation(ctx context.Context) {
 		case <-t.C:
 		}
 		d.imu.Lock()
-		if d.rot.phase == localapi.RotationSwitched && len(d.ep.NotMoved()) == 0 {
+		switch {
+		case d.rot.phase != localapi.RotationSwitched:
+		case len(d.ep.NotMoved()) > 0:
+			d.imu.Unlock()
+			continue
+		default:
 			if err := d.dropIdentity(); err != nil {
 				d.log.Warn("identity rotation: the previous identity could not be dropped", "err", err)
-			} else {
-				d.log.Info("identity rotation done: every session is under the new identity")
-				d.publishSelf()
+				d.imu.Unlock()
+				continue
 			}
+			d.log.Info("identity rotation done: every session is under the new identity")
+			d.publishSelf()
 		}
+		d.rot.finishing = false
 		d.imu.Unlock()
+		return
 	}
 }
 

@@ -115,17 +115,7 @@ func TestIdentityRotation(t *testing.T) {
 	if v.Phase != localapi.RotationSwitched || v.PublicKey != next.String() || v.Previous != a.id.Public().String() {
 		t.Fatalf("after switch: %+v", v)
 	}
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		v, err = ca.Identity(ctx)
-		if err == nil && v.Phase == localapi.RotationNone {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rotation not done within 15s: %+v %v", v, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitRotationDone(t, a, 15*time.Second)
 	close(stop)
 	if gap.Load() {
 		t.Error("b had no association with a during the switch")
@@ -206,6 +196,23 @@ func TestLoadRotationAfterInterruptedSwitch(t *testing.T) {
 	}
 }
 
+// waitRotationDone waits up to limit for h's rotation to end.
+func waitRotationDone(t *testing.T, h *host, limit time.Duration) {
+	t.Helper()
+	c := client.New(h.sock)
+	deadline := time.Now().Add(limit)
+	for {
+		v, err := c.Identity(context.Background())
+		if err == nil && v.Phase == localapi.RotationNone {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s's rotation not done within %v: %+v %v\n%s", h.name, limit, v, err, h.logs.Bytes())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func mustGenerate(t *testing.T) *identity.Identity {
 	t.Helper()
 	id, err := identity.Generate()
@@ -254,17 +261,7 @@ func TestIdentityRotationPeerLate(t *testing.T) {
 	if err := b.d.Reload(pinning(t, b.config(t, "", a), a, a.id.Public(), next)); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		v, err := ca.Identity(ctx)
-		if err == nil && v.Phase == localapi.RotationNone {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rotation not done 30 s after b pinned the new key: %+v %v\n%s", v, err, a.logs.Bytes())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitRotationDone(t, a, 30*time.Second)
 	if ps, err := cb.Peers(ctx); err != nil || len(ps) != 1 || ps[0].SessionFingerprint != next.Fingerprint() {
 		t.Fatalf("b's session with a after the rotation: %+v %v", ps, err)
 	}
